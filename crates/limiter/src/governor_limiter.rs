@@ -157,6 +157,11 @@ where
             .map_err(|not_until| Denied::NotYet { wait: not_until.wait_time_from(self.clock.now()) })
     }
 
+    #[inline]
+    fn take_permit(&self, index: usize) -> bool {
+        self.slots.get(index).is_some_and(|slot| slot.gcra.check().is_ok())
+    }
+
     fn time_to_permit(&self, index: usize) -> Option<Duration> {
         let slot = self.slots.get(index)?;
         Some(Duration::from_nanos(slot.nanos_to_permit(slot.now(&self.clock))))
@@ -195,13 +200,14 @@ mod tests {
         }
         assert_eq!(l.remaining(0), 0);
         assert_eq!(l.try_acquire(0), Err(Denied::NotYet { wait: Duration::from_secs(1) }));
+        assert!(!l.take_permit(0));
         assert_eq!(l.time_to_permit(0), Some(Duration::from_secs(1)));
         clock.advance(Duration::from_millis(999));
         assert!(l.try_acquire(0).is_err());
         clock.advance(Duration::from_millis(1));
         assert_eq!(l.time_to_permit(0), Some(Duration::ZERO));
         assert_eq!(l.remaining(0), 1);
-        assert_eq!(l.try_acquire(0), Ok(()));
+        assert!(l.take_permit(0));
     }
 
     #[test]

@@ -123,6 +123,15 @@ pub trait RateLimit: Send + Sync + fmt::Debug {
     /// Takes a permit for key `index` now, or says how long until one is available.
     fn try_acquire(&self, index: usize) -> Result<(), Denied>;
 
+    /// Takes a permit for key `index` now if there is one; `false` otherwise.
+    ///
+    /// The same decision as [`try_acquire`](RateLimit::try_acquire) without
+    /// computing the wait: the cheaper call for a selection predicate that
+    /// skips to the next key anyway.
+    fn take_permit(&self, index: usize) -> bool {
+        self.try_acquire(index).is_ok()
+    }
+
     /// Time from now until key `index` has a permit (zero if it has one now),
     /// without consuming anything. `None` for an unknown index.
     fn time_to_permit(&self, index: usize) -> Option<Duration>;

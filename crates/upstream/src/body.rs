@@ -1,0 +1,110 @@
+//! [`UpstreamBody`]: the response body, forwarded frame by frame with an idle timeout.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::UpstreamBodyError;
+
+/// The upstream response body.
+///
+/// Each frame is passed on the moment hyper yields it: nothing is buffered or coalesced, so
+/// server-sent events reach the client chunk by chunk. `size_hint` and `is_end_stream` are
+/// forwarded, so a `Content-Length` response keeps its framing downstream.
+///
+/// If no frame arrives for [`idle_timeout`](crate::UpstreamConfig::idle_timeout) (counted from
+/// the response headers, then from each frame), the body yields
+/// [`UpstreamBodyError::IdleTimeout`] and ends.
+///
+/// Dropping it closes the upstream HTTP/1 connection (or resets the HTTP/2 stream) unless the
+/// body was read to the end, in which case the connection returns to the pool.
+///
+/// It is [`Unpin`], so `http_body_util::BodyExt::frame` works on it directly.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    // Boxed to keep the body `Unpin` (one small allocation per response). The deadline is moved
+    // lazily: a frame only records `last_frame`, and the timer is re-armed when it fires early,
+    // which keeps a timer-wheel update off every SSE chunk.
+    idle: Pin<Box<Sleep>>,
+    last_frame: Instant,
+    idle_timeout: Duration,
+    done: bool,
+}
+
+impl UpstreamBody {
+    /// Wraps hyper's body; the idle clock starts now.
+    pub(crate) fn new(inner: Incoming, idle_timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            idle: Box::pin(tokio::time::sleep_until(deadline(now, idle_timeout))),
+            last_frame: now,
+            idle_timeout,
+            done: false,
+        }
+    }
+}
+
+/// `from + timeout`, saturating far in the future instead of overflowing.
+fn deadline(from: Instant, timeout: Duration) -> Instant {
+    from.checked_add(timeout)
+        // ~30 years is tokio's own stand-in for "never"; `from` itself is unreachable in practice.
+        .or_else(|| from.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(from)
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = Instant::now();
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                return Poll::Ready(Some(Err(UpstreamBodyError::Read { source: e.into() })));
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            ready!(this.idle.as_mut().poll(cx));
+            let due = deadline(this.last_frame, this.idle_timeout);
+            if due <= Instant::now() {
+                this.done = true;
+                return Poll::Ready(Some(Err(UpstreamBodyError::IdleTimeout { after: this.idle_timeout })));
+            }
+            // A frame arrived since the timer was armed: re-arm it and poll again to register.
+            this.idle.as_mut().reset(due);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}

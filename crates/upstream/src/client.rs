@@ -1,0 +1,455 @@
+//! [`Upstream`]: the pooled client, request rewriting and timeouts.
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use crate::{
+    InvalidKey, InvalidTarget, UpstreamBody, UpstreamBuildError, UpstreamConfig, UpstreamError,
+    error::without_query,
+    headers::{strip_hop_by_hop, upstream_request_headers},
+};
+
+/// TCP keep-alive probes on upstream sockets, so a half-dead connection is eventually noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the `Authorization` header value `Bearer <secret>`, marked sensitive.
+///
+/// Call it once per key when the key set is loaded, not per request: [`Upstream::send`] takes the
+/// prebuilt value. Being [sensitive](HeaderValue::set_sensitive), the value prints as
+/// `Sensitive` in `Debug` output and HTTP/2 never adds it to the HPACK table.
+///
+/// # Errors
+///
+/// [`InvalidKey`] if `secret` is empty, has leading or trailing whitespace, or contains a byte
+/// not allowed in a header value (such as a newline). The error never contains the secret.
+///
+/// ```
+/// let auth = proxypal_upstream::bearer("nvapi-example")?;
+/// assert_eq!(auth, "Bearer nvapi-example");
+/// assert!(auth.is_sensitive());
+/// assert_eq!(format!("{auth:?}"), "Sensitive");
+///
+/// let err = proxypal_upstream::bearer("nvapi-oops\n").unwrap_err();
+/// assert!(!err.to_string().contains("oops"));
+/// # Ok::<(), proxypal_upstream::InvalidKey>(())
+/// ```
+pub fn bearer(secret: &str) -> Result<HeaderValue, InvalidKey> {
+    if secret.is_empty() {
+        return Err(InvalidKey { reason: "it is empty" });
+    }
+    if secret.trim() != secret {
+        return Err(InvalidKey { reason: "it has leading or trailing whitespace" });
+    }
+    let mut value = Vec::with_capacity("Bearer ".len() + secret.len());
+    value.extend_from_slice(b"Bearer ");
+    value.extend_from_slice(secret.as_bytes());
+    let mut value = HeaderValue::from_maybe_shared(Bytes::from(value))
+        .map_err(|_| InvalidKey { reason: "it contains a control character" })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The parts of a client request that are forwarded upstream.
+///
+/// Build it once per client request (moving the client's headers in) and pass it to every
+/// [`Upstream::send`] attempt; each attempt copies only what it forwards.
+///
+/// `Debug` prints header names only, never values, so the client's own credentials stay out of
+/// logs.
+#[derive(Clone)]
+pub struct RequestParts {
+    /// The request method, forwarded as is.
+    pub method: Method,
+    /// The path and query *after* the base URL's path, e.g. `/chat/completions?x=1` for a client
+    /// request to `/v1/chat/completions?x=1` when the base URL ends in `/v1`.
+    pub path_and_query: String,
+    /// The client's request headers. Hop-by-hop headers, credentials, `Host`, `Content-Length`,
+    /// `Expect` and `User-Agent` are dropped or replaced when sending.
+    pub headers: HeaderMap,
+}
+
+impl RequestParts {
+    /// Bundles the parts of a request.
+    pub fn new(method: Method, path_and_query: impl Into<String>, headers: HeaderMap) -> Self {
+        Self { method, path_and_query: path_and_query.into(), headers }
+    }
+}
+
+impl fmt::Debug for RequestParts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestParts")
+            .field("method", &self.method)
+            .field("path_and_query", &self.path_and_query)
+            .field("header_names", &HeaderNames(&self.headers))
+            .finish()
+    }
+}
+
+/// `Debug`s a header map as the list of its names.
+struct HeaderNames<'a>(&'a HeaderMap);
+
+impl fmt::Debug for HeaderNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+/// A pooled HTTP/1 + HTTP/2 client for one upstream API.
+///
+/// Cloning is cheap (one reference count) and clones share the connection pool. Create it once
+/// and clone it where needed.
+///
+/// # Connections
+///
+/// `https` upstreams negotiate HTTP/2 or HTTP/1.1 by ALPN, with Mozilla's root certificates
+/// compiled in and the `ring` crypto provider passed explicitly (no process-wide default is
+/// needed). Plain `http` upstreams (a local simulated upstream) use HTTP/1.1. Idle connections
+/// are kept for [`pool_idle_timeout`](UpstreamConfig::pool_idle_timeout).
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: HyperClient,
+    base_url: Uri,
+    /// `scheme://authority/base-path` with no trailing slash; target paths are appended to it.
+    prefix: Box<str>,
+    /// True when the base URL has no path, so a target needs its own leading `/`.
+    prefix_has_path: bool,
+    user_agent: HeaderValue,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base_url", &self.inner.base_url)
+            .field("user_agent", &self.inner.user_agent)
+            .field("response_timeout", &self.inner.response_timeout)
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// # Building
+impl Upstream {
+    /// Builds the client. Nothing connects until the first request.
+    ///
+    /// # Errors
+    ///
+    /// [`UpstreamBuildError::InvalidBaseUrl`] (naming the URL) unless `base_url` is an `http` or
+    /// `https` URL with a host, no user info and no query string;
+    /// [`UpstreamBuildError::Tls`] if rustls rejects its own default configuration (not expected
+    /// in practice).
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamBuildError> {
+        let (prefix, prefix_has_path) = base_prefix(&cfg.base_url)?;
+
+        let mut http = HttpConnector::new();
+        // The HTTPS connector decides which schemes are allowed.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+
+        let https = HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            // Without a pool timer the idle timeout is never enforced (hyper #3640).
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            // HTTP/2 keep-alive pings need this one.
+            .timer(TokioTimer::new());
+        if let Some(interval) = cfg.http2_keep_alive_interval {
+            builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
+        }
+        let client = builder.build(https);
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                base_url: cfg.base_url,
+                prefix,
+                prefix_has_path,
+                user_agent: cfg.user_agent,
+                response_timeout: cfg.response_timeout,
+                idle_timeout: cfg.idle_timeout,
+            }),
+        })
+    }
+
+    /// The configured base URL.
+    pub fn base_url(&self) -> &Uri {
+        &self.inner.base_url
+    }
+}
+
+/// Validates the base URL and returns `(prefix, prefix_has_path)`.
+fn base_prefix(url: &Uri) -> Result<(Box<str>, bool), UpstreamBuildError> {
+    let invalid = |reason| UpstreamBuildError::InvalidBaseUrl { url: url.clone(), reason };
+    let scheme = match url.scheme_str() {
+        Some(s @ ("http" | "https")) => s,
+        Some(_) => return Err(invalid("the scheme must be http or https")),
+        None => return Err(invalid("it must be absolute (http:// or https://)")),
+    };
+    let authority =
+        url.authority().filter(|a| !a.host().is_empty()).ok_or_else(|| invalid("it has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(invalid("it must not contain user info"));
+    }
+    if url.query().is_some() {
+        return Err(invalid("it must not have a query string"));
+    }
+    let path = url.path().trim_end_matches('/');
+    let prefix = format!("{scheme}://{authority}{path}").into_boxed_str();
+    Ok((prefix, !path.is_empty()))
+}
+
+/// # Sending
+impl Upstream {
+    /// The upstream URI for a client path: the base URL with `path_and_query` appended.
+    ///
+    /// `path_and_query` is what follows the base path, e.g. `/chat/completions?x=1`; it may also
+    /// be empty or start with `?`. A trailing slash on the base path is not doubled. Builds one
+    /// `String` and parses it in place.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidTarget`] if `path_and_query` does not start with `/` or `?`, has a `.` or `..`
+    /// segment (plain or percent-encoded; they could climb out of the base path with the
+    /// proxy's key), or is not a valid URI path.
+    ///
+    /// ```
+    /// use proxypal_upstream::{Upstream, UpstreamConfig};
+    ///
+    /// let upstream = Upstream::new(UpstreamConfig {
+    ///     base_url: "https://integrate.api.nvidia.com/v1/".parse()?,
+    ///     ..UpstreamConfig::default()
+    /// })?;
+    /// assert_eq!(
+    ///     upstream.target_uri("/chat/completions?x=1")?,
+    ///     "https://integrate.api.nvidia.com/v1/chat/completions?x=1"
+    /// );
+    /// assert!(upstream.target_uri("/../admin").is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn target_uri(&self, path_and_query: &str) -> Result<Uri, InvalidTarget> {
+        let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
+        let invalid = |reason| InvalidTarget { path: path.to_owned(), reason };
+        if !(path_and_query.is_empty() || path_and_query.starts_with('/') || path_and_query.starts_with('?'))
+        {
+            return Err(invalid("it must start with '/'"));
+        }
+        if path.split('/').any(is_dot_segment) {
+            return Err(invalid("'.' and '..' segments are not allowed"));
+        }
+        let prefix = &self.inner.prefix;
+        let slash = !self.inner.prefix_has_path && !path_and_query.starts_with('/');
+        let mut uri = String::with_capacity(prefix.len() + usize::from(slash) + path_and_query.len());
+        uri.push_str(prefix);
+        if slash {
+            uri.push('/');
+        }
+        uri.push_str(path_and_query);
+        Uri::try_from(uri).map_err(|_| invalid("it is not a valid URI path"))
+    }
+
+    /// Sends one request upstream and resolves to the response once its headers arrive.
+    ///
+    /// The request goes to [`target_uri`](Self::target_uri)`(parts.path_and_query)` with
+    /// `parts.method`, `body` as a fixed-length body, and the client's headers minus hop-by-hop
+    /// headers, the client's credentials (`Authorization`, `x-api-key`), `Host`,
+    /// `Content-Length` and `Expect`. `Authorization` is set to `authorization` (see [`bearer`]),
+    /// `User-Agent` to the configured one, and `Host` (HTTP/1) or `:authority` (HTTP/2) to the
+    /// upstream's authority.
+    ///
+    /// The response's hop-by-hop headers are removed ([`strip_hop_by_hop`]); its body is an
+    /// [`UpstreamBody`] that streams frame by frame under the idle timeout. Any status is a
+    /// success here: judging a 429 or a 5xx is the caller's job.
+    ///
+    /// The returned future owns everything it needs (it borrows neither `self` nor `parts`), does
+    /// nothing until polled, and spawns nothing: dropping it cancels the request, and dropping
+    /// the body ends the upstream exchange.
+    ///
+    /// # Errors
+    ///
+    /// - [`UpstreamError::InvalidTarget`]: `parts.path_and_query` was rejected; nothing was sent.
+    /// - [`UpstreamError::Connect`]: refused, DNS, TCP connect timeout or TLS failure; the
+    ///   upstream never saw the request.
+    /// - [`UpstreamError::ResponseTimeout`]: no response headers within
+    ///   [`response_timeout`](UpstreamConfig::response_timeout) (connecting included).
+    /// - [`UpstreamError::Protocol`]: the connection broke or the response was malformed.
+    pub fn send(
+        &self,
+        parts: &RequestParts,
+        body: Bytes,
+        authorization: &HeaderValue,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + use<> {
+        let response_timeout = self.inner.response_timeout;
+        let idle_timeout = self.inner.idle_timeout;
+        let prepared = self.target_uri(&parts.path_and_query).map(|uri| {
+            let mut req = Request::new(Full::new(body));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() =
+                upstream_request_headers(&parts.headers, authorization, &self.inner.user_agent);
+            // `request` is lazy: nothing happens until the future is polled.
+            (uri, self.inner.client.request(req))
+        });
+        async move {
+            let (uri, response) = prepared?;
+            let response = match tokio::time::timeout(response_timeout, response).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => return Err(UpstreamError::from_client(&uri, e)),
+                Err(_elapsed) => {
+                    return Err(UpstreamError::ResponseTimeout {
+                        uri: without_query(&uri),
+                        after: response_timeout,
+                    });
+                }
+            };
+            let (mut head, body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            Ok(Response::from_parts(head, UpstreamBody::new(body, idle_timeout)))
+        }
+    }
+}
+
+/// `.` or `..`, also percent-encoded (`%2e`, `.%2E`, …).
+fn is_dot_segment(segment: &str) -> bool {
+    let rest = segment.strip_prefix('.').or_else(|| strip_prefix_ignore_case(segment, "%2e"));
+    match rest {
+        None => false,
+        Some("") => true,
+        Some(rest) => rest == "." || strip_prefix_ignore_case(rest, "%2e").is_some_and(str::is_empty),
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base: &'static str) -> Upstream {
+        let cfg = UpstreamConfig { base_url: Uri::from_static(base), ..UpstreamConfig::default() };
+        match Upstream::new(cfg) {
+            Ok(u) => u,
+            Err(e) => panic!("{base}: {e}"),
+        }
+    }
+
+    #[test]
+    fn target_uri_joins_base_path_and_request_path() {
+        let cases = [
+            ("https://h/v1", "/chat/completions", "https://h/v1/chat/completions"),
+            ("https://h/v1/", "/chat/completions?x=1", "https://h/v1/chat/completions?x=1"),
+            ("http://h:8080/a/v1", "/models", "http://h:8080/a/v1/models"),
+            ("http://h:8080", "/v1/models", "http://h:8080/v1/models"),
+            ("http://h:8080/", "/v1/models", "http://h:8080/v1/models"),
+            ("https://h/v1", "", "https://h/v1"),
+            ("https://h/v1", "?a=b", "https://h/v1?a=b"),
+            ("https://h", "?a=b", "https://h/?a=b"),
+            ("https://h/v1", "/a/..b/c.d", "https://h/v1/a/..b/c.d"),
+        ];
+        for (base, rest, want) in cases {
+            let got = upstream(base).target_uri(rest);
+            assert_eq!(
+                got.as_ref().map(Uri::to_string).ok().as_deref(),
+                Some(want),
+                "base {base} + {rest:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn target_uri_rejects_escapes_and_garbage() {
+        let u = upstream("https://h/v1");
+        for rest in [
+            "chat/completions",
+            "/../admin",
+            "/a/./b",
+            "/a/..",
+            "/%2e%2E/admin",
+            "/.%2e/admin",
+            "/%2e/x",
+            "/a b",
+            "/a\nb",
+        ] {
+            let err = u.target_uri(rest).err();
+            assert!(err.is_some(), "{rest:?} was accepted");
+        }
+        let err = u.target_uri("/../x?q=1").err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(r#"invalid upstream target path "/../x": '.' and '..' segments are not allowed"#)
+        );
+    }
+
+    #[test]
+    fn new_rejects_bad_base_urls_and_names_them() {
+        for (url, reason) in [
+            ("ftp://h/v1", "the scheme must be http or https"),
+            ("/v1", "it must be absolute (http:// or https://)"),
+            ("http://user:pw@h/v1", "it must not contain user info"),
+            ("http://h/v1?a=b", "it must not have a query string"),
+        ] {
+            let cfg = UpstreamConfig { base_url: Uri::from_static(url), ..UpstreamConfig::default() };
+            let msg = Upstream::new(cfg).err().map(|e| e.to_string());
+            assert_eq!(msg.as_deref(), Some(format!("invalid upstream base_url {url}: {reason}").as_str()));
+        }
+    }
+
+    #[test]
+    fn bearer_rejects_bad_keys_without_echoing_them() {
+        for secret in ["", " nvapi-x", "nvapi-x\n", "nvapi-\u{7f}x"] {
+            let err = bearer(secret).err();
+            let msg = err.as_ref().map(|e| format!("{e} {e:?}"));
+            assert!(msg.is_some(), "{secret:?} was accepted");
+            if !secret.trim().is_empty() {
+                assert!(!msg.unwrap_or_default().contains("nvapi"));
+            }
+        }
+    }
+
+    #[test]
+    fn request_parts_debug_hides_header_values() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer client-secret"));
+        let parts = RequestParts::new(Method::POST, "/chat/completions", headers);
+        let debug = format!("{parts:?}");
+        assert!(debug.contains("authorization"), "{debug}");
+        assert!(!debug.contains("client-secret"), "{debug}");
+    }
+
+    #[test]
+    fn dot_segments() {
+        for s in [".", "..", "%2e", "%2E%2e", ".%2E", "%2e."] {
+            assert!(is_dot_segment(s), "{s}");
+        }
+        for s in ["", "...", ".a", "a.", "%2", "%2e%2e%2e", "v1"] {
+            assert!(!is_dot_segment(s), "{s}");
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The selection hot path allocates nothing: a counting global allocator
+//! watches 100,000 limiter-gated selections, outcome reports and skips.
+//! One test in this file, because the counter is process-wide.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
+#![allow(unsafe_code)] // a GlobalAlloc impl is unsafe by definition; it only forwards to System
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use proxypal::LimitedPool;
+use proxypal::keypool::{KeySpec, Outcome};
+use proxypal::limiter::KeyQuota;
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn selection_gated_by_the_limiter_does_not_allocate() {
+    let keys: Vec<KeySpec> = (0..64).map(|i| KeySpec::new(format!("nvapi-alloc-test-{i:032}"))).collect();
+    let pool = LimitedPool::new(keys, KeyQuota::new(u32::MAX, 1_000).unwrap()).unwrap();
+    // Half of the keys cool down, so selections also take the skip path.
+    for i in 0..32 {
+        let k = pool.pool().select_with(|c| c.index == i * 2).unwrap();
+        pool.pool().report(&k, Outcome::RateLimited { retry_after: None });
+    }
+    // Warm up (lazy statics, thread-locals of arc-swap and quanta).
+    for _ in 0..1_000 {
+        let k = pool.select().unwrap();
+        pool.pool().report(&k, Outcome::Success);
+    }
+
+    COUNTING.store(true, Ordering::SeqCst);
+    let mut selected = 0usize;
+    for _ in 0..100_000 {
+        if let Some(k) = pool.select() {
+            pool.pool().report(&k, Outcome::Success);
+            selected += 1;
+        }
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+
+    assert_eq!(selected, 100_000);
+    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "allocations on the selection path");
+}
