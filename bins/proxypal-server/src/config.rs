@@ -1,0 +1,620 @@
+//! ProxyPal's configuration: one YAML file, overridable field by field with
+//! `PROXYPAL_*` environment variables, validated before any socket is bound.
+//!
+//! Layers, later ones winning: built-in defaults → the YAML file →
+//! environment variables (`PROXYPAL_<FIELD>`, `__` for nesting, e.g.
+//! `PROXYPAL_UPSTREAM__BASE_URL`). Then keys from `keys_file` are appended to
+//! `keys`, tokens from `auth.tokens_file` to `auth.tokens`, and the result is
+//! [validated](Config::validate). `docs/configuration.md` lists every field.
+//!
+//! ```
+//! # fn example() -> Result<(), proxypal_server::config::ConfigError> {
+//! use proxypal_server::config::{Config, YamlSource};
+//!
+//! let yaml = "keys: [nvapi-REPLACE-ME-0001]\nrate_limit: { requests_per_minute: 20 }";
+//! let env = [("PROXYPAL_RETRY__MAX_ATTEMPTS", "2")];
+//! let config = Config::from_sources(Some(YamlSource::Text(yaml)), env, false)?;
+//! assert_eq!(config.rate_limit.requests_per_minute, 20);
+//! assert_eq!(config.retry.max_attempts, 2);
+//! assert!(!format!("{config:?}").contains("REPLACE-ME-0001"));
+//! # Ok(())
+//! # }
+//! # example().unwrap();
+//! ```
+
+use std::{
+    fmt::{self, Write as _},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{Figment, Source, providers::Serialized};
+use serde::{Deserialize, Deserializer, de};
+
+mod error;
+mod parse;
+mod secret;
+mod sources;
+mod validate;
+
+pub use error::ConfigError;
+pub use secret::{Secret, mask_key};
+use sources::{EnvLayer, YamlLayer};
+
+/// Where the YAML layer comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum YamlSource<'a> {
+    /// A file that must exist (it is not searched for in parent directories).
+    /// Relative `keys_file`/`auth.tokens_file` paths in it are resolved
+    /// against the file's directory.
+    File(&'a Path),
+    /// YAML text, e.g. in tests. Relative paths in it are resolved against the
+    /// current directory.
+    Text(&'a str),
+}
+
+/// The whole configuration. See `docs/configuration.md` for every field.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// Address the proxy listens on. Default `127.0.0.1:8080`.
+    #[serde(deserialize_with = "parse::socket_addr")]
+    pub listen: SocketAddr,
+    /// Where requests go and how long to wait for them.
+    pub upstream: UpstreamConfig,
+    /// Upstream API keys: from `keys`, or `PROXYPAL_KEYS` (which replaces
+    /// `keys`), followed by those from `keys_file`.
+    pub keys: Vec<KeyEntry>,
+    /// Optional file with one key per line, appended to `keys`.
+    pub keys_file: Option<PathBuf>,
+    /// Default per-key rate limit; a key's own fields override it.
+    pub rate_limit: RateLimitConfig,
+    /// Failover, queueing and cooldowns.
+    pub retry: RetryConfig,
+    /// Cross-origin requests from browsers.
+    pub cors: CorsConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Request size and concurrency caps.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// How long shutdown waits for in-flight requests (streams included)
+    /// before closing them. Default 30 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// The upstream OpenAI-compatible API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct UpstreamConfig {
+    /// Base URL: a client's `/v1/<rest>` goes to `<base_url>/<rest>`.
+    /// `http://` or `https://`; a trailing `/` is removed on load.
+    /// Default `https://integrate.api.nvidia.com/v1`.
+    pub base_url: String,
+    /// Limit for establishing a connection (TCP + TLS). Default 5 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub connect_timeout: Duration,
+    /// Limit from sending the request until the upstream's response headers
+    /// arrive. Default 300 s (slow models think before the first byte).
+    #[serde(deserialize_with = "parse::duration")]
+    pub response_timeout: Duration,
+    /// Longest silence allowed inside a streaming response body. Default 180 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub idle_timeout: Duration,
+    /// `User-Agent` sent upstream instead of the client's.
+    /// Default `proxypal/<version>`.
+    pub user_agent: String,
+}
+
+/// Where a [`KeyEntry`] came from, for error messages and the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyOrigin {
+    /// The `keys` list (YAML or `PROXYPAL_KEYS`), or added by the caller.
+    #[default]
+    Config,
+    /// A line of `keys_file`.
+    KeysFile {
+        /// 1-based line number.
+        line: usize,
+    },
+}
+
+/// One upstream API key and its optional per-key limits.
+///
+/// In YAML a key is either a plain string or a map
+/// `{ key, name, requests_per_minute, burst }`. `Debug` shows the key masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyEntry {
+    /// The secret key, sent upstream as `Authorization: Bearer <key>`.
+    pub key: Secret,
+    /// A label for logs and stats (defaults to the masked key).
+    pub name: Option<String>,
+    /// Overrides `rate_limit.requests_per_minute` for this key.
+    pub requests_per_minute: Option<u32>,
+    /// Overrides `rate_limit.burst` for this key.
+    pub burst: Option<u32>,
+    /// Where the key was configured.
+    pub origin: KeyOrigin,
+}
+
+impl KeyEntry {
+    /// A key with no name and the default rate limit.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: Secret::new(key),
+            name: None,
+            requests_per_minute: None,
+            burst: None,
+            origin: KeyOrigin::Config,
+        }
+    }
+
+    /// The name if set, otherwise the masked key: safe to log.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.key.masked())
+    }
+
+    /// This key's rate limit: its own fields, falling back to `default`.
+    pub fn rate_limit(&self, default: &RateLimitConfig) -> RateLimitConfig {
+        RateLimitConfig {
+            requests_per_minute: self.requests_per_minute.unwrap_or(default.requests_per_minute),
+            burst: self.burst.unwrap_or(default.burst),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeyMap {
+            key: Secret,
+            #[serde(default)]
+            name: Option<String>,
+            #[serde(default)]
+            requests_per_minute: Option<u32>,
+            #[serde(default)]
+            burst: Option<u32>,
+        }
+
+        struct KeyVisitor;
+
+        impl<'de> de::Visitor<'de> for KeyVisitor {
+            type Value = KeyEntry;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a key string, or a map with `key` and optional `name`, `requests_per_minute`, `burst`",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyEntry, E> {
+                Ok(KeyEntry::new(v))
+            }
+
+            // Numbers are rejected without quoting them: they may be a key.
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<KeyEntry, E> {
+                Err(E::invalid_type(de::Unexpected::Other("a number (quote the key)"), &self))
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<KeyEntry, E> {
+                Err(E::invalid_type(de::Unexpected::Other("a number (quote the key)"), &self))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<KeyEntry, E> {
+                Err(E::invalid_type(de::Unexpected::Other("a number (quote the key)"), &self))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<KeyEntry, A::Error> {
+                let m = KeyMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(KeyEntry {
+                    key: m.key,
+                    name: m.name,
+                    requests_per_minute: m.requests_per_minute,
+                    burst: m.burst,
+                    origin: KeyOrigin::Config,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(KeyVisitor)
+    }
+}
+
+/// A token-bucket rate limit.
+///
+/// With rate `r` per minute and burst `b`, any rolling 60 s window (half-open)
+/// admits at most `b + r − 1` requests, so the default `b = 1` keeps every
+/// rolling minute at ≤ `r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimitConfig {
+    /// Sustained requests per minute per key. Default 40.
+    pub requests_per_minute: u32,
+    /// Requests a rested key may send back to back. Default 1.
+    pub burst: u32,
+}
+
+/// Failover, queueing and cooldown policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// Upstream attempts per client request, each on another key (1–10).
+    /// Default 3.
+    pub max_attempts: u32,
+    /// How long a request may wait for a key with capacity. Default 30 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub queue_timeout: Duration,
+    /// How long a key rests after an upstream 429 without `Retry-After`.
+    /// Default 60 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub rate_limit_cooldown: Duration,
+    /// Base cooldown after a 5xx, connect error or timeout; doubles per
+    /// consecutive failure. Default 2 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub failure_cooldown: Duration,
+    /// Cap on the doubled failure cooldown. Default 60 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub max_failure_cooldown: Duration,
+}
+
+/// Cross-origin resource sharing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CorsConfig {
+    /// `[]` = CORS off (default); `["*"]` = any origin; otherwise exact
+    /// origins such as `https://app.example.com`.
+    pub allowed_origins: Vec<String>,
+}
+
+impl CorsConfig {
+    /// Whether CORS headers are sent at all.
+    pub fn enabled(&self) -> bool {
+        !self.allowed_origins.is_empty()
+    }
+
+    /// Whether any origin is allowed (`["*"]`).
+    pub fn any_origin(&self) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*")
+    }
+}
+
+/// Client authentication (enforced from issue 4 on; parsed and validated now).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// Tokens clients present; `PROXYPAL_AUTH__TOKENS` (comma-separated)
+    /// replaces the YAML list, and `tokens_file` entries are appended.
+    pub tokens: Vec<Secret>,
+    /// Optional file with one token per line.
+    pub tokens_file: Option<PathBuf>,
+    /// Serve clients without a token. Default `false`.
+    pub allow_unauthenticated: bool,
+}
+
+/// Request size and concurrency caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LimitsConfig {
+    /// Largest request body accepted, in bytes (an integer, or a string
+    /// such as `"32 MiB"`). Default 32 MiB.
+    #[serde(deserialize_with = "parse::byte_size")]
+    pub max_body_bytes: usize,
+    /// Most client requests served at once. Default 1024.
+    pub max_inflight: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LogConfig {
+    /// A `tracing` `EnvFilter` directive such as `info` or
+    /// `proxypal=debug,info`. `RUST_LOG`, when set, overrides it.
+    pub level: String,
+    /// Output format. Default `text`.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            upstream: UpstreamConfig::default(),
+            keys: Vec::new(),
+            keys_file: None,
+            rate_limit: RateLimitConfig::default(),
+            retry: RetryConfig::default(),
+            cors: CorsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://integrate.api.nvidia.com/v1".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(180),
+            user_agent: concat!("proxypal/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { requests_per_minute: 40, burst: 1 }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            queue_timeout: Duration::from_secs(30),
+            rate_limit_cooldown: Duration::from_secs(60),
+            failure_cooldown: Duration::from_secs(2),
+            max_failure_cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 32 * 1024 * 1024, max_inflight: 1024 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned(), format: LogFormat::Text }
+    }
+}
+
+/// Requests per minute per key in `--dev`: high enough not to get in the way
+/// of local testing against the simulator.
+const DEV_REQUESTS_PER_MINUTE: u32 = 600;
+
+/// # Loading
+impl Config {
+    /// Loads the config for a normal run: defaults, then the YAML file at
+    /// `path` (if given; it must exist), then the process's `PROXYPAL_*`
+    /// environment variables; then `keys_file`/`auth.tokens_file`; then
+    /// [`validate`](Self::validate) with `dev = false`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_sources(path.map(YamlSource::File), process_env(), false)
+    }
+
+    /// Like [`load`](Self::load), but starting from [`Config::dev`]'s
+    /// defaults and validating with `dev = true` (no keys needed: the caller
+    /// supplies them).
+    pub fn load_dev(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_sources(path.map(YamlSource::File), process_env(), true)
+    }
+
+    /// Loads from explicit sources: `env` stands for the environment (only
+    /// `PROXYPAL_*` names are used), so tests need not touch the process's.
+    ///
+    /// Steps: defaults ([`Config::default`], or [`Config::dev`] when `dev`) →
+    /// YAML → env → append `keys_file` and `auth.tokens_file` entries →
+    /// remove trailing `/` from `upstream.base_url` → [`validate`](Self::validate).
+    pub fn from_sources<I, K, V>(yaml: Option<YamlSource<'_>>, env: I, dev: bool) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut figment = Figment::new();
+        if dev {
+            // Only what differs from `Config::default()`; a test checks that
+            // this and `Config::dev()` agree.
+            figment = figment
+                .merge(Serialized::default("rate_limit.requests_per_minute", DEV_REQUESTS_PER_MINUTE))
+                .merge(Serialized::default("auth.allow_unauthenticated", true));
+        }
+        match yaml {
+            Some(YamlSource::File(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::ReadConfigFile { path: path.to_owned(), source })?;
+                figment = figment.merge(YamlLayer::file(path, text));
+            }
+            Some(YamlSource::Text(text)) => figment = figment.merge(YamlLayer::text(text)),
+            None => {}
+        }
+        figment = figment.merge(EnvLayer::new(env));
+
+        let mut config: Config = figment.extract().map_err(ConfigError::parse)?;
+
+        if let Some(file) = config.keys_file.clone() {
+            let path = resolve_path(&figment, "keys_file", &file);
+            for line in read_list_file("keys_file", &path)? {
+                config.keys.push(KeyEntry {
+                    origin: KeyOrigin::KeysFile { line: line.line },
+                    ..KeyEntry::new(line.value)
+                });
+            }
+            config.keys_file = Some(path);
+        }
+        if let Some(file) = config.auth.tokens_file.clone() {
+            let path = resolve_path(&figment, "auth.tokens_file", &file);
+            for line in read_list_file("auth.tokens_file", &path)? {
+                config.auth.tokens.push(Secret::new(line.value));
+            }
+            config.auth.tokens_file = Some(path);
+        }
+        let trimmed_len = config.upstream.base_url.trim_end_matches('/').len();
+        config.upstream.base_url.truncate(trimmed_len);
+
+        config.validate(dev)?;
+        Ok(config)
+    }
+
+    /// The config `--dev` starts from: listen on `127.0.0.1:8080`, no keys
+    /// (the caller adds them), 600 requests per minute per key with burst 1,
+    /// and unauthenticated clients allowed. Everything else is the default.
+    pub fn dev() -> Self {
+        let mut config = Self::default();
+        config.rate_limit.requests_per_minute = DEV_REQUESTS_PER_MINUTE;
+        config.auth.allow_unauthenticated = true;
+        config
+    }
+}
+
+/// The process environment as lossy UTF-8 pairs (`std::env::vars` panics on
+/// non-UTF-8 names or values; figment's `Env` is lossy too).
+fn process_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+}
+
+/// A relative path set in a YAML file is relative to that file's directory;
+/// one set anywhere else (env, YAML text) is relative to the current directory.
+fn resolve_path(figment: &Figment, key: &str, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_owned();
+    }
+    let base = figment.find_metadata(key).and_then(|md| match &md.source {
+        Some(Source::File(file)) => file.parent().map(Path::to_owned),
+        _ => None,
+    });
+    match base {
+        Some(dir) => dir.join(path),
+        None => path.to_owned(),
+    }
+}
+
+fn read_list_file(field: &'static str, path: &Path) -> Result<Vec<sources::ListLine>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadListFile {
+        field,
+        path: path.to_owned(),
+        source,
+    })?;
+    sources::parse_list_file(&text).map_err(|line| ConfigError::ListFileLine {
+        field,
+        path: path.to_owned(),
+        line,
+    })
+}
+
+/// # Reporting
+impl Config {
+    /// A multi-line, human-readable summary for `--check` and startup logs:
+    /// listen address, upstream, every key (masked) with its name and
+    /// effective rate, and the limits. It contains no secrets.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail; the results are ignored.
+        let _ = writeln!(s, "listen:     {}", self.listen);
+        let u = &self.upstream;
+        let _ = writeln!(s, "upstream:   {}", u.base_url);
+        let _ = writeln!(
+            s,
+            "            connect {}, response {}, idle {}, user-agent {:?}",
+            fmt_duration(u.connect_timeout),
+            fmt_duration(u.response_timeout),
+            fmt_duration(u.idle_timeout),
+            u.user_agent
+        );
+        let from_file = self.keys.iter().filter(|k| matches!(k.origin, KeyOrigin::KeysFile { .. })).count();
+        let _ = write!(s, "keys:       {}", self.keys.len());
+        if let (Some(file), true) = (&self.keys_file, from_file > 0) {
+            let _ = write!(s, " ({from_file} from {})", file.display());
+        }
+        s.push('\n');
+        for (i, key) in self.keys.iter().enumerate() {
+            let limit = key.rate_limit(&self.rate_limit);
+            let _ = writeln!(
+                s,
+                "  [{i}] {:<14} {:<16} {}/min, burst {}",
+                key.key.masked(),
+                key.name.as_deref().unwrap_or("-"),
+                limit.requests_per_minute,
+                limit.burst
+            );
+        }
+        let _ = writeln!(
+            s,
+            "rate limit: {}/min per key, burst {} (default)",
+            self.rate_limit.requests_per_minute, self.rate_limit.burst
+        );
+        let r = &self.retry;
+        let _ = writeln!(
+            s,
+            "retry:      {} attempts, queue {}, 429 cooldown {}, failure cooldown {}..{}",
+            r.max_attempts,
+            fmt_duration(r.queue_timeout),
+            fmt_duration(r.rate_limit_cooldown),
+            fmt_duration(r.failure_cooldown),
+            fmt_duration(r.max_failure_cooldown)
+        );
+        let cors = if !self.cors.enabled() {
+            "off".to_owned()
+        } else if self.cors.any_origin() {
+            "any origin".to_owned()
+        } else {
+            self.cors.allowed_origins.join(", ")
+        };
+        let _ = writeln!(s, "cors:       {cors}");
+        let _ = writeln!(
+            s,
+            "auth:       {} token(s), unauthenticated {}",
+            self.auth.tokens.len(),
+            if self.auth.allow_unauthenticated { "allowed" } else { "refused" }
+        );
+        let _ = writeln!(
+            s,
+            "limits:     body {}, {} in flight",
+            fmt_bytes(self.limits.max_body_bytes),
+            self.limits.max_inflight
+        );
+        let format = match self.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        let _ = writeln!(s, "log:        {} ({format})", self.log.level);
+        let _ = writeln!(s, "shutdown:   grace {}", fmt_duration(self.shutdown_grace));
+        s
+    }
+}
+
+fn fmt_bytes(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    const KIB: usize = 1 << 10;
+    if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else if bytes >= KIB && bytes % KIB == 0 {
+        format!("{} KiB", bytes / KIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}

@@ -1,0 +1,238 @@
+//! [`Config::validate`]: range and consistency checks that types cannot express.
+
+use std::{collections::HashMap, time::Duration};
+
+use http::{HeaderValue, Uri};
+
+use super::{Config, ConfigError, KeyEntry, KeyOrigin, Secret};
+
+/// Most upstream attempts a client request may make.
+const MAX_ATTEMPTS_LIMIT: u32 = 10;
+
+/// # Validation
+impl Config {
+    /// Checks every field, returning the first problem found.
+    ///
+    /// With `dev = true` an empty key list is allowed: `--dev` supplies keys
+    /// after loading. Call it again after adding keys by hand.
+    pub fn validate(&self, dev: bool) -> Result<(), ConfigError> {
+        self.validate_upstream()?;
+        self.validate_keys(dev)?;
+        at_least_one("rate_limit.requests_per_minute", self.rate_limit.requests_per_minute)?;
+        at_least_one("rate_limit.burst", self.rate_limit.burst)?;
+        self.validate_retry()?;
+        self.validate_cors()?;
+        self.validate_auth()?;
+        at_least_one("limits.max_body_bytes", self.limits.max_body_bytes)?;
+        at_least_one("limits.max_inflight", self.limits.max_inflight)?;
+        if self.log.level.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                "must not be empty (e.g. info, or proxypal=debug,info)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let url = &self.upstream.base_url;
+        let field = "upstream.base_url";
+        let lower = url.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("must start with http:// or https:// (got {url:?})"),
+            ));
+        }
+        let uri: Uri =
+            url.parse().map_err(|e| ConfigError::invalid(field, format!("invalid URL {url:?}: {e}")))?;
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(ConfigError::invalid(field, format!("has no host (got {url:?})")));
+        }
+        if uri.query().is_some() {
+            return Err(ConfigError::invalid(
+                field,
+                format!("must not contain a query string (got {url:?})"),
+            ));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(ConfigError::invalid(
+                field,
+                "must not contain credentials (user:password@); keys go in `keys`",
+            ));
+        }
+        positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
+        positive("upstream.response_timeout", self.upstream.response_timeout)?;
+        positive("upstream.idle_timeout", self.upstream.idle_timeout)?;
+        let agent = &self.upstream.user_agent;
+        if agent.trim().is_empty() || HeaderValue::from_str(agent).is_err() {
+            return Err(ConfigError::invalid(
+                "upstream.user_agent",
+                format!("must be a non-empty header value of visible ASCII (got {agent:?})"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_keys(&self, dev: bool) -> Result<(), ConfigError> {
+        if self.keys.is_empty() && !dev {
+            return Err(ConfigError::NoKeys);
+        }
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        let mut names: HashMap<&str, String> = HashMap::new();
+        for (index, entry) in self.keys.iter().enumerate() {
+            let at = key_field(index, entry);
+            check_secret(&at, "key", &entry.key)?;
+            if let Some(first) = seen.get(entry.key.expose()) {
+                return Err(ConfigError::Duplicate {
+                    field: at,
+                    first: first.clone(),
+                    label: entry.key.masked(),
+                });
+            }
+            seen.insert(entry.key.expose(), at.clone());
+            if let Some(name) = &entry.name {
+                let field = format!("{at}.name");
+                if name.trim().is_empty() {
+                    return Err(ConfigError::invalid(field, "must not be empty"));
+                }
+                if let Some(first) = names.get(name.as_str()) {
+                    return Err(ConfigError::Duplicate {
+                        field,
+                        first: first.clone(),
+                        label: format!("{name:?}"),
+                    });
+                }
+                names.insert(name, field);
+            }
+            if let Some(rpm) = entry.requests_per_minute {
+                at_least_one(&format!("{at}.requests_per_minute"), rpm)?;
+            }
+            if let Some(burst) = entry.burst {
+                at_least_one(&format!("{at}.burst"), burst)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_retry(&self) -> Result<(), ConfigError> {
+        let r = &self.retry;
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&r.max_attempts) {
+            return Err(ConfigError::invalid(
+                "retry.max_attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS_LIMIT} (got {})", r.max_attempts),
+            ));
+        }
+        if r.failure_cooldown > r.max_failure_cooldown {
+            return Err(ConfigError::invalid(
+                "retry.failure_cooldown",
+                format!(
+                    "must not exceed retry.max_failure_cooldown ({} > {})",
+                    humantime::format_duration(r.failure_cooldown),
+                    humantime::format_duration(r.max_failure_cooldown)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_cors(&self) -> Result<(), ConfigError> {
+        let origins = &self.cors.allowed_origins;
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        for (i, origin) in origins.iter().enumerate() {
+            let field = format!("cors.allowed_origins[{i}]");
+            if origin == "*" {
+                if origins.len() > 1 {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "\"*\" allows any origin and must be the only entry",
+                    ));
+                }
+                continue;
+            }
+            if !is_origin(origin) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!(
+                        "must be \"*\" or an origin such as https://app.example.com \
+                         (scheme and host, optional port, no path or trailing /) (got {origin:?})"
+                    ),
+                ));
+            }
+            if let Some(first) = seen.get(origin.as_str()) {
+                return Err(ConfigError::Duplicate {
+                    field,
+                    first: first.clone(),
+                    label: format!("{origin:?}"),
+                });
+            }
+            seen.insert(origin, field);
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let field = format!("auth.tokens[{i}]");
+            check_secret(&field, "token", token)?;
+            if let Some(first) = seen.get(token.expose()) {
+                return Err(ConfigError::Duplicate { field, first: first.clone(), label: token.masked() });
+            }
+            seen.insert(token.expose(), field);
+        }
+        Ok(())
+    }
+}
+
+/// How errors name a key: `keys[2]`, or `keys_file line 4` for file keys.
+fn key_field(index: usize, entry: &KeyEntry) -> String {
+    match entry.origin {
+        KeyOrigin::Config => format!("keys[{index}]"),
+        KeyOrigin::KeysFile { line } => format!("keys_file line {line}"),
+    }
+}
+
+/// A secret goes into an HTTP header: it must be non-empty visible ASCII.
+fn check_secret(field: &str, what: &str, secret: &Secret) -> Result<(), ConfigError> {
+    let value = secret.expose();
+    if value.is_empty() {
+        return Err(ConfigError::invalid(field, format!("empty {what}")));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{what} contains whitespace, control or non-ASCII characters ({})", secret.masked()),
+        ));
+    }
+    Ok(())
+}
+
+fn at_least_one<T>(field: &str, value: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + From<u8> + std::fmt::Display,
+{
+    if value < T::from(1) {
+        return Err(ConfigError::invalid(field, format!("must be at least 1 (got {value})")));
+    }
+    Ok(())
+}
+
+fn positive(field: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(field, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]` with scheme http or https, as browsers send in the
+/// `Origin` header (which is compared byte for byte).
+fn is_origin(origin: &str) -> bool {
+    let Some(rest) = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")) else {
+        return false;
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.contains(char::is_whitespace) {
+        return false;
+    }
+    origin.parse::<Uri>().is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
+}

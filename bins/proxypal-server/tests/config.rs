@@ -1,0 +1,610 @@
+//! Config loading and validation, through the public API only. No test touches
+//! the process environment: env layers are passed explicitly.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use proxypal_server::config::{Config, ConfigError, KeyEntry, KeyOrigin, LogFormat, YamlSource, mask_key};
+
+/// Secrets used below; none may appear in any Debug or Display output.
+const KEY_A: &str = "nvapi-AAAAaaaaAAAAaaaaAAAA0001";
+const KEY_B: &str = "nvapi-BBBBbbbbBBBBbbbbBBBB0002";
+const KEY_C: &str = "nvapi-CCCCccccCCCCccccCCCC0003";
+const TOKEN: &str = "client-token-SECRETsecret-9999";
+
+const NO_ENV: [(&str, &str); 0] = [];
+
+fn from_yaml(yaml: &str) -> Result<Config, ConfigError> {
+    Config::from_sources(Some(YamlSource::Text(yaml)), NO_ENV, false)
+}
+
+fn with_env(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_sources(Some(YamlSource::Text(yaml)), env.iter().copied(), false)
+}
+
+#[track_caller]
+fn err(result: Result<Config, ConfigError>) -> ConfigError {
+    match result {
+        Ok(config) => panic!("expected an error, got {config:?}"),
+        Err(e) => e,
+    }
+}
+
+/// The error's Display must start with `field: ` and contain `needle`.
+#[track_caller]
+fn assert_error(result: Result<Config, ConfigError>, field: &str, needle: &str) {
+    let e = err(result);
+    let msg = e.to_string();
+    assert!(msg.starts_with(&format!("{field}: ")), "error should name {field:?}: {msg}");
+    assert!(msg.contains(needle), "error should contain {needle:?}: {msg}");
+    assert_no_secrets(&msg);
+    assert_no_secrets(&format!("{e:?}"));
+}
+
+#[track_caller]
+fn assert_no_secrets(text: &str) {
+    for secret in [KEY_A, KEY_B, KEY_C, TOKEN] {
+        assert!(!text.contains(secret), "secret {secret} leaked in: {text}");
+        // Not even the part after the vendor prefix.
+        assert!(!text.contains(&secret[6..]), "secret {secret} leaked in: {text}");
+    }
+}
+
+/// A fresh file under the temp dir, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "proxypal-config-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn example_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/proxypal.example.yaml")
+}
+
+// ---------------------------------------------------------------- defaults
+
+#[test]
+fn defaults_match_the_contract() {
+    let c = with_env("", &[("PROXYPAL_KEYS", KEY_A)]).unwrap();
+    assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.upstream.base_url, "https://integrate.api.nvidia.com/v1");
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.upstream.response_timeout, Duration::from_secs(300));
+    assert_eq!(c.upstream.idle_timeout, Duration::from_secs(180));
+    assert_eq!(c.upstream.user_agent, format!("proxypal/{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(c.keys_file, None);
+    assert_eq!(c.rate_limit.requests_per_minute, 40);
+    assert_eq!(c.rate_limit.burst, 1);
+    assert_eq!(c.retry.max_attempts, 3);
+    assert_eq!(c.retry.queue_timeout, Duration::from_secs(30));
+    assert_eq!(c.retry.rate_limit_cooldown, Duration::from_secs(60));
+    assert_eq!(c.retry.failure_cooldown, Duration::from_secs(2));
+    assert_eq!(c.retry.max_failure_cooldown, Duration::from_secs(60));
+    assert!(c.cors.allowed_origins.is_empty());
+    assert!(!c.cors.enabled());
+    assert!(c.auth.tokens.is_empty());
+    assert_eq!(c.auth.tokens_file, None);
+    assert!(!c.auth.allow_unauthenticated);
+    assert_eq!(c.limits.max_body_bytes, 32 * 1024 * 1024);
+    assert_eq!(c.limits.max_inflight, 1024);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+
+    // Apart from the key, that is exactly `Config::default()`.
+    let mut expected = Config::default();
+    expected.keys.push(KeyEntry::new(KEY_A));
+    assert_eq!(c, expected);
+}
+
+#[test]
+fn dev_defaults_agree_with_dev_loading_and_need_no_keys() {
+    let dev = Config::dev();
+    assert_eq!(dev.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(dev.rate_limit.requests_per_minute, 600);
+    assert_eq!(dev.rate_limit.burst, 1);
+    assert!(dev.keys.is_empty());
+    dev.validate(true).unwrap();
+    assert!(matches!(dev.validate(false), Err(ConfigError::NoKeys)));
+
+    let loaded = Config::from_sources(None, NO_ENV, true).unwrap();
+    assert_eq!(loaded, dev);
+    // Dev mode still takes the YAML and env layers.
+    let loaded = Config::from_sources(
+        Some(YamlSource::Text("rate_limit: { burst: 3 }")),
+        [("PROXYPAL_LISTEN", "127.0.0.1:9999")],
+        true,
+    )
+    .unwrap();
+    assert_eq!(loaded.rate_limit.requests_per_minute, 600);
+    assert_eq!(loaded.rate_limit.burst, 3);
+    assert_eq!(loaded.listen.port(), 9999);
+}
+
+#[test]
+fn zero_keys_is_an_error_outside_dev() {
+    let e = err(from_yaml("listen: 127.0.0.1:8080"));
+    assert!(matches!(e, ConfigError::NoKeys), "{e:?}");
+    assert_eq!(e.to_string(), "keys: no API keys configured — set keys, keys_file or PROXYPAL_KEYS");
+    assert_eq!(e.field(), Some("keys"));
+}
+
+#[test]
+fn empty_and_comment_only_yaml_is_all_defaults() {
+    let c = with_env("# nothing here\n", &[("PROXYPAL_KEYS", KEY_A)]).unwrap();
+    assert_eq!(c.keys.len(), 1);
+    assert_eq!(c.rate_limit.requests_per_minute, 40);
+}
+
+// ---------------------------------------------------------------- files
+
+#[test]
+fn example_file_parses_and_it_and_the_docs_name_every_variable() {
+    let path = example_path();
+    let c = Config::from_sources(Some(YamlSource::File(&path)), NO_ENV, false).unwrap();
+    assert_eq!(c.keys.len(), 2);
+    assert_eq!(c.keys[0], KeyEntry::new("nvapi-REPLACE-ME-1"));
+    assert_eq!(c.keys[1].name.as_deref(), Some("team-b"));
+    assert_eq!(c.keys[1].requests_per_minute, Some(20));
+    assert_eq!(c.keys[1].burst, Some(2));
+    // Everything else in the example is the default.
+    let mut expected = Config::default();
+    expected.keys = c.keys.clone();
+    assert_eq!(c, expected);
+
+    // The example documents every field and its variable.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md"))
+            .unwrap();
+    for var in [
+        "PROXYPAL_LISTEN",
+        "PROXYPAL_UPSTREAM__BASE_URL",
+        "PROXYPAL_UPSTREAM__CONNECT_TIMEOUT",
+        "PROXYPAL_UPSTREAM__RESPONSE_TIMEOUT",
+        "PROXYPAL_UPSTREAM__IDLE_TIMEOUT",
+        "PROXYPAL_UPSTREAM__USER_AGENT",
+        "PROXYPAL_KEYS=",
+        "PROXYPAL_KEYS_FILE",
+        "PROXYPAL_RATE_LIMIT__REQUESTS_PER_MINUTE",
+        "PROXYPAL_RATE_LIMIT__BURST",
+        "PROXYPAL_RETRY__MAX_ATTEMPTS",
+        "PROXYPAL_RETRY__QUEUE_TIMEOUT",
+        "PROXYPAL_RETRY__RATE_LIMIT_COOLDOWN",
+        "PROXYPAL_RETRY__FAILURE_COOLDOWN",
+        "PROXYPAL_RETRY__MAX_FAILURE_COOLDOWN",
+        "PROXYPAL_CORS__ALLOWED_ORIGINS",
+        "PROXYPAL_AUTH__TOKENS=",
+        "PROXYPAL_AUTH__TOKENS_FILE",
+        "PROXYPAL_AUTH__ALLOW_UNAUTHENTICATED",
+        "PROXYPAL_LIMITS__MAX_BODY_BYTES",
+        "PROXYPAL_LIMITS__MAX_INFLIGHT",
+        "PROXYPAL_LOG__LEVEL",
+        "PROXYPAL_LOG__FORMAT",
+        "PROXYPAL_SHUTDOWN_GRACE",
+    ] {
+        assert!(text.contains(var), "example does not mention {var}");
+        assert!(docs.contains(var.trim_end_matches('=')), "docs/configuration.md does not mention {var}");
+    }
+}
+
+#[test]
+fn missing_config_file_is_an_error_naming_it() {
+    let path = std::env::temp_dir().join("proxypal-config-test-does-not-exist.yaml");
+    let e = err(Config::from_sources(Some(YamlSource::File(&path)), NO_ENV, false));
+    assert!(matches!(e, ConfigError::ReadConfigFile { .. }), "{e:?}");
+    assert!(e.to_string().contains("does-not-exist.yaml"), "{e}");
+}
+
+#[test]
+fn errors_from_a_file_name_the_file() {
+    let file = TempFile::new("bad.yaml", &format!("keys: [{KEY_A}]\nretry: {{ max_attempts: many }}\n"));
+    let e = err(Config::from_sources(Some(YamlSource::File(file.path())), NO_ENV, false));
+    let msg = e.to_string();
+    assert!(msg.starts_with("retry.max_attempts: "), "{msg}");
+    assert!(msg.contains(&file.path().display().to_string()), "{msg}");
+    assert!(msg.contains("YAML file"), "{msg}");
+}
+
+#[test]
+fn keys_file_with_comments_is_appended_and_relative_to_the_yaml_file() {
+    let keys = TempFile::new(
+        "keys.txt",
+        &format!("# team keys\n\n{KEY_B}\n   \n{KEY_C}   # rotated 2025-01\n  # indented comment\n"),
+    );
+    // The config file sits in another directory and names keys.txt by a
+    // path relative to itself.
+    let dir = keys.path().parent().unwrap();
+    let yaml = TempFile::new(
+        "proxypal.yaml",
+        &format!("keys: [{KEY_A}]\nkeys_file: ../{}/keys.txt\n", dir.file_name().unwrap().to_str().unwrap()),
+    );
+    let c = Config::from_sources(Some(YamlSource::File(yaml.path())), NO_ENV, false).unwrap();
+    let got: Vec<&str> = c.keys.iter().map(|k| k.key.expose()).collect();
+    assert_eq!(got, [KEY_A, KEY_B, KEY_C]);
+    assert_eq!(c.keys[0].origin, KeyOrigin::Config);
+    assert_eq!(c.keys[1].origin, KeyOrigin::KeysFile { line: 3 });
+    assert_eq!(c.keys[2].origin, KeyOrigin::KeysFile { line: 5 });
+    assert!(c.keys_file.as_deref().unwrap().ends_with("keys.txt"));
+    assert!(c.keys_file.as_deref().unwrap().is_file());
+}
+
+#[test]
+fn keys_file_from_env_with_absolute_path() {
+    let keys = TempFile::new("keys.txt", &format!("{KEY_A}\n"));
+    let c = with_env("", &[("PROXYPAL_KEYS_FILE", keys.path().to_str().unwrap())]).unwrap();
+    assert_eq!(c.keys.len(), 1);
+    assert_eq!(c.keys[0].key.expose(), KEY_A);
+}
+
+#[test]
+fn keys_file_errors() {
+    let e = err(from_yaml("keys_file: /nonexistent/proxypal/keys.txt"));
+    assert!(matches!(e, ConfigError::ReadListFile { .. }), "{e:?}");
+    assert!(e.to_string().starts_with("keys_file: cannot read /nonexistent/proxypal/keys.txt"), "{e}");
+
+    let keys = TempFile::new("keys.txt", &format!("{KEY_A}\n{KEY_B} team-b\n"));
+    let yaml = format!("keys_file: {}", keys.path().display());
+    assert_error(from_yaml(&yaml), "keys_file line 2", "one value per line");
+
+    let keys = TempFile::new("keys.txt", &format!("{KEY_A}\n{KEY_B}\n{KEY_A}\n"));
+    let yaml = format!("keys_file: {}", keys.path().display());
+    assert_error(from_yaml(&yaml), "keys_file line 3", "duplicate of keys_file line 1 (nvapi-…0001)");
+
+    // A file key that repeats an inline key.
+    let keys = TempFile::new("keys.txt", &format!("{KEY_B}\n"));
+    let yaml = format!("keys: [{KEY_B}]\nkeys_file: {}", keys.path().display());
+    assert_error(from_yaml(&yaml), "keys_file line 1", "duplicate of keys[0]");
+}
+
+#[test]
+fn tokens_file_is_appended_to_tokens() {
+    let tokens = TempFile::new("tokens.txt", "# clients\ntok-from-file-0001 # ci\n");
+    let yaml =
+        format!("keys: [{KEY_A}]\nauth: {{ tokens: [{TOKEN}], tokens_file: {} }}", tokens.path().display());
+    let c = from_yaml(&yaml).unwrap();
+    let got: Vec<&str> = c.auth.tokens.iter().map(|t| t.expose()).collect();
+    assert_eq!(got, [TOKEN, "tok-from-file-0001"]);
+}
+
+// ---------------------------------------------------------------- keys
+
+#[test]
+fn mixed_key_forms() {
+    let yaml = format!(
+        "keys:\n  - {KEY_A}\n  - {{ key: {KEY_B}, name: team-b, requests_per_minute: 20, burst: 2 }}\n  - key: {KEY_C}\n    name: team-c\n"
+    );
+    let c = from_yaml(&yaml).unwrap();
+    assert_eq!(c.keys.len(), 3);
+    assert_eq!(c.keys[0], KeyEntry::new(KEY_A));
+    assert_eq!(c.keys[1].key.expose(), KEY_B);
+    assert_eq!(c.keys[1].name.as_deref(), Some("team-b"));
+    let limit = c.keys[1].rate_limit(&c.rate_limit);
+    assert_eq!((limit.requests_per_minute, limit.burst), (20, 2));
+    let limit = c.keys[2].rate_limit(&c.rate_limit);
+    assert_eq!((limit.requests_per_minute, limit.burst), (40, 1));
+    assert_eq!(c.keys[2].label(), "team-c");
+    assert_eq!(c.keys[0].label(), "nvapi-…0001");
+}
+
+#[test]
+fn proxypal_keys_is_a_comma_list_that_replaces_the_yaml_list() {
+    let yaml = format!("keys: [{KEY_A}]");
+    let c = with_env(&yaml, &[("PROXYPAL_KEYS", &format!(" {KEY_B}, {KEY_C},"))]).unwrap();
+    let got: Vec<&str> = c.keys.iter().map(|k| k.key.expose()).collect();
+    assert_eq!(got, [KEY_B, KEY_C]);
+
+    // ...and keys_file still appends to it.
+    let keys = TempFile::new("keys.txt", &format!("{KEY_A}\n"));
+    let c = with_env("", &[("PROXYPAL_KEYS", KEY_B), ("PROXYPAL_KEYS_FILE", keys.path().to_str().unwrap())])
+        .unwrap();
+    let got: Vec<&str> = c.keys.iter().map(|k| k.key.expose()).collect();
+    assert_eq!(got, [KEY_B, KEY_A]);
+}
+
+#[test]
+fn numeric_looking_env_keys_and_tokens_stay_strings() {
+    let c = with_env(
+        "",
+        &[("PROXYPAL_KEYS", "123456789012345"), ("PROXYPAL_AUTH__TOKENS", "98765432109876,true")],
+    )
+    .unwrap();
+    assert_eq!(c.keys[0].key.expose(), "123456789012345");
+    let tokens: Vec<&str> = c.auth.tokens.iter().map(|t| t.expose()).collect();
+    assert_eq!(tokens, ["98765432109876", "true"]);
+}
+
+// ---------------------------------------------------------------- env
+
+#[test]
+fn env_overrides_nested_fields() {
+    let yaml = format!(
+        "keys: [{KEY_A}]\nupstream: {{ base_url: http://yaml.example/v1, connect_timeout: 1s }}\nrate_limit: {{ requests_per_minute: 10 }}"
+    );
+    let c = with_env(
+        &yaml,
+        &[
+            ("PROXYPAL_UPSTREAM__BASE_URL", "http://127.0.0.1:9000/v1/"),
+            ("PROXYPAL_RATE_LIMIT__REQUESTS_PER_MINUTE", "25"),
+            ("proxypal_log__format", "json"),
+            ("PROXYPAL_LISTEN", "0.0.0.0:9090"),
+            ("PROXYPAL_AUTH__ALLOW_UNAUTHENTICATED", "true"),
+            ("PROXYPAL_CORS__ALLOWED_ORIGINS", "https://a.example,http://localhost:3000"),
+            ("PROXYPAL_LIMITS__MAX_BODY_BYTES", "1 MiB"),
+            ("PROXYPAL_UPSTREAM__USER_AGENT", "acme-gateway/2.0"),
+            // Not ours: ignored.
+            ("PATH", "/usr/bin"),
+            ("PROXYPALX_LISTEN", "garbage"),
+        ],
+    )
+    .unwrap();
+    // Trailing slash removed.
+    assert_eq!(c.upstream.base_url, "http://127.0.0.1:9000/v1");
+    // Untouched YAML sibling survives.
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(1));
+    assert_eq!(c.rate_limit.requests_per_minute, 25);
+    assert_eq!(c.rate_limit.burst, 1);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.listen, "0.0.0.0:9090".parse().unwrap());
+    assert!(c.auth.allow_unauthenticated);
+    assert_eq!(c.cors.allowed_origins, ["https://a.example", "http://localhost:3000"]);
+    assert_eq!(c.limits.max_body_bytes, 1024 * 1024);
+    assert_eq!(c.upstream.user_agent, "acme-gateway/2.0");
+}
+
+#[test]
+fn env_errors_name_the_variable() {
+    let e = err(with_env("", &[("PROXYPAL_KEYS", KEY_A), ("PROXYPAL_RATE_LIMIT__BURST", "lots")]));
+    let msg = e.to_string();
+    assert!(msg.starts_with("rate_limit.burst: "), "{msg}");
+    assert!(msg.contains("environment variable PROXYPAL_RATE_LIMIT__BURST"), "{msg}");
+}
+
+// ---------------------------------------------------------------- durations and sizes
+
+#[test]
+fn durations_accept_humantime_and_bare_seconds() {
+    let yaml = format!(
+        "keys: [{KEY_A}]\nretry: {{ rate_limit_cooldown: 1m 30s, failure_cooldown: 250ms, max_failure_cooldown: 90 }}\nshutdown_grace: 1.5"
+    );
+    let c = with_env(&yaml, &[("PROXYPAL_RETRY__QUEUE_TIMEOUT", "30")]).unwrap();
+    assert_eq!(c.retry.queue_timeout, Duration::from_secs(30));
+    assert_eq!(c.retry.rate_limit_cooldown, Duration::from_secs(90));
+    assert_eq!(c.retry.failure_cooldown, Duration::from_millis(250));
+    assert_eq!(c.retry.max_failure_cooldown, Duration::from_secs(90));
+    assert_eq!(c.shutdown_grace, Duration::from_millis(1500));
+
+    assert_error(
+        with_env("", &[("PROXYPAL_KEYS", KEY_A), ("PROXYPAL_RETRY__QUEUE_TIMEOUT", "soon")]),
+        "retry.queue_timeout",
+        "invalid duration \"soon\"",
+    );
+    assert_error(from_yaml(&format!("keys: [{KEY_A}]\nshutdown_grace: -5")), "shutdown_grace", "duration");
+}
+
+#[test]
+fn body_size_accepts_units() {
+    for (text, bytes) in [
+        ("1024", 1024),
+        ("\"10MB\"", 10_000_000),
+        ("\"32 MiB\"", 32 << 20),
+        ("512KiB", 512 << 10),
+        ("100B", 100),
+    ] {
+        let c = from_yaml(&format!("keys: [{KEY_A}]\nlimits: {{ max_body_bytes: {text} }}")).unwrap();
+        assert_eq!(c.limits.max_body_bytes, bytes, "{text}");
+    }
+    assert_error(
+        from_yaml(&format!("keys: [{KEY_A}]\nlimits: {{ max_body_bytes: 12 parsecs }}")),
+        "limits.max_body_bytes",
+        "invalid size",
+    );
+}
+
+// ---------------------------------------------------------------- validation
+
+#[test]
+fn each_validation_error_names_its_field() {
+    let k = |extra: &str| format!("keys: [{KEY_A}]\n{extra}");
+    let cases: &[(String, &str, &str)] = &[
+        (
+            k("rate_limit: { requests_per_minute: 0 }"),
+            "rate_limit.requests_per_minute",
+            "must be at least 1 (got 0)",
+        ),
+        (k("rate_limit: { burst: 0 }"), "rate_limit.burst", "must be at least 1 (got 0)"),
+        (
+            k("upstream: { base_url: \"ftp://x\" }"),
+            "upstream.base_url",
+            "must start with http:// or https:// (got \"ftp://x\")",
+        ),
+        (k("upstream: { base_url: \"https://x/v1?a=b\" }"), "upstream.base_url", "query"),
+        (k("upstream: { base_url: \"https://user:pw@x/v1\" }"), "upstream.base_url", "credentials"),
+        (k("upstream: { connect_timeout: 0s }"), "upstream.connect_timeout", "greater than 0"),
+        (k("upstream: { response_timeout: 0 }"), "upstream.response_timeout", "greater than 0"),
+        (k("upstream: { idle_timeout: 0 }"), "upstream.idle_timeout", "greater than 0"),
+        (k("upstream: { user_agent: \"\" }"), "upstream.user_agent", "header value"),
+        (k("listen: localhost:80x"), "listen", "invalid socket address \"localhost:80x\""),
+        (k("retry: { max_attempts: 0 }"), "retry.max_attempts", "must be between 1 and 10"),
+        (k("retry: { max_attempts: 11 }"), "retry.max_attempts", "must be between 1 and 10 (got 11)"),
+        (
+            k("retry: { failure_cooldown: 2m, max_failure_cooldown: 1m }"),
+            "retry.failure_cooldown",
+            "must not exceed retry.max_failure_cooldown",
+        ),
+        (k("log: { format: xml }"), "log.format", "`text` or `json`"),
+        (k("log: { level: \" \" }"), "log.level", "must not be empty"),
+        (k("limits: { max_body_bytes: 0 }"), "limits.max_body_bytes", "must be at least 1"),
+        (k("limits: { max_inflight: 0 }"), "limits.max_inflight", "must be at least 1"),
+        (
+            k("cors: { allowed_origins: [\"*\", \"https://a.example\"] }"),
+            "cors.allowed_origins[0]",
+            "only entry",
+        ),
+        (
+            k("cors: { allowed_origins: [\"https://a.example/\"] }"),
+            "cors.allowed_origins[0]",
+            "no path or trailing /",
+        ),
+        (k("cors: { allowed_origins: [\"a.example\"] }"), "cors.allowed_origins[0]", "(got \"a.example\")"),
+        (
+            k("cors: { allowed_origins: [\"https://a.example\", \"https://a.example\"] }"),
+            "cors.allowed_origins[1]",
+            "duplicate of cors.allowed_origins[0]",
+        ),
+        (k("auth: { tokens: [\"\"] }"), "auth.tokens[0]", "empty token"),
+        (
+            k(&format!("auth: {{ tokens: [{TOKEN}, {TOKEN}] }}")),
+            "auth.tokens[1]",
+            "duplicate of auth.tokens[0] (client-…9999)",
+        ),
+        (format!("keys: [{KEY_A}, {KEY_B}, \"\"]"), "keys[2]", "empty key"),
+        (format!("keys: [{KEY_A}, {{ key: {KEY_B}, burst: 0 }}]"), "keys[1].burst", "must be at least 1"),
+        (
+            format!("keys: [{{ key: {KEY_B}, requests_per_minute: 0 }}]"),
+            "keys[0].requests_per_minute",
+            "must be at least 1",
+        ),
+        (format!("keys: [{{ key: {KEY_B}, name: \"\" }}]"), "keys[0].name", "must not be empty"),
+        (
+            format!("keys: [{{ key: {KEY_A}, name: x }}, {{ key: {KEY_B}, name: x }}]"),
+            "keys[1].name",
+            "duplicate of keys[0].name (\"x\")",
+        ),
+        (
+            format!("keys: [{KEY_A}, {KEY_B}, {KEY_C}, {KEY_A}]"),
+            "keys[3]",
+            "duplicate of keys[0] (nvapi-…0001)",
+        ),
+        (format!("keys: [\"{KEY_A} \"]"), "keys[0]", "whitespace"),
+        (format!("keys: [{KEY_A}]\nbogus_field: 1"), "bogus_field", "unknown field"),
+        (
+            format!("keys: [{KEY_A}]\nretry: {{ max_atempts: 2 }}"),
+            "retry.max_atempts",
+            "unknown field: found `max_atempts`",
+        ),
+        (format!("keys: [{{ key: {KEY_A}, nmae: x }}]"), "keys[0].nmae", "unknown field"),
+        ("keys: [{ name: x }]".to_owned(), "keys[0]", "missing field `key`"),
+    ];
+    for (yaml, field, needle) in cases {
+        let e = err(from_yaml(yaml));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{field}: ")),
+            "error should start with {field:?}:\n  yaml: {yaml}\n  got:  {msg}"
+        );
+        assert!(msg.contains(needle), "error should contain {needle:?}:\n  yaml: {yaml}\n  got:  {msg}");
+        assert_no_secrets(&msg);
+        assert_no_secrets(&format!("{e:?}"));
+    }
+}
+
+#[test]
+fn validate_can_be_rerun_after_adding_keys() {
+    let mut c = Config::dev();
+    c.keys.push(KeyEntry::new(KEY_A));
+    c.keys.push(KeyEntry::new(KEY_A));
+    let e = c.validate(true).unwrap_err();
+    assert_eq!(e.to_string(), "keys[1]: duplicate of keys[0] (nvapi-…0001)");
+    assert_eq!(e.field(), Some("keys[1]"));
+}
+
+// ---------------------------------------------------------------- secrets
+
+#[test]
+fn secrets_never_appear_in_debug_summary_or_errors() {
+    let yaml = format!(
+        "keys:\n  - {KEY_A}\n  - {{ key: {KEY_B}, name: team-b, burst: 2 }}\nauth: {{ tokens: [{TOKEN}] }}"
+    );
+    let c = with_env(&yaml, &[]).unwrap();
+    assert_no_secrets(&format!("{c:?}"));
+    assert_no_secrets(&format!("{c:#?}"));
+    let summary = c.summary();
+    assert_no_secrets(&summary);
+    assert!(summary.contains("nvapi-…0001"), "{summary}");
+    assert!(summary.contains("team-b"), "{summary}");
+    assert!(summary.contains("40/min, burst 2"), "{summary}");
+    assert!(summary.contains("listen:     127.0.0.1:8080"), "{summary}");
+    assert!(summary.contains("https://integrate.api.nvidia.com/v1"), "{summary}");
+
+    // Badly shaped entries whose error would naturally quote the secret.
+    let bad = [
+        format!("keys: {KEY_A}"),
+        format!("keys: [{{ key: {KEY_A}, burst: fast }}]"),
+        format!("keys: [{KEY_A}: team-a]"),
+        format!("keys: {{ {KEY_A}: 1 }}"),
+        "keys: [123456789012345678]".to_owned(),
+        format!("keys: [{{ key: [{KEY_A}] }}]"),
+        format!("keys: [{KEY_A}]\nauth: {{ tokens: {TOKEN} }}"),
+        format!("keys: [{KEY_A}]\nauth: {{ {TOKEN}: 1 }}"),
+        KEY_A.to_owned(),
+        format!("- {KEY_A}"),
+        format!("keys: [\"{KEY_A}\n{KEY_B}\"]"),
+        format!("keys: [{{ {KEY_A}: 1, {KEY_A}: 2 }}]"),
+        format!("keys: [{{ {KEY_A}: !secret x }}]"),
+        format!("keys: [{{ key: {KEY_A}, {KEY_B}: [1, {{ 7: x }}] }}]"),
+        format!("keys: [{KEY_A}, {KEY_A}]"),
+    ];
+    for yaml in &bad {
+        let e = err(from_yaml(yaml));
+        assert_no_secrets(&e.to_string());
+        assert_no_secrets(&format!("{e:?}"));
+        assert_no_secrets(&format!("{e:#?}"));
+    }
+    // The numeric key too.
+    let e = err(from_yaml("keys: [123456789012345678]"));
+    assert!(!e.to_string().contains("123456789012345678"), "{e}");
+    let e = err(from_yaml("keys: [{ key: 123456789012345678 }]"));
+    assert!(!e.to_string().contains("123456789012345678"), "{e}");
+}
+
+#[test]
+fn mask_key_rules() {
+    assert_eq!(mask_key("nvapi-0123456789abcdefwxyz"), "nvapi-…wxyz");
+    assert_eq!(mask_key("sk-0123456789abcdefwxyz"), "sk-…wxyz");
+    // A long or late prefix is not kept.
+    assert_eq!(mask_key("verylongprefix-0123456789wxyz"), "…wxyz");
+    assert_eq!(mask_key("0123456789abcdefwxyz"), "…wxyz");
+    // Short keys show less.
+    assert_eq!(mask_key("abcdefghijk"), "…jk");
+    assert_eq!(mask_key("abcdefgh"), "…gh");
+    assert_eq!(mask_key("abcdefg"), "…");
+    assert_eq!(mask_key(""), "…");
+    // A prefix is kept only if enough secret follows it.
+    assert_eq!(mask_key("nvapi-abcdefg"), "…defg");
+    // Multi-byte characters are counted as characters.
+    assert_eq!(mask_key("nvapi-ééééééééééééwxyz"), "nvapi-…wxyz");
+    // Never more than the last 4 characters of what follows the prefix.
+    for key in [KEY_A, KEY_B, TOKEN] {
+        let masked = mask_key(key);
+        let shown = masked.rsplit('…').next().unwrap();
+        assert!(shown.chars().count() <= 4, "{masked}");
+    }
+}
