@@ -1,0 +1,603 @@
+//! Request handling: routing, auth, rate limiting, faults and the responses.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::fault::{
+    FORBIDDEN_BODY, Fault, RATE_LIMITED_BODY, UNAUTHORIZED_BODY, not_found_detail, problem_json,
+};
+use crate::mask_key;
+use crate::state::{Outcome, Shared};
+
+/// Error type of response bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body type of the simulator.
+pub(crate) type SimBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request body the simulator reads.
+const MAX_REQUEST_BODY: usize = 32 << 20;
+/// `created` timestamp of listed models (2025-01-01T00:00:00Z).
+const MODEL_CREATED: u64 = 1_735_689_600;
+/// Dimension of the simulated embedding vectors.
+const EMBEDDING_DIM: usize = 16;
+/// Bytes written by the [`Fault::Garbage`] fault.
+pub(crate) const GARBAGE: &[u8] = b"this is not http\r\n\r\n";
+
+/// What the connection task must do instead of serving hyper further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnAction {
+    /// Close the socket without a response.
+    Drop,
+    /// Write [`GARBAGE`] on the raw socket, then close it.
+    Garbage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Models,
+    Chat,
+    Embeddings,
+}
+
+/// How a streamed chat completion ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// Final chunk, optional usage chunk, `[DONE]`.
+    Done { include_usage: bool },
+    /// Silence until the client goes away.
+    Stall,
+    /// Abort the body with an error.
+    Break,
+}
+
+/// Handles one request. Never fails: every problem becomes a response, and
+/// connection-level faults are signalled through `ctl` (this future then
+/// never completes; the connection task drops it).
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    ctl: mpsc::UnboundedSender<ConnAction>,
+    req: Request<Incoming>,
+) -> Response<SimBody> {
+    let (parts, body) = req.into_parts();
+    let key = bearer(&parts.headers);
+    let key = key.as_deref();
+
+    // Always read the whole request body so a keep-alive connection stays
+    // reusable whatever we answer.
+    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                &format!("could not read the request body: {e}"),
+            );
+        }
+    };
+
+    let fault = shared.arrive(key, &parts.headers);
+
+    if !shared.config.response_delay.is_zero() {
+        tokio::time::sleep(shared.config.response_delay).await;
+    }
+
+    match fault {
+        None => {}
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Status { status, content_type, headers, body }) => {
+            return fault_response(status, content_type.as_deref(), &headers, body);
+        }
+        Some(Fault::DropConnection) => return abort_connection(&ctl, ConnAction::Drop).await,
+        Some(Fault::Garbage) => return abort_connection(&ctl, ConnAction::Garbage).await,
+        Some(Fault::StallMidStream { after_chunks }) => {
+            let model = request_model(&body);
+            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Stall);
+        }
+        Some(Fault::BreakMidStream { after_chunks }) => {
+            let model = request_model(&body);
+            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Break);
+        }
+    }
+
+    let route = match route(&parts.method, parts.uri.path()) {
+        Ok(r) => r,
+        Err(p) => {
+            shared.count(key, Outcome::Other);
+            return p.into_response();
+        }
+    };
+
+    // Authentication.
+    let Some(key) = key else {
+        return json_response(StatusCode::UNAUTHORIZED, UNAUTHORIZED_BODY.into());
+    };
+    if shared.forbidden_keys.contains(key) {
+        shared.count(Some(key), Outcome::Unauthorized);
+        return json_response(StatusCode::FORBIDDEN, FORBIDDEN_BODY.into());
+    }
+    if !shared.accepted_keys.is_empty() && !shared.accepted_keys.contains(key) {
+        shared.count(Some(key), Outcome::Unauthorized);
+        return json_response(StatusCode::UNAUTHORIZED, UNAUTHORIZED_BODY.into());
+    }
+
+    // Rate limit (POST endpoints only).
+    if route != Route::Models && !shared.try_acquire(key) {
+        return rate_limited(&shared);
+    }
+
+    let resp = match route {
+        Route::Models => Ok(models(&shared)),
+        Route::Chat => chat(&shared, key, &body),
+        Route::Embeddings => embeddings(&shared, &body),
+    }
+    .unwrap_or_else(Problem::into_response);
+    let outcome = if resp.status().is_success() { Outcome::Ok } else { Outcome::Other };
+    shared.count(Some(key), outcome);
+    resp
+}
+
+/// Asks the connection task to abort, then waits forever (the connection
+/// task drops this future).
+async fn abort_connection(ctl: &mpsc::UnboundedSender<ConnAction>, action: ConnAction) -> Response<SimBody> {
+    // If the connection task is gone there is nobody to answer anyway.
+    let _ = ctl.send(action);
+    std::future::pending().await
+}
+
+/// The `Authorization: Bearer <token>` token, if any.
+fn bearer(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
+/// An error answered with a problem-details JSON body.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    title: &'static str,
+    detail: String,
+    allow: Option<&'static str>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, title, detail: detail.into(), allow: None }
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "Bad Request", detail)
+    }
+
+    fn into_response(self) -> Response<SimBody> {
+        let mut resp = problem(self.status, self.title, &self.detail);
+        if let Some(allow) = self.allow {
+            resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
+fn route(method: &Method, path: &str) -> Result<Route, Problem> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let (route, allowed) = match path {
+        "/v1/models" => (Route::Models, "GET"),
+        "/v1/chat/completions" => (Route::Chat, "POST"),
+        "/v1/embeddings" => (Route::Embeddings, "POST"),
+        _ => {
+            return Err(Problem::new(StatusCode::NOT_FOUND, "Not Found", format!("no route for {path}")));
+        }
+    };
+    if method.as_str() == allowed {
+        Ok(route)
+    } else {
+        let mut p = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            format!("{method} is not allowed on {path}"),
+        );
+        p.allow = Some(allowed);
+        Err(p)
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> SimBody {
+    Full::new(body.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+fn empty() -> SimBody {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<SimBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response<SimBody> {
+    json_response(status, problem_json(status.as_u16(), title, detail))
+}
+
+fn rate_limited(shared: &Shared) -> Response<SimBody> {
+    let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED_BODY.into());
+    if let Some(ra) = shared.config.retry_after {
+        let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+fn fault_response(
+    status: u16,
+    content_type: Option<&str>,
+    headers: &[(String, String)],
+    body: String,
+) -> Response<SimBody> {
+    let mut resp = Response::new(if body.is_empty() { empty() } else { full(body) });
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
+        resp.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn models(shared: &Shared) -> Response<SimBody> {
+    let data: Vec<Value> = shared
+        .config
+        .models
+        .iter()
+        .map(|id| {
+            let owner = id.split_once('/').map_or("nvidia", |(o, _)| o);
+            json!({"id": id, "object": "model", "created": MODEL_CREATED, "owned_by": owner})
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({"object": "list", "data": data}).to_string())
+}
+
+/// Parses a JSON object request body.
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Problem> {
+    if body.is_empty() {
+        return Err(Problem::bad_request("request body is empty; expected a JSON object"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Problem::bad_request("request body must be a JSON object")),
+        Err(e) => Err(Problem::bad_request(format!("invalid JSON: {e}"))),
+    }
+}
+
+/// The required string `model` field (400 if missing, 404 if unknown in
+/// strict mode).
+fn model_of(shared: &Shared, req: &serde_json::Map<String, Value>) -> Result<String, Problem> {
+    let Some(model) = req.get("model").and_then(Value::as_str) else {
+        return Err(Problem::bad_request("field 'model' is required and must be a string"));
+    };
+    if shared.config.strict_models && !shared.config.models.iter().any(|m| m == model) {
+        return Err(Problem::new(StatusCode::NOT_FOUND, "Not Found", not_found_detail()));
+    }
+    Ok(model.to_owned())
+}
+
+/// Best-effort model name for fault streams.
+fn request_model(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "meta/llama-3.1-8b-instruct".to_owned())
+}
+
+fn greeting(key: Option<&str>) -> String {
+    match key {
+        Some(k) => format!("Hello from the simulated NIM (key {})", mask_key(k)),
+        None => "Hello from the simulated NIM".to_owned(),
+    }
+}
+
+fn chat(shared: &Arc<Shared>, key: &str, body: &[u8]) -> Result<Response<SimBody>, Problem> {
+    let req = parse_object(body)?;
+    let model = model_of(shared, &req)?;
+    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+        return Err(Problem::bad_request("field 'messages' is required and must be an array"));
+    };
+    let prompt_tokens = estimate_tokens(messages);
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage =
+            req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool)
+                == Some(true);
+        return Ok(stream_response(
+            shared,
+            Some(key),
+            &model,
+            prompt_tokens,
+            shared.config.stream_chunks,
+            StreamEnd::Done { include_usage },
+        ));
+    }
+    let content = greeting(Some(key));
+    let completion_tokens = content.split_whitespace().count() as u64;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let body = json!({
+        "id": format!("chatcmpl-sim-{id}"),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "logprobs": null,
+            "finish_reason": "stop",
+        }],
+        "usage": usage(prompt_tokens, completion_tokens),
+    });
+    Ok(json_response(StatusCode::OK, body.to_string()))
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// A rough token count: a quarter of the characters of every string
+/// content, at least 1.
+fn estimate_tokens(messages: &[Value]) -> u64 {
+    let chars: usize = messages
+        .iter()
+        .filter_map(|m| m.get("content"))
+        .map(|c| match c {
+            Value::String(s) => s.chars().count(),
+            other => other.to_string().len(),
+        })
+        .sum();
+    (chars as u64 / 4).max(1)
+}
+
+/// Splits the streamed content into `n` pieces whose concatenation is the
+/// greeting followed by filler words.
+fn content_pieces(key: Option<&str>, n: usize) -> Vec<String> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let greeting = greeting(key);
+    let mut words: Vec<String> = greeting
+        .split(' ')
+        .enumerate()
+        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+        .collect();
+    let mut i = 1;
+    while words.len() < n {
+        words.push(format!(" [{i}]"));
+        i += 1;
+    }
+    let tail: String = words.split_off(n - 1).concat();
+    words.push(tail);
+    words
+}
+
+/// One step of a simulated stream.
+enum Step {
+    Emit {
+        delay: Duration,
+        data: Bytes,
+    },
+    Stall,
+    /// Wait (so hyper flushes what was sent), then fail the body.
+    Break {
+        delay: Duration,
+    },
+}
+
+/// Decrements `active_streams` when the streaming body is dropped.
+struct StreamGuard(Arc<Shared>);
+
+impl StreamGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.active_streams.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(
+    shared: &Arc<Shared>,
+    key: Option<&str>,
+    model: &str,
+    prompt_tokens: u64,
+    chunks: usize,
+    end: StreamEnd,
+) -> Response<SimBody> {
+    let cfg = &shared.config;
+    let id = format!("chatcmpl-sim-{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = unix_now();
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        })
+    };
+
+    let pieces = content_pieces(key, chunks);
+    let completion_tokens = pieces.len() as u64;
+    let mut steps = Vec::with_capacity(pieces.len() + 3);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let delta =
+            if i == 0 { json!({"role": "assistant", "content": piece}) } else { json!({"content": piece}) };
+        let delay = if i == 0 { cfg.first_chunk_delay } else { cfg.chunk_interval };
+        steps.push(Step::Emit { delay, data: sse(&chunk(delta, Value::Null)) });
+    }
+    match end {
+        StreamEnd::Done { include_usage } => {
+            let delay = if steps.is_empty() { cfg.first_chunk_delay } else { Duration::ZERO };
+            steps.push(Step::Emit { delay, data: sse(&chunk(json!({}), json!("stop"))) });
+            if include_usage {
+                let u = json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+                });
+                steps.push(Step::Emit { delay: Duration::ZERO, data: sse(&u) });
+            }
+            steps.push(Step::Emit { delay: Duration::ZERO, data: Bytes::from_static(b"data: [DONE]\n\n") });
+        }
+        StreamEnd::Stall => steps.push(Step::Stall),
+        StreamEnd::Break => steps.push(Step::Break {
+            // Never zero: the body must return `Pending` once so hyper flushes
+            // the chunks already produced before the error tears it down.
+            delay: cfg.chunk_interval.max(Duration::from_millis(1)),
+        }),
+    }
+
+    let guard = StreamGuard::new(shared);
+    let frames = futures_util::stream::unfold((steps.into_iter(), guard), |(mut steps, guard)| async move {
+        match steps.next()? {
+            Step::Emit { delay, data } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((Ok(Frame::data(data)), (steps, guard)))
+            }
+            Step::Stall => {
+                std::future::pending::<()>().await;
+                None
+            }
+            Step::Break { delay } => {
+                tokio::time::sleep(delay).await;
+                let err: BoxError = "simulated mid-stream connection break".into();
+                Some((Err(err), (steps, guard)))
+            }
+        }
+    });
+
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn embeddings(shared: &Shared, body: &[u8]) -> Result<Response<SimBody>, Problem> {
+    let req = parse_object(body)?;
+    let model = model_of(shared, &req)?;
+    let bad = |detail: &str| Err(Problem::bad_request(detail));
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        // A single token array is one input.
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => {
+            vec![Value::Array(a.clone()).to_string()]
+        }
+        Some(Value::Array(a)) if !a.is_empty() => {
+            let mut out = Vec::with_capacity(a.len());
+            for item in a {
+                match item {
+                    Value::String(s) => out.push(s.clone()),
+                    Value::Array(_) => out.push(item.to_string()),
+                    _ => return bad("field 'input' items must be strings or token arrays"),
+                }
+            }
+            out
+        }
+        Some(Value::Array(_)) => return bad("field 'input' must not be empty"),
+        _ => return bad("field 'input' is required (a string or an array)"),
+    };
+    let mut tokens = 0u64;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            tokens += (text.chars().count() as u64 / 4).max(1);
+            json!({"object": "embedding", "index": i, "embedding": embed(text)})
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    Ok(json_response(StatusCode::OK, body.to_string()))
+}
+
+/// A deterministic unit vector derived from the text.
+fn embed(text: &str) -> Vec<f32> {
+    // FNV-1a of the text seeds a splitmix64 sequence.
+    let mut seed = text
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let raw: Vec<f32> = (0..EMBEDDING_DIM)
+        .map(|_| {
+            let v = crate::splitmix64(&mut seed);
+            // Top 24 bits → [-1, 1).
+            ((v >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    raw.iter().map(|x| x / norm).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_concatenate_to_greeting() {
+        let k = Some("nvapi-sim-abcdefgh1234");
+        for n in 1..12 {
+            let p = content_pieces(k, n);
+            assert_eq!(p.len(), n);
+            assert!(p.concat().starts_with(&greeting(k)));
+        }
+        assert!(content_pieces(k, 0).is_empty());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer  abc "));
+        assert_eq!(bearer(&h).as_deref(), Some("abc"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer xyz"));
+        assert_eq!(bearer(&h).as_deref(), Some("xyz"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
+        assert_eq!(bearer(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn embeddings_are_unit_and_deterministic() {
+        let a = embed("hello");
+        assert_eq!(a.len(), EMBEDDING_DIM);
+        assert_eq!(a, embed("hello"));
+        assert_ne!(a, embed("hellp"));
+        let n: f32 = a.iter().map(|x| x * x).sum();
+        assert!((n - 1.0).abs() < 1e-4);
+    }
+}
