@@ -346,6 +346,33 @@ impl<A> KeyPool<A> {
             .min()
     }
 
+    /// Time until some key could be selected, given `extra` — the time each
+    /// candidate needs beyond its cooldown (e.g. until its rate limiter has a
+    /// permit), or `None` to leave a candidate out. Disabled keys are left out.
+    /// Returns `None` when no key is left. Used to decide how long a queued
+    /// request sleeps; O(keys).
+    pub fn time_to_selectable(
+        &self,
+        mut extra: impl FnMut(&Candidate<'_, A>) -> Option<Duration>,
+    ) -> Option<Duration> {
+        let now = self.now_ns();
+        let generation = self.current.load();
+        generation
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(index, key)| {
+                let cooldown = match key.state.status(now) {
+                    crate::KeyStatus::Ready => Duration::ZERO,
+                    crate::KeyStatus::CoolingDown { remaining, .. } => remaining,
+                    crate::KeyStatus::Disabled => return None,
+                };
+                let more = extra(&Candidate { index, key, attachment: &generation.attachment })?;
+                Some(cooldown.max(more))
+            })
+            .min()
+    }
+
     /// Every key's state and counters, in pool order. Contains no secrets.
     pub fn snapshot(&self) -> Vec<KeySnapshot> {
         let now = self.now_ns();

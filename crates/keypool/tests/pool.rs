@@ -321,3 +321,26 @@ proptest! {
         prop_assert_eq!(counts.iter().sum::<u64>(), m as u64);
     }
 }
+
+#[test]
+fn time_to_selectable_combines_cooldowns_with_the_callers_wait() {
+    let (pool, _) = pool_with_clock(3);
+    let a = pool.select().unwrap();
+    let b = pool.select().unwrap();
+    pool.report(&a, Outcome::RateLimited { retry_after: Some(Duration::from_secs(9)) });
+    pool.report(&b, Outcome::AuthFailed);
+    // Key 2 is ready but (say) its limiter needs 12 s; key 0 cools for 9 s and its limiter is ready.
+    let wait = pool
+        .time_to_selectable(|c| Some(if c.index == 2 { Duration::from_secs(12) } else { Duration::ZERO }));
+    assert_eq!(wait, Some(Duration::from_secs(9)));
+    // Leaving key 0 out: only key 2 is left.
+    assert_eq!(
+        pool.time_to_selectable(|c| (c.index != 0).then_some(Duration::from_secs(12))),
+        Some(Duration::from_secs(12))
+    );
+    assert_eq!(
+        pool.time_to_selectable(|c| (c.index == 1).then_some(Duration::ZERO)),
+        None,
+        "disabled keys are left out"
+    );
+}

@@ -142,9 +142,13 @@ impl<C: Clock + Clone> GovernorLimiter<C> {
 
 impl<C> RateLimit for GovernorLimiter<C>
 where
-    C: Clock + Clone + Send + Sync,
+    C: Clock + Clone + Send + Sync + 'static,
     C::Instant: Send + Sync,
 {
+    fn reshaped(&self, layout: &[(Option<usize>, KeyQuota)]) -> Arc<dyn RateLimit> {
+        Arc::new(self.reshape(layout.iter().copied()))
+    }
+
     fn len(&self) -> usize {
         self.slots.len()
     }

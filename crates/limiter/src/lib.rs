@@ -139,6 +139,11 @@ pub trait RateLimit: Send + Sync + fmt::Debug {
     /// Permits key `index` could take right now, back to back (0 if none).
     fn remaining(&self, index: usize) -> u32;
 
+    /// A limiter for a new key set that carries over this one's state: entry `i`
+    /// of `layout` is the new key `i`'s old index (if it stays) and quota.
+    /// Lets a server reload keys through the trait alone.
+    fn reshaped(&self, layout: &[(Option<usize>, KeyQuota)]) -> std::sync::Arc<dyn RateLimit>;
+
     /// Time from now until *any* key has a permit (zero if one has a permit now);
     /// `None` when there are no keys. Used to decide how long a queued request
     /// sleeps before trying again.

@@ -1,0 +1,352 @@
+//! `/v1/*`: forward to the upstream with the next key that has capacity, fail
+//! over before the client sees anything, stream the answer back untouched.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use proxypal_keypool::Outcome;
+use proxypal_upstream::{RequestParts, UpstreamError};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::app::{App, Lease, NoKey};
+use crate::body::{Guarded, ProxyBody};
+use crate::errors::{error_response, json_response, rewrite_upstream_error};
+
+/// The most of an upstream error body read to rewrite it.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// How long reading an upstream error body may take.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// `Retry-After` the OpenAI SDKs all honour (older Python and Node ignore ≥ 60 s).
+const MAX_RETRY_AFTER_SECS: u64 = 60;
+
+/// What an upstream answer means for the key and for failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Success or an error that is not the key's: goes back to the client.
+    Deliver,
+    /// 429: the key rests, try another.
+    RateLimited,
+    /// 401/403: the key is disabled, try another.
+    KeyRejected,
+    /// 5xx: maybe the key's or the node's; read the body to tell.
+    ServerError,
+}
+
+fn verdict(status: StatusCode) -> Verdict {
+    match status.as_u16() {
+        429 => Verdict::RateLimited,
+        401 | 403 => Verdict::KeyRejected,
+        500..=599 => Verdict::ServerError,
+        _ => Verdict::Deliver,
+    }
+}
+
+/// NVIDIA failures that are the model's (shared by every key), not the key's:
+/// switching keys would not help and the key must not be punished.
+fn is_model_failure(body: &[u8]) -> bool {
+    const MARKERS: [&[u8]; 2] = [b"Worker local total request limit", b"DEGRADED function"];
+    MARKERS.iter().any(|m| body.windows(m.len()).any(|w| w == *m))
+}
+
+/// Parses `Retry-After` (seconds) or `retry-after-ms`.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let ms = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    ms.or_else(|| {
+        headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    })
+}
+
+/// The last failed attempt, kept to answer the client if all attempts fail.
+enum Failure {
+    Upstream { status: StatusCode, headers: http::HeaderMap, body: Bytes, key_rejected: bool },
+    Transport(UpstreamError),
+}
+
+async fn read_error_body(body: proxypal_upstream::UpstreamBody) -> Bytes {
+    let collect = Limited::new(body, MAX_ERROR_BODY).collect();
+    match tokio::time::timeout(ERROR_BODY_TIMEOUT, collect).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    }
+}
+
+/// Serves one `/v1/*` request. `rest` is the path and query after `/v1`.
+pub async fn forward(
+    app: &App,
+    req: Request<Incoming>,
+    rest: String,
+    slot: OwnedSemaphorePermit,
+) -> Response<ProxyBody> {
+    let settings = app.settings();
+    let (mut head, body) = req.into_parts();
+
+    // Client authentication (the token is never forwarded: the upstream client
+    // replaces Authorization with the key).
+    if settings.tokens.required() {
+        let presented = head
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !settings.tokens.accepts(presented) {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "missing or invalid client token: send Authorization: Bearer <token> (your ProxyPal token, not an NVIDIA key)",
+            );
+        }
+    }
+    head.headers.remove(AUTHORIZATION);
+
+    // The body is buffered (bounded) so it can be replayed on another key.
+    let max = settings.max_body_bytes;
+    let declared =
+        head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return too_large(max);
+    }
+    let body = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(max),
+        Err(e) => {
+            tracing::debug!(error = %e, "client body read failed");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "could not read the request body",
+            );
+        }
+    };
+    let parts = RequestParts::new(head.method, rest, head.headers);
+
+    let deadline = tokio::time::Instant::now() + settings.queue_timeout;
+    let max_attempts = settings.max_attempts;
+    drop(settings);
+    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let mut last: Option<Failure> = None;
+
+    while tried.len() < max_attempts {
+        let lease = match app.lease(&tried, deadline).await {
+            Ok(lease) => lease,
+            Err(no_key) => {
+                if let Some(failure) = last {
+                    return failed(failure);
+                }
+                return no_key_response(no_key);
+            }
+        };
+        let Lease { selected, auth } = lease;
+        tried.push(selected.index());
+        let label = selected.key().label();
+        match app.upstream().send(&parts, body.clone(), &auth).await {
+            Err(e) => {
+                tracing::warn!(key = label, error = %e, "upstream attempt failed; failing over");
+                app.pool().report(&selected, Outcome::Transient);
+                last = Some(Failure::Transport(e));
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                match verdict(status) {
+                    Verdict::Deliver => {
+                        app.pool().report(&selected, Outcome::Success);
+                        return deliver(resp, slot).await;
+                    }
+                    Verdict::RateLimited => {
+                        let after = retry_after(resp.headers());
+                        tracing::info!(key = label, retry_after = ?after, "upstream rate limited the key; failing over");
+                        app.pool().report(&selected, Outcome::RateLimited { retry_after: after });
+                        last = Some(failure(resp, false).await);
+                    }
+                    Verdict::KeyRejected => {
+                        tracing::warn!(
+                            key = label,
+                            status = status.as_u16(),
+                            "upstream rejected the key; disabling it"
+                        );
+                        app.pool().report(&selected, Outcome::AuthFailed);
+                        last = Some(failure(resp, true).await);
+                    }
+                    Verdict::ServerError => {
+                        let failed = failure(resp, false).await;
+                        if let Failure::Upstream { body, .. } = &failed {
+                            if is_model_failure(body) {
+                                // The model's failure, not the key's: no penalty, no failover.
+                                app.pool().report(&selected, Outcome::Success);
+                                return self::failed(failed);
+                            }
+                        }
+                        tracing::warn!(key = label, status = status.as_u16(), "upstream error; failing over");
+                        app.pool().report(&selected, Outcome::Transient);
+                        last = Some(failed);
+                    }
+                }
+            }
+        }
+    }
+    match last {
+        Some(failure) => failed(failure),
+        None => no_key_response(NoKey::NoKeys),
+    }
+}
+
+async fn failure(resp: Response<proxypal_upstream::UpstreamBody>, key_rejected: bool) -> Failure {
+    let (head, body) = resp.into_parts();
+    Failure::Upstream {
+        status: head.status,
+        headers: head.headers,
+        body: read_error_body(body).await,
+        key_rejected,
+    }
+}
+
+/// Streams a response to the client, frame by frame.
+async fn deliver(
+    resp: Response<proxypal_upstream::UpstreamBody>,
+    slot: OwnedSemaphorePermit,
+) -> Response<ProxyBody> {
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        // The client's (or the model's) error: rewrite it into the OpenAI shape if needed.
+        let failed = failure(resp, false).await;
+        return self::failed(failed);
+    }
+    resp.map(|body| Guarded::new(body.map_err(Into::into), slot).boxed())
+}
+
+/// Answers with the last upstream failure (rewritten) or a proxy error.
+fn failed(failure: Failure) -> Response<ProxyBody> {
+    match failure {
+        Failure::Upstream { key_rejected: true, status, .. } => error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_key_rejected",
+            format!(
+                "the upstream rejected the API key(s) tried ({} {}); the keys were disabled — check them and reload",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        ),
+        Failure::Upstream { status, headers, body, .. } => {
+            let mut resp = match rewrite_upstream_error(status, &body) {
+                Some(rewritten) => json_response(status, &rewritten),
+                None => {
+                    let mut r = Response::new(crate::body::full(body));
+                    *r.status_mut() = status;
+                    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
+                }
+            };
+            // Keep the upstream's timing hints.
+            for name in [RETRY_AFTER, HeaderName::from_static("retry-after-ms")] {
+                if let Some(v) = headers.get(&name) {
+                    resp.headers_mut().insert(name, v.clone());
+                }
+            }
+            resp
+        }
+        Failure::Transport(e) if e.is_timeout() => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!("the upstream did not answer in time: {e}"),
+        ),
+        Failure::Transport(e) => error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            format!("the upstream failed: {e}"),
+        ),
+    }
+}
+
+fn too_large(max: usize) -> Response<ProxyBody> {
+    let mut resp = error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        format!("the request body is larger than limits.max_body_bytes ({max} bytes)"),
+    );
+    // We did not read the rest; the connection cannot be reused.
+    resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Whole seconds for `Retry-After`: at least 1, at most 60.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).clamp(1, u128::from(MAX_RETRY_AFTER_SECS)) as u64
+}
+
+fn no_key_response(no_key: NoKey) -> Response<ProxyBody> {
+    match no_key {
+        NoKey::QueueTimeout { wait } => {
+            let secs = retry_after_secs(wait);
+            let mut resp = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "all_keys_rate_limited",
+                format!("all API keys are rate limited; the next permit is in {:.1} s", wait.as_secs_f64()),
+            );
+            let h = resp.headers_mut();
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(secs * 1000));
+            resp
+        }
+        NoKey::AllDisabled => {
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "all_keys_disabled",
+                "every API key is disabled because the upstream rejected it (401/403); fix the keys and reload",
+            );
+            resp.headers_mut()
+                .insert(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"));
+            resp
+        }
+        NoKey::AllTried | NoKey::NoKeys => {
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_keys",
+                "no API key is configured or usable for this request",
+            );
+            resp.headers_mut()
+                .insert(HeaderName::from_static("x-should-retry"), HeaderValue::from_static("false"));
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_between_1_and_60() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1_001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(600)), 60);
+    }
+
+    #[test]
+    fn model_failures_are_recognised() {
+        assert!(is_model_failure(br#"{"detail":"Worker local total request limit reached (8/8)"}"#));
+        assert!(is_model_failure(b"Function id 'x': DEGRADED function cannot be invoked"));
+        assert!(!is_model_failure(b"internal error"));
+    }
+
+    #[test]
+    fn retry_after_headers_parse() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
+}

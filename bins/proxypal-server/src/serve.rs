@@ -1,0 +1,201 @@
+//! The HTTP front: routing, CORS, the accept loop and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, AUTHORIZATION,
+    HeaderValue, ORIGIN, VARY,
+};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::app::App;
+use crate::body::ProxyBody;
+use crate::errors::error_response;
+
+/// Binds `addr` with a deep accept backlog (bursts of hundreds of streams
+/// would otherwise see dropped SYNs and one-second stalls).
+///
+/// # Errors
+/// The address is taken or not ours.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Serves one request. Never fails: every problem becomes a response.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let origin = req.headers().get(ORIGIN).cloned();
+    let mut resp = route(&app, req).await;
+    if let Some(origin) = origin {
+        cors_headers(&app, &origin, &mut resp);
+    }
+    resp
+}
+
+fn cors_allows(app: &App, origin: &HeaderValue) -> bool {
+    let settings = app.settings();
+    settings.cors_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+}
+
+fn cors_headers(app: &App, origin: &HeaderValue, resp: &mut Response<ProxyBody>) {
+    if !cors_allows(app, origin) {
+        return;
+    }
+    let h = resp.headers_mut();
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    h.append(VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after, retry-after-ms, x-request-id, x-should-retry"),
+    );
+}
+
+fn authorized(app: &App, req: &Request<Incoming>) -> bool {
+    let settings = app.settings();
+    if !settings.tokens.required() {
+        return true;
+    }
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    settings.tokens.accepts(presented)
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if req.method() == Method::OPTIONS && req.headers().contains_key(ORIGIN) {
+        return preflight(app, &req);
+    }
+    if path == "/v1" || path.starts_with("/v1/") {
+        let rest = req.uri().path_and_query().map_or("", |pq| pq.as_str()).get(3..).unwrap_or("").to_owned();
+        let Ok(slot) = Arc::clone(app.in_flight_slots()).try_acquire_owned() else {
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the proxy is at limits.max_inflight requests; retry shortly",
+            );
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        };
+        return crate::proxy::forward(app, req, rest, slot).await;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/health") => crate::admin::health(app),
+        (&Method::GET | &Method::HEAD, "/stats") => {
+            if authorized(app, &req) {
+                crate::admin::stats(app)
+            } else {
+                error_response(StatusCode::UNAUTHORIZED, "invalid_api_key", "/stats needs a client token")
+            }
+        }
+        (_, "/health" | "/stats") => {
+            let mut resp = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} takes GET"),
+            );
+            resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            resp
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no route for {path}: the OpenAI-compatible API is under /v1 (e.g. /v1/chat/completions)"
+            ),
+        ),
+    }
+}
+
+fn preflight(app: &App, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::body::full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let Some(origin) = req.headers().get(ORIGIN) else { return resp };
+    if !cors_allows(app, origin) {
+        *resp.status_mut() = StatusCode::FORBIDDEN;
+        return resp;
+    }
+    let h = resp.headers_mut();
+    h.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    let allow_headers = req
+        .headers()
+        .get(ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+    h.insert(ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+    h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    resp
+}
+
+fn conn_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and
+/// lets open requests and streams finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let watcher = graceful.watcher();
+                let app = Arc::clone(&app);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let app = Arc::clone(&app);
+                        async move { Ok::<_, Infallible>(handle(app, req).await) }
+                    });
+                    let builder = conn_builder();
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(grace = ?grace, "shutting down: no new connections; waiting for open requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
+    }
+}
