@@ -608,3 +608,17 @@ fn mask_key_rules() {
         assert!(shown.chars().count() <= 4, "{masked}");
     }
 }
+
+#[test]
+fn refuses_a_public_listen_address_without_client_tokens() {
+    let yaml = format!("keys: [{KEY_A}]\nlisten: 0.0.0.0:8080");
+    let err = with_env(&yaml, &[]).unwrap_err();
+    assert_eq!(err.field(), Some("auth.tokens"));
+    let text = err.to_string();
+    assert!(text.contains("not a loopback address") && text.contains("allow_unauthenticated"), "{text}");
+    // Tokens, or an explicit opt-out, make it acceptable; loopback never needs one.
+    assert!(with_env(&yaml, &[("PROXYPAL_AUTH__TOKENS", "client-token-0123456789")]).is_ok());
+    assert!(with_env(&yaml, &[("PROXYPAL_AUTH__ALLOW_UNAUTHENTICATED", "true")]).is_ok());
+    assert!(with_env(&format!("keys: [{KEY_A}]\nlisten: 127.0.0.1:8080"), &[]).is_ok());
+    assert!(with_env(&format!("keys: [{KEY_A}]\nlisten: \"[::1]:8080\""), &[]).is_ok());
+}

@@ -30,27 +30,41 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Masks a secret for display: a short vendor prefix (up to and including the
-/// first `-`, if it is at most 8 characters long), `…`, and at most the last 4
-/// characters — fewer for short secrets, so that at most a third of a secret is
-/// ever shown.
+/// Masks a secret for logs, errors, stats and summaries: `nvapi-…wxyz`.
+///
+/// - A prefix up to and including the first `-` is kept when it is at most
+///   8 characters long (`nvapi-`, `sk-`) and at least 8 characters follow it;
+///   then `…`, then the last 4 characters.
+/// - Secrets shorter than 12 characters show only `…` and their last 2
+///   characters, and secrets shorter than 8 characters only `…`: with so few
+///   characters, even a short tail gives away too much.
+/// - Never more than the last 4 characters of the secret are shown.
 ///
 /// ```
 /// use proxypal_keypool::mask;
 /// assert_eq!(mask("nvapi-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"), "nvapi-…6789");
-/// assert_eq!(mask("sk-short12"), "sk-…12");
-/// assert_eq!(mask("ab"), "…");
+/// assert_eq!(mask("0123456789abcdefwxyz"), "…wxyz");
+/// assert_eq!(mask("short-key1"), "…y1");
+/// assert_eq!(mask("tiny"), "…");
 /// ```
 pub fn mask(secret: &str) -> String {
-    let prefix = match secret.find('-') {
-        Some(i) if i < 8 && secret[..i].chars().all(|c| c.is_ascii_alphanumeric()) => &secret[..=i],
-        _ => "",
+    const MAX_PREFIX_CHARS: usize = 8;
+    let chars: Vec<char> = secret.chars().collect();
+    let n = chars.len();
+    let tail = |count: usize| chars[n - count..].iter().collect::<String>();
+    if n < 8 {
+        return "…".to_owned();
+    }
+    if n < 12 {
+        return format!("…{}", tail(2));
+    }
+    let prefix: String = match chars.iter().position(|&c| c == '-') {
+        // Keep the prefix only if what follows is long enough that prefix plus
+        // the 4-character tail leave most of the secret hidden.
+        Some(dash) if dash < MAX_PREFIX_CHARS && n - (dash + 1) >= 8 => chars[..=dash].iter().collect(),
+        _ => String::new(),
     };
-    let rest = secret[prefix.len()..].chars().count();
-    // Show at most 4 trailing characters and never more than a third of the rest.
-    let shown = (rest / 3).min(4);
-    let tail: String = secret.chars().skip(prefix.chars().count() + rest - shown).collect();
-    format!("{prefix}…{tail}")
+    format!("{prefix}…{}", tail(4))
 }
 
 #[cfg(test)]
@@ -64,13 +78,14 @@ mod tests {
         assert_eq!(format!("{:?}", Secret::new(s)), "Secret(nvapi-…A0cX)");
         assert_eq!(mask("no-dash-prefix-is-long-enough"), "no-…ough");
         assert_eq!(mask("plainsecretvalue1234"), "…1234");
-        assert_eq!(mask("tiny"), "…y");
+        assert_eq!(mask("tiny"), "…");
         assert_eq!(mask(""), "…");
+        assert_eq!(mask("abcdefghijk"), "…jk");
         assert_eq!(mask("verylongprefix-abcdefgh"), "…efgh");
     }
 
     #[test]
     fn multibyte_secrets_do_not_panic() {
-        assert_eq!(mask("ключ-секретный"), "…тный");
+        assert_eq!(mask("ключ-секретный"), "ключ-…тный");
     }
 }

@@ -181,6 +181,21 @@ impl Config {
             }
             seen.insert(token.expose(), field);
         }
+        // An open proxy on a reachable address hands your keys and quota to
+        // anyone who finds it: refuse unless the operator says so explicitly.
+        if !self.listen.ip().is_loopback() && self.auth.tokens.is_empty() && !self.auth.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                "auth.tokens",
+                format!(
+                    "required when listen is not a loopback address (listen is {}): without client tokens anyone \
+                     who can reach the port uses your API keys and quota. Set auth.tokens (or \
+                     PROXYPAL_AUTH__TOKENS), or set auth.allow_unauthenticated: true if something in front \
+                     already authenticates clients",
+                    self.listen
+                ),
+            ));
+        }
         Ok(())
     }
 }
