@@ -87,6 +87,7 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
         println!("{}", proxypal_server::dev::banner(&config, server.addr(), &config.upstream.base_url));
     }
     let app = std::sync::Arc::clone(server.app());
+    let cli_config = cli.config.clone();
     let reload = move || {
         if cli.dev {
             tracing::info!("reload requested; dev mode keeps its generated keys");
@@ -107,7 +108,18 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
             Err(e) => tracing::error!(error = %e, "reload refused; the previous configuration keeps serving"),
         }
     };
-    wait_for_signals(reload).await;
+    // Reload when the config file or a keys/tokens file changes (polling their
+    // modification times: no platform watcher, works on every filesystem and
+    // with editors that replace files).
+    let watched: Vec<PathBuf> = [cli_config.clone(), config.keys_file.clone(), config.auth.tokens_file.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::channel::<()>(1);
+    if !cli.dev && !watched.is_empty() {
+        tokio::spawn(watch_files(watched, changed_tx));
+    }
+    wait_for_signals(reload, &mut changed_rx).await;
     server.begin_shutdown();
     tokio::select! {
         () = server.wait() => {}
@@ -117,8 +129,27 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// How often watched files are checked for changes.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn watch_files(paths: Vec<PathBuf>, changed: tokio::sync::mpsc::Sender<()>) {
+    let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last: Vec<_> = paths.iter().map(stamp).collect();
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now: Vec<_> = paths.iter().map(stamp).collect();
+        if now != last {
+            last = now;
+            tracing::info!("a configuration file changed; reloading");
+            if changed.send(()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(unix)]
-async fn wait_for_signals(reload: impl Fn()) {
+async fn wait_for_signals(reload: impl Fn(), changed: &mut tokio::sync::mpsc::Receiver<()>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
@@ -132,12 +163,13 @@ async fn wait_for_signals(reload: impl Fn()) {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => reload(),
+            Some(()) = changed.recv() => reload(),
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_reload: impl Fn()) {
+async fn wait_for_signals(_reload: impl Fn(), _changed: &mut tokio::sync::mpsc::Receiver<()>) {
     let _ = tokio::signal::ctrl_c().await;
 }
 
