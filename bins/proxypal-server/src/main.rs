@@ -111,10 +111,11 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
     // Reload when the config file or a keys/tokens file changes (polling their
     // modification times: no platform watcher, works on every filesystem and
     // with editors that replace files).
-    let watched: Vec<PathBuf> = [cli_config.clone(), config.keys_file.clone(), config.auth.tokens_file.clone()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let watched: Vec<PathBuf> =
+        [cli_config.clone(), config.keys_file.clone(), config.auth.tokens_file.clone()]
+            .into_iter()
+            .flatten()
+            .collect();
     let (changed_tx, mut changed_rx) = tokio::sync::mpsc::channel::<()>(1);
     if !cli.dev && !watched.is_empty() {
         tokio::spawn(watch_files(watched, changed_tx));
