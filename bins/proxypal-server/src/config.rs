@@ -581,12 +581,12 @@ impl Config {
             self.cors.allowed_origins.join(", ")
         };
         let _ = writeln!(s, "cors:       {cors}");
-        let _ = writeln!(
-            s,
-            "auth:       {} token(s), unauthenticated {}",
-            self.auth.tokens.len(),
-            if self.auth.allow_unauthenticated { "allowed" } else { "refused" }
-        );
+        let auth = match (self.auth.tokens.len(), self.auth.allow_unauthenticated) {
+            (0, true) => "no client tokens (allowed explicitly on any address)".to_owned(),
+            (0, false) => "no client tokens (only allowed on a loopback listen address)".to_owned(),
+            (n, _) => format!("{n} client token(s) required on /v1/* and /stats"),
+        };
+        let _ = writeln!(s, "auth:       {auth}");
         let _ = writeln!(
             s,
             "limits:     body {}, {} in flight",

@@ -142,10 +142,14 @@ pub async fn forward(
         let lease = match app.lease(&tried, deadline).await {
             Ok(lease) => lease,
             Err(no_key) => {
-                if let Some(failure) = last {
-                    return failed(failure);
-                }
-                return no_key_response(no_key);
+                return match last {
+                    // The last key this request tried was just disabled and none is left.
+                    Some(Failure::Upstream { key_rejected: true, .. }) if no_key == NoKey::AllDisabled => {
+                        no_key_response(no_key)
+                    }
+                    Some(failure) => failed(failure),
+                    None => no_key_response(no_key),
+                };
             }
         };
         let Lease { selected, auth } = lease;
@@ -197,6 +201,9 @@ pub async fn forward(
         }
     }
     match last {
+        Some(Failure::Upstream { key_rejected: true, .. }) if app.pool().time_to_usable().is_none() => {
+            no_key_response(NoKey::AllDisabled)
+        }
         Some(failure) => failed(failure),
         None => no_key_response(NoKey::NoKeys),
     }
