@@ -86,10 +86,29 @@ pub fn stats_json(app: &App) -> Value {
         "reloads": app.pool().reloads(),
         "keys": keys,
         "totals": totals,
+        "history": app.history().to_json(),
     })
 }
 
 /// `GET /stats`.
 pub fn stats(app: &App) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &stats_json(app))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub fn metrics(app: &App) -> Response<ProxyBody> {
+    let snapshot = app.pool().snapshot();
+    let count = |f: fn(&KeyStatus) -> bool| snapshot.iter().filter(|k| f(&k.status)).count();
+    let states = [
+        ("ready", count(|s| *s == KeyStatus::Ready)),
+        ("cooling_down", count(|s| matches!(s, KeyStatus::CoolingDown { .. }))),
+        ("disabled", count(|s| *s == KeyStatus::Disabled)),
+    ];
+    let text = app.metrics().render(app.queue_depth(), app.in_flight(), states);
+    let mut resp = Response::new(crate::body::full(text));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
 }

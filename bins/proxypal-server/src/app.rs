@@ -14,6 +14,7 @@ use proxypal_upstream::{Upstream, UpstreamConfig};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, KeyEntry, RateLimitConfig};
+use crate::metrics::{KeyMetrics, Metrics};
 
 /// Why the server could not be built from a (valid) config.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub struct KeyExtras {
     pub limiter: Arc<dyn RateLimit>,
     /// `Authorization: Bearer <key>` per key, built once (sensitive header values).
     pub auth: Box<[HeaderValue]>,
+    /// Metric handles per key, resolved once per key set.
+    pub metrics: Box<[Arc<KeyMetrics>]>,
 }
 
 impl std::fmt::Debug for KeyExtras {
@@ -120,6 +123,7 @@ pub struct Settings {
 /// The proxy's state, shared by every connection.
 pub struct App {
     pool: KeyPool<KeyExtras>,
+    metrics: Metrics,
     default_rate: ArcSwap<RateLimitConfig>,
     upstream: Upstream,
     settings: ArcSwap<Settings>,
@@ -130,6 +134,8 @@ pub struct App {
     max_inflight: usize,
     started: Instant,
     dev: bool,
+    /// Per-key request history for the dashboard (filled by `history::spawn`).
+    history: crate::history::History,
 }
 
 impl std::fmt::Debug for App {
@@ -155,6 +161,7 @@ fn specs(keys: &[KeyEntry]) -> Vec<KeySpec> {
 }
 
 fn extras(
+    metrics: &Metrics,
     keys: &[Arc<Key>],
     default: &RateLimitConfig,
     limiter: impl FnOnce(&[(Option<usize>, KeyQuota)]) -> Arc<dyn RateLimit>,
@@ -175,7 +182,8 @@ fn extras(
                 .map_err(|source| BuildError::KeyHeader { index, source })?,
         );
     }
-    Ok(KeyExtras { limiter: limiter(&layout), auth: auth.into_boxed_slice() })
+    let key_metrics = keys.iter().map(|k| metrics.for_key(k.label())).collect();
+    Ok(KeyExtras { limiter: limiter(&layout), auth: auth.into_boxed_slice(), metrics: key_metrics })
 }
 
 fn settings(config: &Config) -> Settings {
@@ -212,6 +220,8 @@ pub struct Lease {
     pub selected: Selected,
     /// Its `Authorization` header value.
     pub auth: HeaderValue,
+    /// Its metric handles.
+    pub metrics: Arc<KeyMetrics>,
 }
 
 /// Why no key could be leased.
@@ -242,16 +252,21 @@ impl App {
             failure_max: config.retry.max_failure_cooldown,
         };
         let default = config.rate_limit;
+        let metrics = Metrics::new();
         let mut built = Ok(());
         let pool = KeyPool::builder().policy(policy).build(specs(&config.keys), |keys| {
             let fresh = |layout: &[(Option<usize>, KeyQuota)]| -> Arc<dyn RateLimit> {
                 Arc::new(GovernorLimiter::new(layout.iter().map(|(_, q)| *q)))
             };
-            match extras(keys, &default, fresh, &[]) {
+            match extras(&metrics, keys, &default, fresh, &[]) {
                 Ok(x) => x,
                 Err(e) => {
                     built = Err(e);
-                    KeyExtras { limiter: Arc::new(GovernorLimiter::new([])), auth: Box::new([]) }
+                    KeyExtras {
+                        limiter: Arc::new(GovernorLimiter::new([])),
+                        auth: Box::new([]),
+                        metrics: Box::new([]),
+                    }
                 }
             }
         })?;
@@ -260,6 +275,7 @@ impl App {
         let max_inflight = config.limits.max_inflight.max(1);
         Ok(Arc::new(Self {
             pool,
+            metrics,
             default_rate: ArcSwap::from_pointee(default),
             upstream,
             settings: ArcSwap::from_pointee(settings(config)),
@@ -269,6 +285,7 @@ impl App {
             max_inflight,
             started: Instant::now(),
             dev,
+            history: crate::history::History::new(),
         }))
     }
 
@@ -291,11 +308,15 @@ impl App {
             let reshape = |layout: &[(Option<usize>, KeyQuota)]| -> Arc<dyn RateLimit> {
                 self.pool.with_current(|_, old| old.limiter.reshaped(layout))
             };
-            match extras(keys, &default, reshape, previous) {
+            match extras(&self.metrics, keys, &default, reshape, previous) {
                 Ok(x) => x,
                 Err(e) => {
                     built = Err(e);
-                    KeyExtras { limiter: Arc::new(GovernorLimiter::new([])), auth: Box::new([]) }
+                    KeyExtras {
+                        limiter: Arc::new(GovernorLimiter::new([])),
+                        auth: Box::new([]),
+                        metrics: Box::new([]),
+                    }
                 }
             }
         });
@@ -311,6 +332,11 @@ impl App {
         &self.pool
     }
 
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The upstream client.
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
@@ -319,6 +345,11 @@ impl App {
     /// Current reloadable settings.
     pub fn settings(&self) -> arc_swap::Guard<Arc<Settings>> {
         self.settings.load()
+    }
+
+    /// The sampled per-key request history (`/stats` → `history`).
+    pub fn history(&self) -> &crate::history::History {
+        &self.history
     }
 
     /// When the server started.
@@ -347,15 +378,16 @@ impl App {
     }
 
     fn try_lease(&self, tried: &[usize]) -> Option<Lease> {
-        let mut auth = None;
+        let mut found = None;
         let selected = self.pool.select_with(|c| {
             if tried.contains(&c.index) || !c.attachment.limiter.take_permit(c.index) {
                 return false;
             }
-            auth = c.attachment.auth.get(c.index).cloned();
-            auth.is_some()
+            found = c.attachment.auth.get(c.index).cloned().zip(c.attachment.metrics.get(c.index).cloned());
+            found.is_some()
         })?;
-        Some(Lease { selected, auth: auth? })
+        let (auth, metrics) = found?;
+        Some(Lease { selected, auth, metrics })
     }
 
     /// How long until a key not in `tried` could be leased; `Err` when none ever can.

@@ -58,7 +58,8 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> 
          -d '{{\"model\":\"meta/llama-3.1-8b-instruct\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n    \
          python3 -c 'from openai import OpenAI; c = OpenAI(base_url=\"{base}\", api_key=\"{token_hint}\"); \
          print(c.chat.completions.create(model=\"meta/llama-3.1-8b-instruct\", messages=[{{\"role\":\"user\",\"content\":\"Hello\"}}]).choices[0].message.content)'\n\n    \
-         curl -s http://{listen}/stats {auth_header}\n\n  Ctrl-C stops it.\n",
+         curl -s http://{listen}/stats {auth_header}\n\n  \
+         Dashboard: http://{listen}/dashboard\n\n  Ctrl-C stops it.\n",
         keys = keys.join(", "),
         rpm = config.rate_limit.requests_per_minute,
     )

@@ -23,9 +23,12 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod dashboard;
 pub mod dev;
 pub mod errors;
+pub mod history;
 pub mod logging;
+pub mod metrics;
 mod proxy;
 pub mod serve;
 
@@ -60,6 +63,8 @@ pub struct Running {
     app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// The history sampler; aborted when this is dropped (after shutdown).
+    _history: history::Sampler,
 }
 
 impl Running {
@@ -100,6 +105,39 @@ impl Running {
 /// # Errors
 /// A config that cannot be used, or an address that cannot be bound.
 pub async fn start(config: &config::Config, dev: bool) -> Result<Running, StartError> {
+    start_with(config, dev, StartOptions::from_env()).await
+}
+
+/// Internal knobs of [`start_with`] that are not configuration.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// How often the dashboard's request history is sampled
+    /// ([`history::DEFAULT_INTERVAL`]; tests use less).
+    pub history_interval: std::time::Duration,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        Self { history_interval: history::DEFAULT_INTERVAL }
+    }
+}
+
+impl StartOptions {
+    /// The defaults, except for the test-only [`history::INTERVAL_ENV`].
+    pub fn from_env() -> Self {
+        Self { history_interval: history::interval_from_env() }
+    }
+}
+
+/// [`start`] with explicit [`StartOptions`].
+///
+/// # Errors
+/// A config that cannot be used, or an address that cannot be bound.
+pub async fn start_with(
+    config: &config::Config,
+    dev: bool,
+    options: StartOptions,
+) -> Result<Running, StartError> {
     let app = App::new(config, dev)?;
     let listener =
         serve::bind(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -114,5 +152,6 @@ pub async fn start(config: &config::Config, dev: bool) -> Result<Running, StartE
         },
         grace,
     ));
-    Ok(Running { addr, app, stop: Some(stop), task })
+    let sampler = history::spawn(&app, options.history_interval);
+    Ok(Running { addr, app, stop: Some(stop), task, _history: sampler })
 }

@@ -1,6 +1,7 @@
 //! `/v1/*`: forward to the upstream with the next key that has capacity, fail
 //! over before the client sees anything, stream the answer back untouched.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::app::{App, Lease, NoKey};
 use crate::body::{Guarded, ProxyBody};
 use crate::errors::{error_response, json_response, rewrite_upstream_error};
+use crate::metrics::{AttemptResult, KeyMetrics, StreamGuard};
 
 /// The most of an upstream error body read to rewrite it.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -75,6 +77,18 @@ enum Failure {
     Transport(UpstreamError),
 }
 
+impl Failure {
+    /// Why the attempt failed, as a metrics label.
+    fn result(&self) -> AttemptResult {
+        match self {
+            Failure::Transport(_) => AttemptResult::TransportError,
+            Failure::Upstream { key_rejected: true, .. } => AttemptResult::KeyRejected,
+            Failure::Upstream { status, .. } if status.as_u16() == 429 => AttemptResult::RateLimited,
+            Failure::Upstream { .. } => AttemptResult::ServerError,
+        }
+    }
+}
+
 async fn read_error_body(body: proxypal_upstream::UpstreamBody) -> Bytes {
     let collect = Limited::new(body, MAX_ERROR_BODY).collect();
     match tokio::time::timeout(ERROR_BODY_TIMEOUT, collect).await {
@@ -89,6 +103,27 @@ pub async fn forward(
     req: Request<Incoming>,
     rest: String,
     slot: OwnedSemaphorePermit,
+) -> Response<ProxyBody> {
+    let started = tokio::time::Instant::now();
+    // Time not spent in the proxy itself: queueing and waiting for upstream headers.
+    let mut elsewhere = Duration::ZERO;
+    let mut served_by = None;
+    let mut resp = attempts(app, req, rest, slot, &mut elsewhere, &mut served_by).await;
+    served_by.as_ref().unwrap_or(app.metrics().no_key()).request(resp.status());
+    app.metrics().overhead(started.elapsed().saturating_sub(elsewhere));
+    if let Some(served_by) = served_by {
+        resp.extensions_mut().insert(served_by);
+    }
+    resp
+}
+
+async fn attempts(
+    app: &App,
+    req: Request<Incoming>,
+    rest: String,
+    slot: OwnedSemaphorePermit,
+    elsewhere: &mut Duration,
+    served_by: &mut Option<Arc<KeyMetrics>>,
 ) -> Response<ProxyBody> {
     let settings = app.settings();
     let (mut head, body) = req.into_parts();
@@ -139,7 +174,12 @@ pub async fn forward(
     let mut last: Option<Failure> = None;
 
     while tried.len() < max_attempts {
-        let lease = match app.lease(&tried, deadline).await {
+        let queued_at = tokio::time::Instant::now();
+        let leased = app.lease(&tried, deadline).await;
+        let queued = queued_at.elapsed();
+        *elsewhere += queued;
+        app.metrics().queue_wait(queued);
+        let lease = match leased {
             Ok(lease) => lease,
             Err(no_key) => {
                 return match last {
@@ -152,11 +192,22 @@ pub async fn forward(
                 };
             }
         };
-        let Lease { selected, auth } = lease;
+        let Lease { selected, auth, metrics } = lease;
+        if let Some(previous) = &last {
+            app.metrics().retry(previous.result());
+        }
         tried.push(selected.index());
         let label = selected.key().label();
-        match app.upstream().send(&parts, body.clone(), &auth).await {
+        tracing::Span::current().record("key", label);
+        *served_by = Some(Arc::clone(&metrics));
+        let sent_at = tokio::time::Instant::now();
+        let answer = app.upstream().send(&parts, body.clone(), &auth).await;
+        let upstream_took = sent_at.elapsed();
+        *elsewhere += upstream_took;
+        app.metrics().upstream_latency(upstream_took);
+        match answer {
             Err(e) => {
+                metrics.attempt(AttemptResult::TransportError);
                 tracing::warn!(key = label, error = %e, "upstream attempt failed; failing over");
                 app.pool().report(&selected, Outcome::Transient);
                 last = Some(Failure::Transport(e));
@@ -166,12 +217,19 @@ pub async fn forward(
                 match verdict(status) {
                     Verdict::Deliver => {
                         app.pool().report(&selected, Outcome::Success);
-                        return deliver(resp, slot).await;
+                        let result = if status.is_client_error() {
+                            AttemptResult::ClientError
+                        } else {
+                            AttemptResult::Ok
+                        };
+                        metrics.attempt(result);
+                        return deliver(app, resp, slot).await;
                     }
                     Verdict::RateLimited => {
                         let after = retry_after(resp.headers());
                         tracing::info!(key = label, retry_after = ?after, "upstream rate limited the key; failing over");
                         app.pool().report(&selected, Outcome::RateLimited { retry_after: after });
+                        metrics.attempt(AttemptResult::RateLimited);
                         last = Some(failure(resp, false).await);
                     }
                     Verdict::KeyRejected => {
@@ -181,6 +239,7 @@ pub async fn forward(
                             "upstream rejected the key; disabling it"
                         );
                         app.pool().report(&selected, Outcome::AuthFailed);
+                        metrics.attempt(AttemptResult::KeyRejected);
                         last = Some(failure(resp, true).await);
                     }
                     Verdict::ServerError => {
@@ -189,11 +248,13 @@ pub async fn forward(
                             if is_model_failure(body) {
                                 // The model's failure, not the key's: no penalty, no failover.
                                 app.pool().report(&selected, Outcome::Success);
+                                metrics.attempt(AttemptResult::ModelError);
                                 return self::failed(failed);
                             }
                         }
                         tracing::warn!(key = label, status = status.as_u16(), "upstream error; failing over");
                         app.pool().report(&selected, Outcome::Transient);
+                        metrics.attempt(AttemptResult::ServerError);
                         last = Some(failed);
                     }
                 }
@@ -221,6 +282,7 @@ async fn failure(resp: Response<proxypal_upstream::UpstreamBody>, key_rejected: 
 
 /// Streams a response to the client, frame by frame.
 async fn deliver(
+    app: &App,
     resp: Response<proxypal_upstream::UpstreamBody>,
     slot: OwnedSemaphorePermit,
 ) -> Response<ProxyBody> {
@@ -230,7 +292,10 @@ async fn deliver(
         let failed = failure(resp, false).await;
         return self::failed(failed);
     }
-    resp.map(|body| Guarded::new(body.map_err(Into::into), slot).boxed())
+    let streaming =
+        resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let stream = streaming.then(|| StreamGuard::new(app.metrics().open_streams()));
+    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream)).boxed())
 }
 
 /// Answers with the last upstream failure (rewritten) or a proxy error.

@@ -4,7 +4,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use http::header::HeaderName;
+use tracing::Instrument;
 
 use http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -36,10 +40,56 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// The request-id header: accepted from the client, else generated; returned on
+/// the response and forwarded upstream.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's `x-request-id` if it is sane (1–128 visible ASCII
+/// characters), else a new one: a per-process random prefix and a counter.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let prefix = *PREFIX.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS: a cheap random prefix per process.
+        std::collections::hash_map::RandomState::new().build_hasher().finish() as u32
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("pp-{prefix:08x}-{n:010}"))
+        .unwrap_or(HeaderValue::from_static("pp-unknown"))
+}
+
 /// Serves one request. Never fails: every problem becomes a response.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+///
+/// Each request runs in a `request` tracing span carrying its id, method,
+/// path and (once leased) the masked key.
+pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let id = request_id(req.headers());
+    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let span = tracing::info_span!(
+        "request",
+        id = id.to_str().unwrap_or("-"),
+        method = %req.method(),
+        path = req.uri().path(),
+        key = tracing::field::Empty,
+    );
     let origin = req.headers().get(ORIGIN).cloned();
-    let mut resp = route(&app, req).await;
+    let started = std::time::Instant::now();
+    let mut resp = route(&app, req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            took_us = started.elapsed().as_micros() as u64,
+            "answered"
+        )
+    });
+    resp.headers_mut().insert(REQUEST_ID, id);
     if let Some(origin) = origin {
         cors_headers(&app, &origin, &mut resp);
     }
@@ -97,6 +147,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/health") => crate::admin::health(app),
+        // The page holds no data (it reads /stats, which checks the token), so no token here.
+        (&Method::GET | &Method::HEAD, "/dashboard") => crate::dashboard::page(),
         (&Method::GET | &Method::HEAD, "/stats") => {
             if authorized(app, &req) {
                 crate::admin::stats(app)
@@ -104,7 +156,14 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
                 error_response(StatusCode::UNAUTHORIZED, "invalid_api_key", "/stats needs a client token")
             }
         }
-        (_, "/health" | "/stats") => {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            if authorized(app, &req) {
+                crate::admin::metrics(app)
+            } else {
+                error_response(StatusCode::UNAUTHORIZED, "invalid_api_key", "/metrics needs a client token")
+            }
+        }
+        (_, "/health" | "/stats" | "/metrics" | "/dashboard") => {
             let mut resp = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

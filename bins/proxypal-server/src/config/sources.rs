@@ -25,6 +25,11 @@ pub(crate) const ENV_LAYER_NAME: &str = "environment variable";
 /// here instead, and the resulting list replaces the YAML one.
 const ENV_LIST_FIELDS: &[&str] = &["keys", "auth.tokens", "cors.allowed_origins"];
 
+/// `PROXYPAL_*` variables that are not config fields, so the env layer skips
+/// them: `PROXYPAL_CONFIG` (the `--config` path, read by the CLI) and the
+/// test-only `PROXYPAL_HISTORY_INTERVAL_MS` (read by `history::interval_from_env`).
+const ENV_NOT_FIELDS: &[&str] = &["config", "history_interval_ms"];
+
 /// A YAML document: a file (kept as the error source) or inline text.
 pub(crate) struct YamlLayer {
     text: String,
@@ -199,7 +204,7 @@ impl EnvLayer {
             }
             let key = name[ENV_PREFIX.len()..].to_ascii_lowercase().replace(ENV_NESTING, ".");
             let path: Vec<&str> = key.split('.').collect();
-            if path.iter().any(|segment| segment.is_empty()) {
+            if path.iter().any(|segment| segment.is_empty()) || ENV_NOT_FIELDS.contains(&key.as_str()) {
                 continue;
             }
             let value = value.as_ref();

@@ -1,0 +1,297 @@
+//! Prometheus metrics (`GET /metrics`, text format) through `prometheus-client`.
+//!
+//! Per-key counters are resolved once per key set (when keys are built or
+//! reloaded) and handed to each request with its lease, so recording a
+//! request is a handful of atomic increments: no label hashing, no allocation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-key request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyStatus {
+    key: String,
+    status: &'static str,
+}
+
+/// Labels of per-key upstream attempt counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyResult {
+    key: String,
+    result: &'static str,
+}
+
+/// Labels with only a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+/// Labels with only a state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: &'static str,
+}
+
+/// What an upstream attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// 2xx/3xx.
+    Ok,
+    /// A 4xx that is the client's (goes back untouched).
+    ClientError,
+    /// 429.
+    RateLimited,
+    /// 401/403.
+    KeyRejected,
+    /// 5xx that is the key's or the node's.
+    ServerError,
+    /// NVIDIA's model-level failure (worker limit, DEGRADED).
+    ModelError,
+    /// Connect error, reset, timeout before headers.
+    TransportError,
+}
+
+impl AttemptResult {
+    const ALL: [AttemptResult; 7] = [
+        AttemptResult::Ok,
+        AttemptResult::ClientError,
+        AttemptResult::RateLimited,
+        AttemptResult::KeyRejected,
+        AttemptResult::ServerError,
+        AttemptResult::ModelError,
+        AttemptResult::TransportError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Ok => "ok",
+            AttemptResult::ClientError => "client_error",
+            AttemptResult::RateLimited => "rate_limited",
+            AttemptResult::KeyRejected => "key_rejected",
+            AttemptResult::ServerError => "server_error",
+            AttemptResult::ModelError => "model_error",
+            AttemptResult::TransportError => "transport_error",
+        }
+    }
+}
+
+/// Status classes used as labels.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: http::StatusCode) -> usize {
+    usize::from(status.as_u16() / 100).saturating_sub(1).min(4)
+}
+
+/// A key's counters, resolved once per key set.
+#[derive(Debug)]
+pub struct KeyMetrics {
+    requests: [Counter; 5],
+    attempts: [Counter; 7],
+}
+
+impl KeyMetrics {
+    /// Counts one upstream attempt.
+    pub fn attempt(&self, result: AttemptResult) {
+        if let Some(i) = AttemptResult::ALL.iter().position(|r| *r == result) {
+            self.attempts[i].inc();
+        }
+    }
+
+    /// Counts one client request answered with `status` through this key.
+    pub fn request(&self, status: http::StatusCode) {
+        self.requests[class_index(status)].inc();
+    }
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<KeyStatus, Counter>,
+    attempts: Family<KeyResult, Counter>,
+    retries: Family<Reason, Counter>,
+    keys: Family<State, Gauge>,
+    queue_depth: Gauge,
+    in_flight: Gauge,
+    open_streams: Gauge,
+    queue_wait: Histogram,
+    upstream_latency: Histogram,
+    overhead: Histogram,
+    /// Requests the proxy answered itself, before any key was used.
+    no_key: Arc<KeyMetrics>,
+}
+
+/// The label for requests that no key served.
+pub const NO_KEY: &str = "none";
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("proxypal");
+        let requests = Family::<KeyStatus, Counter>::default();
+        let attempts = Family::<KeyResult, Counter>::default();
+        let retries = Family::<Reason, Counter>::default();
+        let keys = Family::<State, Gauge>::default();
+        let queue_depth = Gauge::default();
+        let in_flight = Gauge::default();
+        let open_streams = Gauge::default();
+        // 100 µs … ~52 s
+        let queue_wait = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        // 1 ms … ~524 s (busy NVIDIA models answer late)
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        // 10 µs … ~82 ms: what the proxy itself adds
+        let overhead = Histogram::new(exponential_buckets(0.000_01, 2.0, 14));
+        registry.register(
+            "requests",
+            "Client requests answered, by the (masked) key that served them and status class",
+            requests.clone(),
+        );
+        registry.register("upstream_attempts", "Upstream attempts by key and result", attempts.clone());
+        registry.register("retries", "Attempts retried on another key, by reason", retries.clone());
+        registry.register("keys", "Keys by state (ready, cooling_down, disabled)", keys.clone());
+        registry.register("queue_depth", "Requests waiting for a key with capacity", queue_depth.clone());
+        registry.register("in_flight_requests", "Requests being served", in_flight.clone());
+        registry.register("open_streams", "Streaming (SSE) responses open", open_streams.clone());
+        registry.register(
+            "queue_wait_seconds",
+            "Time spent waiting for a key with capacity",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending upstream to the upstream's response headers",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "proxy_overhead_seconds",
+            "Time to response headers minus queue wait and upstream latency: what the proxy adds",
+            overhead.clone(),
+        );
+        let mut metrics = Self {
+            registry,
+            requests,
+            attempts,
+            retries,
+            keys,
+            queue_depth,
+            in_flight,
+            open_streams,
+            queue_wait,
+            upstream_latency,
+            overhead,
+            no_key: Arc::new(KeyMetrics { requests: Default::default(), attempts: Default::default() }),
+        };
+        metrics.no_key = metrics.for_key(NO_KEY);
+        metrics
+    }
+
+    /// Counters for one key (by masked label), created on first use.
+    pub fn for_key(&self, label: &str) -> Arc<KeyMetrics> {
+        let requests = CLASSES
+            .map(|status| self.requests.get_or_create_owned(&KeyStatus { key: label.to_owned(), status }));
+        let attempts = AttemptResult::ALL.map(|r| {
+            self.attempts.get_or_create_owned(&KeyResult { key: label.to_owned(), result: r.as_str() })
+        });
+        Arc::new(KeyMetrics { requests, attempts })
+    }
+
+    /// Counters for requests no key served.
+    pub fn no_key(&self) -> &Arc<KeyMetrics> {
+        &self.no_key
+    }
+
+    /// Counts a retry on another key.
+    pub fn retry(&self, reason: AttemptResult) {
+        self.retries.get_or_create(&Reason { reason: reason.as_str() }).inc();
+    }
+
+    /// Records a queue wait.
+    pub fn queue_wait(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Records the upstream's time to headers.
+    pub fn upstream_latency(&self, took: Duration) {
+        self.upstream_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records the proxy's own share of a request.
+    pub fn overhead(&self, took: Duration) {
+        self.overhead.observe(took.as_secs_f64());
+    }
+
+    /// The open-streams gauge (a guard per stream increments and decrements it).
+    pub fn open_streams(&self) -> &Gauge {
+        &self.open_streams
+    }
+
+    /// Renders the text exposition, after setting the gauges read at scrape time.
+    pub fn render(&self, queue_depth: usize, in_flight: usize, states: [(&'static str, usize); 3]) -> String {
+        self.queue_depth.set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
+        self.in_flight.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        for (state, n) in states {
+            self.keys.get_or_create(&State { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Counts an open stream for as long as it lives.
+#[derive(Debug)]
+pub struct StreamGuard(Gauge);
+
+impl StreamGuard {
+    /// Increments `gauge` until dropped.
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_per_key_counters_with_masked_labels() {
+        let m = Metrics::new();
+        let k = m.for_key("nvapi-…abcd");
+        k.request(http::StatusCode::OK);
+        k.attempt(AttemptResult::RateLimited);
+        m.retry(AttemptResult::RateLimited);
+        m.upstream_latency(Duration::from_millis(3));
+        let text = m.render(2, 1, [("ready", 3), ("cooling_down", 1), ("disabled", 0)]);
+        assert!(text.contains(r#"proxypal_requests_total{key="nvapi-…abcd",status="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"proxypal_upstream_attempts_total{key="nvapi-…abcd",result="rate_limited"} 1"#)
+        );
+        assert!(text.contains(r#"proxypal_retries_total{reason="rate_limited"} 1"#));
+        assert!(text.contains(r#"proxypal_keys{state="cooling_down"} 1"#));
+        assert!(text.contains("proxypal_queue_depth 2"));
+        assert!(text.contains("proxypal_upstream_latency_seconds_count 1"));
+    }
+}

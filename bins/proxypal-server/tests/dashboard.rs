@@ -1,0 +1,142 @@
+//! `/dashboard` is served from the binary with a strict CSP and without a
+//! token; `/stats` carries the sampled request history the page draws.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Rig, bounded, http_client, masked, proxy_config};
+use http::StatusCode;
+use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
+use proxypal_server::StartOptions;
+use proxypal_server::config::{Config, Secret};
+use serde_json::Value;
+
+const INTERVAL: Duration = Duration::from_millis(100);
+
+async fn rig(keys: usize, tweak: impl FnOnce(&mut Config)) -> Rig {
+    let keys = generate_test_keys(keys);
+    let sim = SimServer::start(SimConfig::default().with_keys(keys.clone())).unwrap();
+    let mut config = proxy_config(&sim, &keys);
+    tweak(&mut config);
+    let server = proxypal_server::start_with(&config, false, StartOptions { history_interval: INTERVAL })
+        .await
+        .unwrap();
+    Rig { sim, server, keys, http: http_client() }
+}
+
+fn header<'a>(reply: &'a common::Reply, name: &str) -> &'a str {
+    reply.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn dashboard_is_html_with_a_strict_csp_and_needs_no_token() {
+    bounded(async {
+        let rig = rig(2, |c| c.auth.tokens = vec![Secret::new("dash-token")]).await;
+        let reply = rig.get("/dashboard", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(header(&reply, "content-type"), "text/html; charset=utf-8");
+        let csp = header(&reply, "content-security-policy");
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(csp.contains("script-src 'self' 'unsafe-inline'"), "{csp}");
+        assert!(csp.contains("connect-src 'self'"), "{csp}");
+        assert!(!csp.contains("http"), "no other origin allowed: {csp}");
+        let html = reply.text();
+        assert!(html.starts_with("<!doctype html>"));
+        assert!(html.contains("id=\"key-rows\"") && html.contains("sessionStorage"));
+        // Self-contained: no external script, style or image.
+        for needle in ["src=\"http", "href=\"http", "<script src", "rel=\"stylesheet", "src=\"//", "@import"]
+        {
+            assert!(!html.contains(needle), "external asset ({needle}) in the page");
+        }
+        // /stats still wants the token; the page is what asks for it.
+        assert_eq!(rig.get("/stats", &[]).await.status, StatusCode::UNAUTHORIZED);
+        let ok = rig.get("/stats", &[("authorization", "Bearer dash-token")]).await;
+        assert_eq!(ok.status, StatusCode::OK);
+        // HEAD works, other methods do not.
+        let head = common::send(
+            &rig.http,
+            http::Request::head(rig.url("/dashboard")).body(http_body_util::Full::default()).unwrap(),
+        )
+        .await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(head.body.is_empty());
+        let post = common::send(
+            &rig.http,
+            http::Request::post(rig.url("/dashboard")).body(http_body_util::Full::default()).unwrap(),
+        )
+        .await;
+        assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+        rig.server.shutdown().await;
+    })
+    .await;
+}
+
+fn history_total(stats: &Value, label: &str) -> u64 {
+    stats["history"]["keys"][label].as_array().map_or(0, |a| a.iter().filter_map(Value::as_u64).sum())
+}
+
+#[tokio::test]
+async fn stats_history_holds_per_interval_deltas() {
+    bounded(async {
+        let rig = rig(2, |_| {}).await;
+        let stats = rig.stats().await;
+        assert_eq!(stats["history"]["interval_ms"], 100);
+        assert_eq!(stats["history"]["samples"], proxypal_server::history::SAMPLES);
+        assert!(stats["history"]["keys"].is_object(), "{stats}");
+
+        for _ in 0..6 {
+            assert_eq!(rig.chat().await.status, StatusCode::OK);
+        }
+        // Wait until every request has been sampled into some interval.
+        let labels: Vec<String> = rig.keys.iter().map(|k| masked(k)).collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stats = loop {
+            let stats = rig.stats().await;
+            let sampled: u64 = labels.iter().map(|l| history_total(&stats, l)).sum();
+            if sampled == 6 || Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(INTERVAL / 2).await;
+        };
+        for (i, label) in labels.iter().enumerate() {
+            let series = stats["history"]["keys"][label].as_array().unwrap();
+            assert!(series.len() <= proxypal_server::history::SAMPLES);
+            // Deltas, not running totals: they add up to the counter.
+            assert_eq!(
+                history_total(&stats, label),
+                stats["keys"][i]["requests"].as_u64().unwrap(),
+                "{stats}"
+            );
+            assert_eq!(history_total(&stats, label), 3, "round robin over two keys: {stats}");
+        }
+
+        // Quiet intervals add zeros and keep the sum: the series moves on.
+        tokio::time::sleep(INTERVAL * 3).await;
+        let later = rig.stats().await;
+        for label in &labels {
+            let series = later["history"]["keys"][label].as_array().unwrap();
+            assert_eq!(series.last(), Some(&Value::from(0)), "{later}");
+            assert_eq!(history_total(&later, label), 3);
+        }
+        rig.server.shutdown().await;
+    })
+    .await;
+}
+
+#[test]
+fn non_field_env_vars_are_not_config() {
+    // PROXYPAL_CONFIG is the --config path (the Dockerfile sets it) and
+    // PROXYPAL_HISTORY_INTERVAL_MS a test knob: neither is a config field.
+    let env = [
+        ("PROXYPAL_CONFIG", "/etc/proxypal/proxypal.yaml"),
+        ("PROXYPAL_HISTORY_INTERVAL_MS", "100"),
+        ("PROXYPAL_LISTEN", "127.0.0.1:9099"),
+    ];
+    let config = Config::from_sources(None, env, true).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9099");
+    // Still strict about everything else.
+    assert!(Config::from_sources(None, [("PROXYPAL_NOPE", "1")], true).is_err());
+}
