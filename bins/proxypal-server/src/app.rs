@@ -62,6 +62,15 @@ pub struct KeyExtras {
     pub metrics: Box<[Arc<KeyMetrics>]>,
 }
 
+impl KeyExtras {
+    /// Extras that match no key, for the error path of building them: `new`
+    /// drops the pool and returns the error; `reload` checks every quota and
+    /// header before swapping, so there it cannot happen.
+    fn unusable() -> Self {
+        Self { limiter: Arc::new(GovernorLimiter::new([])), auth: Box::new([]), metrics: Box::new([]) }
+    }
+}
+
 impl std::fmt::Debug for KeyExtras {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyExtras").field("limiter", &self.limiter).finish_non_exhaustive()
@@ -262,11 +271,7 @@ impl App {
                 Ok(x) => x,
                 Err(e) => {
                     built = Err(e);
-                    KeyExtras {
-                        limiter: Arc::new(GovernorLimiter::new([])),
-                        auth: Box::new([]),
-                        metrics: Box::new([]),
-                    }
+                    KeyExtras::unusable()
                 }
             }
         })?;
@@ -312,11 +317,7 @@ impl App {
                 Ok(x) => x,
                 Err(e) => {
                     built = Err(e);
-                    KeyExtras {
-                        limiter: Arc::new(GovernorLimiter::new([])),
-                        auth: Box::new([]),
-                        metrics: Box::new([]),
-                    }
+                    KeyExtras::unusable()
                 }
             }
         });
