@@ -3,6 +3,7 @@
 //! upstream (`proxypal-nim-sim`), driven over real sockets by hyper,
 //! async-openai and the compiled binary.
 
+#[allow(dead_code)] // each test binary uses part of the shared helpers
 mod common;
 
 use std::io::{BufRead, BufReader};

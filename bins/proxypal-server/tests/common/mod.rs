@@ -175,6 +175,12 @@ impl Reply {
     pub fn error_message(&self) -> String {
         self.openai_error()["message"].as_str().unwrap().to_owned()
     }
+
+    /// `error.code` of an OpenAI-shaped error.
+    #[track_caller]
+    pub fn error_code(&self) -> String {
+        self.openai_error()["code"].as_str().unwrap().to_owned()
+    }
 }
 
 /// Sends `req` and reads the whole answer.

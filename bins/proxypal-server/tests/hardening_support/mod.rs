@@ -12,14 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use proxypal_nim_sim::SimHandle;
-use proxypal_server::config::{Config, KeyEntry};
-use serde_json::{Value, json};
+use proxypal_server::config::Config;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,28 +25,22 @@ pub async fn within<F: Future>(limit: Duration, f: F) -> F::Output {
     tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("test took longer than {limit:?}"))
 }
 
-/// The HTTP/1 client the tests use.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+// The client, the response type and the key label are the ones the proxy tests use.
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(unused_imports)] // each test binary uses a different part
+pub use common::{HttpClient, Reply, http_client, masked, send};
 
-/// A fresh client with its own connection pool.
-pub fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-/// A proxy config in front of `sim` with `keys`: 127.0.0.1 port 0, limits
-/// that never bind, short cooldowns (so a test can reuse a key that failed a
-/// moment ago), a 5 s queue and a 2 s shutdown grace.
+/// A proxy config in front of `sim` with `keys`: the proxy tests' config
+/// (127.0.0.1 port 0, a 5 s queue, a 2 s shutdown grace) with limits that
+/// never bind and short cooldowns, so a test can reuse a key that failed a
+/// moment ago.
 pub fn proxy_config(sim: &SimHandle, keys: &[String]) -> Config {
-    let mut config = Config::default();
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.upstream.base_url = sim.base_url();
-    config.keys = keys.iter().map(KeyEntry::new).collect();
+    let mut config = common::proxy_config(sim, keys);
     config.rate_limit.requests_per_minute = 600_000;
     config.rate_limit.burst = 100;
-    config.retry.queue_timeout = Duration::from_secs(5);
     config.retry.failure_cooldown = Duration::from_millis(20);
     config.retry.max_failure_cooldown = Duration::from_millis(40);
-    config.shutdown_grace = Duration::from_secs(2);
     config
 }
 
@@ -65,64 +56,12 @@ pub fn chat_json(stream: bool) -> String {
 
 /// A chat completion request to the proxy at `addr`.
 pub fn chat_request(addr: SocketAddr, stream: bool) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{addr}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(chat_json(stream))))
-        .unwrap()
+    common::chat_request(addr, stream, &[])
 }
 
 /// A GET request.
 pub fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()
-}
-
-/// A whole response.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-
-    /// Asserts an OpenAI-shaped error `{"error":{"message","type","code"}}`
-    /// served as JSON, and returns the `error` object.
-    #[track_caller]
-    pub fn openai_error(&self) -> Value {
-        let v = self.json();
-        let err = &v["error"];
-        assert!(err.is_object(), "not an OpenAI error: {v}");
-        for field in ["message", "type", "code"] {
-            assert!(err[field].is_string(), "error.{field} missing or not a string: {v}");
-        }
-        let content_type = self.headers.get("content-type").and_then(|v| v.to_str().ok());
-        assert_eq!(content_type, Some("application/json"), "{v}");
-        err.clone()
-    }
-
-    /// `error.code` of an OpenAI-shaped error.
-    #[track_caller]
-    pub fn error_code(&self) -> String {
-        self.openai_error()["code"].as_str().unwrap().to_owned()
-    }
-}
-
-/// Sends `req` and reads the whole answer.
-pub async fn send(http: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
-    let resp = http.request(req).await.unwrap();
-    let (head, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply { status: head.status, headers: head.headers, body }
 }
 
 /// What a raw socket got back.
@@ -215,11 +154,6 @@ pub async fn read_stream(
 /// The concatenated text of `frames`.
 pub fn frames_text(frames: &[(Instant, Bytes)]) -> String {
     frames.iter().map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect()
-}
-
-/// How the proxy labels a key in logs and `/stats`.
-pub fn masked(key: &str) -> String {
-    proxypal_server::config::mask_key(key)
 }
 
 /// This process's resident set size in KiB (`VmRSS` of `/proc/self/status`).
