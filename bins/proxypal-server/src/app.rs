@@ -41,7 +41,8 @@ pub enum BuildError {
     /// The upstream client could not be built.
     #[error("upstream: {0}")]
     Upstream(#[from] proxypal_upstream::UpstreamBuildError),
-    /// `upstream.base_url` or `upstream.user_agent` is not usable.
+    /// `upstream.base_url`, `upstream.user_agent` or `upstream.ca_file` is not
+    /// usable.
     #[error("{field}: {reason}")]
     Invalid {
         /// The config field.
@@ -212,12 +213,17 @@ pub fn upstream_config(config: &Config) -> Result<UpstreamConfig, BuildError> {
     })?;
     let user_agent = HeaderValue::from_str(&config.upstream.user_agent)
         .map_err(|e| BuildError::Invalid { field: "upstream.user_agent", reason: e.to_string() })?;
+    let extra_root_certificates = config
+        .upstream
+        .extra_root_certificates()
+        .map_err(|reason| BuildError::Invalid { field: "upstream.ca_file", reason })?;
     Ok(UpstreamConfig {
         base_url,
         connect_timeout: config.upstream.connect_timeout,
         response_timeout: config.upstream.response_timeout,
         idle_timeout: config.upstream.idle_timeout,
         user_agent,
+        extra_root_certificates,
         ..UpstreamConfig::default()
     })
 }

@@ -109,6 +109,11 @@ pub struct UpstreamConfig {
     /// `User-Agent` sent upstream instead of the client's.
     /// Default `proxypal/<version>`.
     pub user_agent: String,
+    /// Optional PEM file of root certificates trusted for an `https://`
+    /// upstream *besides* the built-in Mozilla roots: a private CA, or a
+    /// TLS-inspecting corporate proxy. A relative path in the YAML file is
+    /// relative to that file's directory. Default none.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where a [`KeyEntry`] came from, for error messages and the summary.
@@ -364,7 +369,24 @@ impl Default for UpstreamConfig {
             response_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(180),
             user_agent: concat!("proxypal/", env!("CARGO_PKG_VERSION")).to_owned(),
+            ca_file: None,
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// The certificates in [`ca_file`](Self::ca_file); none without one.
+    ///
+    /// # Errors
+    ///
+    /// Why the file cannot be read or holds no usable certificate, naming the
+    /// file (but not the field: callers prefix `upstream.ca_file`).
+    pub fn extra_root_certificates(&self) -> Result<Vec<proxypal_upstream::CertificateDer<'static>>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        proxypal_upstream::parse_pem_certificates(&pem).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
@@ -469,6 +491,9 @@ impl Config {
             }
             config.auth.tokens_file = Some(path);
         }
+        if let Some(file) = config.upstream.ca_file.clone() {
+            config.upstream.ca_file = Some(resolve_path(&figment, "upstream.ca_file", &file));
+        }
         let trimmed_len = config.upstream.base_url.trim_end_matches('/').len();
         config.upstream.base_url.truncate(trimmed_len);
 
@@ -541,6 +566,9 @@ impl Config {
             fmt_duration(u.idle_timeout),
             u.user_agent
         );
+        if let Some(ca_file) = &u.ca_file {
+            let _ = writeln!(s, "            extra root certificates from {}", ca_file.display());
+        }
         let from_file = self.keys.iter().filter(|k| matches!(k.origin, KeyOrigin::KeysFile { .. })).count();
         let _ = write!(s, "keys:       {}", self.keys.len());
         if let (Some(file), true) = (&self.keys_file, from_file > 0) {

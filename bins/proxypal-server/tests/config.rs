@@ -99,6 +99,7 @@ fn defaults_match_the_contract() {
     assert_eq!(c.upstream.response_timeout, Duration::from_secs(300));
     assert_eq!(c.upstream.idle_timeout, Duration::from_secs(180));
     assert_eq!(c.upstream.user_agent, format!("proxypal/{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(c.upstream.ca_file, None);
     assert_eq!(c.keys_file, None);
     assert_eq!(c.rate_limit.requests_per_minute, 40);
     assert_eq!(c.rate_limit.burst, 1);
@@ -191,6 +192,7 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
         "PROXYPAL_UPSTREAM__RESPONSE_TIMEOUT",
         "PROXYPAL_UPSTREAM__IDLE_TIMEOUT",
         "PROXYPAL_UPSTREAM__USER_AGENT",
+        "PROXYPAL_UPSTREAM__CA_FILE",
         "PROXYPAL_KEYS=",
         "PROXYPAL_KEYS_FILE",
         "PROXYPAL_RATE_LIMIT__REQUESTS_PER_MINUTE",
@@ -282,6 +284,60 @@ fn keys_file_errors() {
     let keys = TempFile::new("keys.txt", &format!("{KEY_B}\n"));
     let yaml = format!("keys: [{KEY_B}]\nkeys_file: {}", keys.path().display());
     assert_error(from_yaml(&yaml), "keys_file line 1", "duplicate of keys[0]");
+}
+
+/// A CA certificate (public part only; its key was thrown away), valid until 2126.
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBqjCCAVGgAwIBAgIUXklQadzjy/Uetk4bspuV60ZdoN0wCgYIKoZIzj0EAwIw
+IjEgMB4GA1UEAwwXUHJveHlQYWwgY29uZmlnIHRlc3QgQ0EwIBcNMjYxMTI3MTk0
+NDI5WhgPMjEyNjExMDMxOTQ0MjlaMCIxIDAeBgNVBAMMF1Byb3h5UGFsIGNvbmZp
+ZyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKiVZERmWglyOeSRF
+NIb1oZzsch60F2y+CuijDQD0pXMCSZdfcDzhRAbUrfWjSrsBwnYEMa1Doh3fXyhG
+SiciOaNjMGEwHQYDVR0OBBYEFFdhYO8ZN8I+Px4guJTpYOIyXzEKMB8GA1UdIwQY
+MBaAFFdhYO8ZN8I+Px4guJTpYOIyXzEKMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0P
+AQH/BAQDAgEGMAoGCCqGSM49BAMCA0cAMEQCIAXhqyPdF93seO1OU/Oi1rfVDlPm
+LZUbAHbW6vUWN33XAiA6mznatVMMX11/D2IgN9O97VuXYJs029z6A9Vm4oW7jQ==
+-----END CERTIFICATE-----
+";
+
+#[test]
+fn ca_file_is_relative_to_the_yaml_file_and_loads_its_certificates() {
+    let ca = TempFile::new("ca.pem", &format!("# corporate CA\n{CA_PEM}"));
+    let dir = ca.path().parent().unwrap();
+    let yaml = TempFile::new(
+        "proxypal.yaml",
+        &format!(
+            "keys: [{KEY_A}]\nupstream: {{ ca_file: ../{}/ca.pem }}\n",
+            dir.file_name().unwrap().to_str().unwrap()
+        ),
+    );
+    let c = Config::from_sources(Some(YamlSource::File(yaml.path())), NO_ENV, false).unwrap();
+    let path = c.upstream.ca_file.as_deref().unwrap();
+    assert!(path.ends_with("ca.pem") && path.is_file(), "{}", path.display());
+    assert_eq!(c.upstream.extra_root_certificates().unwrap().len(), 1);
+    assert!(c.summary().contains("extra root certificates from "), "{}", c.summary());
+
+    let c = with_env(
+        "",
+        &[("PROXYPAL_KEYS", KEY_A), ("PROXYPAL_UPSTREAM__CA_FILE", ca.path().to_str().unwrap())],
+    )
+    .unwrap();
+    assert_eq!(c.upstream.ca_file.as_deref(), Some(ca.path()));
+}
+
+#[test]
+fn ca_file_errors() {
+    let yaml = format!("keys: [{KEY_A}]\nupstream: {{ ca_file: /nonexistent/proxypal/ca.pem }}");
+    assert_error(from_yaml(&yaml), "upstream.ca_file", "cannot read /nonexistent/proxypal/ca.pem");
+
+    let not_pem = TempFile::new("ca.pem", "just some text\n");
+    let yaml = format!("keys: [{KEY_A}]\nupstream: {{ ca_file: {} }}", not_pem.path().display());
+    assert_error(from_yaml(&yaml), "upstream.ca_file", "no PEM certificate");
+
+    let not_x509 =
+        TempFile::new("ca.pem", "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n");
+    let yaml = format!("keys: [{KEY_A}]\nupstream: {{ ca_file: {} }}", not_x509.path().display());
+    assert_error(from_yaml(&yaml), "upstream.ca_file", "certificate #1 is not a usable X.509 certificate");
 }
 
 #[test]

@@ -15,6 +15,7 @@ use crate::{
     InvalidKey, InvalidTarget, UpstreamBody, UpstreamBuildError, UpstreamConfig, UpstreamError,
     error::without_query,
     headers::{strip_hop_by_hop, upstream_request_headers},
+    tls::client_config_with_extra_roots,
 };
 
 /// TCP keep-alive probes on upstream sockets, so a half-dead connection is eventually noticed.
@@ -112,9 +113,15 @@ impl fmt::Debug for HeaderNames<'_> {
 /// # Connections
 ///
 /// `https` upstreams negotiate HTTP/2 or HTTP/1.1 by ALPN, with Mozilla's root certificates
-/// compiled in and the `ring` crypto provider passed explicitly (no process-wide default is
-/// needed). Plain `http` upstreams (a local simulated upstream) use HTTP/1.1. Idle connections
-/// are kept for [`pool_idle_timeout`](UpstreamConfig::pool_idle_timeout).
+/// compiled in (plus any [`extra_root_certificates`](UpstreamConfig::extra_root_certificates))
+/// and the `ring` crypto provider passed explicitly (no process-wide default is needed). Plain
+/// `http` upstreams (a local simulated upstream) use HTTP/1.1. Idle connections are kept for
+/// [`pool_idle_timeout`](UpstreamConfig::pool_idle_timeout).
+///
+/// Requests share one HTTP/2 connection once one is pooled. On a cold pool, though, a burst of
+/// concurrent requests each opens its own TCP + TLS connection (the pool learns that the
+/// upstream speaks h2 only when the first handshake completes); all but one are closed after
+/// their handshake.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -151,8 +158,10 @@ impl Upstream {
     ///
     /// [`UpstreamBuildError::InvalidBaseUrl`] (naming the URL) unless `base_url` is an `http` or
     /// `https` URL with a host, no user info and no query string;
-    /// [`UpstreamBuildError::Tls`] if rustls rejects its own default configuration (not expected
-    /// in practice).
+    /// [`UpstreamBuildError::InvalidRootCertificate`] if an entry of
+    /// [`extra_root_certificates`](UpstreamConfig::extra_root_certificates) is not a usable
+    /// certificate; [`UpstreamBuildError::Tls`] if rustls rejects its own default configuration
+    /// (not expected in practice).
     pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamBuildError> {
         let (prefix, prefix_has_path) = base_prefix(&cfg.base_url)?;
 
@@ -163,12 +172,16 @@ impl Upstream {
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(TCP_KEEPALIVE));
 
-        let https = HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let tls = if cfg.extra_root_certificates.is_empty() {
+            HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        } else {
+            // The same configuration plus the extra roots; ALPN is left empty for
+            // `enable_http1`/`enable_http2` below to fill in.
+            HttpsConnectorBuilder::new()
+                .with_tls_config(client_config_with_extra_roots(&cfg.extra_root_certificates)?)
+        };
+        let https = tls.https_or_http().enable_http1().enable_http2().wrap_connector(http);
 
         let mut builder = Client::builder(TokioExecutor::new());
         builder

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
+use rustls::pki_types::CertificateDer;
 
 /// The `User-Agent` sent upstream unless configured otherwise: `proxypal/<crate version>`.
 const DEFAULT_USER_AGENT: &str = concat!("proxypal/", env!("CARGO_PKG_VERSION"));
@@ -50,6 +51,15 @@ pub struct UpstreamConfig {
     /// Interval of HTTP/2 keep-alive pings, also sent on idle connections, so a dead connection
     /// is noticed during a long silent stream (default 30 s; `None` disables them).
     pub http2_keep_alive_interval: Option<Duration>,
+    /// Root certificates (DER) trusted for `https` upstreams *in addition to* Mozilla's roots
+    /// compiled in (default none): for an upstream behind a private CA, or a TLS-inspecting
+    /// corporate proxy. Load a PEM file with
+    /// [`parse_pem_certificates`](crate::parse_pem_certificates).
+    ///
+    /// Each must be a CA (or self-signed) certificate that issued the upstream's chain; the
+    /// upstream's host name is still verified against its certificate. Ignored for `http`
+    /// upstreams.
+    pub extra_root_certificates: Vec<CertificateDer<'static>>,
 }
 
 impl Default for UpstreamConfig {
@@ -63,6 +73,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
+            extra_root_certificates: Vec::new(),
         }
     }
 }

@@ -195,6 +195,16 @@ pub enum UpstreamBuildError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// An entry of [`extra_root_certificates`](crate::UpstreamConfig::extra_root_certificates)
+    /// is not an X.509 certificate usable as a trust anchor.
+    #[error("upstream extra_root_certificates[{index}] is not a usable root certificate: {source}")]
+    InvalidRootCertificate {
+        /// Its position in `extra_root_certificates`.
+        index: usize,
+        /// rustls' error.
+        #[source]
+        source: rustls::Error,
+    },
     /// The TLS configuration could not be built.
     #[error("cannot build the upstream TLS configuration: {source}")]
     Tls {

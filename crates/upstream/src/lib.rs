@@ -58,6 +58,7 @@ mod client;
 mod config;
 mod error;
 mod headers;
+mod tls;
 
 pub use body::UpstreamBody;
 pub use client::{RequestParts, Upstream, bearer};
@@ -66,3 +67,7 @@ pub use error::{
     BoxError, ErrorKind, InvalidKey, InvalidTarget, UpstreamBodyError, UpstreamBuildError, UpstreamError,
 };
 pub use headers::strip_hop_by_hop;
+/// The DER certificate type of [`UpstreamConfig::extra_root_certificates`], re-exported from
+/// rustls so callers need not depend on it.
+pub use rustls::pki_types::CertificateDer;
+pub use tls::{PemCertificatesError, parse_pem_certificates};

@@ -71,6 +71,9 @@ impl Config {
                 format!("must be a non-empty header value of visible ASCII (got {agent:?})"),
             ));
         }
+        self.upstream
+            .extra_root_certificates()
+            .map_err(|reason| ConfigError::invalid("upstream.ca_file", reason))?;
         Ok(())
     }
 
