@@ -350,8 +350,11 @@ impl App {
     }
 
     /// Current reloadable settings.
-    pub fn settings(&self) -> arc_swap::Guard<Arc<Settings>> {
-        self.settings.load()
+    ///
+    /// An owned `Arc` (not an `arc_swap` guard) because a request keeps it
+    /// across `.await`s while it reads the body.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
     }
 
     /// The sampled per-key request history (`/stats` → `history`).

@@ -165,6 +165,10 @@ async fn attempts(
             );
         }
     };
+    // For the failover log lines: they carry the id themselves, so the
+    // per-request span can stay at debug level (free when debug is off).
+    let request_id = head.headers.get(crate::serve::REQUEST_ID).cloned();
+    let id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
     let parts = RequestParts::new(head.method, rest, head.headers);
 
     let deadline = tokio::time::Instant::now() + settings.queue_timeout;
@@ -208,7 +212,7 @@ async fn attempts(
         match answer {
             Err(e) => {
                 metrics.attempt(AttemptResult::TransportError);
-                tracing::warn!(key = label, error = %e, "upstream attempt failed; failing over");
+                tracing::warn!(id, key = label, error = %e, "upstream attempt failed; failing over");
                 app.pool().report(&selected, Outcome::Transient);
                 last = Some(Failure::Transport(e));
             }
@@ -227,13 +231,14 @@ async fn attempts(
                     }
                     Verdict::RateLimited => {
                         let after = retry_after(resp.headers());
-                        tracing::info!(key = label, retry_after = ?after, "upstream rate limited the key; failing over");
+                        tracing::info!(id, key = label, retry_after = ?after, "upstream rate limited the key; failing over");
                         app.pool().report(&selected, Outcome::RateLimited { retry_after: after });
                         metrics.attempt(AttemptResult::RateLimited);
                         last = Some(failure(resp, false).await);
                     }
                     Verdict::KeyRejected => {
                         tracing::warn!(
+                            id,
                             key = label,
                             status = status.as_u16(),
                             "upstream rejected the key; disabling it"
@@ -252,7 +257,12 @@ async fn attempts(
                                 return self::failed(failed);
                             }
                         }
-                        tracing::warn!(key = label, status = status.as_u16(), "upstream error; failing over");
+                        tracing::warn!(
+                            id,
+                            key = label,
+                            status = status.as_u16(),
+                            "upstream error; failing over"
+                        );
                         app.pool().report(&selected, Outcome::Transient);
                         metrics.attempt(AttemptResult::ServerError);
                         last = Some(failed);
