@@ -108,12 +108,9 @@ pub async fn forward(
     // Time not spent in the proxy itself: queueing and waiting for upstream headers.
     let mut elsewhere = Duration::ZERO;
     let mut served_by = None;
-    let mut resp = attempts(app, req, rest, slot, &mut elsewhere, &mut served_by).await;
+    let resp = attempts(app, req, rest, slot, &mut elsewhere, &mut served_by).await;
     served_by.as_ref().unwrap_or(app.metrics().no_key()).request(resp.status());
     app.metrics().overhead(started.elapsed().saturating_sub(elsewhere));
-    if let Some(served_by) = served_by {
-        resp.extensions_mut().insert(served_by);
-    }
     resp
 }
 

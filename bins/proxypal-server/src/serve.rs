@@ -61,8 +61,18 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         std::collections::hash_map::RandomState::new().build_hasher().finish() as u32
     });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("pp-{prefix:08x}-{n:010}"))
-        .unwrap_or(HeaderValue::from_static("pp-unknown"))
+    // `pp-<8 hex>-<16 hex>`, formatted by hand: `format!` showed up at ~2,000
+    // instructions per request in the profile.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = *b"pp-00000000-0000000000000000";
+    for (i, slot) in buf[3..11].iter_mut().enumerate() {
+        *slot = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, slot) in buf[12..28].iter_mut().enumerate() {
+        *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    // Only hex digits and '-': always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("pp-unknown"))
 }
 
 /// Serves one request. Never fails: every problem becomes a response.
@@ -83,15 +93,22 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Response<Proxy
         key = tracing::field::Empty,
     );
     let origin = req.headers().get(ORIGIN).cloned();
-    let started = std::time::Instant::now();
-    let mut resp = route(&app, req).instrument(span.clone()).await;
-    span.in_scope(|| {
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            took_us = started.elapsed().as_micros() as u64,
-            "answered"
-        )
-    });
+    let mut resp = if span.is_disabled() {
+        // The common case (debug off): no `Instrumented` wrapper, which would
+        // move the whole request future once more.
+        route(&app, req).await
+    } else {
+        let started = std::time::Instant::now();
+        let resp = route(&app, req).instrument(span.clone()).await;
+        span.in_scope(|| {
+            tracing::debug!(
+                status = resp.status().as_u16(),
+                took_us = started.elapsed().as_micros() as u64,
+                "answered"
+            )
+        });
+        resp
+    };
     resp.headers_mut().insert(REQUEST_ID, id);
     if let Some(origin) = origin {
         cors_headers(&app, &origin, &mut resp);
