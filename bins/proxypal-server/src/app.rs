@@ -443,11 +443,24 @@ impl App {
                 return Err(NoKey::QueueTimeout { wait });
             }
             // Wake at the next permit, but at least every 250 ms so that a reload,
-            // a re-enabled key or a permit freed elsewhere is noticed.
-            tokio::time::sleep(wait.clamp(Duration::from_micros(100), Duration::from_millis(250))).await;
+            // a re-enabled key or a permit freed elsewhere is noticed. Tokio's
+            // timer has a 1 ms tick and rounds up, and with burst 1 a permit taken
+            // late is lost for good (the next one counts from the late grant): so
+            // sleep to just before the permit is due and yield for the last
+            // millisecond. Measured: ~1.2 ms lost per permit otherwise, 1.2 % of
+            // the quota at 600/min.
+            if wait > EARLY_WAKE {
+                tokio::time::sleep((wait - EARLY_WAKE).min(Duration::from_millis(250))).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
+
+/// How long before a permit falls due the head of the queue stops sleeping
+/// and starts yielding (one timer tick plus slack).
+const EARLY_WAKE: Duration = Duration::from_millis(2);
 
 /// Counts a request in the queue for as long as it lives.
 struct QueueSlot<'a>(&'a AtomicUsize);
