@@ -33,6 +33,15 @@ ci:
 bench:
     cargo bench --bench selection
 
+# ProxyPal beside nginx (and LiteLLM with LITELLM=1): wrk, SSE timings, bursts (benches/peers/)
+bench-peers repeat="3":
+    cargo build --release -p proxypal-server
+    PROXYPAL_BIN=$PWD/target/release/proxypal-server TARGETS="direct nginx proxypal $([ "${LITELLM:-0}" = 1 ] && echo litellm)" REPEAT={{repeat}} bash benches/peers/run_peers.sh
+
+# Everything: build, peer harness, quota test, memory, binary size; ends with one SUMMARY line
+bench-all:
+    bash benches/run.sh
+
 # Build the container image (needs a Docker engine)
 docker:
     docker build -t proxypal:latest .

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# benches/profile.sh - instructions per request on the proxy's hot path (callgrind).
+#
+#   bash benches/profile.sh            # REQS_SECS=10 CONC=8 STREAM=0
+#
+# Builds proxypal-server with symbols in a `profiling` profile (release settings,
+# not stripped; output target/profiling/, the release binary is left alone),
+# starts `nim-sim --fast` and the server under `valgrind --tool=callgrind` with
+# collection off, turns collection on once the server answers, drives wrk for
+# REQS_SECS seconds (non-streaming POST /v1/chat/completions, or streams with
+# STREAM=1), stops the server by PID and prints the top functions by inclusive
+# and exclusive instructions, plus instructions per request.
+# Output: $BENCH_LOCAL/profile/<time>/ (callgrind.out, annotate.txt).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+REQS_SECS=${REQS_SECS:-10}
+CONC=${CONC:-8}
+BENCH_LOCAL=${BENCH_LOCAL:-$ROOT/benches/peers/.local}
+OUT=$BENCH_LOCAL/profile/$(date -u +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+SIM_PORT=18200
+PROXY_PORT=18201
+KEY=sk-bench-profile
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+command -v valgrind >/dev/null || { apt-get update -qq; apt-get install -y -qq valgrind >/dev/null; }
+command -v wrk >/dev/null || { apt-get update -qq; apt-get install -y -qq wrk >/dev/null; }
+
+log "building the profiling profile (release + symbols)"
+cargo build -p proxypal-server -p proxypal-nim-sim --profile profiling \
+    --config 'profile.profiling.inherits="release"' --config 'profile.profiling.strip="none"' \
+    --config 'profile.profiling.debug="line-tables-only"'
+BIN=$ROOT/target/profiling/proxypal-server
+SIM=$ROOT/target/profiling/nim-sim
+
+STARTED=()
+stop_pid() {
+    local pid=$1 i
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done   # valgrind is slow to exit
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() { local i; for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_pid "${STARTED[i]}"; done; STARTED=(); }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$SIM" --fast --listen "127.0.0.1:$SIM_PORT" >"$OUT/sim.log" 2>&1 &
+SIM_PID=$!; STARTED+=("$SIM_PID")
+cat >"$OUT/proxy.yaml" <<YAML
+listen: "127.0.0.1:$PROXY_PORT"
+upstream:
+  base_url: "http://127.0.0.1:$SIM_PORT/v1"
+keys: [fake-key-1, fake-key-2, fake-key-3]
+rate_limit:
+  requests_per_minute: 100000000
+  burst: 100000000
+auth:
+  tokens: ["$KEY"]
+log:
+  level: warn
+YAML
+unset_env=()
+for v in $(compgen -e); do [[ $v == PROXYPAL_* ]] && unset_env+=(-u "$v"); done
+env "${unset_env[@]}" RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
+    --callgrind-out-file="$OUT/callgrind.out" "$BIN" --config "$OUT/proxy.yaml" >"$OUT/proxy.log" 2>&1 &
+PROXY_PID=$!; STARTED+=("$PROXY_PID")
+body='{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
+ready=0
+for i in $(seq 1 300); do   # 60 s (valgrind start-up is slow)
+    kill -0 "$PROXY_PID" 2>/dev/null || { cat "$OUT/proxy.log" >&2; exit 1; }
+    code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+        -d "$body" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" || true)
+    if [[ $code == 200 ]]; then ready=1; break; fi
+    sleep 0.2
+done
+((ready)) || { log "proxy under valgrind not ready"; exit 1; }
+# warm the connection pool, then collect
+BENCH_CLIENT_KEY=$KEY timeout 30 wrk -t1 -c"$CONC" -d2s -s "$ROOT/benches/peers/lua/post.lua" \
+    "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" >/dev/null 2>&1 || true
+callgrind_control -i on "$PROXY_PID" >/dev/null
+BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
+    -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" >"$OUT/wrk.txt" 2>&1 || true
+callgrind_control -i off "$PROXY_PID" >/dev/null
+reqs=$(sed -n 's/^WRKJSON //p' "$OUT/wrk.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+cleanup
+callgrind_annotate --inclusive=yes "$OUT/callgrind.out" 2>/dev/null | head -80 >"$OUT/inclusive.txt" || true
+callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -80 >"$OUT/exclusive.txt" || true
+total=$(awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}' "$OUT/exclusive.txt")
+total=${total:-0}
+echo "requests measured: $reqs; instructions: $total; per request: $((total / (reqs > 0 ? reqs : 1)))" | tee "$OUT/summary.txt"
+echo "top exclusive: $OUT/exclusive.txt; inclusive: $OUT/inclusive.txt"
