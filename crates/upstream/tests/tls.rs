@@ -36,7 +36,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use support::{SECRET, TestBody, channel, full, key, ok};
+use support::{SECRET, TestBody, full, key, ok, spaced_events};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
@@ -302,21 +302,7 @@ async fn h2_streams_each_chunk_as_its_own_frame() {
     let (version_tx, mut version_rx) = mpsc::unbounded_channel();
     let server = serve_tls(&pki, H2_AND_H1, move |req| {
         version_tx.send(req.version()).unwrap();
-        async {
-            let (mut tx, body) = channel();
-            tokio::spawn(async move {
-                for i in 0..CHUNKS {
-                    if i > 0 {
-                        tokio::time::sleep(GAP).await;
-                    }
-                    let event = format!("data: {{\"i\":{i}}}\n\n");
-                    if tx.send_data(Bytes::from(event)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
-        }
+        async { spaced_events(CHUNKS, GAP) }
     })
     .await;
     let parts = RequestParts::new(Method::POST, "/chat/completions", HeaderMap::new());

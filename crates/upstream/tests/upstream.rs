@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use proxypal_upstream::{ErrorKind, RequestParts, UpstreamError};
-use support::{PROMPTLY, SECRET, channel, full, key, ok, serve};
+use support::{PROMPTLY, SECRET, channel, full, key, ok, serve, spaced_events};
 use tokio::sync::{mpsc, oneshot};
 
 /// What the server saw.
@@ -168,22 +168,7 @@ async fn base_url_path_prefix_and_get_without_body() {
 async fn streams_each_chunk_as_its_own_frame_without_coalescing() {
     const CHUNKS: usize = 5;
     const GAP: Duration = Duration::from_millis(50);
-    let server = serve(|_req| async {
-        let (mut tx, body) = channel();
-        tokio::spawn(async move {
-            for i in 0..CHUNKS {
-                if i > 0 {
-                    tokio::time::sleep(GAP).await;
-                }
-                let event = format!("data: {{\"i\":{i}}}\n\n");
-                if tx.send_data(Bytes::from(event)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
-    })
-    .await;
+    let server = serve(|_req| async { spaced_events(CHUNKS, GAP) }).await;
     let parts = RequestParts::new(Method::POST, "/chat/completions", HeaderMap::new());
 
     let response = server.upstream().send(&parts, Bytes::new(), &key()).await.unwrap();

@@ -105,6 +105,24 @@ pub fn channel() -> (http_body_util::channel::Sender<Bytes>, TestBody) {
     (tx, body.boxed())
 }
 
+/// A `text/event-stream` response whose body sends `chunks` SSE events
+/// (`data: {"i":N}`), `gap` apart, each as its own frame.
+pub fn spaced_events(chunks: usize, gap: std::time::Duration) -> Response<TestBody> {
+    let (mut tx, body) = channel();
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let event = format!("data: {{\"i\":{i}}}\n\n");
+            if tx.send_data(Bytes::from(event)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
+}
+
 /// A 200 response with `body`.
 pub fn ok(body: TestBody) -> Response<TestBody> {
     Response::new(body)
