@@ -80,6 +80,16 @@ fn chat_body(stream: bool) -> Value {
     })
 }
 
+/// POSTs a chat completion (streaming or not) with `key` and returns the response head.
+async fn post_chat(
+    c: &HttpClient,
+    sim: &SimHandle,
+    key: &str,
+    stream: bool,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    send(c, sim, Method::POST, "/v1/chat/completions", Some(key), Some(chat_body(stream))).await
+}
+
 async fn chat(c: &HttpClient, sim: &SimHandle, key: &str) -> (StatusCode, HeaderMap, String) {
     call(c, sim, Method::POST, "/v1/chat/completions", Some(key), Some(chat_body(false))).await
 }
@@ -263,10 +273,7 @@ async fn stream_without_usage_has_no_usage_chunk() {
     bounded(async {
         let sim = SimServer::start(SimConfig::fast().with_stream(3, Duration::ZERO)).unwrap();
         let c = client();
-        let resp =
-            send(&c, &sim, Method::POST, "/v1/chat/completions", Some("any-key-1234"), Some(chat_body(true)))
-                .await
-                .unwrap();
+        let resp = post_chat(&c, &sim, "any-key-1234", true).await.unwrap();
         let (_, _, body) = read_all(resp).await;
         let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 5, "{body}");
@@ -530,15 +537,7 @@ async fn drop_connection_fault_closes_without_response() {
         // Through an HTTP client: an error, not a response.
         let c = client();
         sim.push_fault(Fault::DropConnection, FaultTarget::Any);
-        let res = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("drop-key-00001"),
-            Some(chat_body(false)),
-        )
-        .await;
+        let res = post_chat(&c, &sim, "drop-key-00001", false).await;
         assert!(res.is_err(), "expected a connection error");
         assert_eq!(chat(&c, &sim, "drop-key-00001").await.0, StatusCode::OK);
         assert_eq!(sim.key_stats("drop-key-00001").faults, 2);
@@ -573,16 +572,7 @@ async fn stalled_stream_is_released_when_the_client_drops_it() {
         let sim = SimServer::start(SimConfig::default().with_stream(8, Duration::from_millis(10))).unwrap();
         let c = client();
         sim.push_fault(Fault::StallMidStream { after_chunks: 2 }, FaultTarget::Any);
-        let resp = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("stall-key-0001"),
-            Some(chat_body(true)),
-        )
-        .await
-        .unwrap();
+        let resp = post_chat(&c, &sim, "stall-key-0001", true).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(content_type(resp.headers()), Some("text/event-stream"));
         let mut body = resp.into_body();
@@ -607,16 +597,7 @@ async fn active_streams_drop_when_a_normal_stream_is_abandoned() {
     bounded(async {
         let sim = SimServer::start(SimConfig::default().with_stream(100, Duration::from_millis(50))).unwrap();
         let c = client();
-        let resp = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("abandon-key-01"),
-            Some(chat_body(true)),
-        )
-        .await
-        .unwrap();
+        let resp = post_chat(&c, &sim, "abandon-key-01", true).await.unwrap();
         let mut body = resp.into_body();
         let (events, _) = read_events(&mut body, 1).await;
         assert_eq!(events.len(), 1);
@@ -633,16 +614,7 @@ async fn broken_stream_ends_abruptly() {
         let sim = SimServer::start(SimConfig::default().with_stream(8, Duration::from_millis(5))).unwrap();
         let c = client();
         sim.push_fault(Fault::BreakMidStream { after_chunks: 3 }, FaultTarget::Any);
-        let resp = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("break-key-0001"),
-            Some(chat_body(true)),
-        )
-        .await
-        .unwrap();
+        let resp = post_chat(&c, &sim, "break-key-0001", true).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let mut body = resp.into_body();
         let (events, end) = read_events(&mut body, 100).await;
@@ -764,16 +736,7 @@ async fn http2_prior_knowledge_works() {
         let resp = send(&c, &sim, Method::GET, "/v1/models", Some("h2-key-000001"), None).await.unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.status(), StatusCode::OK);
-        let resp = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("h2-key-000001"),
-            Some(chat_body(true)),
-        )
-        .await
-        .unwrap();
+        let resp = post_chat(&c, &sim, "h2-key-000001", true).await.unwrap();
         let (_, _, body) = read_all(resp).await;
         assert!(body.ends_with("data: [DONE]\n\n"));
     })
@@ -806,16 +769,7 @@ async fn shutdown_closes_listener_and_connections() {
         let sim = SimServer::start(SimConfig::default().with_stream(100, Duration::from_millis(50))).unwrap();
         let addr = sim.addr();
         let c = client();
-        let resp = send(
-            &c,
-            &sim,
-            Method::POST,
-            "/v1/chat/completions",
-            Some("shutdown-key-1"),
-            Some(chat_body(true)),
-        )
-        .await
-        .unwrap();
+        let resp = post_chat(&c, &sim, "shutdown-key-1", true).await.unwrap();
         assert_eq!(sim.open_connections(), 1);
         sim.shutdown().await;
         // The in-flight stream is cut, and nobody listens any more.
