@@ -198,7 +198,10 @@ fn extras(
 
 fn settings(config: &Config) -> Settings {
     Settings {
-        max_attempts: usize::try_from(config.retry.max_attempts).unwrap_or(1).max(1),
+        // Validation bounds it; the clamp keeps the proxy's fixed-size attempt list safe anyway.
+        max_attempts: usize::try_from(config.retry.max_attempts)
+            .unwrap_or(1)
+            .clamp(1, crate::proxy::MAX_ATTEMPTS),
         queue_timeout: config.retry.queue_timeout,
         max_body_bytes: config.limits.max_body_bytes,
         tokens: ClientTokens(config.auth.tokens.iter().map(|t| t.expose().as_bytes().into()).collect()),

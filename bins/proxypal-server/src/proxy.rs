@@ -18,6 +18,9 @@ use crate::body::{Guarded, ProxyBody};
 use crate::errors::{error_response, json_response, rewrite_upstream_error};
 use crate::metrics::{AttemptResult, KeyMetrics, StreamGuard};
 
+/// Upper bound of `retry.max_attempts` (the config validation's limit).
+pub(crate) const MAX_ATTEMPTS: usize = crate::config::MAX_ATTEMPTS_LIMIT as usize;
+
 /// The most of an upstream error body read to rewrite it.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// How long reading an upstream error body may take.
@@ -171,12 +174,15 @@ async fn attempts(
     let deadline = tokio::time::Instant::now() + settings.queue_timeout;
     let max_attempts = settings.max_attempts;
     drop(settings);
-    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    // Keys tried by this request, on the stack: no allocation per request.
+    let mut tried_keys = [0usize; MAX_ATTEMPTS];
+    let mut tried_len = 0usize;
     let mut last: Option<Failure> = None;
 
-    while tried.len() < max_attempts {
+    while tried_len < max_attempts {
+        let tried = &tried_keys[..tried_len];
         let queued_at = tokio::time::Instant::now();
-        let leased = app.lease(&tried, deadline).await;
+        let leased = app.lease(tried, deadline).await;
         let queued = queued_at.elapsed();
         *elsewhere += queued;
         app.metrics().queue_wait(queued);
@@ -197,7 +203,8 @@ async fn attempts(
         if let Some(previous) = &last {
             app.metrics().retry(previous.result());
         }
-        tried.push(selected.index());
+        tried_keys[tried_len] = selected.index();
+        tried_len += 1;
         let label = selected.key().label();
         tracing::Span::current().record("key", label);
         *served_by = Some(Arc::clone(&metrics));

@@ -7,7 +7,7 @@ use http::{HeaderValue, Uri};
 use super::{Config, ConfigError, KeyEntry, KeyOrigin, Secret};
 
 /// Most upstream attempts a client request may make.
-const MAX_ATTEMPTS_LIMIT: u32 = 10;
+pub(crate) const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
 /// # Validation
 impl Config {
