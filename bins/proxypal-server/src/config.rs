@@ -86,6 +86,11 @@ pub struct Config {
     /// before closing them. Default 30 s.
     #[serde(deserialize_with = "parse::duration")]
     pub shutdown_grace: Duration,
+    /// Worker threads, each with its own event loop and upstream connections
+    /// (connections stay on the thread that accepted them, like nginx's
+    /// worker processes; the key pool, limits and stats are shared). Default:
+    /// one per CPU core the process may use.
+    pub workers: Option<usize>,
 }
 
 /// The upstream OpenAI-compatible API.
@@ -358,6 +363,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            workers: None,
         }
     }
 }
@@ -548,6 +554,20 @@ fn read_list_file(field: &'static str, path: &Path) -> Result<Vec<sources::ListL
     })
 }
 
+/// Most worker threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+impl Config {
+    /// The number of worker threads to run: `workers`, else one per CPU core
+    /// the process may use (`std::thread::available_parallelism`, which
+    /// honours CPU affinity and cgroup quotas), else 1.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(MAX_WORKERS)
+        })
+    }
+}
+
 /// # Reporting
 impl Config {
     /// A multi-line, human-readable summary for `--check` and startup logs:
@@ -628,6 +648,10 @@ impl Config {
         };
         let _ = writeln!(s, "log:        {} ({format})", self.log.level);
         let _ = writeln!(s, "shutdown:   grace {}", fmt_duration(self.shutdown_grace));
+        let _ = match self.workers {
+            Some(n) => writeln!(s, "workers:    {n}"),
+            None => writeln!(s, "workers:    {} (one per CPU core)", self.worker_count()),
+        };
         s
     }
 }

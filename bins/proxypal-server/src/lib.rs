@@ -33,10 +33,10 @@ mod proxy;
 pub mod serve;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch};
 
 pub use app::App;
 
@@ -46,6 +46,12 @@ pub enum StartError {
     /// The config could not be turned into a running proxy.
     #[error(transparent)]
     Build(#[from] app::BuildError),
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start a worker thread: {source}")]
+    Worker {
+        /// Why.
+        source: std::io::Error,
+    },
     /// The listen address could not be bound.
     #[error("listen: cannot bind {addr}: {source}")]
     Bind {
@@ -61,8 +67,10 @@ pub enum StartError {
 pub struct Running {
     addr: SocketAddr,
     app: Arc<App>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    /// Set to `true` to begin the graceful shutdown of every accept loop.
+    stop: watch::Sender<bool>,
+    /// One per accept loop; resolves (or errs) when that loop has finished.
+    done: Vec<oneshot::Receiver<()>>,
     /// The history sampler; aborted when this is dropped (after shutdown).
     _history: history::Sampler,
 }
@@ -80,27 +88,28 @@ impl Running {
 
     /// Stops accepting and waits for open requests (up to the grace period).
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = (&mut self.task).await;
+        self.begin_shutdown();
+        self.wait().await;
     }
 
     /// Waits until the server stops on its own (it does not, unless shut down).
-    pub async fn wait(mut self) {
-        let _ = (&mut self.task).await;
+    pub async fn wait(self) {
+        for done in self.done {
+            // An error means the loop's thread or task is gone: stopped as well.
+            let _ = done.await;
+        }
     }
 
     /// Triggers the graceful shutdown without waiting for it.
     pub fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.send_replace(true);
     }
 }
 
 /// Builds the proxy from `config`, binds `config.listen` and serves in the
-/// background. Must be called inside a Tokio runtime.
+/// background on the caller's Tokio runtime (one accept loop, the runtime's
+/// own threads). Must be called inside a Tokio runtime. The binary uses
+/// [`start_with`] and [`StartOptions::workers`] instead.
 ///
 /// # Errors
 /// A config that cannot be used, or an address that cannot be bound.
@@ -114,44 +123,113 @@ pub struct StartOptions {
     /// How often the dashboard's request history is sampled
     /// ([`history::DEFAULT_INTERVAL`]; tests use less).
     pub history_interval: std::time::Duration,
+    /// `None`: serve on the caller's runtime. `Some(n)`: start `n` worker
+    /// threads, each with a single-threaded runtime, its own accept loop over
+    /// a clone of the listening socket and its own upstream client, so that
+    /// a request, its upstream connection and its response stay on one
+    /// thread (no cross-thread wake-ups per request; see
+    /// `docs/performance.md`). The caller's runtime keeps only the
+    /// background work (history sampling; signals and reloads in the binary).
+    pub workers: Option<NonZeroUsize>,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
-        Self { history_interval: history::DEFAULT_INTERVAL }
+        Self { history_interval: history::DEFAULT_INTERVAL, workers: None }
     }
 }
 
 impl StartOptions {
     /// The defaults, except for the test-only [`history::INTERVAL_ENV`].
     pub fn from_env() -> Self {
-        Self { history_interval: history::interval_from_env() }
+        Self { history_interval: history::interval_from_env(), ..Self::default() }
     }
 }
 
 /// [`start`] with explicit [`StartOptions`].
 ///
 /// # Errors
-/// A config that cannot be used, or an address that cannot be bound.
+/// A config that cannot be used, an address that cannot be bound, or a worker
+/// thread that cannot be started.
 pub async fn start_with(
     config: &config::Config,
     dev: bool,
     options: StartOptions,
 ) -> Result<Running, StartError> {
     let app = App::new(config, dev)?;
-    let listener =
-        serve::bind(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let (stop, stopped) = oneshot::channel::<()>();
+    let bind_error = |source| StartError::Bind { addr: config.listen, source };
+    let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
-    let task = tokio::spawn(serve::serve(
-        listener,
-        Arc::clone(&app),
-        async move {
-            let _ = stopped.await;
-        },
-        grace,
-    ));
+    let (addr, done) = match options.workers {
+        None => {
+            let listener = serve::bind(config.listen).map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            let (done_tx, done) = oneshot::channel();
+            let worker = serve::Worker::new(&app, 0, app.upstream().clone());
+            let serving = Arc::clone(&app);
+            tokio::spawn(async move {
+                serve::serve(listener, serving, worker, until_stopped(stopped), grace).await;
+                let _ = done_tx.send(());
+            });
+            (addr, vec![done])
+        }
+        Some(n) => {
+            let listeners = serve::bind_workers(config.listen, n.get()).map_err(bind_error)?;
+            let addr = match listeners.first() {
+                Some(l) => l.local_addr().map_err(bind_error)?,
+                // `n` is at least 1, so there is a first listener.
+                None => config.listen,
+            };
+            (addr, spawn_workers(config, &app, listeners, &stopped, grace)?)
+        }
+    };
     let sampler = history::spawn(&app, options.history_interval);
-    Ok(Running { addr, app, stop: Some(stop), task, _history: sampler })
+    Ok(Running { addr, app, stop, done, _history: sampler })
+}
+
+/// Resolves once `stop` turns `true` (or its sender is gone).
+async fn until_stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// Starts one worker thread per listener; returns one completion receiver
+/// per worker.
+fn spawn_workers(
+    config: &config::Config,
+    app: &Arc<App>,
+    listeners: Vec<std::net::TcpListener>,
+    stopped: &watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Result<Vec<oneshot::Receiver<()>>, StartError> {
+    let worker_error = |source| StartError::Worker { source };
+    let mut done = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        // Built here, not in the thread, so that a failure is reported to the caller.
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(worker_error)?;
+        let upstream =
+            proxypal_upstream::Upstream::new(app::upstream_config(config)?).map_err(app::BuildError::from)?;
+        let worker = serve::Worker::new(app, i, upstream);
+        let app = Arc::clone(app);
+        let stopped = stopped.clone();
+        let (done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("proxypal-worker-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve::serve(listener, app, worker, until_stopped(stopped), grace).await;
+                        }
+                        Err(e) => tracing::error!(worker = i, error = %e, "worker cannot use the listener"),
+                    }
+                });
+                // Dropping the runtime here ends what the grace period left open.
+                drop(runtime);
+                let _ = done_tx.send(());
+            })
+            .map_err(worker_error)?;
+        done.push(done_rx);
+    }
+    Ok(done)
 }

@@ -46,7 +46,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     proxypal_server::logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The main thread's runtime only watches signals and files, samples the
+    // dashboard history (and runs the simulator in --dev); requests are served
+    // by `workers` threads with runtimes of their own (see `StartOptions`).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("proxypal-server: cannot start the runtime: {e}");
@@ -71,7 +74,11 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
     } else {
         None
     };
-    let mut server = match proxypal_server::start(&config, cli.dev).await {
+    let options = proxypal_server::StartOptions {
+        workers: std::num::NonZeroUsize::new(config.worker_count()),
+        ..proxypal_server::StartOptions::from_env()
+    };
+    let mut server = match proxypal_server::start_with(&config, cli.dev, options).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("proxypal-server: {e}");
@@ -82,7 +89,13 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
             });
         }
     };
-    tracing::info!(keys = config.keys.len(), upstream = %config.upstream.base_url, "listening on {}", server.addr());
+    tracing::info!(
+        keys = config.keys.len(),
+        upstream = %config.upstream.base_url,
+        workers = config.worker_count(),
+        "listening on {}",
+        server.addr()
+    );
     if cli.dev {
         println!("{}", proxypal_server::dev::banner(&config, server.addr(), &config.upstream.base_url));
     }

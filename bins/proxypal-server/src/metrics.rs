@@ -34,6 +34,12 @@ struct Reason {
     reason: &'static str,
 }
 
+/// Labels with only a worker index.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
 /// Labels with only a state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
@@ -120,6 +126,7 @@ pub struct Metrics {
     attempts: Family<KeyResult, Counter>,
     retries: Family<Reason, Counter>,
     keys: Family<State, Gauge>,
+    connections: Family<WorkerLabel, Counter>,
     queue_depth: Gauge,
     in_flight: Gauge,
     open_streams: Gauge,
@@ -147,6 +154,7 @@ impl Metrics {
         let attempts = Family::<KeyResult, Counter>::default();
         let retries = Family::<Reason, Counter>::default();
         let keys = Family::<State, Gauge>::default();
+        let connections = Family::<WorkerLabel, Counter>::default();
         let queue_depth = Gauge::default();
         let in_flight = Gauge::default();
         let open_streams = Gauge::default();
@@ -164,6 +172,11 @@ impl Metrics {
         registry.register("upstream_attempts", "Upstream attempts by key and result", attempts.clone());
         registry.register("retries", "Attempts retried on another key, by reason", retries.clone());
         registry.register("keys", "Keys by state (ready, cooling_down, disabled)", keys.clone());
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted, by the worker thread serving them",
+            connections.clone(),
+        );
         registry.register("queue_depth", "Requests waiting for a key with capacity", queue_depth.clone());
         registry.register("in_flight_requests", "Requests being served", in_flight.clone());
         registry.register("open_streams", "Streaming (SSE) responses open", open_streams.clone());
@@ -188,6 +201,7 @@ impl Metrics {
             attempts,
             retries,
             keys,
+            connections,
             queue_depth,
             in_flight,
             open_streams,
@@ -208,6 +222,12 @@ impl Metrics {
             self.attempts.get_or_create_owned(&KeyResult { key: label.to_owned(), result: r.as_str() })
         });
         Arc::new(KeyMetrics { requests, attempts })
+    }
+
+    /// The accepted-connections counter of worker `worker` (resolved once
+    /// per worker, not per connection).
+    pub fn worker_connections(&self, worker: usize) -> Counter {
+        self.connections.get_or_create_owned(&WorkerLabel { worker: worker.to_string() })
     }
 
     /// Counters for requests no key served.

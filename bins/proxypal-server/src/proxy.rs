@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use proxypal_keypool::Outcome;
-use proxypal_upstream::{RequestParts, UpstreamError};
+use proxypal_upstream::{RequestParts, Upstream, UpstreamError};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::{App, Lease, NoKey};
@@ -100,9 +100,11 @@ async fn read_error_body(body: proxypal_upstream::UpstreamBody) -> Bytes {
     }
 }
 
-/// Serves one `/v1/*` request. `rest` is the path and query after `/v1`.
+/// Serves one `/v1/*` request through `upstream` (the serving worker's
+/// client). `rest` is the path and query after `/v1`.
 pub async fn forward(
     app: &App,
+    upstream: &Upstream,
     req: Request<Incoming>,
     rest: String,
     slot: OwnedSemaphorePermit,
@@ -111,7 +113,7 @@ pub async fn forward(
     // Time not spent in the proxy itself: queueing and waiting for upstream headers.
     let mut elsewhere = Duration::ZERO;
     let mut served_by = None;
-    let resp = attempts(app, req, rest, slot, &mut elsewhere, &mut served_by).await;
+    let resp = attempts(app, upstream, req, rest, slot, &mut elsewhere, &mut served_by).await;
     served_by.as_ref().unwrap_or(app.metrics().no_key()).request(resp.status());
     app.metrics().overhead(started.elapsed().saturating_sub(elsewhere));
     resp
@@ -119,6 +121,7 @@ pub async fn forward(
 
 async fn attempts(
     app: &App,
+    upstream: &Upstream,
     req: Request<Incoming>,
     rest: String,
     slot: OwnedSemaphorePermit,
@@ -209,7 +212,7 @@ async fn attempts(
         tracing::Span::current().record("key", label);
         *served_by = Some(Arc::clone(&metrics));
         let sent_at = tokio::time::Instant::now();
-        let answer = app.upstream().send(&parts, body.clone(), &auth).await;
+        let answer = upstream.send(&parts, body.clone(), &auth).await;
         let upstream_took = sent_at.elapsed();
         *elsewhere += upstream_took;
         app.metrics().upstream_latency(upstream_took);

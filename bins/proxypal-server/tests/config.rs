@@ -211,6 +211,7 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
         "PROXYPAL_LOG__LEVEL",
         "PROXYPAL_LOG__FORMAT",
         "PROXYPAL_SHUTDOWN_GRACE",
+        "PROXYPAL_WORKERS",
     ] {
         assert!(text.contains(var), "example does not mention {var}");
         assert!(docs.contains(var.trim_end_matches('=')), "docs/configuration.md does not mention {var}");
@@ -519,6 +520,9 @@ fn each_validation_error_names_its_field() {
         (k("log: { level: \" \" }"), "log.level", "must not be empty"),
         (k("limits: { max_body_bytes: 0 }"), "limits.max_body_bytes", "must be at least 1"),
         (k("limits: { max_inflight: 0 }"), "limits.max_inflight", "must be at least 1"),
+        (k("workers: 0"), "workers", "must be between 1 and 256 (got 0)"),
+        (k("workers: 257"), "workers", "must be between 1 and 256 (got 257)"),
+        (k("workers: some"), "workers", "some"),
         (
             k("cors: { allowed_origins: [\"*\", \"https://a.example\"] }"),
             "cors.allowed_origins[0]",

@@ -21,9 +21,13 @@ async fn rig(keys: usize, tweak: impl FnOnce(&mut Config)) -> Rig {
     let sim = SimServer::start(SimConfig::default().with_keys(keys.clone())).unwrap();
     let mut config = proxy_config(&sim, &keys);
     tweak(&mut config);
-    let server = proxypal_server::start_with(&config, false, StartOptions { history_interval: INTERVAL })
-        .await
-        .unwrap();
+    let server = proxypal_server::start_with(
+        &config,
+        false,
+        StartOptions { history_interval: INTERVAL, ..StartOptions::default() },
+    )
+    .await
+    .unwrap();
     Rig { sim, server, keys, http: http_client() }
 }
 

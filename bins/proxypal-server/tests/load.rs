@@ -27,8 +27,11 @@ use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
 const REQUESTS: usize = 5_000;
 const CONCURRENCY: usize = 200;
 const KEYS: usize = 4;
-/// The upstream client's `pool_max_idle_per_host` (proxypal-upstream's default).
-const POOL_MAX_IDLE: usize = 256;
+/// Worker threads, each with its own upstream pool.
+const WORKERS: usize = 2;
+/// The upstream client's `pool_max_idle_per_host` (proxypal-upstream's
+/// default), per worker.
+const POOL_MAX_IDLE: usize = 256 * WORKERS;
 
 /// `n` chat completions through the proxy at `addr`, [`CONCURRENCY`] at a
 /// time: each one's latency, the failures, and the wall time.
@@ -75,7 +78,13 @@ async fn five_thousand_requests_at_200_concurrent_spread_evenly_without_errors_o
         let mut config = proxy_config(&sim, &keys);
         config.rate_limit.requests_per_minute = 10_000_000;
         config.rate_limit.burst = 1000;
-        let server = proxypal_server::start(&config, false).await.unwrap();
+        // Served the way the binary serves: worker threads, each with its
+        // own runtime and upstream connection pool.
+        let options = proxypal_server::StartOptions {
+            workers: std::num::NonZeroUsize::new(WORKERS),
+            ..proxypal_server::StartOptions::default()
+        };
+        let server = proxypal_server::start_with(&config, false, options).await.unwrap();
         let addr = server.addr();
         let http = http_client();
 

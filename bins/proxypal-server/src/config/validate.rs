@@ -25,6 +25,12 @@ impl Config {
         self.validate_auth()?;
         at_least_one("limits.max_body_bytes", self.limits.max_body_bytes)?;
         at_least_one("limits.max_inflight", self.limits.max_inflight)?;
+        if let Some(n) = self.workers.filter(|n| !(1..=super::MAX_WORKERS).contains(n)) {
+            return Err(ConfigError::invalid(
+                "workers",
+                format!("must be between 1 and {} (got {n})", super::MAX_WORKERS),
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "log.level",
