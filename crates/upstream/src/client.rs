@@ -3,6 +3,7 @@
 use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use http::uri::{self, Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -130,10 +131,17 @@ pub struct Upstream {
 struct Inner {
     client: HyperClient,
     base_url: Uri,
-    /// `scheme://authority/base-path` with no trailing slash; target paths are appended to it.
-    prefix: Box<str>,
-    /// True when the base URL has no path, so a target needs its own leading `/`.
-    prefix_has_path: bool,
+    /// The base URL's scheme and authority, parsed once: each target URI is assembled from them
+    /// and a new path (cloning them is a reference count at most).
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path with no trailing slash (empty for `https://host`); target paths are
+    /// appended to it.
+    base_path: Box<str>,
+    /// The `Host` header for plain-`http` upstreams (always HTTP/1.1), built once instead of by
+    /// hyper-util per request. `None` for `https`: HTTP/2 carries `:authority` instead, and
+    /// hyper-util adds `Host` when the connection turns out to be HTTP/1.1.
+    host: Option<HeaderValue>,
     user_agent: HeaderValue,
     response_timeout: Duration,
     idle_timeout: Duration,
@@ -163,7 +171,7 @@ impl Upstream {
     /// certificate; [`UpstreamBuildError::Tls`] if rustls rejects its own default configuration
     /// (not expected in practice).
     pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamBuildError> {
-        let (prefix, prefix_has_path) = base_prefix(&cfg.base_url)?;
+        let base = parse_base(&cfg.base_url)?;
 
         let mut http = HttpConnector::new();
         // The HTTPS connector decides which schemes are allowed.
@@ -200,8 +208,10 @@ impl Upstream {
             inner: Arc::new(Inner {
                 client,
                 base_url: cfg.base_url,
-                prefix,
-                prefix_has_path,
+                scheme: base.scheme,
+                authority: base.authority,
+                base_path: base.path,
+                host: base.host,
                 user_agent: cfg.user_agent,
                 response_timeout: cfg.response_timeout,
                 idle_timeout: cfg.idle_timeout,
@@ -215,11 +225,19 @@ impl Upstream {
     }
 }
 
-/// Validates the base URL and returns `(prefix, prefix_has_path)`.
-fn base_prefix(url: &Uri) -> Result<(Box<str>, bool), UpstreamBuildError> {
+/// The parts of a validated base URL.
+struct Base {
+    scheme: Scheme,
+    authority: Authority,
+    path: Box<str>,
+    host: Option<HeaderValue>,
+}
+
+/// Validates the base URL and splits it into the parts target URIs are built from.
+fn parse_base(url: &Uri) -> Result<Base, UpstreamBuildError> {
     let invalid = |reason| UpstreamBuildError::InvalidBaseUrl { url: url.clone(), reason };
-    let scheme = match url.scheme_str() {
-        Some(s @ ("http" | "https")) => s,
+    let scheme = match url.scheme() {
+        Some(s) if s == &Scheme::HTTP || s == &Scheme::HTTPS => s.clone(),
         Some(_) => return Err(invalid("the scheme must be http or https")),
         None => return Err(invalid("it must be absolute (http:// or https://)")),
     };
@@ -231,9 +249,16 @@ fn base_prefix(url: &Uri) -> Result<(Box<str>, bool), UpstreamBuildError> {
     if url.query().is_some() {
         return Err(invalid("it must not have a query string"));
     }
-    let path = url.path().trim_end_matches('/');
-    let prefix = format!("{scheme}://{authority}{path}").into_boxed_str();
-    Ok((prefix, !path.is_empty()))
+    // What hyper-util would send: the host, plus the port unless it is the scheme's default.
+    let host = (scheme == Scheme::HTTP)
+        .then(|| match authority.port_u16() {
+            Some(port) if port != 80 => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+            _ => HeaderValue::from_str(authority.host()),
+        })
+        .transpose()
+        .map_err(|_| invalid("its host is not a valid Host header"))?;
+    let path = url.path().trim_end_matches('/').into();
+    Ok(Base { scheme, authority: authority.clone(), path, host })
 }
 
 /// # Sending
@@ -241,8 +266,9 @@ impl Upstream {
     /// The upstream URI for a client path: the base URL with `path_and_query` appended.
     ///
     /// `path_and_query` is what follows the base path, e.g. `/chat/completions?x=1`; it may also
-    /// be empty or start with `?`. A trailing slash on the base path is not doubled. Builds one
-    /// `String` and parses it in place.
+    /// be empty or start with `?`. A trailing slash on the base path is not doubled. Only the new
+    /// path and query are built and parsed; scheme and authority were parsed once in
+    /// [`new`](Self::new).
     ///
     /// # Errors
     ///
@@ -274,15 +300,23 @@ impl Upstream {
         if path.split('/').any(is_dot_segment) {
             return Err(invalid("'.' and '..' segments are not allowed"));
         }
-        let prefix = &self.inner.prefix;
-        let slash = !self.inner.prefix_has_path && !path_and_query.starts_with('/');
-        let mut uri = String::with_capacity(prefix.len() + usize::from(slash) + path_and_query.len());
-        uri.push_str(prefix);
+        let base = &self.inner.base_path;
+        let slash = base.is_empty() && !path_and_query.starts_with('/');
+        let mut pq = String::with_capacity(base.len() + usize::from(slash) + path_and_query.len());
+        pq.push_str(base);
         if slash {
-            uri.push('/');
+            pq.push('/');
         }
-        uri.push_str(path_and_query);
-        Uri::try_from(uri).map_err(|_| invalid("it is not a valid URI path"))
+        pq.push_str(path_and_query);
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(self.inner.scheme.clone());
+        parts.authority = Some(self.inner.authority.clone());
+        parts.path_and_query = Some(
+            PathAndQuery::from_maybe_shared(Bytes::from(pq))
+                .map_err(|_| invalid("it is not a valid URI path"))?,
+        );
+        // Scheme, authority and path are all set: `from_parts` cannot fail, but is not trusted to.
+        Uri::from_parts(parts).map_err(|_| invalid("it is not a valid URI path"))
     }
 
     /// Sends one request upstream and resolves to the response once its headers arrive.
@@ -322,8 +356,12 @@ impl Upstream {
             let mut req = Request::new(Full::new(body));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = uri.clone();
-            *req.headers_mut() =
-                upstream_request_headers(&parts.headers, authorization, &self.inner.user_agent);
+            *req.headers_mut() = upstream_request_headers(
+                &parts.headers,
+                authorization,
+                &self.inner.user_agent,
+                self.inner.host.as_ref(),
+            );
             // `request` is lazy: nothing happens until the future is polled.
             (uri, self.inner.client.request(req))
         });
@@ -418,6 +456,20 @@ mod tests {
             err.as_deref(),
             Some(r#"invalid upstream target path "/../x": '.' and '..' segments are not allowed"#)
         );
+    }
+
+    #[test]
+    fn host_header_is_prebuilt_for_plain_http_only() {
+        for (base, want) in [
+            ("http://h/v1", Some("h")),
+            ("http://h:80/v1", Some("h")),
+            ("http://127.0.0.1:8080", Some("127.0.0.1:8080")),
+            ("http://[::1]:9/v1", Some("[::1]:9")),
+            ("https://h:8443/v1", None),
+        ] {
+            let host = upstream(base).inner.host.clone();
+            assert_eq!(host.as_ref().map(|h| h.to_str().unwrap_or("?")), want, "{base}");
+        }
     }
 
     #[test]

@@ -72,13 +72,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// credentials (`Authorization`, `x-api-key`), `Host` (hyper sets it from the URI on HTTP/1 and
 /// uses `:authority` on HTTP/2), `Content-Length` (hyper sets it from the buffered body),
 /// `Expect` (the proxy already has the whole body) and `User-Agent`; then sets `Authorization`
-/// and `User-Agent` to the given values.
+/// and `User-Agent` to the given values, and `Host` if one is given (plain-`http` upstreams).
 pub(crate) fn upstream_request_headers(
     client: &HeaderMap,
     authorization: &HeaderValue,
     user_agent: &HeaderValue,
+    host: Option<&HeaderValue>,
 ) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(client.keys_len() + 2);
+    let mut out = HeaderMap::with_capacity(client.keys_len() + 3);
     let connection = client.get_all(CONNECTION);
     let te_ok = client.get_all(TE).iter().all(|v| v == "trailers");
     for (name, value) in client {
@@ -92,6 +93,9 @@ pub(crate) fn upstream_request_headers(
     }
     out.insert(AUTHORIZATION, authorization.clone());
     out.insert(USER_AGENT, user_agent.clone());
+    if let Some(host) = host {
+        out.insert(HOST, host.clone());
+    }
     out
 }
 
@@ -194,7 +198,7 @@ mod tests {
         ]);
         let auth = HeaderValue::from_static("Bearer upstream");
         let ua = HeaderValue::from_static("proxypal/test");
-        let out = upstream_request_headers(&client, &auth, &ua);
+        let out = upstream_request_headers(&client, &auth, &ua, None);
         let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "authorization", "te", "user-agent", "x-multi"]);
@@ -208,6 +212,6 @@ mod tests {
     fn request_headers_drop_te_other_than_trailers() {
         let client = map(&[("te", "trailers, deflate")]);
         let v = HeaderValue::from_static("x");
-        assert!(upstream_request_headers(&client, &v, &v).get(TE).is_none());
+        assert!(upstream_request_headers(&client, &v, &v, None).get(TE).is_none());
     }
 }
