@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::UpstreamBodyError;
+use crate::{UpstreamBodyError, pool::Lent};
 
 /// The upstream response body.
 ///
@@ -24,7 +24,8 @@ use crate::UpstreamBodyError;
 /// [`UpstreamBodyError::IdleTimeout`] and ends.
 ///
 /// Dropping it closes the upstream HTTP/1 connection (or resets the HTTP/2 stream) unless the
-/// body was read to the end, in which case the connection returns to the pool.
+/// body was read to the end, in which case the connection returns to the pool (at the moment
+/// the last frame is read, or at once for an empty body).
 ///
 /// It is [`Unpin`], so `http_body_util::BodyExt::frame` works on it directly.
 #[derive(Debug)]
@@ -37,18 +38,37 @@ pub struct UpstreamBody {
     last_frame: Instant,
     idle_timeout: Duration,
     done: bool,
+    /// The HTTP/1.1 connection this body arrives on, returned to the pool at the end.
+    lent: Option<Lent>,
 }
 
 impl UpstreamBody {
-    /// Wraps hyper's body; the idle clock starts now.
-    pub(crate) fn new(inner: Incoming, idle_timeout: Duration) -> Self {
+    /// Wraps hyper's body; the idle clock starts now. `lent` goes back to the pool when the
+    /// body has been read to the end.
+    pub(crate) fn new(inner: Incoming, idle_timeout: Duration, lent: Option<Lent>) -> Self {
         let now = Instant::now();
-        Self {
+        let mut body = Self {
             inner,
             idle: Box::pin(tokio::time::sleep_until(deadline(now, idle_timeout))),
             last_frame: now,
             idle_timeout,
             done: false,
+            lent,
+        };
+        // A body known to be empty may never be polled (hyper's server does not poll a body
+        // whose `is_end_stream` is true).
+        body.give_back_if_ended();
+        body
+    }
+
+    /// Returns the connection once hyper says the body has ended: after the last frame of a
+    /// `Content-Length` body nobody may poll again, so waiting for `Ready(None)` could keep
+    /// the connection out of the pool for good.
+    fn give_back_if_ended(&mut self) {
+        if self.lent.is_some() && self.inner.is_end_stream() {
+            if let Some(lent) = self.lent.take() {
+                lent.give_back();
+            }
         }
     }
 }
@@ -76,14 +96,20 @@ impl Body for UpstreamBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last_frame = Instant::now();
+                this.give_back_if_ended();
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
                 this.done = true;
+                // Broken: the connection is dropped (closed), not returned.
+                this.lent = None;
                 return Poll::Ready(Some(Err(UpstreamBodyError::Read { source: e.into() })));
             }
             Poll::Ready(None) => {
                 this.done = true;
+                if let Some(lent) = this.lent.take() {
+                    lent.give_back();
+                }
                 return Poll::Ready(None);
             }
             Poll::Pending => {}

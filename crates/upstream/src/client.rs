@@ -6,23 +6,19 @@ use bytes::Bytes;
 use http::uri::{self, Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_rustls::HttpsConnectorBuilder;
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::{
     InvalidKey, InvalidTarget, UpstreamBody, UpstreamBuildError, UpstreamConfig, UpstreamError,
     error::without_query,
     headers::{strip_hop_by_hop, upstream_request_headers},
+    pool::{Pool, PoolConfig, SendError},
     tls::client_config_with_extra_roots,
 };
 
 /// TCP keep-alive probes on upstream sockets, so a half-dead connection is eventually noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the `Authorization` header value `Bearer <secret>`, marked sensitive.
 ///
@@ -116,20 +112,32 @@ impl fmt::Debug for HeaderNames<'_> {
 /// `https` upstreams negotiate HTTP/2 or HTTP/1.1 by ALPN, with Mozilla's root certificates
 /// compiled in (plus any [`extra_root_certificates`](UpstreamConfig::extra_root_certificates))
 /// and the `ring` crypto provider passed explicitly (no process-wide default is needed). Plain
-/// `http` upstreams (a local simulated upstream) use HTTP/1.1. Idle connections are kept for
-/// [`pool_idle_timeout`](UpstreamConfig::pool_idle_timeout).
+/// `http` upstreams (a local simulated upstream) use HTTP/1.1.
 ///
-/// Requests share one HTTP/2 connection once one is pooled. On a cold pool, though, a burst of
-/// concurrent requests each opens its own TCP + TLS connection (the pool learns that the
-/// upstream speaks h2 only when the first handshake completes); all but one are closed after
-/// their handshake.
+/// The pool is made for one origin: a list, not a map keyed by host.
+/// - HTTP/2: one connection carries every request. On a cold pool the first request connects
+///   while concurrent ones wait for it, so a burst opens one TCP + TLS connection, not one each.
+/// - HTTP/1.1: a connection returns to the pool when its response body has been read to the end
+///   (dropping a body early closes it), the most recently used goes out first, at most
+///   [`pool_max_idle_per_host`](UpstreamConfig::pool_max_idle_per_host) are kept, and each is
+///   closed after [`pool_idle_timeout`](UpstreamConfig::pool_idle_timeout) unused.
+/// - A request that a pooled connection could not deliver because the connection turned out to
+///   be closed is sent again on another connection, so a keep-alive race does not fail a
+///   request or blame its key: when hyper hands the request back unsent, and when a connection
+///   idle for over a second loses it without any answer (the upstream's keep-alive timeout ran
+///   out as it went). A connection that drops a request sooner, and a fresh connection's
+///   failure, are returned as errors: the upstream may have processed the request.
+///
+/// Connection tasks are spawned on the Tokio runtime that opens the connection. Give each
+/// runtime its own `Upstream` (as the server's worker threads do) to keep every request's work
+/// on one thread.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: HyperClient,
+    pool: Pool,
     base_url: Uri,
     /// The base URL's scheme and authority, parsed once: each target URI is assembled from them
     /// and a new path (cloning them is a reference count at most).
@@ -138,10 +146,6 @@ struct Inner {
     /// The base URL's path with no trailing slash (empty for `https://host`); target paths are
     /// appended to it.
     base_path: Box<str>,
-    /// The `Host` header for plain-`http` upstreams (always HTTP/1.1), built once instead of by
-    /// hyper-util per request. `None` for `https`: HTTP/2 carries `:authority` instead, and
-    /// hyper-util adds `Host` when the connection turns out to be HTTP/1.1.
-    host: Option<HeaderValue>,
     user_agent: HeaderValue,
     response_timeout: Duration,
     idle_timeout: Duration,
@@ -191,27 +195,24 @@ impl Upstream {
         };
         let https = tls.https_or_http().enable_http1().enable_http2().wrap_connector(http);
 
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            // Without a pool timer the idle timeout is never enforced (hyper #3640).
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            // HTTP/2 keep-alive pings need this one.
-            .timer(TokioTimer::new());
-        if let Some(interval) = cfg.http2_keep_alive_interval {
-            builder.http2_keep_alive_interval(interval).http2_keep_alive_while_idle(true);
-        }
-        let client = builder.build(https);
+        let pool = Pool::new(
+            https,
+            PoolConfig {
+                max_idle: cfg.pool_max_idle_per_host,
+                idle_timeout: cfg.pool_idle_timeout,
+                h2_keep_alive_interval: cfg.http2_keep_alive_interval,
+                may_be_h2: base.scheme == Scheme::HTTPS,
+                host: base.host.clone(),
+            },
+        );
 
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                pool,
                 base_url: cfg.base_url,
                 scheme: base.scheme,
                 authority: base.authority,
                 base_path: base.path,
-                host: base.host,
                 user_agent: cfg.user_agent,
                 response_timeout: cfg.response_timeout,
                 idle_timeout: cfg.idle_timeout,
@@ -230,7 +231,7 @@ struct Base {
     scheme: Scheme,
     authority: Authority,
     path: Box<str>,
-    host: Option<HeaderValue>,
+    host: HeaderValue,
 }
 
 /// Validates the base URL and splits it into the parts target URIs are built from.
@@ -249,14 +250,13 @@ fn parse_base(url: &Uri) -> Result<Base, UpstreamBuildError> {
     if url.query().is_some() {
         return Err(invalid("it must not have a query string"));
     }
-    // What hyper-util would send: the host, plus the port unless it is the scheme's default.
-    let host = (scheme == Scheme::HTTP)
-        .then(|| match authority.port_u16() {
-            Some(port) if port != 80 => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
-            _ => HeaderValue::from_str(authority.host()),
-        })
-        .transpose()
-        .map_err(|_| invalid("its host is not a valid Host header"))?;
+    // The HTTP/1.1 Host header: the host, plus the port unless it is the scheme's default.
+    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+        _ => HeaderValue::from_str(authority.host()),
+    }
+    .map_err(|_| invalid("its host is not a valid Host header"))?;
     let path = url.path().trim_end_matches('/').into();
     Ok(Base { scheme, authority: authority.clone(), path, host })
 }
@@ -356,20 +356,21 @@ impl Upstream {
             let mut req = Request::new(Full::new(body));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = uri.clone();
-            *req.headers_mut() = upstream_request_headers(
-                &parts.headers,
-                authorization,
-                &self.inner.user_agent,
-                self.inner.host.as_ref(),
-            );
-            // `request` is lazy: nothing happens until the future is polled.
-            (uri, self.inner.client.request(req))
+            *req.headers_mut() =
+                upstream_request_headers(&parts.headers, authorization, &self.inner.user_agent);
+            (uri, req)
         });
+        let pool = self.inner.pool.clone();
         async move {
-            let (uri, response) = prepared?;
-            let response = match tokio::time::timeout(response_timeout, response).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Err(UpstreamError::from_client(&uri, e)),
+            let (uri, req) = prepared?;
+            let (response, lent) = match tokio::time::timeout(response_timeout, pool.send(req)).await {
+                Ok(Ok(sent)) => sent,
+                Ok(Err(SendError::Connect(source))) => {
+                    return Err(UpstreamError::Connect { uri: without_query(&uri), source });
+                }
+                Ok(Err(SendError::Protocol(source))) => {
+                    return Err(UpstreamError::Protocol { uri: without_query(&uri), source });
+                }
                 Err(_elapsed) => {
                     return Err(UpstreamError::ResponseTimeout {
                         uri: without_query(&uri),
@@ -379,7 +380,7 @@ impl Upstream {
             };
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
-            Ok(Response::from_parts(head, UpstreamBody::new(body, idle_timeout)))
+            Ok(Response::from_parts(head, UpstreamBody::new(body, idle_timeout, lent)))
         }
     }
 }
@@ -459,16 +460,18 @@ mod tests {
     }
 
     #[test]
-    fn host_header_is_prebuilt_for_plain_http_only() {
+    fn host_header_omits_only_the_default_port() {
         for (base, want) in [
-            ("http://h/v1", Some("h")),
-            ("http://h:80/v1", Some("h")),
-            ("http://127.0.0.1:8080", Some("127.0.0.1:8080")),
-            ("http://[::1]:9/v1", Some("[::1]:9")),
-            ("https://h:8443/v1", None),
+            ("http://h/v1", "h"),
+            ("http://h:80/v1", "h"),
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://[::1]:9/v1", "[::1]:9"),
+            ("https://h:8443/v1", "h:8443"),
+            ("https://h:443/v1", "h"),
+            ("https://h:80/v1", "h:80"),
         ] {
-            let host = upstream(base).inner.host.clone();
-            assert_eq!(host.as_ref().map(|h| h.to_str().unwrap_or("?")), want, "{base}");
+            let host = parse_base(&Uri::from_static(base)).ok().map(|b| b.host);
+            assert_eq!(host.as_ref().map(|h| h.to_str().unwrap_or("?")), Some(want), "{base}");
         }
     }
 

@@ -65,11 +65,11 @@ pub enum UpstreamError {
     #[error(transparent)]
     InvalidTarget(#[from] InvalidTarget),
     /// No connection could be made (refused, DNS, TCP connect timeout, TLS).
-    #[error("cannot connect to upstream {}{}", NoQuery(.uri), Causes(.source.source()))]
+    #[error("cannot connect to upstream {}{}", NoQuery(.uri), chain(.source))]
     Connect {
         /// The URI the request was for, without its query string.
         uri: Uri,
-        /// The client's error; its causes are already part of this error's `Display`.
+        /// The underlying error; it and its causes are already part of this error's `Display`.
         #[source]
         source: BoxError,
     },
@@ -83,27 +83,17 @@ pub enum UpstreamError {
     },
     /// The request failed after connecting: the connection was reset or closed, or the
     /// response was malformed.
-    #[error("upstream {} request failed{}", NoQuery(.uri), Causes(.source.source()))]
+    #[error("upstream {} request failed{}", NoQuery(.uri), chain(.source))]
     Protocol {
         /// The URI the request was for, without its query string.
         uri: Uri,
-        /// The client's error; its causes are already part of this error's `Display`.
+        /// The underlying error; it and its causes are already part of this error's `Display`.
         #[source]
         source: BoxError,
     },
 }
 
 impl UpstreamError {
-    /// Classifies a hyper-util client error for `uri`.
-    pub(crate) fn from_client(uri: &Uri, err: hyper_util::client::legacy::Error) -> Self {
-        let uri = without_query(uri);
-        if err.is_connect() {
-            Self::Connect { uri, source: err.into() }
-        } else {
-            Self::Protocol { uri, source: err.into() }
-        }
-    }
-
     /// True when no connection could be made, so the upstream never saw the request.
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect { .. })
@@ -252,6 +242,11 @@ impl fmt::Display for NoQuery<'_> {
 
 /// Displays an error chain as `: cause: cause of cause…` (nothing when there is no cause).
 struct Causes<'a>(Option<&'a (dyn StdError + 'static)>);
+
+/// `: <error>: <its cause>: …` for a boxed error.
+fn chain(e: &BoxError) -> Causes<'_> {
+    Causes(Some(e.as_ref()))
+}
 
 impl fmt::Display for Causes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

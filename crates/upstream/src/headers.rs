@@ -69,15 +69,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Builds the headers for the upstream request from the client's headers.
 ///
 /// Keeps end-to-end headers, drops hop-by-hop ones (as [`strip_hop_by_hop`]), the client's
-/// credentials (`Authorization`, `x-api-key`), `Host` (hyper sets it from the URI on HTTP/1 and
+/// credentials (`Authorization`, `x-api-key`), `Host` (the pool sets the upstream's on HTTP/1 and
 /// uses `:authority` on HTTP/2), `Content-Length` (hyper sets it from the buffered body),
 /// `Expect` (the proxy already has the whole body) and `User-Agent`; then sets `Authorization`
-/// and `User-Agent` to the given values, and `Host` if one is given (plain-`http` upstreams).
+/// and `User-Agent` to the given values.
 pub(crate) fn upstream_request_headers(
     client: &HeaderMap,
     authorization: &HeaderValue,
     user_agent: &HeaderValue,
-    host: Option<&HeaderValue>,
 ) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.keys_len() + 3);
     let connection = client.get_all(CONNECTION);
@@ -93,9 +92,6 @@ pub(crate) fn upstream_request_headers(
     }
     out.insert(AUTHORIZATION, authorization.clone());
     out.insert(USER_AGENT, user_agent.clone());
-    if let Some(host) = host {
-        out.insert(HOST, host.clone());
-    }
     out
 }
 
@@ -198,7 +194,7 @@ mod tests {
         ]);
         let auth = HeaderValue::from_static("Bearer upstream");
         let ua = HeaderValue::from_static("proxypal/test");
-        let out = upstream_request_headers(&client, &auth, &ua, None);
+        let out = upstream_request_headers(&client, &auth, &ua);
         let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "authorization", "te", "user-agent", "x-multi"]);
@@ -212,6 +208,6 @@ mod tests {
     fn request_headers_drop_te_other_than_trailers() {
         let client = map(&[("te", "trailers, deflate")]);
         let v = HeaderValue::from_static("x");
-        assert!(upstream_request_headers(&client, &v, &v, None).get(TE).is_none());
+        assert!(upstream_request_headers(&client, &v, &v).get(TE).is_none());
     }
 }

@@ -58,6 +58,7 @@ mod client;
 mod config;
 mod error;
 mod headers;
+mod pool;
 mod tls;
 
 pub use body::UpstreamBody;
