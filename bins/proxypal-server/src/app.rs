@@ -430,6 +430,14 @@ impl App {
                 return Ok(lease);
             }
         }
+        // Boxed: the queue's timers and semaphore futures would otherwise make every
+        // request's future larger (it is moved on each `.await` nesting), for a path taken
+        // only when keys are out of permits.
+        Box::pin(self.queue(tried, deadline)).await
+    }
+
+    /// Waits in the FIFO queue for a permit, until `deadline`.
+    async fn queue(&self, tried: &[usize], deadline: tokio::time::Instant) -> Result<Lease, NoKey> {
         self.time_to_lease(tried)?;
         let _queued = QueueSlot::enter(&self.waiting);
         let turn = tokio::time::timeout_at(deadline, self.turnstile.acquire()).await;

@@ -241,7 +241,7 @@ async fn attempts(
                         tracing::info!(id, key = label, retry_after = ?after, "upstream rate limited the key; failing over");
                         app.pool().report(&selected, Outcome::RateLimited { retry_after: after });
                         metrics.attempt(AttemptResult::RateLimited);
-                        last = Some(failure(resp, false).await);
+                        last = Some(Box::pin(failure(resp, false)).await);
                     }
                     Verdict::KeyRejected => {
                         tracing::warn!(
@@ -252,10 +252,10 @@ async fn attempts(
                         );
                         app.pool().report(&selected, Outcome::AuthFailed);
                         metrics.attempt(AttemptResult::KeyRejected);
-                        last = Some(failure(resp, true).await);
+                        last = Some(Box::pin(failure(resp, true)).await);
                     }
                     Verdict::ServerError => {
-                        let failed = failure(resp, false).await;
+                        let failed = Box::pin(failure(resp, false)).await;
                         if let Failure::Upstream { body, .. } = &failed {
                             if is_model_failure(body) {
                                 // The model's failure, not the key's: no penalty, no failover.
@@ -287,6 +287,8 @@ async fn attempts(
     }
 }
 
+/// Reads an upstream error answer. Callers box this future: error answers are the exception,
+/// and unboxed it would enlarge every request's future (moved on each `.await` nesting).
 async fn failure(resp: Response<proxypal_upstream::UpstreamBody>, key_rejected: bool) -> Failure {
     let (head, body) = resp.into_parts();
     Failure::Upstream {
@@ -306,7 +308,7 @@ async fn deliver(
     let status = resp.status();
     if status.is_client_error() || status.is_server_error() {
         // The client's (or the model's) error: rewrite it into the OpenAI shape if needed.
-        let failed = failure(resp, false).await;
+        let failed = Box::pin(failure(resp, false)).await;
         return self::failed(failed);
     }
     let streaming =

@@ -167,7 +167,10 @@ impl Pool {
         loop {
             let (conn, reused) = match self.shared.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect(&target).await?, false),
+                // Boxed: the connect future (TCP, TLS and handshake states) is kilobytes, and
+                // unboxed it would make every request's future that large, to be moved on
+                // each await although a pooled connection is the rule.
+                None => (Box::pin(self.connect(&target)).await?, false),
             };
             let failed = match conn {
                 Conn::H2(mut conn) => {
