@@ -31,10 +31,11 @@ use crate::{UpstreamBodyError, pool::Lent};
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    // Boxed to keep the body `Unpin` (one small allocation per response). The deadline is moved
-    // lazily: a frame only records `last_frame`, and the timer is re-armed when it fires early,
-    // which keeps a timer-wheel update off every SSE chunk.
-    idle: Pin<Box<Sleep>>,
+    // Created on the first poll that has to wait: a response whose body is already buffered
+    // (the usual non-streaming answer) never needs a timer. Boxed to keep the body `Unpin`.
+    // The deadline is moved lazily: a frame only records `last_frame`, and the timer is
+    // re-armed when it fires early, which keeps a timer-wheel update off every SSE chunk.
+    idle: Option<Pin<Box<Sleep>>>,
     last_frame: Instant,
     idle_timeout: Duration,
     done: bool,
@@ -47,14 +48,7 @@ impl UpstreamBody {
     /// body has been read to the end.
     pub(crate) fn new(inner: Incoming, idle_timeout: Duration, lent: Option<Lent>) -> Self {
         let now = Instant::now();
-        let mut body = Self {
-            inner,
-            idle: Box::pin(tokio::time::sleep_until(deadline(now, idle_timeout))),
-            last_frame: now,
-            idle_timeout,
-            done: false,
-            lent,
-        };
+        let mut body = Self { inner, idle: None, last_frame: now, idle_timeout, done: false, lent };
         // A body known to be empty may never be polled (hyper's server does not poll a body
         // whose `is_end_stream` is true).
         body.give_back_if_ended();
@@ -114,15 +108,19 @@ impl Body for UpstreamBody {
             }
             Poll::Pending => {}
         }
+        let (last_frame, timeout) = (this.last_frame, this.idle_timeout);
+        let idle = this
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline(last_frame, timeout))));
         loop {
-            ready!(this.idle.as_mut().poll(cx));
+            ready!(idle.as_mut().poll(cx));
             let due = deadline(this.last_frame, this.idle_timeout);
             if due <= Instant::now() {
                 this.done = true;
                 return Poll::Ready(Some(Err(UpstreamBodyError::IdleTimeout { after: this.idle_timeout })));
             }
             // A frame arrived since the timer was armed: re-arm it and poll again to register.
-            this.idle.as_mut().reset(due);
+            idle.as_mut().reset(due);
         }
     }
 

@@ -146,6 +146,9 @@ struct Inner {
     /// The base URL's path with no trailing slash (empty for `https://host`); target paths are
     /// appended to it.
     base_path: Box<str>,
+    /// The last client path and query and the upstream one made of it (see `target_path`).
+    /// The lock is held for a comparison or an assignment, never across an `.await`.
+    last_target: std::sync::Mutex<Option<(Box<str>, PathAndQuery)>>,
     user_agent: HeaderValue,
     response_timeout: Duration,
     idle_timeout: Duration,
@@ -213,6 +216,7 @@ impl Upstream {
                 scheme: base.scheme,
                 authority: base.authority,
                 base_path: base.path,
+                last_target: std::sync::Mutex::new(None),
                 user_agent: cfg.user_agent,
                 response_timeout: cfg.response_timeout,
                 idle_timeout: cfg.idle_timeout,
@@ -291,6 +295,29 @@ impl Upstream {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn target_uri(&self, path_and_query: &str) -> Result<Uri, InvalidTarget> {
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(self.inner.scheme.clone());
+        parts.authority = Some(self.inner.authority.clone());
+        parts.path_and_query = Some(self.target_path(path_and_query)?);
+        // Scheme, authority and path are all set: `from_parts` cannot fail, but is not trusted to.
+        Uri::from_parts(parts).map_err(|_| InvalidTarget {
+            path: path_and_query.to_owned(),
+            reason: "it is not a valid URI path",
+        })
+    }
+
+    /// The upstream path and query for a client's: validated, base path prepended, parsed. The
+    /// last one is cached (clients call one endpoint, `/chat/completions`, nearly always), so
+    /// a repeat costs a lock and a string comparison instead of a validation, an allocation and
+    /// a parse.
+    fn target_path(&self, path_and_query: &str) -> Result<PathAndQuery, InvalidTarget> {
+        let cache = &self.inner.last_target;
+        {
+            let cached = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, upstream)) = cached.as_ref().filter(|(client, _)| **client == *path_and_query) {
+                return Ok(upstream.clone());
+            }
+        }
         let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
         let invalid = |reason| InvalidTarget { path: path.to_owned(), reason };
         if !(path_and_query.is_empty() || path_and_query.starts_with('/') || path_and_query.starts_with('?'))
@@ -308,15 +335,11 @@ impl Upstream {
             pq.push('/');
         }
         pq.push_str(path_and_query);
-        let mut parts = uri::Parts::default();
-        parts.scheme = Some(self.inner.scheme.clone());
-        parts.authority = Some(self.inner.authority.clone());
-        parts.path_and_query = Some(
-            PathAndQuery::from_maybe_shared(Bytes::from(pq))
-                .map_err(|_| invalid("it is not a valid URI path"))?,
-        );
-        // Scheme, authority and path are all set: `from_parts` cannot fail, but is not trusted to.
-        Uri::from_parts(parts).map_err(|_| invalid("it is not a valid URI path"))
+        let upstream = PathAndQuery::from_maybe_shared(Bytes::from(pq))
+            .map_err(|_| invalid("it is not a valid URI path"))?;
+        *cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((path_and_query.into(), upstream.clone()));
+        Ok(upstream)
     }
 
     /// Sends one request upstream and resolves to the response once its headers arrive.
@@ -432,6 +455,27 @@ mod tests {
                 Some(want),
                 "base {base} + {rest:?}: {got:?}"
             );
+        }
+    }
+
+    #[test]
+    fn target_uri_cache_returns_the_same_answers_as_a_fresh_upstream() {
+        let warm = upstream("https://h/v1");
+        let sequence = [
+            "/chat/completions",
+            "/chat/completions",
+            "/models",
+            "/../admin",
+            "/chat/completions?x=1",
+            "/../admin",
+            "/chat/completions",
+            "chat/completions",
+        ];
+        for rest in sequence {
+            let fresh =
+                upstream("https://h/v1").target_uri(rest).map(|u| u.to_string()).map_err(|e| e.to_string());
+            let got = warm.target_uri(rest).map(|u| u.to_string()).map_err(|e| e.to_string());
+            assert_eq!(got, fresh, "{rest:?}");
         }
     }
 

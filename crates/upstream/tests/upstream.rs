@@ -148,6 +148,36 @@ async fn forwards_end_to_end_headers_method_query_and_body() {
 }
 
 #[tokio::test]
+async fn a_plain_request_keeps_its_headers_with_host_key_and_agent_replaced() {
+    // No hop-by-hop header: the fast path (a clone of the client's headers plus replacements).
+    let (server, mut seen) = recording_server().await;
+    let upstream = server.upstream_with(|c| c.user_agent = HeaderValue::from_static("proxypal/test"));
+    let body = Bytes::from_static(br#"{"model":"m"}"#);
+    let client_headers = headers(&[
+        ("host", "proxy.local:8080"),
+        ("authorization", "Bearer client-token"),
+        ("user-agent", "OpenAI/Python 1.99.0"),
+        ("content-type", "application/json"),
+        ("content-length", "13"),
+        ("x-request-id", "req-2"),
+    ]);
+    let parts = RequestParts::new(Method::POST, "/chat/completions", client_headers);
+
+    upstream.send(&parts, body.clone(), &key()).await.unwrap();
+
+    let seen = seen.recv().await.unwrap();
+    let h = &seen.headers;
+    let all = |name: &str| h.get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(all("host"), [server.addr.to_string()]);
+    assert_eq!(all("authorization"), [format!("Bearer {SECRET}")]);
+    assert_eq!(all("user-agent"), ["proxypal/test"]);
+    assert_eq!(all("content-length"), ["13"]);
+    assert_eq!(all("x-request-id"), ["req-2"]);
+    assert_eq!(seen.body, body);
+    assert_eq!(h.len(), 6, "{h:?}");
+}
+
+#[tokio::test]
 async fn base_url_path_prefix_and_get_without_body() {
     let (server, mut seen) = recording_server().await;
     let upstream = server.upstream_with(|c| c.base_url = server.url("/nvidia/v1/"));
