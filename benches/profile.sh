@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # benches/profile.sh - instructions per request on the proxy's hot path (callgrind).
 #
-#   bash benches/profile.sh            # REQS_SECS=10 CONC=8 STREAM=0
+#   bash benches/profile.sh            # REQS_SECS=10 CONC=8 NGINX=1
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
 # starts `nim-sim --fast` and the server under `valgrind --tool=callgrind` with
 # collection off, turns collection on once the server answers, drives wrk for
-# REQS_SECS seconds (non-streaming POST /v1/chat/completions, or streams with
-# STREAM=1), stops the server by PID and prints the top functions by inclusive
-# and exclusive instructions, plus instructions per request.
-# Output: $BENCH_LOCAL/profile/<time>/ (callgrind.out, annotate.txt).
+# REQS_SECS seconds (non-streaming POST /v1/chat/completions), stops the server
+# by PID and prints the top functions by inclusive
+# and exclusive instructions, plus instructions per request. Then the same for
+# nginx (the peer harness's key-injecting config, one process) in front of the
+# same upstream, and the ratio (NGINX=0 skips it). Instruction counts do not
+# depend on how busy the machine is: the steadiest proxy-vs-nginx figure here.
+# Output: $BENCH_LOCAL/profile/<time>/ (NAME.callgrind.out, NAME.exclusive.txt,
+# NAME.inclusive.txt, summary.txt).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -65,31 +69,56 @@ log:
 YAML
 unset_env=()
 for v in $(compgen -e); do [[ $v == PROXYPAL_* ]] && unset_env+=(-u "$v"); done
-env "${unset_env[@]}" RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
-    --callgrind-out-file="$OUT/callgrind.out" "$BIN" --config "$OUT/proxy.yaml" >"$OUT/proxy.log" 2>&1 &
-PROXY_PID=$!; STARTED+=("$PROXY_PID")
 body='{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
-ready=0
-for i in $(seq 1 300); do   # 60 s (valgrind start-up is slow)
-    kill -0 "$PROXY_PID" 2>/dev/null || { cat "$OUT/proxy.log" >&2; exit 1; }
-    code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
-        -d "$body" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" || true)
-    if [[ $code == 200 ]]; then ready=1; break; fi
-    sleep 0.2
-done
-((ready)) || { log "proxy under valgrind not ready"; exit 1; }
-# warm the connection pool, then collect
-BENCH_CLIENT_KEY=$KEY timeout 30 wrk -t1 -c"$CONC" -d2s -s "$ROOT/benches/peers/lua/post.lua" \
-    "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" >/dev/null 2>&1 || true
-callgrind_control -i on "$PROXY_PID" >/dev/null
-BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
-    -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" >"$OUT/wrk.txt" 2>&1 || true
-callgrind_control -i off "$PROXY_PID" >/dev/null
-reqs=$(sed -n 's/^WRKJSON //p' "$OUT/wrk.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+
+# measure NAME PORT CMD...: run CMD under callgrind (collection off), wait until it proxies,
+# warm up, collect during REQS_SECS of wrk, stop it; leaves $OUT/NAME.* and prints a line.
+measure() {
+    local name=$1 port=$2; shift 2
+    env "${unset_env[@]}" RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$OUT/$name.callgrind.out" "$@" >"$OUT/$name.log" 2>&1 &
+    local pid=$! ready=0 i code
+    STARTED+=("$pid")
+    for i in $(seq 1 300); do   # 60 s (valgrind start-up is slow)
+        kill -0 "$pid" 2>/dev/null || { cat "$OUT/$name.log" >&2; exit 1; }
+        code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+            -d "$body" "http://127.0.0.1:$port/v1/chat/completions" || true)
+        if [[ $code == 200 ]]; then ready=1; break; fi
+        sleep 0.2
+    done
+    ((ready)) || { log "$name under valgrind not ready"; exit 1; }
+    # warm the connection pool, then collect
+    BENCH_CLIENT_KEY=$KEY timeout 30 wrk -t1 -c"$CONC" -d2s -s "$ROOT/benches/peers/lua/post.lua" \
+        "http://127.0.0.1:$port/v1/chat/completions" >/dev/null 2>&1 || true
+    callgrind_control -i on "$pid" >/dev/null
+    BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
+        -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >"$OUT/$name.wrk.txt" 2>&1 || true
+    callgrind_control -i off "$pid" >/dev/null
+    local reqs total
+    reqs=$(sed -n 's/^WRKJSON //p' "$OUT/$name.wrk.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+    stop_pid "$pid"
+    callgrind_annotate --inclusive=yes "$OUT/$name.callgrind.out" 2>/dev/null | head -80 >"$OUT/$name.inclusive.txt" || true
+    callgrind_annotate "$OUT/$name.callgrind.out" 2>/dev/null | head -80 >"$OUT/$name.exclusive.txt" || true
+    total=$(awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}' "$OUT/$name.exclusive.txt")
+    total=${total:-0}
+    PER_REQ[$name]=$((total / (reqs > 0 ? reqs : 1)))
+    echo "$name: requests measured: $reqs; instructions: $total; per request: ${PER_REQ[$name]}" | tee -a "$OUT/summary.txt"
+}
+declare -A PER_REQ
+
+measure proxypal "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
+echo "top exclusive: $OUT/proxypal.exclusive.txt; inclusive: $OUT/proxypal.inclusive.txt"
+
+# The C reference under the same conditions: the peer harness's nginx config (one worker,
+# upstream keep-alive, a fake key per request), run as a single process so callgrind sees it all.
+if [[ ${NGINX:-1} == 1 ]] && command -v nginx >/dev/null; then
+    NGINX_PORT=$((PROXY_PORT + 1))
+    mkdir -p "$OUT/nginx/logs" "$OUT/nginx/tmp"
+    sed -e "s|@PORT@|$NGINX_PORT|g" -e "s|@UPSTREAM@|127.0.0.1:$SIM_PORT|g" -e "s|@WORKERS@|1|g" \
+        "$ROOT/benches/peers/conf/proxy.nginx.conf.tmpl" >"$OUT/nginx/nginx.conf"
+    measure nginx "$NGINX_PORT" nginx -p "$OUT/nginx/" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/logs/error.log" \
+        -g 'master_process off;'
+    awk -v p="${PER_REQ[proxypal]}" -v n="${PER_REQ[nginx]}" \
+        'BEGIN{printf "instructions per request: proxypal / nginx = %.2f\n", p / n}' | tee -a "$OUT/summary.txt"
+fi
 cleanup
-callgrind_annotate --inclusive=yes "$OUT/callgrind.out" 2>/dev/null | head -80 >"$OUT/inclusive.txt" || true
-callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -80 >"$OUT/exclusive.txt" || true
-total=$(awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}' "$OUT/exclusive.txt")
-total=${total:-0}
-echo "requests measured: $reqs; instructions: $total; per request: $((total / (reqs > 0 ? reqs : 1)))" | tee "$OUT/summary.txt"
-echo "top exclusive: $OUT/exclusive.txt; inclusive: $OUT/inclusive.txt"
