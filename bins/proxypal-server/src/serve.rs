@@ -276,8 +276,16 @@ fn preflight(app: &App, req: &Request<Incoming>) -> Response<ProxyBody> {
 }
 
 fn conn_builder() -> auto::Builder<TokioExecutor> {
+    // `writev(false)`: a response's head and body go out as one flattened buffer instead of a
+    // vectored write of several slices; with API-sized bodies that is cheaper (A/B, 3 rounds,
+    // c=64: 44-50 vs 49-54 µs CPU per request).
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true)
+        .writev(false);
     builder.http2().timer(TokioTimer::new());
     builder
 }

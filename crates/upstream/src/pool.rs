@@ -257,8 +257,12 @@ impl Pool {
             if shared.config.may_be_h2 {
                 shared.speaks_h1.store(true, Ordering::Relaxed);
             }
-            let (conn, driver) =
-                http1::Builder::new().handshake(io).await.map_err(|e| SendError::Connect(e.into()))?;
+            // Flattened writes, as the server's (see proxypal-server's `conn_builder`).
+            let (conn, driver) = http1::Builder::new()
+                .writev(false)
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
             tokio::spawn(async move {
                 let _ = driver.await;
             });
