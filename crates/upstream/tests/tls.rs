@@ -448,32 +448,20 @@ async fn a_cold_burst_to_an_http1_only_upstream_gets_a_connection_per_request() 
 
     // The first handshake reveals HTTP/1.1; from then on connects do not wait for each other,
     // and each request, held 200 ms by the server, needs a connection of its own.
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..N {
-        let parts = RequestParts::new(Method::POST, "/chat/completions", HeaderMap::new());
-        let send = upstream.send(&parts, Bytes::from_static(b"{}"), &key());
-        tasks.spawn(async move {
-            let response = send.await.unwrap();
-            assert_eq!(response.version(), Version::HTTP_11);
-            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "pong");
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
+    send_concurrently(&upstream, N, Version::HTTP_11).await;
     assert_eq!(server.accepted(), N);
     assert_eq!(max_in_flight.load(Ordering::SeqCst), N, "requests were not all in flight at once");
 }
 
-/// Sends `n` requests at once and checks every answer.
-async fn send_concurrently(upstream: &Upstream, n: usize) {
+/// Sends `n` requests at once and checks every answer and its HTTP version.
+async fn send_concurrently(upstream: &Upstream, n: usize, version: Version) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
         let parts = RequestParts::new(Method::POST, "/chat/completions", HeaderMap::new());
         let send = upstream.send(&parts, Bytes::from_static(b"{}"), &key());
         tasks.spawn(async move {
             let response = send.await.unwrap();
-            assert_eq!(response.version(), Version::HTTP_2);
+            assert_eq!(response.version(), version);
             assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "pong");
         });
     }
@@ -491,8 +479,8 @@ async fn concurrent_requests_share_one_h2_connection() {
 
     // One request first: the pool only learns the upstream speaks h2 once a connection has
     // negotiated it (see the cold-pool test below).
-    send_concurrently(&upstream, 1).await;
-    send_concurrently(&upstream, N).await;
+    send_concurrently(&upstream, 1, Version::HTTP_2).await;
+    send_concurrently(&upstream, N, Version::HTTP_2).await;
 
     assert_eq!(server.accepted(), 1, "one TCP connection for {} requests", N + 1);
     assert!(max_in_flight.load(Ordering::SeqCst) > N / 2, "requests were not multiplexed");
@@ -508,10 +496,10 @@ async fn a_cold_pool_burst_opens_one_h2_connection_and_keeps_using_it() {
     // Nothing is pooled yet and nobody knows whether the upstream speaks h2: the pool makes
     // one TCP + TLS handshake while the other requests wait for it, then all share the h2
     // connection it negotiated (hyper-util's pool used to start all N handshakes).
-    send_concurrently(&upstream, N).await;
+    send_concurrently(&upstream, N, Version::HTTP_2).await;
     assert_eq!(server.accepted(), 1, "a cold burst opened several connections");
 
-    send_concurrently(&upstream, N).await;
+    send_concurrently(&upstream, N, Version::HTTP_2).await;
     assert_eq!(server.accepted(), 1, "a warm pool opened new connections");
 }
 
