@@ -36,7 +36,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use support::{SECRET, TestBody, full, key, ok, spaced_events};
+use support::{SECRET, TestBody, assert_no_secrets, full, key, ok, spaced_events};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
@@ -501,20 +501,6 @@ async fn a_cold_pool_burst_opens_one_h2_connection_and_keeps_using_it() {
 
     send_concurrently(&upstream, N, Version::HTTP_2).await;
     assert_eq!(server.accepted(), 1, "a warm pool opened new connections");
-}
-
-fn assert_no_secrets(err: &(dyn std::error::Error + 'static)) {
-    let mut texts = vec![err.to_string(), format!("{err:?}")];
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        texts.push(format!("{e} {e:?}"));
-        cur = e.source();
-    }
-    for text in texts {
-        for secret in [SECRET, "client-secret-xyz", "q-secret"] {
-            assert!(!text.contains(secret), "{secret:?} leaked: {text}");
-        }
-    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use proxypal_upstream::{ErrorKind, RequestParts, UpstreamError};
-use support::{PROMPTLY, SECRET, channel, full, key, ok, serve, spaced_events};
+use support::{PROMPTLY, SECRET, assert_no_secrets, channel, full, key, ok, serve, spaced_events};
 use tokio::sync::{mpsc, oneshot};
 
 /// What the server saw.
@@ -377,20 +377,6 @@ async fn upstream_closing_without_a_response_is_a_protocol_error() {
     assert_eq!(err.kind(), ErrorKind::Protocol);
     assert!(!err.is_connect() && !err.is_timeout());
     assert_no_secrets(&err);
-}
-
-fn assert_no_secrets(err: &(dyn std::error::Error + 'static)) {
-    let mut texts = vec![err.to_string(), format!("{err:?}")];
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        texts.push(format!("{e} {e:?}"));
-        cur = e.source();
-    }
-    for text in texts {
-        for secret in [SECRET, "client-secret-xyz", "q-secret"] {
-            assert!(!text.contains(secret), "{secret:?} leaked: {text}");
-        }
-    }
 }
 
 #[tokio::test]

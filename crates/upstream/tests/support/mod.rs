@@ -138,3 +138,19 @@ pub fn key() -> HeaderValue {
 
 /// Generous upper bound for "should happen promptly" on a loaded 2-core machine.
 pub const PROMPTLY: Duration = Duration::from_secs(1);
+
+/// Fails if `err`, its `Debug` form or any error in its source chain contains a secret the
+/// tests use (the upstream key, the client's token, a query-string secret).
+pub fn assert_no_secrets(err: &(dyn std::error::Error + 'static)) {
+    let mut texts = vec![err.to_string(), format!("{err:?}")];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        texts.push(format!("{e} {e:?}"));
+        cur = e.source();
+    }
+    for text in texts {
+        for secret in [SECRET, "client-secret-xyz", "q-secret"] {
+            assert!(!text.contains(secret), "{secret:?} leaked: {text}");
+        }
+    }
+}
