@@ -7,6 +7,10 @@
 //! `keys`, tokens from `auth.tokens_file` to `auth.tokens`, and the result is
 //! [validated](Config::validate). `docs/configuration.md` lists every field.
 //!
+//! An unknown field in the YAML is an error; an unknown `PROXYPAL_*` variable
+//! (such as the service links Kubernetes sets, `PROXYPAL_PORT=tcp://…`) is
+//! ignored and named in [`Config::warnings`].
+//!
 //! ```
 //! # fn example() -> Result<(), proxypal_server::config::ConfigError> {
 //! use proxypal_server::config::{Config, YamlSource};
@@ -91,6 +95,11 @@ pub struct Config {
     /// worker processes; the key pool, limits and stats are shared). Default:
     /// one per CPU core the process may use.
     pub workers: Option<usize>,
+    /// Problems that did not stop loading, such as unknown `PROXYPAL_*`
+    /// variables; the caller logs them. Each names a variable, never its
+    /// value. Not read from any layer.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// The upstream OpenAI-compatible API.
@@ -364,6 +373,7 @@ impl Default for Config {
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             workers: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -454,6 +464,10 @@ impl Config {
     /// Steps: defaults ([`Config::default`], or [`Config::dev`] when `dev`) →
     /// YAML → env → append `keys_file` and `auth.tokens_file` entries →
     /// remove trailing `/` from `upstream.base_url` → [`validate`](Self::validate).
+    ///
+    /// A `PROXYPAL_*` variable that names no field is ignored, with a message
+    /// in [`warnings`](Self::warnings); one that names a field but holds a bad
+    /// value is an error, as is an unknown field in the YAML.
     pub fn from_sources<I, K, V>(yaml: Option<YamlSource<'_>>, env: I, dev: bool) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = (K, V)>,
@@ -477,9 +491,7 @@ impl Config {
             Some(YamlSource::Text(text)) => figment = figment.merge(YamlLayer::text(text)),
             None => {}
         }
-        figment = figment.merge(EnvLayer::new(env));
-
-        let mut config: Config = figment.extract().map_err(ConfigError::parse)?;
+        let (figment, mut config) = extract(figment, EnvLayer::new(env))?;
 
         if let Some(file) = config.keys_file.clone() {
             let path = resolve_path(&figment, "keys_file", &file);
@@ -516,6 +528,33 @@ impl Config {
         config.rate_limit.requests_per_minute = DEV_REQUESTS_PER_MINUTE;
         config.auth.allow_unauthenticated = true;
         config
+    }
+}
+
+/// Merges `env` over `base` and extracts the config. An unknown field that
+/// the env layer sets is dropped from it with a warning, and extraction is
+/// tried again; every retry drops at least one variable, so there are at most
+/// as many as there are variables. Returns the figment that produced the
+/// config (for the metadata of its paths) and the config with its warnings.
+fn extract(base: Figment, mut env: EnvLayer) -> Result<(Figment, Config), ConfigError> {
+    let mut warnings = Vec::new();
+    let mut retries = env.len();
+    loop {
+        let figment = base.clone().merge(&env);
+        match figment.extract::<Config>() {
+            Ok(mut config) => {
+                config.warnings = warnings;
+                return Ok((figment, config));
+            }
+            Err(error) => {
+                let dropped = if retries == 0 { Vec::new() } else { env.drop_unknown_fields(&error) };
+                if dropped.is_empty() {
+                    return Err(ConfigError::parse(error));
+                }
+                warnings.extend(dropped);
+                retries -= 1;
+            }
+        }
     }
 }
 
@@ -572,7 +611,8 @@ impl Config {
 impl Config {
     /// A multi-line, human-readable summary for `--check` and startup logs:
     /// listen address, upstream, every key (masked) with its name and
-    /// effective rate, and the limits. It contains no secrets.
+    /// effective rate, the limits, and a `warning:` line for each of
+    /// [`warnings`](Self::warnings). It contains no secrets.
     pub fn summary(&self) -> String {
         let mut s = String::new();
         // Writing to a String cannot fail; the results are ignored.
@@ -652,6 +692,9 @@ impl Config {
             Some(n) => writeln!(s, "workers:    {n}"),
             None => writeln!(s, "workers:    {} (one per CPU core)", self.worker_count()),
         };
+        for warning in &self.warnings {
+            let _ = writeln!(s, "warning:    {warning}");
+        }
         s
     }
 }

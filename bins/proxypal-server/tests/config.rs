@@ -444,6 +444,172 @@ fn env_errors_name_the_variable() {
     assert!(msg.contains("environment variable PROXYPAL_RATE_LIMIT__BURST"), "{msg}");
 }
 
+/// The variables Kubernetes puts in every pod of a namespace that has a
+/// Service named `proxypal` with a port named `http` on 8080.
+const KUBERNETES_SERVICE_LINKS: [(&str, &str); 8] = [
+    ("PROXYPAL_PORT", "tcp://10.0.0.7:8080"),
+    ("PROXYPAL_SERVICE_HOST", "10.0.0.7"),
+    ("PROXYPAL_SERVICE_PORT", "8080"),
+    ("PROXYPAL_SERVICE_PORT_HTTP", "8080"),
+    ("PROXYPAL_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+    ("PROXYPAL_PORT_8080_TCP_PROTO", "tcp"),
+    ("PROXYPAL_PORT_8080_TCP_PORT", "8080"),
+    ("PROXYPAL_PORT_8080_TCP_ADDR", "10.0.0.7"),
+];
+
+/// The warnings that name `var` as the ignored variable (`PROXYPAL_PORT` is a
+/// prefix of `PROXYPAL_PORT_8080_TCP`, so a plain `contains` would not do).
+fn warnings_naming<'a>(config: &'a Config, var: &str) -> Vec<&'a str> {
+    let needle = format!("variable {var} (");
+    config.warnings.iter().map(String::as_str).filter(|w| w.contains(&needle)).collect()
+}
+
+#[test]
+fn kubernetes_service_links_are_ignored_with_a_warning_each() {
+    let mut env = KUBERNETES_SERVICE_LINKS.to_vec();
+    env.push(("PROXYPAL_KEYS", KEY_A));
+    let c = with_env("", &env).unwrap();
+    let keys: Vec<&str> = c.keys.iter().map(|k| k.key.expose()).collect();
+    assert_eq!(keys, [KEY_A]);
+    // Nothing else changed: the links set no field.
+    let mut expected = Config::default();
+    expected.keys.push(KeyEntry::new(KEY_A));
+    expected.warnings = c.warnings.clone();
+    assert_eq!(c, expected);
+
+    assert_eq!(c.warnings.len(), KUBERNETES_SERVICE_LINKS.len(), "{:#?}", c.warnings);
+    for (var, _) in KUBERNETES_SERVICE_LINKS {
+        let naming = warnings_naming(&c, var);
+        assert_eq!(naming.len(), 1, "one warning should name {var}: {:#?}", c.warnings);
+        // None of them is near a real field: no suggestion.
+        assert_eq!(naming[0], format!("ignored unknown environment variable {var} (not a config field)"));
+    }
+    for warning in &c.warnings {
+        for value in ["10.0.0.7", "tcp://"] {
+            assert!(!warning.contains(value), "a warning quotes a value: {warning}");
+        }
+        assert_no_secrets(warning);
+    }
+    // A clean environment gives no warnings, and the skipped variables stay silent.
+    let c = with_env(
+        "",
+        &[
+            ("PROXYPAL_KEYS", KEY_A),
+            ("PROXYPAL_CONFIG", "/etc/proxypal.yaml"),
+            ("PROXYPAL_HISTORY_INTERVAL_MS", "5"),
+        ],
+    )
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:#?}", c.warnings);
+}
+
+#[test]
+fn unknown_variables_suggest_the_field_they_look_like_a_typo_of() {
+    let yaml = format!("keys: [{KEY_A}]\nrate_limit: {{ burst: 3 }}");
+    let clean = with_env(&yaml, &[]).unwrap();
+    assert!(clean.warnings.is_empty());
+
+    let c = with_env(
+        &yaml,
+        &[
+            ("PROXYPAL_RATE_LIMT__BURST", "7"),
+            ("PROXYPAL_UPSTREAM__BASE_URI", "http://typo.example/v1"),
+            ("PROXYPAL_UPSTREAM__USER_AGENT", "acme/1.0"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        warnings_naming(&c, "PROXYPAL_RATE_LIMT__BURST"),
+        [
+            "ignored unknown environment variable PROXYPAL_RATE_LIMT__BURST (did you mean PROXYPAL_RATE_LIMIT__BURST?)"
+        ]
+    );
+    assert_eq!(
+        warnings_naming(&c, "PROXYPAL_UPSTREAM__BASE_URI"),
+        [
+            "ignored unknown environment variable PROXYPAL_UPSTREAM__BASE_URI (did you mean PROXYPAL_UPSTREAM__BASE_URL?)"
+        ]
+    );
+    assert_eq!(c.warnings.len(), 2, "{:#?}", c.warnings);
+    assert!(c.warnings.iter().all(|w| !w.contains("typo.example") && !w.contains('7')), "{:#?}", c.warnings);
+
+    // The typos changed nothing; the real variable beside them still applies.
+    assert_eq!(c.rate_limit.burst, 3);
+    assert_eq!(c.upstream.base_url, "https://integrate.api.nvidia.com/v1");
+    assert_eq!(c.upstream.user_agent, "acme/1.0");
+    let mut expected = clean.clone();
+    expected.upstream.user_agent = "acme/1.0".to_owned();
+    expected.warnings = c.warnings.clone();
+    assert_eq!(c, expected);
+
+    // Every variable under an unknown section gets its own warning, and a
+    // name given in lower case is named as given.
+    let c = with_env(
+        &yaml,
+        &[("PROXYPAL_RATE_LIMT__BURST", "7"), ("proxypal_rate_limt__requests_per_minute", "9")],
+    )
+    .unwrap();
+    assert_eq!(
+        c.warnings,
+        [
+            "ignored unknown environment variable PROXYPAL_RATE_LIMT__BURST (did you mean PROXYPAL_RATE_LIMIT__BURST?)",
+            "ignored unknown environment variable proxypal_rate_limt__requests_per_minute (did you mean PROXYPAL_RATE_LIMIT__REQUESTS_PER_MINUTE?)",
+        ]
+    );
+    assert_eq!(c.rate_limit, clean.rate_limit);
+}
+
+#[test]
+fn unknown_yaml_fields_stay_errors_even_when_an_env_variable_sets_them_too() {
+    let yaml = format!("keys: [{KEY_A}]\nbogus_field: 1");
+    assert_error(from_yaml(&yaml), "bogus_field", "unknown field");
+    let e = err(with_env(&yaml, &[("PROXYPAL_BOGUS_FIELD", "2")]));
+    let msg = e.to_string();
+    assert!(msg.starts_with("bogus_field: unknown field"), "{msg}");
+    assert!(msg.contains("YAML text"), "the error is the YAML's: {msg}");
+
+    // Nested, and with the env variable under the same unknown section.
+    let yaml = format!("keys: [{KEY_A}]\nretry: {{ max_atempts: 2 }}");
+    let e = err(with_env(&yaml, &[("PROXYPAL_RETRY__MAX_ATEMPTS", "4")]));
+    let msg = e.to_string();
+    assert!(msg.starts_with("retry.max_atempts: unknown field"), "{msg}");
+    assert!(msg.contains("YAML text"), "{msg}");
+    let yaml = format!("keys: [{KEY_A}]\nrate_limt: {{ burst: 2 }}");
+    let e = err(with_env(&yaml, &[("PROXYPAL_RATE_LIMT__REQUESTS_PER_MINUTE", "4")]));
+    assert!(e.to_string().starts_with("rate_limt: unknown field"), "{e}");
+}
+
+#[test]
+fn a_bad_value_stays_an_error_beside_unknown_variables() {
+    let mut env = KUBERNETES_SERVICE_LINKS.to_vec();
+    env.extend([("PROXYPAL_KEYS", KEY_A), ("PROXYPAL_RATE_LIMIT__BURST", "lots"), ("PROXYPAL_LISTEN", "x")]);
+    let e = err(with_env("", &env));
+    let msg = e.to_string();
+    assert!(msg.starts_with("listen: "), "{msg}");
+    assert!(msg.contains("environment variable PROXYPAL_LISTEN"), "{msg}");
+    assert!(!msg.contains("PROXYPAL_PORT"), "{msg}");
+    let env: Vec<_> = env.into_iter().filter(|(name, _)| *name != "PROXYPAL_LISTEN").collect();
+    let msg = err(with_env("", &env)).to_string();
+    assert!(msg.starts_with("rate_limit.burst: "), "{msg}");
+    assert!(msg.contains("environment variable PROXYPAL_RATE_LIMIT__BURST"), "{msg}");
+}
+
+#[test]
+fn summary_lists_the_warnings() {
+    let c = with_env("", &[("PROXYPAL_KEYS", KEY_A), ("PROXYPAL_SERVICE_HOST", "10.0.0.7")]).unwrap();
+    let summary = c.summary();
+    assert!(
+        summary.contains(
+            "warning:    ignored unknown environment variable PROXYPAL_SERVICE_HOST (not a config field)\n"
+        ),
+        "{summary}"
+    );
+    assert!(!summary.contains("10.0.0.7"), "{summary}");
+    assert_no_secrets(&summary);
+    let clean = with_env("", &[("PROXYPAL_KEYS", KEY_A)]).unwrap().summary();
+    assert!(!clean.contains("warning"), "{clean}");
+}
+
 // ---------------------------------------------------------------- durations and sizes
 
 #[test]

@@ -182,8 +182,21 @@ fn yaml_error(path: &[String], problem: &str) -> String {
 /// `PROXYPAL_RATE_LIMIT__BURST=2` becomes `rate_limit.burst = 2`. Values are
 /// parsed as figment's `Env` does (so `30` is a number and `true` a bool),
 /// except the list fields in [`ENV_LIST_FIELDS`], which are comma-separated.
+///
+/// The layer remembers which variable set which key path, so that a path the
+/// config does not know can be [dropped](Self::drop_unknown_fields) with a
+/// warning naming the variable instead of failing the whole load.
 pub(crate) struct EnvLayer {
     dict: Dict,
+    /// Every variable that went into `dict`, in the order given.
+    vars: Vec<EnvVar>,
+}
+
+/// One `PROXYPAL_*` variable: the key path it sets and its name as given.
+/// Its value is deliberately not kept: it may be a secret.
+struct EnvVar {
+    path: Vec<String>,
+    name: String,
 }
 
 impl EnvLayer {
@@ -194,6 +207,7 @@ impl EnvLayer {
         V: AsRef<str>,
     {
         let mut dict = Dict::new();
+        let mut seen = Vec::new();
         for (name, value) in vars {
             let name = name.as_ref().trim();
             let Some(prefix) = name.get(..ENV_PREFIX.len()) else {
@@ -217,9 +231,120 @@ impl EnvLayer {
                 }
             };
             insert_nested(&mut dict, &path, value);
+            seen.push(EnvVar { path: path.iter().map(|s| (*s).to_owned()).collect(), name: name.to_owned() });
         }
-        Self { dict }
+        Self { dict, vars: seen }
     }
+
+    /// How many variables the layer holds: a bound on how often
+    /// [`drop_unknown_fields`](Self::drop_unknown_fields) can remove one.
+    pub(crate) fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// Removes every path this layer sets that `error` (a chain of figment
+    /// errors from extracting the config) reports as an unknown field, and
+    /// returns one warning per variable removed, naming it (and, if it looks
+    /// like a typo, the variable it probably meant), never its value.
+    ///
+    /// Returns no warnings when nothing was removed: then the error is a real
+    /// one (a bad value, or an unknown field that only the YAML sets). A path
+    /// that the YAML sets as well is removed here too, so that extracting
+    /// again reports the YAML's unknown field as the YAML's.
+    pub(crate) fn drop_unknown_fields(&mut self, error: &figment::Error) -> Vec<String> {
+        let mut warnings = Vec::new();
+        // `figment::Error` only iterates by value.
+        for e in error.clone() {
+            let figment::error::Kind::UnknownField(field, expected) = &e.kind else {
+                continue;
+            };
+            // figment puts the unknown key itself at the end of the path
+            // (`retry.max_atempts`); accept a parent path too, in case that
+            // changes.
+            let mut path = e.path.clone();
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            if !remove_nested(&mut self.dict, &path) {
+                continue;
+            }
+            let suggestion = closest(field, expected);
+            let (removed, kept) =
+                std::mem::take(&mut self.vars).into_iter().partition(|var| var.path.starts_with(&path));
+            self.vars = kept;
+            for var in removed {
+                warnings.push(unknown_var_warning(&var, path.len() - 1, suggestion));
+            }
+        }
+        warnings
+    }
+}
+
+/// The warning for a variable that sets no config field. `segment` is the
+/// index of the unknown segment in its path, `suggestion` the field that
+/// segment probably meant.
+fn unknown_var_warning(var: &EnvVar, segment: usize, suggestion: Option<&str>) -> String {
+    let name = display_name(&var.name);
+    match suggestion {
+        Some(field) => {
+            let mut path: Vec<&str> = var.path.iter().map(String::as_str).collect();
+            if let Some(unknown) = path.get_mut(segment) {
+                *unknown = field;
+            }
+            let meant = format!("{ENV_PREFIX}{}", path.join(ENV_NESTING).to_ascii_uppercase());
+            format!("ignored unknown environment variable {name} (did you mean {meant}?)")
+        }
+        None => format!("ignored unknown environment variable {name} (not a config field)"),
+    }
+}
+
+/// A variable's name as it may be logged: as given if it is made of
+/// letters, digits and `_` (as names are), otherwise quoted and escaped so
+/// that it cannot forge a log line.
+fn display_name(name: &str) -> String {
+    if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// The field in `expected` that `unknown` is most likely a typo of: the
+/// nearest by edit distance, if it is within a third of `unknown`'s length
+/// (at most 2). So `rate_limt` → `rate_limit`, but `port` suggests nothing.
+pub(crate) fn closest<'a>(unknown: &str, expected: &[&'a str]) -> Option<&'a str> {
+    let limit = (unknown.chars().count() / 3).min(2);
+    expected
+        .iter()
+        .map(|candidate| (edit_distance(unknown, candidate), *candidate))
+        .filter(|&(distance, _)| distance <= limit)
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Edit distance counting insertions, deletions, substitutions and swaps of
+/// two neighbours (optimal string alignment), over characters.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // Three rows of the classic table: two back, one back, current.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current: Vec<usize> = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        current[0] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (previous[j] + 1).min(current[j - 1] + 1).min(previous[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(before[j - 2] + 1);
+            }
+            current[j] = best;
+        }
+        std::mem::swap(&mut before, &mut previous);
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
 }
 
 /// Splits a comma-separated list, trimming items and dropping empty ones (so a
@@ -245,6 +370,25 @@ fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
                 insert_nested(inner, rest, value);
             }
         }
+    }
+}
+
+/// Removes the value at `path` (and everything under it); whether it was there.
+fn remove_nested(dict: &mut Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(Value::Dict(_, inner)) => {
+                let removed = remove_nested(inner, rest);
+                // Leave no empty map behind, as if the variable had never been set.
+                if removed && inner.is_empty() {
+                    dict.remove(first);
+                }
+                removed
+            }
+            _ => false,
+        },
     }
 }
 
@@ -298,4 +442,41 @@ pub(crate) fn parse_list_file(text: &str) -> Result<Vec<ListLine>, usize> {
         out.push(ListLine { line: index + 1, value: line.to_owned() });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{closest, display_name, edit_distance};
+
+    #[test]
+    fn edit_distance_counts_edits_and_swaps() {
+        assert_eq!(edit_distance("", ""), 0);
+        assert_eq!(edit_distance("log", "log"), 0);
+        assert_eq!(edit_distance("", "log"), 3);
+        assert_eq!(edit_distance("rate_limt", "rate_limit"), 1);
+        assert_eq!(edit_distance("base_uri", "base_url"), 1);
+        assert_eq!(edit_distance("lgo", "log"), 1);
+        assert_eq!(edit_distance("port", "cors"), 2);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn closest_allows_a_third_of_the_length_and_at_most_two() {
+        let top = ["listen", "keys", "keys_file", "rate_limit", "retry", "cors", "log", "workers"];
+        assert_eq!(closest("rate_limt", &top), Some("rate_limit"));
+        assert_eq!(closest("key", &top), Some("keys"));
+        assert_eq!(closest("lgo", &top), Some("log"));
+        assert_eq!(closest("worker", &top), Some("workers"));
+        // Two edits in four letters is not a typo.
+        assert_eq!(closest("port", &top), None);
+        assert_eq!(closest("lo", &top), None);
+        assert_eq!(closest("service_host", &top), None);
+        assert_eq!(closest("anything", &[]), None);
+    }
+
+    #[test]
+    fn odd_names_are_quoted_so_they_cannot_forge_a_log_line() {
+        assert_eq!(display_name("PROXYPAL_PORT_8080_TCP"), "PROXYPAL_PORT_8080_TCP");
+        assert_eq!(display_name("PROXYPAL_X\nINFO forged"), "\"PROXYPAL_X\\nINFO forged\"");
+    }
 }
