@@ -3,7 +3,10 @@
 //! * [`keypool`] — round-robin API-key selection with failover, cooldowns,
 //!   per-key stats and hot reload;
 //! * [`limiter`] — per-key GCRA rate limits (governor) with a default that
-//!   keeps every rolling minute within the quota.
+//!   keeps every rolling minute within the quota;
+//! * [`gateway`] — the OpenAI-compatible `/v1` pipeline built on both (and
+//!   on `proxypal-upstream`): admission, leasing with a fair queue, failover,
+//!   OpenAI-shaped errors, streaming, metrics — a hyper/tower service.
 //!
 //! This facade also owns the workspace's top-level `examples/` and `benches/`.
 //! [`LimitedPool`] shows how the two compose: a key pool whose selection is
@@ -26,6 +29,7 @@
 
 #![deny(missing_docs)]
 
+pub use proxypal_gateway as gateway;
 pub use proxypal_keypool as keypool;
 pub use proxypal_limiter as limiter;
 

@@ -1,18 +1,18 @@
-//! `/health` and `/stats`.
+//! The admin endpoints: `/health`, `/stats`, `/metrics`.
 
 use http::{Response, StatusCode};
-use proxypal_keypool::KeyStatus;
+use proxypal_gateway::ProxyBody;
+use proxypal_gateway::keypool::KeyStatus;
+use proxypal_gateway::openai::json_response;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::body::ProxyBody;
-use crate::errors::json_response;
 
 /// `GET /health`: always 200 while the server runs; `status` says whether
 /// requests can be served now (`ok`), only some keys can (`degraded`), or none
 /// (`unavailable`).
 pub fn health(app: &App) -> Response<ProxyBody> {
-    let snapshot = app.pool().snapshot();
+    let snapshot = app.gateway().keys().snapshot();
     let total = snapshot.len();
     let usable = snapshot.iter().filter(|k| k.status == KeyStatus::Ready).count();
     let status = match (usable, total) {
@@ -25,20 +25,14 @@ pub fn health(app: &App) -> Response<ProxyBody> {
 
 /// The `/stats` document.
 pub fn stats_json(app: &App) -> Value {
-    let snapshot = app.pool().snapshot();
-    let (remaining, quotas): (Vec<u32>, Vec<Value>) = app.pool().with_current(|keys, extras| {
-        let remaining = (0..keys.len()).map(|i| extras.limiter.remaining(i)).collect();
-        let quotas = keys
-            .iter()
-            .map(|k| json!({"requests_per_minute": k.rate().requests_per_minute, "burst": k.rate().burst}))
-            .collect();
-        (remaining, quotas)
-    });
+    let gateway = app.gateway();
+    let reports = gateway.key_reports();
     let mut totals = json!({"requests": 0u64, "successes": 0u64, "errors": 0u64, "rate_limited": 0u64});
     let mut states = [0usize; 3];
-    let keys: Vec<Value> = snapshot
+    let keys: Vec<Value> = reports
         .iter()
-        .map(|k| {
+        .map(|report| {
+            let k = &report.snapshot;
             let c = &k.counters;
             for (field, n) in [
                 ("requests", c.requests),
@@ -69,21 +63,21 @@ pub fn stats_json(app: &App) -> Value {
                 "successes": c.successes,
                 "errors": c.errors,
                 "rate_limited": c.rate_limited,
-                "permits_available": remaining.get(k.index).copied().unwrap_or(0),
-                "rate_override": quotas.get(k.index).cloned().unwrap_or(Value::Null),
+                "permits_available": report.permits_available,
+                "rate_override": {"requests_per_minute": k.rate.requests_per_minute, "burst": k.rate.burst},
             })
         })
         .collect();
-    totals["keys"] = json!(snapshot.len());
+    totals["keys"] = json!(reports.len());
     totals["ready"] = json!(states[0]);
     totals["cooling_down"] = json!(states[1]);
     totals["disabled"] = json!(states[2]);
     json!({
         "uptime_seconds": app.started().elapsed().as_secs(),
         "dev_mode": app.dev(),
-        "queue_depth": app.queue_depth(),
-        "in_flight": app.in_flight(),
-        "reloads": app.pool().reloads(),
+        "queue_depth": gateway.queue_depth(),
+        "in_flight": gateway.in_flight(),
+        "reloads": gateway.keys().reloads(),
         "keys": keys,
         "totals": totals,
         "history": app.history().to_json(),
@@ -95,17 +89,13 @@ pub fn stats(app: &App) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &stats_json(app))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: the OpenMetrics text format.
 pub fn metrics(app: &App) -> Response<ProxyBody> {
-    let snapshot = app.pool().snapshot();
-    let count = |f: fn(&KeyStatus) -> bool| snapshot.iter().filter(|k| f(&k.status)).count();
-    let states = [
-        ("ready", count(|s| *s == KeyStatus::Ready)),
-        ("cooling_down", count(|s| matches!(s, KeyStatus::CoolingDown { .. }))),
-        ("disabled", count(|s| *s == KeyStatus::Disabled)),
-    ];
-    let text = app.metrics().render(app.queue_depth(), app.in_flight(), states);
-    let mut resp = Response::new(crate::body::full(text));
+    app.gateway().refresh_gauges();
+    let mut text = String::with_capacity(8 * 1024);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, app.registry());
+    let mut resp = Response::new(proxypal_gateway::full(text));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),

@@ -41,7 +41,6 @@ mod parse;
 mod secret;
 mod sources;
 mod validate;
-pub(crate) use validate::MAX_ATTEMPTS_LIMIT;
 
 pub use error::ConfigError;
 pub use secret::{Secret, mask_key};

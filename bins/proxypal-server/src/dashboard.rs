@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, REFERRER_POLICY};
 use http::{Response, StatusCode};
 
-use crate::body::ProxyBody;
+use proxypal_gateway::ProxyBody;
 
 /// The page.
 pub const PAGE: &str = include_str!("dashboard.html");
@@ -20,7 +20,7 @@ pub const CSP: &str = "default-src 'none'; script-src 'self' 'unsafe-inline'; \
 
 /// `GET /dashboard`.
 pub fn page() -> Response<ProxyBody> {
-    let mut resp = Response::new(crate::body::full(Bytes::from_static(PAGE.as_bytes())));
+    let mut resp = Response::new(proxypal_gateway::full(Bytes::from_static(PAGE.as_bytes())));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));

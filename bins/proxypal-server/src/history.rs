@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::task::JoinHandle;
 
-use crate::app::App;
+use proxypal_gateway::Gateway;
 
 /// How often the counters are sampled.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
@@ -45,7 +45,7 @@ struct Rings {
     series: HashMap<String, VecDeque<u64>>,
 }
 
-/// The sampled history. Lives in [`App`]; filled by the task [`spawn`] starts.
+/// The sampled history. Lives in the server's [`App`](crate::App); filled by the task [`spawn`] starts.
 #[derive(Debug)]
 pub struct History {
     interval_ms: AtomicU64,
@@ -128,8 +128,8 @@ impl History {
     }
 }
 
-fn sample(app: &App) -> Vec<(String, u64)> {
-    app.pool().snapshot().into_iter().map(|k| (k.label, k.counters.requests)).collect()
+fn sample(gateway: &Gateway) -> Vec<(String, u64)> {
+    gateway.keys().snapshot().into_iter().map(|k| (k.label, k.counters.requests)).collect()
 }
 
 /// The sampling task; aborted when dropped.
@@ -149,23 +149,24 @@ impl Drop for Sampler {
     }
 }
 
-/// Starts sampling `app`'s counters into `app.history()` every `interval`.
-/// The task holds only a weak reference, so it also ends when the app does.
-/// Must be called inside a Tokio runtime.
-pub fn spawn(app: &Arc<App>, interval: Duration) -> Sampler {
+/// Starts sampling `gateway`'s per-key counters into `history` every
+/// `interval`. The task holds only weak references, so it also ends when the
+/// gateway or the history does. Must be called inside a Tokio runtime.
+pub fn spawn(gateway: &Arc<Gateway>, history: &Arc<History>, interval: Duration) -> Sampler {
     let interval = interval.max(Duration::from_millis(1));
-    app.history().set_interval(interval);
-    let counts = sample(app);
-    app.history().baseline(counts.iter().map(|(l, n)| (l.as_str(), *n)));
-    let weak: Weak<App> = Arc::downgrade(app);
+    history.set_interval(interval);
+    let counts = sample(gateway);
+    history.baseline(counts.iter().map(|(l, n)| (l.as_str(), *n)));
+    let gateway: Weak<Gateway> = Arc::downgrade(gateway);
+    let history: Weak<History> = Arc::downgrade(history);
     Sampler(tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let Some(app) = weak.upgrade() else { return };
-            let counts = sample(&app);
-            app.history().record(counts.iter().map(|(l, n)| (l.as_str(), *n)));
+            let (Some(gateway), Some(history)) = (gateway.upgrade(), history.upgrade()) else { return };
+            let counts = sample(&gateway);
+            history.record(counts.iter().map(|(l, n)| (l.as_str(), *n)));
         }
     }))
 }

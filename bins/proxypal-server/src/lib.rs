@@ -21,21 +21,22 @@
 
 pub mod admin;
 pub mod app;
-pub mod body;
 pub mod config;
+pub mod convert;
 pub mod dashboard;
+#[cfg(feature = "dev")]
 pub mod dev;
-pub mod errors;
+pub mod front;
 pub mod history;
 pub mod logging;
-pub mod metrics;
-mod proxy;
+pub mod reload;
 pub mod serve;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use proxypal_gateway::upstream::Upstream;
 use tokio::sync::{oneshot, watch};
 
 pub use app::App;
@@ -45,7 +46,7 @@ pub use app::App;
 pub enum StartError {
     /// The config could not be turned into a running proxy.
     #[error(transparent)]
-    Build(#[from] app::BuildError),
+    Build(#[from] convert::BuildError),
     /// A worker thread or its runtime could not be started.
     #[error("cannot start a worker thread: {source}")]
     Worker {
@@ -165,7 +166,8 @@ pub async fn start_with(
             let listener = serve::bind(config.listen).map_err(bind_error)?;
             let addr = listener.local_addr().map_err(bind_error)?;
             let (done_tx, done) = oneshot::channel();
-            let worker = serve::Worker::new(&app, 0, app.upstream().clone());
+            let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
+            let worker = serve::Worker::new(&app, 0, upstream);
             let serving = Arc::clone(&app);
             tokio::spawn(async move {
                 serve::serve(listener, serving, worker, until_stopped(stopped), grace).await;
@@ -180,10 +182,10 @@ pub async fn start_with(
                 // `n` is at least 1, so there is a first listener.
                 None => config.listen,
             };
-            (addr, spawn_workers(config, &app, listeners, &stopped, grace)?)
+            (addr, spawn_workers(&app, listeners, &stopped, grace)?)
         }
     };
-    let sampler = history::spawn(&app, options.history_interval);
+    let sampler = history::spawn(app.gateway(), app.history(), options.history_interval);
     Ok(Running { addr, app, stop, done, _history: sampler })
 }
 
@@ -195,7 +197,6 @@ async fn until_stopped(mut stop: watch::Receiver<bool>) {
 /// Starts one worker thread per listener; returns one completion receiver
 /// per worker.
 fn spawn_workers(
-    config: &config::Config,
     app: &Arc<App>,
     listeners: Vec<std::net::TcpListener>,
     stopped: &watch::Receiver<bool>,
@@ -207,8 +208,7 @@ fn spawn_workers(
         // Built here, not in the thread, so that a failure is reported to the caller.
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(worker_error)?;
-        let upstream =
-            proxypal_upstream::Upstream::new(app::upstream_config(config)?).map_err(app::BuildError::from)?;
+        let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
         let worker = serve::Worker::new(app, i, upstream);
         let app = Arc::clone(app);
         let stopped = stopped.clone();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use proxypal_server::config::Config;
+use proxypal_server::reload;
 
 /// An OpenAI-compatible proxy that spreads requests over many API keys.
 #[derive(Debug, Parser)]
@@ -60,16 +61,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, mut config: Config) -> ExitCode {
+    reload::log_warnings(&config);
     let _sim = if cli.dev {
-        match proxypal_server::dev::start_simulated_upstream(&mut config) {
-            Ok(sim) => {
-                tracing::warn!(upstream = %sim.base_url(), "DEV MODE: serving a simulated NVIDIA upstream with generated keys");
-                Some(sim)
-            }
-            Err(e) => {
-                eprintln!("proxypal-server: cannot start the simulated upstream: {e}");
-                return ExitCode::from(EXIT_START);
-            }
+        match start_dev(&mut config) {
+            Ok(sim) => sim,
+            Err(code) => return code,
         }
     } else {
         None
@@ -96,110 +92,54 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
         "listening on {}",
         server.addr()
     );
+    #[cfg(feature = "dev")]
     if cli.dev {
         println!("{}", proxypal_server::dev::banner(&config, server.addr(), &config.upstream.base_url));
     }
     let app = std::sync::Arc::clone(server.app());
-    let cli_config = cli.config.clone();
-    let reload = move || {
+    let path = cli.config.clone();
+    let on_reload = move || {
         if cli.dev {
             tracing::info!("reload requested; dev mode keeps its generated keys");
-            return;
-        }
-        match Config::load(cli.config.as_deref()) {
-            Ok(new) => match app.reload(&new) {
-                Ok(r) => tracing::info!(
-                    added = r.added,
-                    kept = r.kept,
-                    removed = r.removed,
-                    "configuration reloaded"
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "reload refused; the previous configuration keeps serving")
-                }
-            },
-            Err(e) => tracing::error!(error = %e, "reload refused; the previous configuration keeps serving"),
+        } else {
+            reload::reload(&app, path.as_deref());
         }
     };
-    // Reload when the config file or a keys/tokens file changes (polling their
-    // modification times: no platform watcher, works on every filesystem and
-    // with editors that replace files).
-    let watched: Vec<PathBuf> =
-        [cli_config.clone(), config.keys_file.clone(), config.auth.tokens_file.clone()]
-            .into_iter()
-            .flatten()
-            .collect();
+    let watched = reload::watched_files(cli.config.as_deref(), &config);
     let (changed_tx, mut changed_rx) = tokio::sync::mpsc::channel::<()>(1);
     if !cli.dev && !watched.is_empty() {
-        tokio::spawn(watch_files(watched, changed_tx));
+        tokio::spawn(reload::watch_files(watched, changed_tx));
     }
-    wait_for_signals(reload, &mut changed_rx).await;
+    reload::until_stop_signal(on_reload, &mut changed_rx).await;
     server.begin_shutdown();
     tokio::select! {
         () = server.wait() => {}
-        () = second_signal() => tracing::warn!("second signal: exiting now"),
+        () = reload::second_signal() => tracing::warn!("second signal: exiting now"),
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// How often watched files are checked for changes.
-const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-async fn watch_files(paths: Vec<PathBuf>, changed: tokio::sync::mpsc::Sender<()>) {
-    let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last: Vec<_> = paths.iter().map(stamp).collect();
-    loop {
-        tokio::time::sleep(WATCH_INTERVAL).await;
-        let now: Vec<_> = paths.iter().map(stamp).collect();
-        if now != last {
-            last = now;
-            tracing::info!("a configuration file changed; reloading");
-            if changed.send(()).await.is_err() {
-                return;
-            }
+/// Starts the simulated upstream for `--dev` and points `config` at it.
+#[cfg(feature = "dev")]
+fn start_dev(config: &mut Config) -> Result<Option<proxypal_nim_sim::SimHandle>, ExitCode> {
+    match proxypal_server::dev::start_simulated_upstream(config) {
+        Ok(sim) => {
+            tracing::warn!(upstream = %sim.base_url(), "DEV MODE: serving a simulated NVIDIA upstream with generated keys");
+            Ok(Some(sim))
+        }
+        Err(e) => {
+            eprintln!("proxypal-server: cannot start the simulated upstream: {e}");
+            Err(ExitCode::from(EXIT_START))
         }
     }
 }
 
-#[cfg(unix)]
-async fn wait_for_signals(reload: impl Fn(), changed: &mut tokio::sync::mpsc::Receiver<()>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(),
-            Some(()) = changed.recv() => reload(),
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signals(_reload: impl Fn(), _changed: &mut tokio::sync::mpsc::Receiver<()>) {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-async fn second_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+/// This build has no simulator: `--dev` is a usage error.
+#[cfg(not(feature = "dev"))]
+fn start_dev(_config: &mut Config) -> Result<Option<()>, ExitCode> {
+    eprintln!(
+        "proxypal-server: --dev needs the simulated upstream, and this build was made without the `dev` feature"
+    );
+    Err(ExitCode::from(EXIT_CONFIG))
 }

@@ -1,33 +1,20 @@
-//! The HTTP front: routing, CORS, the accept loop and graceful shutdown.
+//! Serving: binding the listening sockets, the accept loop of each worker and
+//! graceful shutdown. Requests go to [`crate::front`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::header::HeaderName;
-use tracing::Instrument;
-
-use http::header::{
-    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, AUTHORIZATION,
-    HeaderValue, ORIGIN, VARY,
-};
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use proxypal_gateway::Handle;
 use tokio::net::{TcpListener, TcpSocket};
 
-use proxypal_upstream::Upstream;
-
 use crate::app::App;
-use crate::body::ProxyBody;
-use crate::errors::error_response;
 
 /// Binds `addr` with a deep accept backlog (bursts of hundreds of streams
 /// would otherwise see dropped SYNs and one-second stalls).
@@ -87,194 +74,6 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net:
     Ok(listeners)
 }
 
-/// The request-id header: accepted from the client, else generated; returned on
-/// the response and forwarded upstream.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The client's `x-request-id` if it is sane (1–128 visible ASCII
-/// characters), else a new one: a per-process random prefix and a counter.
-fn request_id(headers: &http::HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
-        }
-    }
-    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let prefix = *PREFIX.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        // RandomState is seeded from the OS: a cheap random prefix per process.
-        std::collections::hash_map::RandomState::new().build_hasher().finish() as u32
-    });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // `pp-<8 hex>-<16 hex>`, formatted by hand: `format!` showed up at ~2,000
-    // instructions per request in the profile.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = *b"pp-00000000-0000000000000000";
-    for (i, slot) in buf[3..11].iter_mut().enumerate() {
-        *slot = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
-    }
-    for (i, slot) in buf[12..28].iter_mut().enumerate() {
-        *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    // Only hex digits and '-': always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("pp-unknown"))
-}
-
-/// Serves one request. Never fails: every problem becomes a response.
-///
-/// Each request runs in a `request` tracing span (debug level) carrying its
-/// id, method, path and (once leased) the masked key.
-///
-/// `upstream` is the client of the worker serving the connection (each worker
-/// keeps its own upstream connections, see [`crate::config::Config::workers`]).
-pub async fn handle(app: Arc<App>, upstream: Upstream, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let id = request_id(req.headers());
-    req.headers_mut().insert(REQUEST_ID, id.clone());
-    // Debug level: creating and formatting a span per request is measurable
-    // CPU at tens of thousands of requests per second; the few log lines
-    // emitted at info and above carry the request id themselves.
-    let span = tracing::debug_span!(
-        "request",
-        id = id.to_str().unwrap_or("-"),
-        method = %req.method(),
-        path = req.uri().path(),
-        key = tracing::field::Empty,
-    );
-    let origin = req.headers().get(ORIGIN).cloned();
-    let mut resp = if span.is_disabled() {
-        // The common case (debug off): no `Instrumented` wrapper, which would
-        // move the whole request future once more.
-        route(&app, &upstream, req).await
-    } else {
-        let started = std::time::Instant::now();
-        let resp = route(&app, &upstream, req).instrument(span.clone()).await;
-        span.in_scope(|| {
-            tracing::debug!(
-                status = resp.status().as_u16(),
-                took_us = started.elapsed().as_micros() as u64,
-                "answered"
-            )
-        });
-        resp
-    };
-    resp.headers_mut().insert(REQUEST_ID, id);
-    if let Some(origin) = origin {
-        cors_headers(&app, &origin, &mut resp);
-    }
-    resp
-}
-
-fn cors_allows(app: &App, origin: &HeaderValue) -> bool {
-    let settings = app.settings();
-    settings.cors_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
-}
-
-fn cors_headers(app: &App, origin: &HeaderValue, resp: &mut Response<ProxyBody>) {
-    if !cors_allows(app, origin) {
-        return;
-    }
-    let h = resp.headers_mut();
-    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    h.append(VARY, HeaderValue::from_static("Origin"));
-    h.insert(
-        ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("retry-after, retry-after-ms, x-request-id, x-should-retry"),
-    );
-}
-
-fn authorized(app: &App, req: &Request<Incoming>) -> bool {
-    let settings = app.settings();
-    if !settings.tokens.required() {
-        return true;
-    }
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .unwrap_or_default();
-    settings.tokens.accepts(presented)
-}
-
-async fn route(app: &Arc<App>, upstream: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    if req.method() == Method::OPTIONS && req.headers().contains_key(ORIGIN) {
-        return preflight(app, &req);
-    }
-    if path == "/v1" || path.starts_with("/v1/") {
-        let rest = req.uri().path_and_query().map_or("", |pq| pq.as_str()).get(3..).unwrap_or("").to_owned();
-        let Ok(slot) = Arc::clone(app.in_flight_slots()).try_acquire_owned() else {
-            let mut resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "the proxy is at limits.max_inflight requests; retry shortly",
-            );
-            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
-        };
-        return crate::proxy::forward(app, upstream, req, rest, slot).await;
-    }
-    match (req.method(), path) {
-        (&Method::GET | &Method::HEAD, "/health") => crate::admin::health(app),
-        // The page holds no data (it reads /stats, which checks the token), so no token here.
-        (&Method::GET | &Method::HEAD, "/dashboard") => crate::dashboard::page(),
-        (&Method::GET | &Method::HEAD, "/stats") => {
-            if authorized(app, &req) {
-                crate::admin::stats(app)
-            } else {
-                error_response(StatusCode::UNAUTHORIZED, "invalid_api_key", "/stats needs a client token")
-            }
-        }
-        (&Method::GET | &Method::HEAD, "/metrics") => {
-            if authorized(app, &req) {
-                crate::admin::metrics(app)
-            } else {
-                error_response(StatusCode::UNAUTHORIZED, "invalid_api_key", "/metrics needs a client token")
-            }
-        }
-        (_, "/health" | "/stats" | "/metrics" | "/dashboard") => {
-            let mut resp = error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{path} takes GET"),
-            );
-            resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            resp
-        }
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!(
-                "no route for {path}: the OpenAI-compatible API is under /v1 (e.g. /v1/chat/completions)"
-            ),
-        ),
-    }
-}
-
-fn preflight(app: &App, req: &Request<Incoming>) -> Response<ProxyBody> {
-    let mut resp = Response::new(crate::body::full(bytes::Bytes::new()));
-    *resp.status_mut() = StatusCode::NO_CONTENT;
-    let Some(origin) = req.headers().get(ORIGIN) else { return resp };
-    if !cors_allows(app, origin) {
-        *resp.status_mut() = StatusCode::FORBIDDEN;
-        return resp;
-    }
-    let h = resp.headers_mut();
-    h.insert(
-        ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-    );
-    let allow_headers = req
-        .headers()
-        .get(ACCESS_CONTROL_REQUEST_HEADERS)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
-    h.insert(ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
-    h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-    resp
-}
-
 fn conn_builder() -> auto::Builder<TokioExecutor> {
     // `writev(false)`: a response's head and body go out as one flattened buffer instead of a
     // vectored write of several slices; with API-sized bodies that is cheaper (A/B, 3 rounds,
@@ -293,17 +92,21 @@ fn conn_builder() -> auto::Builder<TokioExecutor> {
 /// Period of the timer that keeps per-request timers from interrupting the I/O driver.
 const TIMER_ANCHOR: Duration = Duration::from_secs(1);
 
-/// What one accept loop owns: its upstream client and its connection counter.
+/// What one accept loop owns: its way into the gateway (with its own upstream
+/// client) and its connection counter.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    upstream: Upstream,
+    gateway: Handle,
     accepted: prometheus_client::metrics::counter::Counter,
 }
 
 impl Worker {
     /// Worker number `id` of `app`, sending upstream through `upstream`.
-    pub fn new(app: &App, id: usize, upstream: Upstream) -> Self {
-        Self { upstream, accepted: app.metrics().worker_connections(id) }
+    pub fn new(app: &App, id: usize, upstream: proxypal_gateway::upstream::Upstream) -> Self {
+        Self {
+            gateway: Handle::new(Arc::clone(app.gateway()), upstream),
+            accepted: app.worker_connections(id),
+        }
     }
 }
 
@@ -349,12 +152,12 @@ pub async fn serve(
                 worker.accepted.inc();
                 let watcher = graceful.watcher();
                 let app = Arc::clone(&app);
-                let upstream = worker.upstream.clone();
+                let gateway = worker.gateway.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let app = Arc::clone(&app);
-                        let upstream = upstream.clone();
-                        async move { Ok::<_, Infallible>(handle(app, upstream, req).await) }
+                        let gateway = gateway.clone();
+                        async move { Ok::<_, Infallible>(crate::front::handle(&app, &gateway, req).await) }
                     });
                     let builder = conn_builder();
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);

@@ -6,8 +6,9 @@ use http::{HeaderValue, Uri};
 
 use super::{Config, ConfigError, KeyEntry, KeyOrigin, Secret};
 
-/// Most upstream attempts a client request may make.
-pub(crate) const MAX_ATTEMPTS_LIMIT: u32 = 10;
+/// Most upstream attempts a client request may make: what the gateway's
+/// per-request record holds.
+const MAX_ATTEMPTS_LIMIT: u32 = proxypal_gateway::MAX_ATTEMPTS as u32;
 
 /// # Validation
 impl Config {

@@ -1,4 +1,4 @@
-//! OpenAI-shaped errors: the proxy's own, and upstream errors rewritten into
+//! OpenAI-shaped errors: the gateway's own, and upstream errors rewritten into
 //! `{"error":{"message","type","code"}}` so the OpenAI SDKs show the real cause.
 
 use bytes::Bytes;

@@ -1,8 +1,12 @@
-//! Prometheus metrics (`GET /metrics`, text format) through `prometheus-client`.
+//! Prometheus metrics through `prometheus-client`, registered into the
+//! embedder's [`Registry`] (the server's `GET /metrics` encodes it).
 //!
 //! Per-key counters are resolved once per key set (when keys are built or
 //! reloaded) and handed to each request with its lease, so recording a
 //! request is a handful of atomic increments: no label hashing, no allocation.
+//! Gauges that describe a state rather than count events (queue depth,
+//! requests in flight, keys by state) are set when they are read:
+//! [`Gateway::refresh_gauges`](crate::Gateway::refresh_gauges) before encoding.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,12 +36,6 @@ struct KeyResult {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
-}
-
-/// Labels with only a worker index.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabel {
-    worker: String,
 }
 
 /// Labels with only a state.
@@ -118,15 +116,13 @@ impl KeyMetrics {
     }
 }
 
-/// Every metric the server exports.
+/// Every metric of the gateway.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
     requests: Family<KeyStatus, Counter>,
     attempts: Family<KeyResult, Counter>,
     retries: Family<Reason, Counter>,
     keys: Family<State, Gauge>,
-    connections: Family<WorkerLabel, Counter>,
     queue_depth: Gauge,
     in_flight: Gauge,
     open_streams: Gauge,
@@ -140,21 +136,14 @@ pub struct Metrics {
 /// The label for requests that no key served.
 pub const NO_KEY: &str = "none";
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    /// Registers every metric.
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("proxypal");
+    /// Registers every metric in `registry` (the server uses the prefix
+    /// `proxypal`: `proxypal_requests_total`, …).
+    pub fn register(registry: &mut Registry) -> Self {
         let requests = Family::<KeyStatus, Counter>::default();
         let attempts = Family::<KeyResult, Counter>::default();
         let retries = Family::<Reason, Counter>::default();
         let keys = Family::<State, Gauge>::default();
-        let connections = Family::<WorkerLabel, Counter>::default();
         let queue_depth = Gauge::default();
         let in_flight = Gauge::default();
         let open_streams = Gauge::default();
@@ -172,11 +161,6 @@ impl Metrics {
         registry.register("upstream_attempts", "Upstream attempts by key and result", attempts.clone());
         registry.register("retries", "Attempts retried on another key, by reason", retries.clone());
         registry.register("keys", "Keys by state (ready, cooling_down, disabled)", keys.clone());
-        registry.register(
-            "connections_accepted",
-            "Client connections accepted, by the worker thread serving them",
-            connections.clone(),
-        );
         registry.register("queue_depth", "Requests waiting for a key with capacity", queue_depth.clone());
         registry.register("in_flight_requests", "Requests being served", in_flight.clone());
         registry.register("open_streams", "Streaming (SSE) responses open", open_streams.clone());
@@ -196,12 +180,10 @@ impl Metrics {
             overhead.clone(),
         );
         let mut metrics = Self {
-            registry,
             requests,
             attempts,
             retries,
             keys,
-            connections,
             queue_depth,
             in_flight,
             open_streams,
@@ -222,12 +204,6 @@ impl Metrics {
             self.attempts.get_or_create_owned(&KeyResult { key: label.to_owned(), result: r.as_str() })
         });
         Arc::new(KeyMetrics { requests, attempts })
-    }
-
-    /// The accepted-connections counter of worker `worker` (resolved once
-    /// per worker, not per connection).
-    pub fn worker_connections(&self, worker: usize) -> Counter {
-        self.connections.get_or_create_owned(&WorkerLabel { worker: worker.to_string() })
     }
 
     /// Counters for requests no key served.
@@ -260,17 +236,13 @@ impl Metrics {
         &self.open_streams
     }
 
-    /// Renders the text exposition, after setting the gauges read at scrape time.
-    pub fn render(&self, queue_depth: usize, in_flight: usize, states: [(&'static str, usize); 3]) -> String {
+    /// Sets the gauges that describe the state now (read at scrape time).
+    pub fn set_gauges(&self, queue_depth: usize, in_flight: usize, states: [(&'static str, usize); 3]) {
         self.queue_depth.set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
         self.in_flight.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         for (state, n) in states {
             self.keys.get_or_create(&State { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let mut out = String::with_capacity(8 * 1024);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
     }
 }
 
@@ -298,13 +270,16 @@ mod tests {
 
     #[test]
     fn renders_per_key_counters_with_masked_labels() {
-        let m = Metrics::new();
+        let mut registry = Registry::with_prefix("proxypal");
+        let m = Metrics::register(&mut registry);
         let k = m.for_key("nvapi-…abcd");
         k.request(http::StatusCode::OK);
         k.attempt(AttemptResult::RateLimited);
         m.retry(AttemptResult::RateLimited);
         m.upstream_latency(Duration::from_millis(3));
-        let text = m.render(2, 1, [("ready", 3), ("cooling_down", 1), ("disabled", 0)]);
+        m.set_gauges(2, 1, [("ready", 3), ("cooling_down", 1), ("disabled", 0)]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(r#"proxypal_requests_total{key="nvapi-…abcd",status="2xx"} 1"#), "{text}");
         assert!(
             text.contains(r#"proxypal_upstream_attempts_total{key="nvapi-…abcd",result="rate_limited"} 1"#)

@@ -1,0 +1,458 @@
+//! The attempt loop: lease a key, send, [classify](crate::classify), then
+//! deliver or fail over to another key — before the client sees anything.
+//!
+//! One [`Attempts`] record per request carries what the stages share: the
+//! keys tried, the last failure (the answer if every attempt fails), the time
+//! spent outside the proxy, and the key that served the request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use proxypal_keypool::KeyPool;
+use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
+
+use crate::admission::Slot;
+use crate::body::{BoxError, Guarded, ProxyBody};
+use crate::classify::{Action, Verdict, classify, classify_transport, needs_body};
+use crate::gateway::Gateway;
+use crate::keyset::KeyResources;
+use crate::lease::{Lease, NoKey, Tried};
+use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
+use crate::reply::{self, UpstreamAnswer};
+
+/// The most of an upstream error body read to judge and rewrite it.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// How long reading an upstream error body may take.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an attempt failed, kept to answer the client if every attempt fails.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The upstream answered with an error worth failing over for.
+    Upstream { answer: UpstreamAnswer, result: AttemptResult },
+    /// No answer: refused, reset, timed out.
+    Transport(UpstreamError),
+}
+
+impl Failure {
+    /// The metrics label of the failed attempt.
+    fn result(&self) -> AttemptResult {
+        match self {
+            Failure::Upstream { result, .. } => *result,
+            Failure::Transport(_) => AttemptResult::TransportError,
+        }
+    }
+
+    fn key_rejected(&self) -> bool {
+        self.result() == AttemptResult::KeyRejected
+    }
+}
+
+/// What a request that could not be served is answered with.
+#[derive(Debug)]
+pub(crate) enum GiveUp {
+    /// No key could be leased (and no attempt failed in a way worth reporting).
+    NoKey(NoKey),
+    /// The keys tried were rejected by the upstream (status of the last).
+    KeysRejected(StatusCode),
+    /// The upstream's last error, passed back.
+    Upstream(UpstreamAnswer),
+    /// The last attempt got no answer.
+    Transport(UpstreamError),
+}
+
+impl GiveUp {
+    fn into_response(self) -> Response<ProxyBody> {
+        match self {
+            GiveUp::NoKey(no_key) => reply::no_key(no_key),
+            GiveUp::KeysRejected(status) => reply::keys_rejected(status),
+            GiveUp::Upstream(answer) => reply::upstream_error(answer),
+            GiveUp::Transport(e) => reply::transport(&e),
+        }
+    }
+}
+
+/// One request's attempts so far.
+#[derive(Debug)]
+pub(crate) struct Attempts {
+    tried: Tried,
+    max: usize,
+    last: Option<Failure>,
+    /// Time not spent in the proxy itself: queueing and waiting for upstream headers.
+    elsewhere: Duration,
+    /// The key of the last attempt (its counters count the request).
+    served_by: Option<Arc<KeyMetrics>>,
+}
+
+impl Attempts {
+    /// A record for a request that may make `max` attempts (1..=[`MAX_ATTEMPTS`](crate::MAX_ATTEMPTS)).
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            tried: Tried::default(),
+            max: max.clamp(1, crate::MAX_ATTEMPTS),
+            last: None,
+            elsewhere: Duration::ZERO,
+            served_by: None,
+        }
+    }
+
+    /// Sets how many attempts the request may make (1..=[`MAX_ATTEMPTS`](crate::MAX_ATTEMPTS)).
+    pub(crate) fn limit(&mut self, max: usize) {
+        self.max = max.clamp(1, crate::MAX_ATTEMPTS);
+    }
+
+    /// Whether another attempt may be made.
+    pub(crate) fn may_try(&self) -> bool {
+        self.tried.len() < self.max
+    }
+
+    /// Counts time spent waiting elsewhere (the queue, the upstream).
+    pub(crate) fn waited(&mut self, took: Duration) {
+        self.elsewhere += took;
+    }
+
+    /// Starts an attempt with `lease`: records the key and, if this is a
+    /// retry, why (in `metrics`).
+    pub(crate) fn begin(&mut self, lease: &Lease, metrics: &Metrics) {
+        if let Some(previous) = &self.last {
+            metrics.retry(previous.result());
+        }
+        self.tried.push(lease.selected.index());
+        self.served_by = Some(Arc::clone(&lease.metrics));
+    }
+
+    /// Records a failed attempt.
+    pub(crate) fn failed(&mut self, failure: Failure) {
+        self.last = Some(failure);
+    }
+
+    /// The answer when no key can be leased (`no_key`): the last attempt's
+    /// failure if there was one — unless the key it tried was just disabled
+    /// and that disabled the last key.
+    pub(crate) fn give_up(&mut self, no_key: NoKey) -> GiveUp {
+        match self.last.take() {
+            Some(f) if f.key_rejected() && no_key == NoKey::AllDisabled => GiveUp::NoKey(no_key),
+            Some(f) => f.into(),
+            None => GiveUp::NoKey(no_key),
+        }
+    }
+
+    /// The answer when every attempt was used: the last failure; "all keys
+    /// disabled" when it disabled the last usable key.
+    pub(crate) fn exhausted(&mut self, keys: &KeyPool<KeyResources>) -> GiveUp {
+        match self.last.take() {
+            Some(f) if f.key_rejected() && keys.time_to_usable().is_none() => {
+                GiveUp::NoKey(NoKey::AllDisabled)
+            }
+            Some(f) => f.into(),
+            None => GiveUp::NoKey(NoKey::NoKeys),
+        }
+    }
+}
+
+impl From<Failure> for GiveUp {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Upstream { answer, result: AttemptResult::KeyRejected } => {
+                GiveUp::KeysRejected(answer.status)
+            }
+            Failure::Upstream { answer, .. } => GiveUp::Upstream(answer),
+            Failure::Transport(e) => GiveUp::Transport(e),
+        }
+    }
+}
+
+/// Serves one admitted `/v1` request; `rest` is the path and query after
+/// `/v1`. Records the request in the metrics of the key that served it (or
+/// of no key) and the proxy's own share of its time.
+pub(crate) async fn forward<B>(
+    gw: &Gateway,
+    upstream: &Upstream,
+    req: Request<B>,
+    rest: String,
+    slot: Slot,
+) -> Response<ProxyBody>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let started = tokio::time::Instant::now();
+    let mut attempts = Attempts::new(1);
+    let resp = run(gw, upstream, req, rest, slot, &mut attempts).await;
+    let metrics = gw.metrics();
+    attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
+    metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
+    resp
+}
+
+async fn run<B>(
+    gw: &Gateway,
+    upstream: &Upstream,
+    req: Request<B>,
+    rest: String,
+    slot: Slot,
+    attempts: &mut Attempts,
+) -> Response<ProxyBody>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let settings = gw.settings();
+    let (mut head, body) = req.into_parts();
+    // The client's token is never forwarded: the upstream client sets Authorization to the key.
+    if settings.tokens.authenticate(&head.headers).is_none() {
+        return reply::unauthorized(
+            "missing or invalid client token: send Authorization: Bearer <token> (your ProxyPal token, not an NVIDIA key)",
+        );
+    }
+    head.headers.remove(AUTHORIZATION);
+    let body = match read_body(body, &head.headers, settings.max_body_bytes).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    // For the failover log lines: they carry the id themselves, so the per-request span can
+    // stay at debug level (free when debug is off).
+    let request_id = head.headers.get(crate::REQUEST_ID).cloned();
+    let id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let parts = RequestParts::new(head.method, rest, head.headers);
+    let deadline = tokio::time::Instant::now() + settings.queue_timeout;
+    attempts.limit(settings.max_attempts);
+    drop(settings);
+
+    let keys = gw.keys();
+    let metrics = gw.metrics();
+    while attempts.may_try() {
+        let queued_at = tokio::time::Instant::now();
+        let leased = gw.queue().lease(keys, &attempts.tried, deadline).await;
+        let queued = queued_at.elapsed();
+        attempts.waited(queued);
+        metrics.queue_wait(queued);
+        let lease = match leased {
+            Ok(lease) => lease,
+            Err(no_key) => return attempts.give_up(no_key).into_response(),
+        };
+        attempts.begin(&lease, metrics);
+        let label = lease.selected.key().label();
+        tracing::Span::current().record("key", label);
+        let sent_at = tokio::time::Instant::now();
+        let answer = upstream.send(&parts, body.clone(), &lease.auth).await;
+        let took = sent_at.elapsed();
+        attempts.waited(took);
+        metrics.upstream_latency(took);
+        let resp = match answer {
+            Ok(resp) => resp,
+            Err(e) => {
+                let verdict = classify_transport(&e);
+                tracing::warn!(id, key = label, error = %e, "upstream attempt failed; failing over");
+                judged(keys, &lease, verdict);
+                attempts.failed(Failure::Transport(e));
+                continue;
+            }
+        };
+        let status = resp.status();
+        if !needs_body(status) {
+            judged(keys, &lease, classify(status, resp.headers(), &[]));
+            return stream(gw, resp, slot);
+        }
+        let answer = Box::pin(read_answer(resp)).await;
+        let verdict = classify(status, &answer.headers, &answer.body);
+        judged(keys, &lease, verdict);
+        match verdict.action {
+            Action::Deliver => return reply::upstream_error(answer),
+            Action::FailOver => {
+                log_failover(id, label, status, verdict);
+                attempts.failed(Failure::Upstream { answer, result: verdict.result });
+            }
+        }
+    }
+    attempts.exhausted(keys).into_response()
+}
+
+/// Reports the verdict on a key to the pool and to the key's metrics.
+fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
+    keys.report(&lease.selected, verdict.outcome);
+    lease.metrics.attempt(verdict.result);
+}
+
+fn log_failover(id: &str, key: &str, status: StatusCode, verdict: Verdict) {
+    let status = status.as_u16();
+    match verdict.outcome {
+        proxypal_keypool::Outcome::RateLimited { retry_after } => {
+            tracing::info!(id, key, retry_after = ?retry_after, "upstream rate limited the key; failing over");
+        }
+        proxypal_keypool::Outcome::AuthFailed => {
+            tracing::warn!(id, key, status, "upstream rejected the key; disabling it");
+        }
+        _ => tracing::warn!(id, key, status, "upstream error; failing over"),
+    }
+}
+
+/// Buffers the client's body (bounded) so it can be replayed on another key.
+async fn read_body<B>(body: B, headers: &http::HeaderMap, max: usize) -> Result<Bytes, Response<ProxyBody>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let declared =
+        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(reply::too_large(max));
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(reply::too_large(max))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "client body read failed");
+            Err(reply::unreadable_body())
+        }
+    }
+}
+
+/// Reads an upstream error answer (bounded in size and time). Callers box this future: error
+/// answers are the exception, and unboxed it would enlarge every request's future (moved on
+/// each `.await` nesting).
+async fn read_answer(resp: Response<UpstreamBody>) -> UpstreamAnswer {
+    let (head, body) = resp.into_parts();
+    let collect = Limited::new(body, MAX_ERROR_BODY).collect();
+    let body = match tokio::time::timeout(ERROR_BODY_TIMEOUT, collect).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    };
+    UpstreamAnswer { status: head.status, headers: head.headers, body }
+}
+
+/// Streams a successful answer to the client frame by frame; the body holds
+/// the in-flight slot (and, for SSE, the open-streams gauge) until it ends.
+fn stream(gw: &Gateway, resp: Response<UpstreamBody>, slot: Slot) -> Response<ProxyBody> {
+    let streaming =
+        resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let stream = streaming.then(|| StreamGuard::new(gw.metrics().open_streams()));
+    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream)).boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::HeaderMap;
+    use proxypal_keypool::Outcome;
+
+    use super::*;
+    use crate::lease::tests::gateway;
+    use crate::lease::try_lease;
+
+    fn answer(status: u16) -> UpstreamAnswer {
+        UpstreamAnswer {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn upstream_failure(status: u16, result: AttemptResult) -> Failure {
+        Failure::Upstream { answer: answer(status), result }
+    }
+
+    fn timeout() -> Failure {
+        Failure::Transport(UpstreamError::ResponseTimeout {
+            uri: http::Uri::from_static("http://127.0.0.1:9/v1/chat/completions"),
+            after: Duration::from_secs(1),
+        })
+    }
+
+    fn kind(give_up: &GiveUp) -> String {
+        match give_up {
+            GiveUp::NoKey(no_key) => format!("{no_key:?}"),
+            GiveUp::KeysRejected(status) => format!("KeysRejected({})", status.as_u16()),
+            GiveUp::Upstream(a) => format!("Upstream({})", a.status.as_u16()),
+            GiveUp::Transport(_) => "Transport".to_owned(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_record_keys_retries_and_time_elsewhere() {
+        let gw = gateway(4, 60_000); // one permit each, and time stands still
+        let metrics = gw.metrics();
+        let mut attempts = Attempts::new(1);
+        attempts.limit(99);
+        assert_eq!(attempts.max, crate::MAX_ATTEMPTS, "clamped to what the stack array holds");
+        attempts.limit(2);
+        assert!(attempts.may_try());
+
+        let first = try_lease(gw.keys(), &attempts.tried).unwrap();
+        attempts.begin(&first, metrics);
+        attempts.waited(Duration::from_millis(5));
+        attempts.failed(upstream_failure(429, AttemptResult::RateLimited));
+        assert!(attempts.may_try());
+
+        let second = try_lease(gw.keys(), &attempts.tried).unwrap();
+        assert_ne!(second.selected.index(), first.selected.index(), "a tried key is not leased again");
+        attempts.begin(&second, metrics);
+        attempts.waited(Duration::from_millis(7));
+        assert!(!attempts.may_try(), "two attempts were allowed");
+        assert_eq!(attempts.tried.as_slice(), [first.selected.index(), second.selected.index()]);
+        assert_eq!(attempts.elsewhere, Duration::from_millis(12));
+        assert!(Arc::ptr_eq(attempts.served_by.as_ref().unwrap(), &second.metrics), "the last key serves");
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counted = Metrics::register(&mut registry);
+        let mut again = Attempts::new(3);
+        again.begin(&try_lease(gw.keys(), &Tried::default()).unwrap(), &counted);
+        again.failed(timeout());
+        again.begin(&try_lease(gw.keys(), &again.tried).unwrap(), &counted);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains(r#"retries_total{reason="transport_error"} 1"#), "{text}");
+        assert!(!text.contains(r#"retries_total{reason="rate_limited"}"#), "{text}");
+    }
+
+    #[test]
+    fn giving_up_answers_with_the_last_failure_unless_it_disabled_the_last_key() {
+        #[rustfmt::skip]
+        let table: Vec<(Option<Failure>, NoKey, &str)> = vec![
+            (None, NoKey::QueueTimeout { wait: Duration::from_secs(2) }, "QueueTimeout { wait: 2s }"),
+            (None, NoKey::AllDisabled, "AllDisabled"),
+            (None, NoKey::NoKeys, "NoKeys"),
+            (Some(upstream_failure(429, AttemptResult::RateLimited)), NoKey::QueueTimeout { wait: Duration::ZERO }, "Upstream(429)"),
+            (Some(upstream_failure(502, AttemptResult::ServerError)), NoKey::AllTried, "Upstream(502)"),
+            (Some(timeout()), NoKey::AllTried, "Transport"),
+            (Some(upstream_failure(401, AttemptResult::KeyRejected)), NoKey::AllTried, "KeysRejected(401)"),
+            // The rejected key was the last usable one: say so, not "bad gateway".
+            (Some(upstream_failure(403, AttemptResult::KeyRejected)), NoKey::AllDisabled, "AllDisabled"),
+        ];
+        for (last, no_key, want) in table {
+            let mut attempts = Attempts::new(3);
+            let described = format!("{last:?} / {no_key:?}");
+            if let Some(last) = last {
+                attempts.failed(last);
+            }
+            assert_eq!(kind(&attempts.give_up(no_key)), want, "{described}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_attempts_answer_with_the_last_failure() {
+        let gw = gateway(2, 60_000);
+        let mut attempts = Attempts::new(2);
+        assert_eq!(kind(&attempts.exhausted(gw.keys())), "NoKeys");
+        attempts.failed(upstream_failure(503, AttemptResult::ServerError));
+        assert_eq!(kind(&attempts.exhausted(gw.keys())), "Upstream(503)");
+        // A rejected key while another key is still usable: the upstream's rejection.
+        let one = gw.keys().select_with(|c| c.index == 0).unwrap();
+        gw.keys().report(&one, Outcome::AuthFailed);
+        attempts.failed(upstream_failure(401, AttemptResult::KeyRejected));
+        assert_eq!(kind(&attempts.exhausted(gw.keys())), "KeysRejected(401)");
+        // ... and once no key is usable any more: all keys disabled.
+        let two = gw.keys().select_with(|c| c.index == 1).unwrap();
+        gw.keys().report(&two, Outcome::AuthFailed);
+        attempts.failed(upstream_failure(401, AttemptResult::KeyRejected));
+        assert_eq!(kind(&attempts.exhausted(gw.keys())), "AllDisabled");
+    }
+}

@@ -1,0 +1,66 @@
+//! ProxyPal's OpenAI-compatible `/v1` pipeline as a library: mount it in your
+//! own hyper (or tower/axum) service and every request is served through a
+//! pool of upstream API keys — each kept under its rate limit, failed over to
+//! another key before the client sees an error, and streamed back untouched.
+//!
+//! The pieces, stage by stage (each a module with one job):
+//!
+//! | stage | module | what it decides |
+//! |---|---|---|
+//! | admission | [`admission`] | an in-flight slot; which client sent it |
+//! | key set | `keyset` | keys, limiter slots, `Authorization` values, metric handles — one generation, swapped whole on reload |
+//! | lease | [`lease`] | the next key with a permit, or a place in a first-come-first-served queue |
+//! | classify | [`classify`] | what an upstream answer means: the key's outcome, the metrics label, deliver or fail over |
+//! | failover | `failover` | the attempt loop |
+//! | errors | [`openai`] | the OpenAI error shape, and upstream errors rewritten into it |
+//!
+//! [`Gateway`] holds the shared state; a [`Handle`] (the gateway plus one
+//! worker's [`Upstream`](proxypal_upstream::Upstream) client) serves requests
+//! with an unboxed future, and [`GatewayService`] is the same as a boxed
+//! `hyper`/`tower` service.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use proxypal_gateway::{Gateway, GatewayConfig, Handle, keypool::KeySpec};
+//! use proxypal_upstream::{Upstream, UpstreamConfig};
+//!
+//! let mut registry = prometheus_client::registry::Registry::with_prefix("proxypal");
+//! let gateway = Gateway::new(
+//!     GatewayConfig::with_keys([KeySpec::new("nvapi-…"), KeySpec::new("nvapi-…second")]),
+//!     &mut registry,
+//! )?;
+//! let upstream = Upstream::new(UpstreamConfig::default())?; // https://integrate.api.nvidia.com/v1
+//! let service = Handle::new(gateway, upstream).into_service();
+//! // hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+//! //     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)) …
+//! # let _ = service; Ok(()) }
+//! ```
+//!
+//! A complete program: `examples/embed_gateway.rs` in the repository.
+#![deny(missing_docs)]
+
+pub mod admission;
+mod body;
+pub mod classify;
+mod failover;
+mod gateway;
+mod keyset;
+pub mod lease;
+pub mod metrics;
+pub mod openai;
+mod reply;
+
+pub use body::{BoxError, Guarded, ProxyBody, full};
+pub use gateway::{BuildError, Gateway, GatewayConfig, GatewayService, Handle, KeyReport, ResponseFuture};
+pub use keyset::KeyResources;
+pub use lease::MAX_ATTEMPTS;
+pub use reply::{not_found, retry_after_secs, unauthorized};
+
+pub use proxypal_keypool as keypool;
+pub use proxypal_limiter as limiter;
+pub use proxypal_upstream as upstream;
+
+/// The request-id header. The gateway reads it for its log lines; a front
+/// that sets it (the server accepts the client's or makes one) gets it
+/// forwarded upstream with the rest of the client's headers.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
