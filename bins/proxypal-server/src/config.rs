@@ -166,7 +166,7 @@ impl KeyEntry {
     /// A key with no name and the default rate limit.
     pub fn new(key: impl Into<String>) -> Self {
         Self {
-            key: Secret::new(key),
+            key: Secret::new(key.into()),
             name: None,
             requests_per_minute: None,
             burst: None,
@@ -193,6 +193,7 @@ impl<'de> Deserialize<'de> for KeyEntry {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct KeyMap {
+            #[serde(deserialize_with = "secret::secret")]
             key: Secret,
             #[serde(default)]
             name: Option<String>,
@@ -314,6 +315,7 @@ impl CorsConfig {
 pub struct AuthConfig {
     /// Tokens clients present; `PROXYPAL_AUTH__TOKENS` (comma-separated)
     /// replaces the YAML list, and `tokens_file` entries are appended.
+    #[serde(deserialize_with = "secret::secrets")]
     pub tokens: Vec<Secret>,
     /// Optional file with one token per line.
     pub tokens_file: Option<PathBuf>,
@@ -377,14 +379,19 @@ impl Default for Config {
     }
 }
 
+// The defaults below are the libraries' own, stated once there: the upstream
+// client's, the gateway's, the key pool's cooldowns, the limiter's quota.
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
+        let d = proxypal_gateway::upstream::UpstreamConfig::default();
         Self {
-            base_url: "https://integrate.api.nvidia.com/v1".to_owned(),
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(300),
-            idle_timeout: Duration::from_secs(180),
-            user_agent: concat!("proxypal/", env!("CARGO_PKG_VERSION")).to_owned(),
+            base_url: d.base_url.to_string().trim_end_matches('/').to_owned(),
+            connect_timeout: d.connect_timeout,
+            response_timeout: d.response_timeout,
+            idle_timeout: d.idle_timeout,
+            // The library's default is a static ASCII value.
+            user_agent: d.user_agent.to_str().unwrap_or_default().to_owned(),
             ca_file: None,
         }
     }
@@ -397,36 +404,43 @@ impl UpstreamConfig {
     ///
     /// Why the file cannot be read or holds no usable certificate, naming the
     /// file (but not the field: callers prefix `upstream.ca_file`).
-    pub fn extra_root_certificates(&self) -> Result<Vec<proxypal_upstream::CertificateDer<'static>>, String> {
+    pub fn extra_root_certificates(
+        &self,
+    ) -> Result<Vec<proxypal_gateway::upstream::CertificateDer<'static>>, String> {
         let Some(path) = &self.ca_file else {
             return Ok(Vec::new());
         };
         let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        proxypal_upstream::parse_pem_certificates(&pem).map_err(|e| format!("{}: {e}", path.display()))
+        proxypal_gateway::upstream::parse_pem_certificates(&pem)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { requests_per_minute: 40, burst: 1 }
+        let quota = proxypal_gateway::limiter::KeyQuota::default();
+        Self { requests_per_minute: quota.requests_per_minute(), burst: quota.burst() }
     }
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
+        let gateway = proxypal_gateway::GatewayConfig::default();
+        let cooldowns = proxypal_gateway::keypool::CooldownPolicy::default();
         Self {
-            max_attempts: 3,
-            queue_timeout: Duration::from_secs(30),
-            rate_limit_cooldown: Duration::from_secs(60),
-            failure_cooldown: Duration::from_secs(2),
-            max_failure_cooldown: Duration::from_secs(60),
+            max_attempts: u32::try_from(gateway.max_attempts).unwrap_or(u32::MAX),
+            queue_timeout: gateway.queue_timeout,
+            rate_limit_cooldown: cooldowns.rate_limited,
+            failure_cooldown: cooldowns.failure_base,
+            max_failure_cooldown: cooldowns.failure_max,
         }
     }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 32 * 1024 * 1024, max_inflight: 1024 }
+        let gateway = proxypal_gateway::GatewayConfig::default();
+        Self { max_body_bytes: gateway.max_body_bytes, max_inflight: gateway.max_inflight }
     }
 }
 

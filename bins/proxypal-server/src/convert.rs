@@ -4,7 +4,7 @@
 
 use http::HeaderValue;
 use proxypal_gateway::GatewayConfig;
-use proxypal_gateway::keypool::{CooldownPolicy, KeySpec, RateOverride, Secret};
+use proxypal_gateway::keypool::{CooldownPolicy, KeySpec, RateOverride};
 use proxypal_gateway::limiter::KeyQuota;
 use proxypal_gateway::upstream::UpstreamConfig;
 
@@ -62,7 +62,7 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     gateway.queue_timeout = config.retry.queue_timeout;
     gateway.max_body_bytes = config.limits.max_body_bytes;
     gateway.max_inflight = config.limits.max_inflight;
-    gateway.client_tokens = config.auth.tokens.iter().map(|t| Secret::new(t.expose())).collect();
+    gateway.client_tokens = config.auth.tokens.clone();
     Ok(gateway)
 }
 
