@@ -1,0 +1,186 @@
+//! The gateway mounted as a `Service` in a hyper server on 127.0.0.1, in
+//! front of the simulated NVIDIA API: what an embedder sees, over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxypal_gateway::keypool::{KeySpec, Secret};
+use proxypal_gateway::upstream::{Upstream, UpstreamConfig};
+use proxypal_gateway::{Gateway, GatewayConfig, Handle};
+use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimHandle, SimServer, generate_test_keys};
+use serde_json::Value;
+
+struct Rig {
+    sim: SimHandle,
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+}
+
+/// The simulator with `keys`, and the gateway's boxed service mounted
+/// directly as a hyper connection's service.
+async fn rig(n: usize, tweak: impl FnOnce(&mut GatewayConfig)) -> Rig {
+    let keys = generate_test_keys(n);
+    let sim = SimServer::start(SimConfig::default().with_keys(keys.clone())).unwrap();
+    let mut config = GatewayConfig::with_keys(keys.iter().map(|k| KeySpec::new(k.as_str())));
+    config.default_quota = proxypal_gateway::limiter::KeyQuota::new(60_000, 10).unwrap();
+    tweak(&mut config);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let gateway = Gateway::new(config, &mut registry).unwrap();
+    let upstream = Upstream::new(UpstreamConfig {
+        base_url: sim.base_url().parse().unwrap(),
+        ..UpstreamConfig::default()
+    })
+    .unwrap();
+    let service = Handle::new(Arc::clone(&gateway), upstream).into_service();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Rig { sim, addr, gateway }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+}
+
+async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::post(format!("http://{addr}{path}")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(req.body(Full::from(body.to_owned())).unwrap()),
+    )
+    .await
+    .expect("timed out")
+    .unwrap();
+    let (head, body) = resp.into_parts();
+    Reply { status: head.status, headers: head.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+const CHAT: &str = r#"{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn fault(status: u16, content_type: &str, body: &str) -> Fault {
+    Fault::Status {
+        status,
+        content_type: Some(content_type.to_owned()),
+        headers: vec![
+            ("x-request-id".to_owned(), "upstream-req-7".to_owned()),
+            ("x-ratelimit-remaining-requests".to_owned(), "12".to_owned()),
+            ("nvcf-reqid".to_owned(), "nv-abc".to_owned()),
+            ("connection".to_owned(), "x-hop-secret".to_owned()),
+            ("x-hop-secret".to_owned(), "not for the client".to_owned()),
+        ],
+        body: body.to_owned(),
+    }
+}
+
+fn assert_end_to_end_headers(reply: &Reply) {
+    let h = &reply.headers;
+    assert_eq!(h["x-request-id"], "upstream-req-7", "{h:?}");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "12", "{h:?}");
+    assert_eq!(h["nvcf-reqid"], "nv-abc", "{h:?}");
+    assert!(h.get("x-hop-secret").is_none(), "a header named by Connection is hop-by-hop: {h:?}");
+    assert_eq!(h["content-length"], reply.body.len().to_string().as_str(), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_passed_back_keep_the_upstreams_end_to_end_headers() {
+    let rig = rig(2, |_| {}).await;
+    // A client's error in NVIDIA's problem JSON: rewritten, headers kept.
+    rig.sim.push_fault(
+        fault(
+            422,
+            "application/problem+json",
+            r#"{"status":422,"title":"Unprocessable Entity","detail":"bad role"}"#,
+        ),
+        FaultTarget::Any,
+    );
+    let reply = post(rig.addr, "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_end_to_end_headers(&reply);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.json()["error"]["message"], "upstream error (422): Unprocessable Entity: bad role");
+
+    // Already OpenAI-shaped: the body and its type pass untouched, headers too.
+    let openai = r#"{"error":{"message":"bad","type":"invalid_request_error","code":"x"}}"#;
+    rig.sim.push_fault(fault(400, "application/json; charset=utf-8", openai), FaultTarget::Any);
+    let reply = post(rig.addr, "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_end_to_end_headers(&reply);
+    assert_eq!(reply.headers["content-type"], "application/json; charset=utf-8");
+    assert_eq!(&reply.body[..], openai.as_bytes());
+
+    // A model-level 5xx (not the key's fault) goes back too, with its headers.
+    rig.sim.push_fault(
+        fault(503, "text/plain", "Worker local total request limit reached (8/8)"),
+        FaultTarget::Any,
+    );
+    let reply = post(rig.addr, "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_end_to_end_headers(&reply);
+    assert_eq!(reply.json()["error"]["code"], "upstream_503");
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mounted_service_serves_fails_over_and_refuses_what_it_should() {
+    let rig = rig(2, |c| c.client_tokens = vec![Secret::new("pp-test-token-0001")]).await;
+    let auth = [("authorization", "Bearer pp-test-token-0001")];
+    let ok = post(rig.addr, "/v1/chat/completions", &auth, CHAT).await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    assert_eq!(ok.json()["object"], "chat.completion");
+
+    // A 429 on one key fails over to the other before the client sees it.
+    rig.sim.push_fault(Fault::problem(429, "Too Many Requests", ""), FaultTarget::Any);
+    let failed_over = post(rig.addr, "/v1/chat/completions", &auth, CHAT).await;
+    assert_eq!(failed_over.status, StatusCode::OK, "{:?}", failed_over.body);
+    let states: Vec<&str> =
+        rig.gateway.key_reports().iter().map(|k| k.snapshot.status.as_str()).collect::<Vec<_>>();
+    assert!(states.contains(&"cooling_down"), "{states:?}");
+
+    let no_token = post(rig.addr, "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(no_token.json()["error"]["code"], "invalid_api_key");
+
+    let elsewhere = post(rig.addr, "/chat/completions", &auth, CHAT).await;
+    assert_eq!(elsewhere.status, StatusCode::NOT_FOUND);
+    assert_eq!(elsewhere.json()["error"]["type"], "not_found_error");
+
+    let stream = post(
+        rig.addr,
+        "/v1/chat/completions",
+        &auth,
+        &CHAT.replace("{\"model\"", "{\"stream\":true,\"model\""),
+    )
+    .await;
+    assert_eq!(stream.status, StatusCode::OK);
+    assert_eq!(stream.headers["content-type"], "text/event-stream");
+    assert!(stream.body.ends_with(b"data: [DONE]\n\n"), "{:?}", stream.body);
+    assert_eq!(rig.gateway.in_flight(), 0, "every slot is back once the bodies are read");
+    rig.sim.shutdown().await;
+}
