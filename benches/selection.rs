@@ -7,6 +7,12 @@
 //! threads contending, and a case where most keys are exhausted so the cursor
 //! must skip. A summary table with ratios is printed at the end (from
 //! criterion's estimates), ready for docs/performance.md.
+//!
+//! The `gateway` group is the path the server runs per attempt:
+//! `proxypal_gateway::lease::try_lease` over the gateway's key set (the
+//! round robin, the request's tried-keys check, the permit, and the lease's
+//! `Authorization` value and metric handles), beside `select/limited`, the
+//! bare keypool + limiter composition, measured in the same run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench setup may panic
 
@@ -20,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use governor::{Quota, RateLimiter};
+use proxypal::gateway::lease::{Tried, try_lease};
+use proxypal::gateway::{Gateway, GatewayConfig};
 use proxypal::keypool::{KeyPool, KeySpec};
 use proxypal::limiter::{GovernorLimiter, KeyQuota, RateLimit};
 
@@ -115,6 +123,25 @@ fn benches(c: &mut Criterion) {
     g.bench_function("unlimited/100", |b| b.iter(|| black_box(plain.select().map(|s| s.index()))));
     g.finish();
 
+    // The server's path: a lease through the gateway (what each attempt does).
+    let mut g = c.benchmark_group("gateway");
+    for n in [3usize, 100, 10_000] {
+        let mut config = GatewayConfig::with_keys(keys(n));
+        config.default_quota = open_quota();
+        let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
+        let lease =
+            |gw: &Gateway| try_lease(gw.keys(), &Tried::default()).map_or(usize::MAX, |l| l.selected.index());
+        g.bench_with_input(BenchmarkId::new("lease", n), &*gateway, |b, gw| b.iter(|| black_box(lease(gw))));
+        g.bench_with_input(BenchmarkId::new("lease/2threads", n), &*gateway, |b, gw| {
+            b.iter_custom(|iters| {
+                contended(gw, 2, iters, |gw| {
+                    black_box(lease(gw));
+                })
+            })
+        });
+    }
+    g.finish();
+
     // Most keys exhausted: 1 key in `stride` has permits, the others are spent,
     // so every selection skips ~stride-1 keys (each costing a failed governor check).
     let mut g = c.benchmark_group("skip");
@@ -168,6 +195,22 @@ fn print_table() {
             println!(
                 "| select (limited) vs interleaved parts | {n} | 2 | {t:.1} | {both2:.1} | {:.2} |",
                 t / both2
+            );
+        }
+    }
+    for n in [3, 100, 10_000] {
+        let base = estimate(&format!("select/limited/{n}"));
+        if let (Some(t), Some(base)) = (estimate(&format!("gateway/lease/{n}")), base) {
+            println!(
+                "| gateway lease vs select (limited) | {n} | 1 | {t:.1} | {base:.1} | {:.2} |",
+                t / base
+            );
+        }
+        let base = estimate(&format!("select/limited_2threads/{n}"));
+        if let (Some(t), Some(base)) = (estimate(&format!("gateway/lease_2threads/{n}")), base) {
+            println!(
+                "| gateway lease vs select (limited) | {n} | 2 | {t:.1} | {base:.1} | {:.2} |",
+                t / base
             );
         }
     }

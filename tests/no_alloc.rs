@@ -1,5 +1,6 @@
 //! The selection hot path allocates nothing: a counting global allocator
-//! watches 100,000 limiter-gated selections, outcome reports and skips.
+//! watches 100,000 limiter-gated selections, outcome reports and skips, then
+//! 100,000 leases through the gateway (the server's per-attempt path).
 //! One test in this file, because the counter is process-wide.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
@@ -9,6 +10,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use proxypal::LimitedPool;
+use proxypal::gateway::lease::{Tried, try_lease};
+use proxypal::gateway::{Gateway, GatewayConfig};
 use proxypal::keypool::{KeySpec, Outcome};
 use proxypal::limiter::KeyQuota;
 
@@ -69,4 +72,29 @@ fn selection_gated_by_the_limiter_does_not_allocate() {
 
     assert_eq!(selected, 100_000);
     assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "allocations on the selection path");
+
+    // The gateway's lease: round robin, tried keys, permit, and the lease's
+    // Authorization value and metric handles (reference-counted clones).
+    let keys: Vec<KeySpec> = (0..64).map(|i| KeySpec::new(format!("nvapi-alloc-test-{i:032}"))).collect();
+    let mut config = GatewayConfig::with_keys(keys);
+    config.default_quota = KeyQuota::new(u32::MAX, 1_000).unwrap();
+    let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
+    let mut tried = Tried::default();
+    tried.push(3);
+    tried.push(5);
+    for _ in 0..1_000 {
+        let lease = try_lease(gateway.keys(), &tried).unwrap();
+        gateway.keys().report(&lease.selected, Outcome::Success);
+    }
+    COUNTING.store(true, Ordering::SeqCst);
+    let mut leased = 0usize;
+    for _ in 0..100_000 {
+        if let Some(lease) = try_lease(gateway.keys(), &tried) {
+            gateway.keys().report(&lease.selected, Outcome::Success);
+            leased += 1;
+        }
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    assert_eq!(leased, 100_000);
+    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "allocations on the gateway's lease path");
 }
