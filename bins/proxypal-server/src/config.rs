@@ -38,6 +38,7 @@ use serde::{Deserialize, Deserializer, de};
 
 mod error;
 mod parse;
+mod path;
 mod secret;
 mod sources;
 mod validate;

@@ -8,6 +8,11 @@ use http::header::AUTHORIZATION;
 use proxypal_keypool::Secret;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// The request-id header. The gateway reads it for its log lines; a front
+/// that sets it (the server accepts the client's or makes one) gets it
+/// forwarded upstream with the rest of the client's headers.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// Who sent a request, as far as the gateway knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {

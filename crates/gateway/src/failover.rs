@@ -19,9 +19,9 @@ use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
 use crate::admission::Slot;
 use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::classify::{Action, Verdict, classify, classify_transport, needs_body};
-use crate::gateway::Gateway;
+use crate::config::Settings;
 use crate::keyset::KeyResources;
-use crate::lease::{Lease, NoKey, Tried};
+use crate::lease::{Lease, LeaseQueue, NoKey, Tried};
 use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
 use crate::reply::{self, UpstreamAnswer};
 
@@ -90,20 +90,20 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
-    /// A record for a request that may make `max` attempts (1..=[`MAX_ATTEMPTS`](crate::MAX_ATTEMPTS)).
+    /// A record for a request that may make `max` attempts (1..=[`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS)).
     pub(crate) fn new(max: usize) -> Self {
         Self {
             tried: Tried::default(),
-            max: max.clamp(1, crate::MAX_ATTEMPTS),
+            max: max.clamp(1, crate::lease::MAX_ATTEMPTS),
             last: None,
             elsewhere: Duration::ZERO,
             served_by: None,
         }
     }
 
-    /// Sets how many attempts the request may make (1..=[`MAX_ATTEMPTS`](crate::MAX_ATTEMPTS)).
+    /// Sets how many attempts the request may make (1..=[`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS)).
     pub(crate) fn limit(&mut self, max: usize) {
-        self.max = max.clamp(1, crate::MAX_ATTEMPTS);
+        self.max = max.clamp(1, crate::lease::MAX_ATTEMPTS);
     }
 
     /// Whether another attempt may be made.
@@ -167,12 +167,22 @@ impl From<Failure> for GiveUp {
     }
 }
 
+/// What the attempt loop uses of the gateway's shared state (and the
+/// worker's upstream client), borrowed for one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shared<'a> {
+    pub(crate) keys: &'a KeyPool<KeyResources>,
+    pub(crate) queue: &'a LeaseQueue,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) upstream: &'a Upstream,
+}
+
 /// Serves one admitted `/v1` request; `rest` is the path and query after
 /// `/v1`. Records the request in the metrics of the key that served it (or
 /// of no key) and the proxy's own share of its time.
 pub(crate) async fn forward<B>(
-    gw: &Gateway,
-    upstream: &Upstream,
+    gw: Shared<'_>,
+    settings: Arc<Settings>,
     req: Request<B>,
     rest: String,
     slot: Slot,
@@ -183,16 +193,16 @@ where
 {
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
-    let resp = run(gw, upstream, req, rest, slot, &mut attempts).await;
-    let metrics = gw.metrics();
+    let resp = run(gw, settings, req, rest, slot, &mut attempts).await;
+    let metrics = gw.metrics;
     attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
     metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
     resp
 }
 
 async fn run<B>(
-    gw: &Gateway,
-    upstream: &Upstream,
+    gw: Shared<'_>,
+    settings: Arc<Settings>,
     req: Request<B>,
     rest: String,
     slot: Slot,
@@ -202,7 +212,6 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let settings = gw.settings();
     let (mut head, body) = req.into_parts();
     // The client's token is never forwarded: the upstream client sets Authorization to the key.
     if settings.tokens.authenticate(&head.headers).is_none() {
@@ -217,18 +226,17 @@ where
     };
     // For the failover log lines: they carry the id themselves, so the per-request span can
     // stay at debug level (free when debug is off).
-    let request_id = head.headers.get(crate::REQUEST_ID).cloned();
+    let request_id = head.headers.get(crate::admission::REQUEST_ID).cloned();
     let id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
     let parts = RequestParts::new(head.method, rest, head.headers);
     let deadline = tokio::time::Instant::now() + settings.queue_timeout;
     attempts.limit(settings.max_attempts);
     drop(settings);
 
-    let keys = gw.keys();
-    let metrics = gw.metrics();
+    let Shared { keys, queue, metrics, upstream } = gw;
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
-        let leased = gw.queue().lease(keys, &attempts.tried, deadline).await;
+        let leased = queue.lease(keys, &attempts.tried, deadline).await;
         let queued = queued_at.elapsed();
         attempts.waited(queued);
         metrics.queue_wait(queued);
@@ -257,7 +265,7 @@ where
         let status = resp.status();
         if !needs_body(status) {
             judged(keys, &lease, classify(status, resp.headers(), &[]));
-            return stream(gw, resp, slot);
+            return stream(metrics, resp, slot);
         }
         let answer = Box::pin(read_answer(resp)).await;
         let verdict = classify(status, &answer.headers, &answer.body);
@@ -330,10 +338,10 @@ async fn read_answer(resp: Response<UpstreamBody>) -> UpstreamAnswer {
 
 /// Streams a successful answer to the client frame by frame; the body holds
 /// the in-flight slot (and, for SSE, the open-streams gauge) until it ends.
-fn stream(gw: &Gateway, resp: Response<UpstreamBody>, slot: Slot) -> Response<ProxyBody> {
+fn stream(metrics: &Metrics, resp: Response<UpstreamBody>, slot: Slot) -> Response<ProxyBody> {
     let streaming =
         resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let stream = streaming.then(|| StreamGuard::new(gw.metrics().open_streams()));
+    let stream = streaming.then(|| StreamGuard::new(metrics.open_streams()));
     resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream)).boxed())
 }
 
@@ -382,7 +390,7 @@ mod tests {
         let metrics = gw.metrics();
         let mut attempts = Attempts::new(1);
         attempts.limit(99);
-        assert_eq!(attempts.max, crate::MAX_ATTEMPTS, "clamped to what the stack array holds");
+        assert_eq!(attempts.max, crate::lease::MAX_ATTEMPTS, "clamped to what the stack array holds");
         attempts.limit(2);
         assert!(attempts.may_try());
 

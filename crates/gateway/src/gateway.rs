@@ -6,122 +6,23 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body::Body;
 use prometheus_client::registry::Registry;
-use proxypal_keypool::{
-    CooldownPolicy, KeyPool, KeyPoolBuilder, KeySnapshot, KeySpec, KeyStatus, ReloadReport, Secret,
-};
+use proxypal_keypool::{KeyPool, KeyPoolBuilder, KeySnapshot, KeyStatus, ReloadReport};
 use proxypal_limiter::{GovernorLimiter, KeyQuota, RateLimit};
 use proxypal_upstream::Upstream;
 
-use crate::admission::{Admission, Client, ClientTokens};
+use crate::admission::{Admission, Client};
 use crate::body::{BoxError, ProxyBody};
-use crate::keyset::{self, KeyResources};
-use crate::lease::{LeaseQueue, MAX_ATTEMPTS};
+use crate::config::{GatewayConfig, Settings};
+use crate::failover::{self, Shared};
+use crate::keyset::{self, BuildError, KeyResources};
+use crate::lease::LeaseQueue;
 use crate::metrics::Metrics;
 use crate::reply;
-
-/// Why a gateway could not be built, or a reload was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// The key set was refused (empty, malformed or duplicate secret).
-    #[error("keys: {0}")]
-    Keys(#[from] proxypal_keypool::PoolError),
-    /// A key cannot go into an HTTP header.
-    #[error("keys[{index}]: {source}")]
-    KeyHeader {
-        /// Position of the key.
-        index: usize,
-        /// What is wrong (never contains the key).
-        source: proxypal_upstream::InvalidKey,
-    },
-    /// A key's rate limit is invalid.
-    #[error("{field}: {source}")]
-    Quota {
-        /// Where, e.g. `keys[2]`.
-        field: String,
-        /// What is wrong.
-        source: proxypal_limiter::QuotaError,
-    },
-}
-
-/// Everything a [`Gateway`] is built from. [`Default`] is the product's
-/// default behaviour (no keys); the server's configuration file maps onto it
-/// field by field.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct GatewayConfig {
-    /// The upstream API keys, in round-robin order (names and per-key rate
-    /// overrides included).
-    pub keys: Vec<KeySpec>,
-    /// Each key's limit unless its spec overrides `requests_per_minute` or
-    /// `burst` (default: 40 per minute, burst 1, 500 ms margin).
-    pub default_quota: KeyQuota,
-    /// How long keys rest after failures.
-    pub cooldowns: CooldownPolicy,
-    /// Upstream attempts per client request, each on another key
-    /// (1..=[`MAX_ATTEMPTS`]; default 3).
-    pub max_attempts: usize,
-    /// How long a request may wait for a key with capacity (default 30 s).
-    pub queue_timeout: Duration,
-    /// Largest request body accepted (default 32 MiB).
-    pub max_body_bytes: usize,
-    /// Most requests served at once; a stream counts until it ends (default
-    /// 1024). Fixed at build time.
-    pub max_inflight: usize,
-    /// Tokens clients must present as `Authorization: Bearer <token>`; none
-    /// means every client is served.
-    pub client_tokens: Vec<Secret>,
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self {
-            keys: Vec::new(),
-            default_quota: KeyQuota::default(),
-            cooldowns: CooldownPolicy::default(),
-            max_attempts: 3,
-            queue_timeout: Duration::from_secs(30),
-            max_body_bytes: 32 * 1024 * 1024,
-            max_inflight: 1024,
-            client_tokens: Vec::new(),
-        }
-    }
-}
-
-impl GatewayConfig {
-    /// The defaults with these keys.
-    pub fn with_keys(keys: impl IntoIterator<Item = KeySpec>) -> Self {
-        Self { keys: keys.into_iter().collect(), ..Self::default() }
-    }
-}
-
-/// The settings a reload may change, read once per request.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) max_attempts: usize,
-    pub(crate) queue_timeout: Duration,
-    pub(crate) max_body_bytes: usize,
-    pub(crate) tokens: ClientTokens,
-    pub(crate) default_quota: KeyQuota,
-}
-
-impl Settings {
-    fn from_config(config: &GatewayConfig) -> Self {
-        Self {
-            max_attempts: config.max_attempts.clamp(1, MAX_ATTEMPTS),
-            queue_timeout: config.queue_timeout,
-            max_body_bytes: config.max_body_bytes,
-            tokens: ClientTokens::new(&config.client_tokens),
-            default_quota: config.default_quota,
-        }
-    }
-}
 
 /// One key as `/stats` shows it: its snapshot and the permits it has now.
 #[derive(Debug, Clone)]
@@ -339,7 +240,10 @@ impl Handle {
         let Some(slot) = self.gateway.admission.admit() else {
             return reply::overloaded();
         };
-        crate::failover::forward(&self.gateway, &self.upstream, req, rest, slot).await
+        let gw = &self.gateway;
+        let shared =
+            Shared { keys: &gw.keys, queue: &gw.queue, metrics: &gw.metrics, upstream: &self.upstream };
+        failover::forward(shared, gw.settings(), req, rest, slot).await
     }
 
     /// This handle as a boxed `Service` (hyper's and tower's).

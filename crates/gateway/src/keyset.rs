@@ -10,8 +10,32 @@ use http::HeaderValue;
 use proxypal_keypool::{Key, KeyPool, KeyPoolBuilder, KeySpec, RateOverride, ReloadReport};
 use proxypal_limiter::{GovernorLimiter, KeyQuota, RateLimit};
 
-use crate::BuildError;
 use crate::metrics::{KeyMetrics, Metrics};
+
+/// Why a key set (so a gateway) could not be built, or a reload was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The key set was refused (empty, malformed or duplicate secret).
+    #[error("keys: {0}")]
+    Keys(#[from] proxypal_keypool::PoolError),
+    /// A key cannot go into an HTTP header.
+    #[error("keys[{index}]: {source}")]
+    KeyHeader {
+        /// Position of the key.
+        index: usize,
+        /// What is wrong (never contains the key).
+        source: proxypal_upstream::InvalidKey,
+    },
+    /// A key's rate limit is invalid.
+    #[error("{field}: {source}")]
+    Quota {
+        /// Where, e.g. `keys[2]`.
+        field: String,
+        /// What is wrong.
+        source: proxypal_limiter::QuotaError,
+    },
+}
 
 /// What each key set carries besides the keys, by key index.
 pub struct KeyResources {

@@ -42,6 +42,7 @@
 pub mod admission;
 mod body;
 pub mod classify;
+mod config;
 mod failover;
 mod gateway;
 mod keyset;
@@ -50,17 +51,14 @@ pub mod metrics;
 pub mod openai;
 mod reply;
 
+pub use admission::REQUEST_ID;
 pub use body::{BoxError, Guarded, ProxyBody, full};
-pub use gateway::{BuildError, Gateway, GatewayConfig, GatewayService, Handle, KeyReport, ResponseFuture};
-pub use keyset::KeyResources;
+pub use config::GatewayConfig;
+pub use gateway::{Gateway, GatewayService, Handle, KeyReport, ResponseFuture};
+pub use keyset::{BuildError, KeyResources};
 pub use lease::MAX_ATTEMPTS;
 pub use reply::{not_found, retry_after_secs, unauthorized};
 
 pub use proxypal_keypool as keypool;
 pub use proxypal_limiter as limiter;
 pub use proxypal_upstream as upstream;
-
-/// The request-id header. The gateway reads it for its log lines; a front
-/// that sets it (the server accepts the client's or makes one) gets it
-/// forwarded upstream with the rest of the client's headers.
-pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

@@ -8,6 +8,7 @@ use figment::{
     error::{Actual, Kind},
 };
 
+use super::path::{field_path, is_plain_field_name, safe_segment};
 use super::{secret::mask_key, sources};
 
 /// Why a configuration could not be loaded or is invalid.
@@ -123,22 +124,6 @@ fn is_secret_path(path: &[String]) -> bool {
     }
 }
 
-/// Whether an unknown field's name can be shown: typos of field names look
-/// like field names; a secret used as a map key (`- nvapi-…: team-b`) does not.
-fn is_plain_field_name(name: &str) -> bool {
-    name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-}
-
-/// A key-path segment as it may be shown: field names and list indices as
-/// they are, anything else (a secret used as a map key?) masked.
-pub(crate) fn safe_segment(segment: &str) -> String {
-    if is_plain_field_name(segment) || segment.bytes().all(|b| b.is_ascii_digit()) {
-        segment.to_owned()
-    } else {
-        mask_key(segment)
-    }
-}
-
 /// Masks values quoted by figment errors under secret paths: a string where a
 /// list was expected (`keys: nvapi-…`), a map keyed by the secret
 /// (`- nvapi-…: team-b`, which also lands in the error's path), a key typed
@@ -220,22 +205,4 @@ impl fmt::Display for ParseDisplay<'_> {
         }
         Ok(())
     }
-}
-
-/// `["keys", "1", "burst"]` → `keys[1].burst`.
-pub(crate) fn field_path(path: &[String]) -> String {
-    let mut out = String::new();
-    for segment in path {
-        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
-            out.push('[');
-            out.push_str(segment);
-            out.push(']');
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(segment);
-        }
-    }
-    out
 }

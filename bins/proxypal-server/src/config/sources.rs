@@ -171,8 +171,8 @@ fn yaml_error(path: &[String], problem: &str) -> String {
     if path.is_empty() {
         problem.to_owned()
     } else {
-        let path: Vec<String> = path.iter().map(|segment| super::error::safe_segment(segment)).collect();
-        format!("{}: {problem}", super::error::field_path(&path))
+        let path: Vec<String> = path.iter().map(|segment| super::path::safe_segment(segment)).collect();
+        format!("{}: {problem}", super::path::field_path(&path))
     }
 }
 
