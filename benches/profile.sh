@@ -2,6 +2,7 @@
 # benches/profile.sh - instructions per request on the proxy's hot path (callgrind).
 #
 #   bash benches/profile.sh            # REQS_SECS=10 CONC=8 NGINX=1
+#   BASELINE_BIN=/path/to/older/proxypal-server bash benches/profile.sh
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
@@ -11,7 +12,9 @@
 # by PID and prints the top functions by inclusive
 # and exclusive instructions, plus instructions per request. Then the same for
 # nginx (the peer harness's key-injecting config, one process) in front of the
-# same upstream, and the ratio (NGINX=0 skips it). Instruction counts do not
+# same upstream, and the ratio (NGINX=0 skips it). With BASELINE_BIN, that
+# binary (e.g. a build of the previous commit, for a before/after) is measured
+# too, under the same conditions, and its ratio printed. Instruction counts do not
 # depend on how busy the machine is: the steadiest proxy-vs-nginx figure here.
 # Output: $BENCH_LOCAL/profile/<time>/ (NAME.callgrind.out, NAME.exclusive.txt,
 # NAME.inclusive.txt, summary.txt).
@@ -108,6 +111,12 @@ declare -A PER_REQ
 
 measure proxypal "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
 echo "top exclusive: $OUT/proxypal.exclusive.txt; inclusive: $OUT/proxypal.inclusive.txt"
+
+if [[ -n ${BASELINE_BIN:-} ]]; then
+    measure baseline "$PROXY_PORT" "$BASELINE_BIN" --config "$OUT/proxy.yaml"
+    awk -v p="${PER_REQ[proxypal]}" -v b="${PER_REQ[baseline]}" \
+        'BEGIN{printf "instructions per request: proxypal / baseline = %.3f\n", p / b}' | tee -a "$OUT/summary.txt"
+fi
 
 # The C reference under the same conditions: the peer harness's nginx config (one worker,
 # upstream keep-alive, a fake key per request), run as a single process so callgrind sees it all.
