@@ -6,7 +6,7 @@
 # 1. builds the release server and the simulated upstream (shared target/);
 # 2. the peer harness (benches/peers/run_peers.sh): direct, nginx and ProxyPal
 #    in one run, wrk at concurrency 1 and 64, SSE timings and bursts;
-# 3. the quota test (bins/proxypal-server/tests/quota.rs): token bucket and
+# 3. the quota test (bins/proxypal-server/tests/integration/quota.rs): token bucket and
 #    rolling 60 s window tables;
 # 4. memory: idle RSS of proxypal-server in front of `nim-sim --fast`, RSS after
 #    a short wrk load, RSS with 1,000 concurrent open SSE streams;
@@ -81,11 +81,11 @@ mb() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
 QUOTA_BIN=""
 if [[ $BUILD == 1 ]]; then
     log "cargo build --release -p proxypal-server -p proxypal-nim-sim (+ the quota test)"
-    QUOTA_BIN=$(cargo test --release -p proxypal-server --test quota --no-run --message-format=json \
+    QUOTA_BIN=$(cargo test --release -p proxypal-server --test integration --no-run --message-format=json \
         | python3 -c 'import json, sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "quota" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "integration" and m.get("executable"):
         print(m["executable"])')
     cargo build --release -p proxypal-server -p proxypal-nim-sim
 fi
@@ -117,10 +117,10 @@ if [[ $QUOTA == 1 ]]; then
     rc=0
     if [[ -n $QUOTA_BIN ]]; then   # the test binary built above
         (cd "$ROOT/bins/proxypal-server" && QUOTA_SECS=$secs timeout $((secs * 2 + 120)) \
-            "$QUOTA_BIN" --ignored --nocapture --test-threads 1) >"$OUT/quota.txt" 2>&1 || rc=$?
+            "$QUOTA_BIN" quota:: --ignored --nocapture --test-threads 1) >"$OUT/quota.txt" 2>&1 || rc=$?
     else
         QUOTA_SECS=$secs timeout $((secs * 2 + 1200)) \
-            cargo test --release -p proxypal-server --test quota -- --ignored --nocapture --test-threads 1 \
+            cargo test --release -p proxypal-server --test integration quota:: -- --ignored --nocapture --test-threads 1 \
             >"$OUT/quota.txt" 2>&1 || rc=$?
     fi
     # table rows (libtest may print "test name ... " in front of a row)

@@ -11,6 +11,12 @@
 //! figures it prints (`cargo test --release -p proxypal-server --test load --
 //! --nocapture`) are meant for docs/performance.md.
 
+// The integration binary's helpers, in this binary too (`hardening_support`
+// finds `common` as `crate::common`).
+#[allow(dead_code)] // this binary uses a small part
+#[path = "integration/common.rs"]
+mod common;
+#[path = "integration/hardening_support.rs"]
 mod hardening_support;
 
 use std::net::SocketAddr;

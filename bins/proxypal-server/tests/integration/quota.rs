@@ -8,21 +8,17 @@
 //! no client request fails, and per-key counts are even within ±2 %.
 //!
 //! Ignored by default (2 × 60 s); run with
-//! `cargo test --release -p proxypal-server --test quota -- --ignored --nocapture`
+//! `cargo test --release -p proxypal-server --test integration quota:: -- --ignored --nocapture`
 //! (`QUOTA_SECS=20` for a quicker look).
-
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
-
-#[allow(dead_code)] // each test binary uses part of the shared helpers
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{chat_request, proxy_config, send};
 use http::StatusCode;
 use proxypal_nim_sim::{SimConfig, SimRateLimit, SimServer, generate_test_keys};
+
+use crate::common::{self, chat_request, proxy_config, send};
 
 const KEYS: usize = 3;
 const RPM: u32 = 600;
@@ -107,7 +103,7 @@ async fn run(name: &str, limit: SimRateLimit) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs for 2 × QUOTA_SECS (60 s); run explicitly or through benches/quota.sh"]
+#[ignore = "runs for 2 × QUOTA_SECS (60 s); run explicitly or through benches/run.sh"]
 async fn quota_is_used_fully_without_429_under_a_token_bucket() {
     println!(
         "| upstream limit | duration | quota (rate × duration) | served | of quota | upstream 429s | client failures | per key | max in any 60 s |"
@@ -122,7 +118,7 @@ async fn quota_is_used_fully_without_429_under_a_token_bucket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs for 2 × QUOTA_SECS (60 s); run explicitly or through benches/quota.sh"]
+#[ignore = "runs for 2 × QUOTA_SECS (60 s); run explicitly or through benches/run.sh"]
 async fn quota_is_used_fully_without_429_under_a_rolling_window() {
     run(
         "rolling 60 s window, 600",

@@ -1,20 +1,17 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Worker threads (`StartOptions::workers`, the binary's serving mode): each
 //! worker has its own runtime, accept loop and upstream client, so serving
 //! must not depend on the caller's runtime, new connections must spread over
 //! the workers, and a port already in use must still be refused even though
 //! the workers' sockets share it with `SO_REUSEPORT`.
 
-#[allow(dead_code)] // each test binary uses part of the shared helpers
-mod common;
-
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use common::{chat_request, http_client, proxy_config, send};
 use http::StatusCode;
 use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
 use proxypal_server::{StartError, StartOptions};
+
+use crate::common::{chat_request, http_client, proxy_config, send};
 
 const CONNECTIONS: usize = 32;
 const REQUESTS_PER_CONNECTION: usize = 5;

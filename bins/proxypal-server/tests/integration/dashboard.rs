@@ -1,18 +1,15 @@
 //! `/dashboard` is served from the binary with a strict CSP and without a
 //! token; `/stats` carries the sampled request history the page draws.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-#[allow(dead_code)]
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rig, bounded, http_client, masked, proxy_config};
 use http::StatusCode;
 use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
 use proxypal_server::StartOptions;
 use proxypal_server::config::{Config, Secret};
 use serde_json::Value;
+
+use crate::common::{self, Rig, bounded, http_client, masked, proxy_config};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 

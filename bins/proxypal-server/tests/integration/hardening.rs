@@ -1,24 +1,17 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Issue 4, hardening: limits on what clients send, malformed HTTP, upstream
 //! faults, graceful shutdown and hot reload — each promise checked on real
 //! sockets on 127.0.0.1, against the simulated NVIDIA upstream, in process or
 //! with the compiled binary.
 //!
-//! Covered elsewhere (tests/proxy.rs) and not repeated here: client tokens,
+//! Covered elsewhere (the `proxy` module) and not repeated here: client tokens,
 //! a client disconnecting mid-stream, the upstream closing mid-stream, every
 //! key disabled by 401 then a reload with good keys.
-
-mod hardening_support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hardening_support::{
-    Binary, HttpClient, TempDir, chat_request, frames_text, free_port, get_request, http_client, masked,
-    proxy_config, raw_exchange, read_head, read_stream, replace_file, send, sse_data, within,
-};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimHandle, SimServer, generate_test_keys};
@@ -27,6 +20,11 @@ use proxypal_server::config::Config;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::hardening_support::{
+    self, Binary, HttpClient, TempDir, chat_request, frames_text, free_port, get_request, http_client,
+    masked, proxy_config, raw_exchange, read_head, read_stream, replace_file, send, sse_data, within,
+};
 
 /// Upper bound for the in-process tests.
 const LIMIT: Duration = Duration::from_secs(30);

@@ -1,11 +1,6 @@
 //! The connection pool, seen from the upstream's side of the socket: a raw HTTP/1.1 server on
 //! 127.0.0.1 that counts the connections it accepts and notices when the client closes one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-#[allow(dead_code)] // each test binary uses part of the shared helpers
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,10 +11,11 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use proxypal_upstream::{RequestParts, Upstream, UpstreamConfig};
-use support::{full, key, ok, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use crate::support::{full, key, ok, serve};
 
 /// A hand-written HTTP/1.1 server: answers each GET with `pong` after `delay`, and closes the
 /// connection after each answer if `close_after_answer` (without saying so in the response).

@@ -1,10 +1,6 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! End to end: the real server on 127.0.0.1 in front of the simulated NVIDIA
 //! upstream (`proxypal-nim-sim`), driven over real sockets by hyper,
 //! async-openai and the compiled binary.
-
-#[allow(dead_code)] // each test binary uses part of the shared helpers
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -12,13 +8,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Reply, Rig, bounded, chat_request, masked, send};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimServer, generate_test_keys};
 use proxypal_server::config::Secret;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{self, Reply, Rig, bounded, chat_request, masked, send};
 
 fn unchanged(c: SimConfig) -> SimConfig {
     c

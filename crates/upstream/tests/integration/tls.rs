@@ -1,13 +1,11 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Integration tests for the `https` path: a real `Upstream` against a hyper server behind
 //! rustls on 127.0.0.1, with a throwaway CA trusted through `extra_root_certificates`.
 //!
 //! The server speaks HTTP/1.1 and HTTP/2 (hyper-util's auto server) and offers ALPN
 //! `h2, http/1.1` unless a test says otherwise, like integrate.api.nvidia.com.
 
-// The shared helpers; this file brings its own TLS server instead of `support::serve`.
-#[allow(dead_code)]
-mod support;
+// The shared helpers come from `crate::support`; this file brings its own TLS server instead of
+// `support::serve`.
 
 use std::{
     convert::Infallible,
@@ -36,9 +34,10 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use support::{SECRET, TestBody, assert_no_secrets, full, key, ok, spaced_events};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
+
+use crate::support::{SECRET, TestBody, assert_no_secrets, full, key, ok, spaced_events};
 
 /// A throwaway CA and a server certificate it issued.
 struct Pki {

@@ -1,19 +1,15 @@
 //! Metrics, request ids and JSON logs, against the simulated upstream.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
-
-#[allow(dead_code)] // each test binary uses part of the shared helpers
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Rig, bounded, chat_request, masked, send};
 use http::StatusCode;
 use proxypal_nim_sim::{Fault, FaultTarget};
 use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
 use serde_json::Value;
+
+use crate::common::{self, Rig, bounded, chat_request, masked, send};
 
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()

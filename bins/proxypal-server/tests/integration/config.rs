@@ -1,6 +1,5 @@
 //! Config loading and validation, through the public API only. No test touches
 //! the process environment: env layers are passed explicitly.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
 
 use std::{
     path::{Path, PathBuf},

@@ -1,7 +1,8 @@
 //! Helpers for the hardening and load tests: the proxy in process or as the
 //! compiled binary, the simulated NVIDIA upstream, a real HTTP client and raw
-//! sockets, all on 127.0.0.1.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+//! sockets, all on 127.0.0.1. Shared by the integration binary and `tests/load.rs`
+//! (which declares `common` beside it, as `crate::common`).
+#![allow(dead_code)] // each test binary uses a different part
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -26,10 +27,9 @@ pub async fn within<F: Future>(limit: Duration, f: F) -> F::Output {
 }
 
 // The client, the response type and the key label are the ones the proxy tests use.
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 #[allow(unused_imports)] // each test binary uses a different part
-pub use common::{HttpClient, Reply, http_client, masked, send};
+pub use crate::common::{HttpClient, Reply, http_client, masked, send};
 
 /// A proxy config in front of `sim` with `keys`: the proxy tests' config
 /// (127.0.0.1 port 0, a 5 s queue, a 2 s shutdown grace) with limits that

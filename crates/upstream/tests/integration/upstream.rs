@@ -1,11 +1,5 @@
 //! Integration tests: a real `Upstream` against a real hyper server on 127.0.0.1.
 
-// Test code: a panic is the failure report. (`allow-unwrap-in-tests` covers only `#[test]` fns,
-// not the helpers and server closures here.)
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,8 +7,11 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use proxypal_upstream::{ErrorKind, RequestParts, UpstreamError};
-use support::{PROMPTLY, SECRET, assert_no_secrets, channel, full, key, ok, serve, spaced_events};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::support::{
+    self, PROMPTLY, SECRET, assert_no_secrets, channel, full, key, ok, serve, spaced_events,
+};
 
 /// What the server saw.
 #[derive(Debug)]

@@ -1,6 +1,5 @@
 //! Helpers for the end-to-end proxy tests: a simulated NVIDIA upstream and
 //! the real server on 127.0.0.1 ephemeral ports, driven by a real HTTP client.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::net::SocketAddr;
