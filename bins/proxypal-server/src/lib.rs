@@ -168,9 +168,8 @@ pub async fn start_with(
             let (done_tx, done) = oneshot::channel();
             let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
             let worker = serve::Worker::new(&app, 0, upstream);
-            let serving = Arc::clone(&app);
             tokio::spawn(async move {
-                serve::serve(listener, serving, worker, until_stopped(stopped), grace).await;
+                serve::serve(listener, worker, until_stopped(stopped), grace).await;
                 let _ = done_tx.send(());
             });
             (addr, vec![done])
@@ -210,7 +209,6 @@ fn spawn_workers(
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(worker_error)?;
         let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
         let worker = serve::Worker::new(app, i, upstream);
-        let app = Arc::clone(app);
         let stopped = stopped.clone();
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -219,7 +217,7 @@ fn spawn_workers(
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve::serve(listener, app, worker, until_stopped(stopped), grace).await;
+                            serve::serve(listener, worker, until_stopped(stopped), grace).await;
                         }
                         Err(e) => tracing::error!(worker = i, error = %e, "worker cannot use the listener"),
                     }

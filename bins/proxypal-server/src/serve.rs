@@ -92,19 +92,29 @@ fn conn_builder() -> auto::Builder<TokioExecutor> {
 /// Period of the timer that keeps per-request timers from interrupting the I/O driver.
 const TIMER_ANCHOR: Duration = Duration::from_secs(1);
 
-/// What one accept loop owns: its way into the gateway (with its own upstream
-/// client) and its connection counter.
+/// What one accept loop owns: the state its requests need (the app, and its
+/// way into the gateway with its own upstream client) and its connection
+/// counter.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    gateway: Handle,
+    /// One `Arc` for everything a request needs, so a request clones one
+    /// reference, not three (app, gateway, upstream client).
+    serving: Arc<Serving>,
     accepted: prometheus_client::metrics::counter::Counter,
+}
+
+#[derive(Debug)]
+struct Serving {
+    app: Arc<App>,
+    gateway: Handle,
 }
 
 impl Worker {
     /// Worker number `id` of `app`, sending upstream through `upstream`.
-    pub fn new(app: &App, id: usize, upstream: proxypal_gateway::upstream::Upstream) -> Self {
+    pub fn new(app: &Arc<App>, id: usize, upstream: proxypal_gateway::upstream::Upstream) -> Self {
+        let gateway = Handle::new(Arc::clone(app.gateway()), upstream);
         Self {
-            gateway: Handle::new(Arc::clone(app.gateway()), upstream),
+            serving: Arc::new(Serving { app: Arc::clone(app), gateway }),
             accepted: app.worker_connections(id),
         }
     }
@@ -118,7 +128,6 @@ impl Worker {
 /// upstream connections), over clones of one listening socket.
 pub async fn serve(
     listener: TcpListener,
-    app: Arc<App>,
     worker: Worker,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -151,13 +160,13 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 worker.accepted.inc();
                 let watcher = graceful.watcher();
-                let app = Arc::clone(&app);
-                let gateway = worker.gateway.clone();
+                let serving = Arc::clone(&worker.serving);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let app = Arc::clone(&app);
-                        let gateway = gateway.clone();
-                        async move { Ok::<_, Infallible>(crate::front::handle(&app, &gateway, req).await) }
+                        let serving = Arc::clone(&serving);
+                        async move {
+                            Ok::<_, Infallible>(crate::front::handle(&serving.app, &serving.gateway, req).await)
+                        }
                     });
                     let builder = conn_builder();
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
