@@ -105,25 +105,21 @@ pub(crate) fn no_key(no_key: NoKey) -> Response<ProxyBody> {
             h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
             resp
         }
-        NoKey::AllDisabled => {
-            let mut resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "all_keys_disabled",
-                "every API key is disabled because the upstream rejected it (401/403); fix the keys and reload",
-            );
-            resp.headers_mut().insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-            resp
-        }
+        NoKey::AllDisabled => unavailable(
+            "all_keys_disabled",
+            "every API key is disabled because the upstream rejected it (401/403); fix the keys and reload",
+        ),
         NoKey::AllTried | NoKey::NoKeys => {
-            let mut resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_keys",
-                "no API key is configured or usable for this request",
-            );
-            resp.headers_mut().insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
-            resp
+            unavailable("no_keys", "no API key is configured or usable for this request")
         }
     }
+}
+
+/// 503 that retrying will not fix: `x-should-retry: false` tells the SDKs so.
+fn unavailable(code: &str, message: &str) -> Response<ProxyBody> {
+    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    resp.headers_mut().insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    resp
 }
 
 /// The request body is over the limit.
