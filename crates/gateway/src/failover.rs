@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
@@ -16,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use proxypal_keypool::KeyPool;
 use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
 
-use crate::admission::Slot;
+use crate::admission::{Admission, Slot};
 use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::classify::{Action, Verdict, classify, classify_transport, needs_body};
 use crate::config::Settings;
@@ -173,24 +174,38 @@ impl From<Failure> for GiveUp {
 pub(crate) struct Shared<'a> {
     pub(crate) keys: &'a KeyPool<KeyResources>,
     pub(crate) queue: &'a LeaseQueue,
+    pub(crate) admission: &'a Admission,
+    pub(crate) settings: &'a ArcSwap<Settings>,
     pub(crate) metrics: &'a Metrics,
     pub(crate) upstream: &'a Upstream,
 }
 
-/// Serves one admitted `/v1` request; `rest` is the path and query after
-/// `/v1`. Records the request in the metrics of the key that served it (or
-/// of no key) and the proxy's own share of its time.
-pub(crate) async fn forward<B>(
-    gw: Shared<'_>,
-    settings: Arc<Settings>,
-    req: Request<B>,
-    rest: String,
-    slot: Slot,
-) -> Response<ProxyBody>
+/// The path and query after `/v1` (`/v1/chat/completions?x` → `/chat/completions?x`),
+/// or `None` for a path outside `/v1`.
+fn rest_of_path(uri: &http::Uri) -> Option<String> {
+    let path = uri.path();
+    if path != "/v1" && !path.starts_with("/v1/") {
+        return None;
+    }
+    Some(uri.path_and_query().map_or("", |pq| pq.as_str()).get(3..).unwrap_or("").to_owned())
+}
+
+/// Serves one request under `/v1` (see [`Handle::handle`](crate::Handle::handle)):
+/// admission, then the attempts. Records the request in the metrics of the
+/// key that served it (or of no key) and the proxy's own share of its time.
+pub(crate) async fn forward<B>(gw: Shared<'_>, req: Request<B>) -> Response<ProxyBody>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    let Some(rest) = rest_of_path(req.uri()) else {
+        return reply::not_found(req.uri().path());
+    };
+    let Some(slot) = gw.admission.admit() else {
+        return reply::overloaded();
+    };
+    // An owned `Arc`, not an `arc_swap` guard: the request keeps it across `.await`s.
+    let settings = gw.settings.load_full();
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
     let resp = run(gw, settings, req, rest, slot, &mut attempts).await;
@@ -233,7 +248,7 @@ where
     attempts.limit(settings.max_attempts);
     drop(settings);
 
-    let Shared { keys, queue, metrics, upstream } = gw;
+    let Shared { keys, queue, metrics, upstream, .. } = gw;
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
         let leased = queue.lease(keys, &attempts.tried, deadline).await;

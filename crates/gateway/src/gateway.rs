@@ -22,7 +22,6 @@ use crate::failover::{self, Shared};
 use crate::keyset::{self, BuildError, KeyResources};
 use crate::lease::LeaseQueue;
 use crate::metrics::Metrics;
-use crate::reply;
 
 /// One key as `/stats` shows it: its snapshot and the permits it has now.
 #[derive(Debug, Clone)]
@@ -131,12 +130,6 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Current reloadable settings. An owned `Arc`, not an `arc_swap` guard:
-    /// a request keeps it across `.await`s while it reads its body.
-    pub(crate) fn settings(&self) -> Arc<Settings> {
-        self.settings.load_full()
-    }
-
     /// The client behind a request's `Authorization: Bearer <token>`, or
     /// `None` when tokens are required and it presents none of them. For
     /// endpoints an embedder serves beside the gateway (the server's `/stats`).
@@ -188,16 +181,6 @@ impl Gateway {
     }
 }
 
-/// The path and query after `/v1` (`/v1/chat/completions?x` → `/chat/completions?x`),
-/// or `None` for a path outside `/v1`.
-fn rest_of_path(uri: &http::Uri) -> Option<String> {
-    let path = uri.path();
-    if path != "/v1" && !path.starts_with("/v1/") {
-        return None;
-    }
-    Some(uri.path_and_query().map_or("", |pq| pq.as_str()).get(3..).unwrap_or("").to_owned())
-}
-
 /// A worker's way into a [`Gateway`]: the shared state plus the worker's own
 /// upstream client (its own connections). Cheap to clone: clone it into each
 /// connection's service.
@@ -229,21 +212,25 @@ impl Handle {
     /// is usable) → send → classify → deliver, or fail over to another key.
     ///
     /// The future is `Send` when `B` is.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    pub fn handle<B>(&self, req: Request<B>) -> impl Future<Output = Response<ProxyBody>>
     where
         B: Body,
         B::Error: Into<BoxError>,
     {
-        let Some(rest) = rest_of_path(req.uri()) else {
-            return reply::not_found(req.uri().path());
-        };
-        let Some(slot) = self.gateway.admission.admit() else {
-            return reply::overloaded();
-        };
+        // The attempt loop's own future, not an `async` wrapper around it: one state machine
+        // less to build and poll per request.
         let gw = &self.gateway;
-        let shared =
-            Shared { keys: &gw.keys, queue: &gw.queue, metrics: &gw.metrics, upstream: &self.upstream };
-        failover::forward(shared, gw.settings(), req, rest, slot).await
+        failover::forward(
+            Shared {
+                keys: &gw.keys,
+                queue: &gw.queue,
+                admission: &gw.admission,
+                settings: &gw.settings,
+                metrics: &gw.metrics,
+                upstream: &self.upstream,
+            },
+            req,
+        )
     }
 
     /// This handle as a boxed `Service` (hyper's and tower's).
