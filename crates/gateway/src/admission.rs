@@ -15,6 +15,7 @@ pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-reques
 
 /// Who sent a request, as far as the gateway knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Client {
     /// No client tokens are configured: everyone is served, anonymously.
     Open,
@@ -86,28 +87,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The in-flight cap: a slot per request, released when the slot (kept in the
 /// response body) is dropped, so a stream holds its slot until it ends.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     slots: Arc<Semaphore>,
     max: usize,
 }
 
 /// An admitted request's slot; dropping it frees the slot.
-pub type Slot = OwnedSemaphorePermit;
+pub(crate) type Slot = OwnedSemaphorePermit;
 
 impl Admission {
     /// At most `max` requests at once (at least 1).
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         Self { slots: Arc::new(Semaphore::new(max)), max }
     }
 
     /// A slot now, or `None` when `max` requests are in flight.
-    pub fn admit(&self) -> Option<Slot> {
+    pub(crate) fn admit(&self) -> Option<Slot> {
         Arc::clone(&self.slots).try_acquire_owned().ok()
     }
 
     /// Requests being served now.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.max - self.slots.available_permits()
     }
 }

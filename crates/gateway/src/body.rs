@@ -23,7 +23,7 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 pin_project_lite::pin_project! {
     /// Forwards frames of `inner` untouched and holds `guard` until the body
     /// is finished or dropped.
-    pub struct Guarded<B, G> {
+    pub(crate) struct Guarded<B, G> {
         #[pin]
         inner: B,
         guard: Option<G>,
@@ -32,7 +32,7 @@ pin_project_lite::pin_project! {
 
 impl<B, G> Guarded<B, G> {
     /// Wraps `inner`, holding `guard` for as long as the body lives.
-    pub fn new(inner: B, guard: G) -> Self {
+    pub(crate) fn new(inner: B, guard: G) -> Self {
         Self { inner, guard: Some(guard) }
     }
 }

@@ -16,6 +16,7 @@ use crate::metrics::AttemptResult;
 
 /// What to do with an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Action {
     /// Send it to the client: a success, or an error another key would not fix.
     Deliver,
@@ -25,6 +26,7 @@ pub enum Action {
 
 /// The one judgement of an upstream attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Verdict {
     /// What to report to the key pool about the key.
     pub outcome: Outcome,
@@ -45,12 +47,19 @@ impl Verdict {
     }
 }
 
-/// Whether [`classify`] needs the body of an answer with `status`: every
-/// error's body is read (bounded) before judging it, so that a 5xx can be
-/// told apart (a model's failure or a key's) and an error can be rewritten
-/// into the OpenAI shape; successes stream untouched.
+/// Whether an answer with `status` is an error whose body is read (bounded):
+/// to pass it back rewritten into the OpenAI shape, or to keep it as the
+/// answer if every attempt fails. Successes stream untouched.
 pub fn needs_body(status: StatusCode) -> bool {
     status.is_client_error() || status.is_server_error()
+}
+
+/// Whether [`classify`]'s verdict on `status` depends on the body: only a
+/// 5xx's does (a model's failure or the key's). Every other verdict is
+/// reported before the body is read, so a rate-limited or rejected key rests
+/// at once, even if reading the body is slow or the client goes away.
+pub fn judged_by_body(status: StatusCode) -> bool {
+    status.is_server_error()
 }
 
 /// Judges an upstream answer. `body` is the (bounded) error body, or empty
@@ -102,8 +111,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+        // `try_`: a value too large for a Duration (`1e30`) is ignored, not a panic.
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok());
     ms.or_else(|| {
         headers
             .get(RETRY_AFTER)
@@ -164,6 +173,20 @@ mod tests {
     }
 
     #[test]
+    fn only_a_5xx_verdict_waits_for_the_body() {
+        for status in [200, 400, 401, 403, 404, 422, 429] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(!judged_by_body(status), "{status}");
+            // The verdict without the body is the verdict with any body.
+            assert_eq!(
+                classify(status, &HeaderMap::new(), b""),
+                classify(status, &HeaderMap::new(), b"DEGRADED function")
+            );
+        }
+        assert!(judged_by_body(StatusCode::SERVICE_UNAVAILABLE));
+    }
+
+    #[test]
     fn only_errors_need_their_body() {
         for (status, needs) in
             [(200, false), (101, false), (304, false), (400, true), (429, true), (503, true)]
@@ -180,7 +203,9 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert("retry-after-ms", HeaderValue::from_static("1500"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
-        h.insert("retry-after-ms", HeaderValue::from_static("-3"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)), "a negative ms value is ignored");
+        for ignored in ["-3", "NaN", "inf", "1e30", "soon"] {
+            h.insert("retry-after-ms", HeaderValue::from_static(ignored));
+            assert_eq!(retry_after(&h), Some(Duration::from_secs(7)), "retry-after-ms: {ignored} is ignored");
+        }
     }
 }

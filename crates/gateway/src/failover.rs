@@ -19,7 +19,7 @@ use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
 
 use crate::admission::{Admission, Slot};
 use crate::body::{BoxError, Guarded, ProxyBody};
-use crate::classify::{Action, Verdict, classify, classify_transport, needs_body};
+use crate::classify::{Action, Verdict, classify, classify_transport, judged_by_body, needs_body};
 use crate::config::Settings;
 use crate::keyset::KeyResources;
 use crate::lease::{Lease, LeaseQueue, NoKey, Tried};
@@ -244,7 +244,7 @@ where
     let request_id = head.headers.get(crate::admission::REQUEST_ID).cloned();
     let id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
     let parts = RequestParts::new(head.method, rest, head.headers);
-    let deadline = tokio::time::Instant::now() + settings.queue_timeout;
+    let deadline = deadline_after(settings.queue_timeout);
     attempts.limit(settings.max_attempts);
     drop(settings);
 
@@ -282,18 +282,36 @@ where
             judged(keys, &lease, classify(status, resp.headers(), &[]));
             return stream(metrics, resp, slot);
         }
+        // A verdict that does not depend on the body is reported before the body is read.
+        let early = (!judged_by_body(status)).then(|| classify(status, resp.headers(), &[]));
+        if let Some(verdict) = early {
+            judged(keys, &lease, verdict);
+            if verdict.action == Action::FailOver {
+                log_failover(id, label, status, verdict);
+            }
+        }
         let answer = Box::pin(read_answer(resp)).await;
-        let verdict = classify(status, &answer.headers, &answer.body);
-        judged(keys, &lease, verdict);
+        let verdict = early.unwrap_or_else(|| {
+            let verdict = classify(status, &answer.headers, &answer.body);
+            judged(keys, &lease, verdict);
+            if verdict.action == Action::FailOver {
+                log_failover(id, label, status, verdict);
+            }
+            verdict
+        });
         match verdict.action {
             Action::Deliver => return reply::upstream_error(answer),
-            Action::FailOver => {
-                log_failover(id, label, status, verdict);
-                attempts.failed(Failure::Upstream { answer, result: verdict.result });
-            }
+            Action::FailOver => attempts.failed(Failure::Upstream { answer, result: verdict.result }),
         }
     }
     attempts.exhausted(keys).into_response()
+}
+
+/// The instant `timeout` from now; a timeout too large for the clock (a
+/// `Duration::MAX` from an embedder) means about thirty years, not a panic.
+fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 /// Reports the verdict on a key to the pool and to the key's metrics.

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 
 /// One key as `/stats` shows it: its snapshot and the permits it has now.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct KeyReport {
     /// State, counters, label, name, rate override.
     pub snapshot: KeySnapshot,
@@ -55,6 +56,8 @@ pub struct Gateway {
     admission: Admission,
     settings: ArcSwap<Settings>,
     metrics: Metrics,
+    /// One reload at a time, so keys and settings always come from one config.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -96,6 +99,7 @@ impl Gateway {
             admission: Admission::new(config.max_inflight),
             settings: ArcSwap::from_pointee(settings),
             metrics,
+            reloading: std::sync::Mutex::new(()),
         }))
     }
 
@@ -106,6 +110,8 @@ impl Gateway {
     /// # Errors
     /// The new key set or a quota is refused; the old ones keep serving.
     pub fn reload(&self, config: GatewayConfig) -> Result<ReloadReport, BuildError> {
+        // Held only for this synchronous swap, never across an `.await`.
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = Settings::from_config(&config);
         let report = keyset::reload(&self.keys, config.keys, config.default_quota, &self.metrics)?;
         self.settings.store(Arc::new(settings));
@@ -211,7 +217,7 @@ impl Handle {
     /// (413) → lease a key (queueing up to the timeout: 429, or 503 when no key
     /// is usable) → send → classify → deliver, or fail over to another key.
     ///
-    /// The future is `Send` when `B` is.
+    /// The future is `Send` when `B` and `B::Data` are.
     pub fn handle<B>(&self, req: Request<B>) -> impl Future<Output = Response<ProxyBody>>
     where
         B: Body,

@@ -37,14 +37,17 @@ pub enum BuildError {
     },
 }
 
-/// What each key set carries besides the keys, by key index.
+/// What each key set carries besides the keys, by key index: a limiter
+/// slot, the prebuilt `Authorization` value and metric handles (private to
+/// the gateway: the pool's attachment, opaque to readers of
+/// [`Gateway::keys`](crate::Gateway::keys)).
 pub struct KeyResources {
     /// One rate-limit slot per key.
-    pub limiter: Arc<dyn RateLimit>,
+    pub(crate) limiter: Arc<dyn RateLimit>,
     /// `Authorization: Bearer <key>` per key, built once (sensitive header values).
-    pub auth: Box<[HeaderValue]>,
+    pub(crate) auth: Box<[HeaderValue]>,
     /// Metric handles per key, resolved once per key set.
-    pub metrics: Box<[Arc<KeyMetrics>]>,
+    pub(crate) metrics: Box<[Arc<KeyMetrics>]>,
 }
 
 impl std::fmt::Debug for KeyResources {

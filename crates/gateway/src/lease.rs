@@ -70,6 +70,7 @@ pub struct Lease {
 
 /// Why no key could be leased.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NoKey {
     /// Every key is disabled (rejected by the upstream).
     AllDisabled,

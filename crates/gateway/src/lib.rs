@@ -21,10 +21,10 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use proxypal_gateway::upstream::{Upstream, UpstreamConfig};
 //! use proxypal_gateway::{Gateway, GatewayConfig, Handle, keypool::KeySpec};
-//! use proxypal_upstream::{Upstream, UpstreamConfig};
 //!
-//! let mut registry = prometheus_client::registry::Registry::with_prefix("proxypal");
+//! let mut registry = proxypal_gateway::prometheus_client::registry::Registry::with_prefix("proxypal");
 //! let gateway = Gateway::new(
 //!     GatewayConfig::with_keys([KeySpec::new("nvapi-…"), KeySpec::new("nvapi-…second")]),
 //!     &mut registry,
@@ -52,13 +52,15 @@ pub mod openai;
 mod reply;
 
 pub use admission::REQUEST_ID;
-pub use body::{BoxError, Guarded, ProxyBody, full};
+pub use body::{BoxError, ProxyBody, full};
 pub use config::GatewayConfig;
 pub use gateway::{Gateway, GatewayService, Handle, KeyReport, ResponseFuture};
 pub use keyset::{BuildError, KeyResources};
 pub use lease::MAX_ATTEMPTS;
-pub use reply::{not_found, retry_after_secs, unauthorized};
+pub use reply::{not_found, unauthorized};
 
+/// The metrics library whose `Registry` [`Gateway::new`] registers into.
+pub use prometheus_client;
 pub use proxypal_keypool as keypool;
 pub use proxypal_limiter as limiter;
 pub use proxypal_upstream as upstream;

@@ -46,6 +46,7 @@ struct State {
 
 /// What an upstream attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttemptResult {
     /// 2xx/3xx.
     Ok,
@@ -104,14 +105,14 @@ pub struct KeyMetrics {
 
 impl KeyMetrics {
     /// Counts one upstream attempt.
-    pub fn attempt(&self, result: AttemptResult) {
+    pub(crate) fn attempt(&self, result: AttemptResult) {
         if let Some(i) = AttemptResult::ALL.iter().position(|r| *r == result) {
             self.attempts[i].inc();
         }
     }
 
     /// Counts one client request answered with `status` through this key.
-    pub fn request(&self, status: http::StatusCode) {
+    pub(crate) fn request(&self, status: http::StatusCode) {
         self.requests[class_index(status)].inc();
     }
 }
@@ -139,7 +140,7 @@ pub const NO_KEY: &str = "none";
 impl Metrics {
     /// Registers every metric in `registry` (the server uses the prefix
     /// `proxypal`: `proxypal_requests_total`, …).
-    pub fn register(registry: &mut Registry) -> Self {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
         let requests = Family::<KeyStatus, Counter>::default();
         let attempts = Family::<KeyResult, Counter>::default();
         let retries = Family::<Reason, Counter>::default();
@@ -197,7 +198,7 @@ impl Metrics {
     }
 
     /// Counters for one key (by masked label), created on first use.
-    pub fn for_key(&self, label: &str) -> Arc<KeyMetrics> {
+    pub(crate) fn for_key(&self, label: &str) -> Arc<KeyMetrics> {
         let requests = CLASSES
             .map(|status| self.requests.get_or_create_owned(&KeyStatus { key: label.to_owned(), status }));
         let attempts = AttemptResult::ALL.map(|r| {
@@ -207,37 +208,42 @@ impl Metrics {
     }
 
     /// Counters for requests no key served.
-    pub fn no_key(&self) -> &Arc<KeyMetrics> {
+    pub(crate) fn no_key(&self) -> &Arc<KeyMetrics> {
         &self.no_key
     }
 
     /// Counts a retry on another key.
-    pub fn retry(&self, reason: AttemptResult) {
+    pub(crate) fn retry(&self, reason: AttemptResult) {
         self.retries.get_or_create(&Reason { reason: reason.as_str() }).inc();
     }
 
     /// Records a queue wait.
-    pub fn queue_wait(&self, waited: Duration) {
+    pub(crate) fn queue_wait(&self, waited: Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
     }
 
     /// Records the upstream's time to headers.
-    pub fn upstream_latency(&self, took: Duration) {
+    pub(crate) fn upstream_latency(&self, took: Duration) {
         self.upstream_latency.observe(took.as_secs_f64());
     }
 
     /// Records the proxy's own share of a request.
-    pub fn overhead(&self, took: Duration) {
+    pub(crate) fn overhead(&self, took: Duration) {
         self.overhead.observe(took.as_secs_f64());
     }
 
     /// The open-streams gauge (a guard per stream increments and decrements it).
-    pub fn open_streams(&self) -> &Gauge {
+    pub(crate) fn open_streams(&self) -> &Gauge {
         &self.open_streams
     }
 
     /// Sets the gauges that describe the state now (read at scrape time).
-    pub fn set_gauges(&self, queue_depth: usize, in_flight: usize, states: [(&'static str, usize); 3]) {
+    pub(crate) fn set_gauges(
+        &self,
+        queue_depth: usize,
+        in_flight: usize,
+        states: [(&'static str, usize); 3],
+    ) {
         self.queue_depth.set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
         self.in_flight.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         for (state, n) in states {
@@ -248,11 +254,11 @@ impl Metrics {
 
 /// Counts an open stream for as long as it lives.
 #[derive(Debug)]
-pub struct StreamGuard(Gauge);
+pub(crate) struct StreamGuard(Gauge);
 
 impl StreamGuard {
     /// Increments `gauge` until dropped.
-    pub fn new(gauge: &Gauge) -> Self {
+    pub(crate) fn new(gauge: &Gauge) -> Self {
         gauge.inc();
         Self(gauge.clone())
     }

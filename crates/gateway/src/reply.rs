@@ -22,7 +22,7 @@ const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// Whole seconds for `Retry-After`: at least 1, at most 60.
-pub fn retry_after_secs(wait: Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_millis().div_ceil(1000).clamp(1, u128::from(MAX_RETRY_AFTER_SECS)) as u64
 }
 
@@ -34,16 +34,27 @@ pub(crate) struct UpstreamAnswer {
     pub(crate) body: Bytes,
 }
 
+/// Headers that describe the bytes of a body, not the message: they go when
+/// the gateway writes a new body in place of the upstream's.
+const BODY_HEADERS: [&str; 6] =
+    ["content-encoding", "content-range", "etag", "content-md5", "digest", "content-digest"];
+
 /// Passes an upstream error back to the client: rewritten into the OpenAI
 /// shape when it is not in it already, with every end-to-end header the
 /// upstream sent (request ids, `x-ratelimit-*`, `Retry-After`, provider
 /// headers; hop-by-hop ones were dropped by the upstream client). Only
-/// `Content-Type` and `Content-Length` change, and only when the body does.
+/// `Content-Length` and, when the body is rewritten, `Content-Type` and the
+/// headers that describe the old body's bytes (`Content-Encoding`, `ETag`,
+/// digests) change. (The server's front then sets `x-request-id` to its own
+/// request id, as on every response.)
 pub(crate) fn upstream_error(answer: UpstreamAnswer) -> Response<ProxyBody> {
     let UpstreamAnswer { status, mut headers, body } = answer;
     let body = match rewrite_upstream_error(status, &body) {
         Some(rewritten) => {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            for name in BODY_HEADERS {
+                headers.remove(name);
+            }
             Bytes::from(serde_json::to_vec(&rewritten).unwrap_or_default())
         }
         None => {
@@ -189,6 +200,7 @@ mod tests {
         h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        h.insert("etag", HeaderValue::from_static("\"v1\""));
         h
     }
 
@@ -207,6 +219,7 @@ mod tests {
         assert_eq!(h[RETRY_AFTER], "3");
         assert_eq!(h[CONTENT_TYPE], "application/json", "the body changed shape, so its type did");
         assert!(h.get(CONTENT_LENGTH).is_none(), "the upstream's length is not the rewritten body's");
+        assert!(h.get("etag").is_none(), "it described the upstream's bytes");
         let body = body_of(resp).await;
         assert_eq!(body["error"]["message"], "upstream error (422): Unprocessable: bad field");
     }

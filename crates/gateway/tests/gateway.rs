@@ -135,6 +135,21 @@ async fn upstream_errors_passed_back_keep_the_upstreams_end_to_end_headers() {
     assert_eq!(reply.headers["content-type"], "application/json; charset=utf-8");
     assert_eq!(&reply.body[..], openai.as_bytes());
 
+    // A compressed error body cannot be rewritten as it was: the rewritten body is plain
+    // JSON, so the headers that described the upstream's bytes go with them.
+    let mut gzipped = fault(404, "text/plain", "\u{1f}\u{8b} not really gzip");
+    if let Fault::Status { headers, .. } = &mut gzipped {
+        headers.push(("content-encoding".to_owned(), "gzip".to_owned()));
+        headers.push(("etag".to_owned(), "\"abc\"".to_owned()));
+    }
+    rig.sim.push_fault(gzipped, FaultTarget::Any);
+    let reply = post(rig.addr, "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_end_to_end_headers(&reply);
+    assert!(reply.headers.get("content-encoding").is_none(), "{:?}", reply.headers);
+    assert!(reply.headers.get("etag").is_none(), "{:?}", reply.headers);
+    assert_eq!(reply.json()["error"]["code"], "upstream_404");
+
     // A model-level 5xx (not the key's fault) goes back too, with its headers.
     rig.sim.push_fault(
         fault(503, "text/plain", "Worker local total request limit reached (8/8)"),
