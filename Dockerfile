@@ -11,10 +11,13 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # ring needs a C compiler; rust:*-slim has gcc. No other system deps.
+# --no-default-features: the production image leaves out the simulated
+# upstream behind --dev (the `dev` feature); CI checks that this build links
+# no proxypal-nim-sim.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p proxypal-server \
+    cargo build --release --locked -p proxypal-server --no-default-features \
  && cp target/release/proxypal-server /proxypal-server
 
 FROM debian:bookworm-slim
