@@ -15,12 +15,12 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimHandle, SimServer, generate_test_keys};
-use proxypal_server::Running;
 use proxypal_server::config::Config;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::common;
 use crate::hardening_support::{
     self, Binary, HttpClient, TempDir, chat_request, frames_text, free_port, get_request, http_client,
     masked, proxy_config, raw_exchange, read_head, read_stream, replace_file, send, sse_data, within,
@@ -29,12 +29,15 @@ use crate::hardening_support::{
 /// Upper bound for the in-process tests.
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A simulator accepting `n` fresh keys and the proxy in front of it.
-struct Rig {
-    sim: SimHandle,
-    server: Running,
-    keys: Vec<String>,
-    http: HttpClient,
+/// The shared rig (a simulator accepting `n` fresh keys and the proxy in
+/// front of it), answering with `hardening_support`'s reply type.
+struct Rig(common::Rig);
+
+impl std::ops::Deref for Rig {
+    type Target = common::Rig;
+    fn deref(&self) -> &common::Rig {
+        &self.0
+    }
 }
 
 impl Rig {
@@ -43,12 +46,7 @@ impl Rig {
         sim: impl FnOnce(SimConfig) -> SimConfig,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        let keys = generate_test_keys(n);
-        let sim = SimServer::start(sim(SimConfig::default().with_keys(keys.clone()))).unwrap();
-        let mut config = proxy_config(&sim, &keys);
-        tweak(&mut config);
-        let server = proxypal_server::start(&config, false).await.unwrap();
-        Self { sim, server, keys, http: http_client() }
+        Self(common::Rig::start(n, sim, tweak).await)
     }
 
     async fn chat(&self) -> hardening_support::Reply {
