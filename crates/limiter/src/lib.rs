@@ -1,4 +1,23 @@
-//! Per-key rate limits for pooled API keys, built on [governor]'s GCRA.
+//! Quotas for pooled API keys, counted the way upstreams count them.
+//!
+//! Two layers:
+//!
+//! * [`QuotaEngine`]: each key (or each account, shared by several keys) has a
+//!   budget of windows — "at most N requests (or tokens) in any rolling period",
+//!   or "per calendar day resetting at `HH:MM` in an IANA zone" — plus an
+//!   optional cap on requests in flight. A request is granted only when every
+//!   window has room, so no rolling period ever carries more than N, and every
+//!   grant up to N goes at once (bursts included). [`Limits`] are the
+//!   configuration fields; [`Limits::compile`] checks them and names the field
+//!   that is wrong. Token windows take reservations that the upstream's
+//!   reported usage replaces ([`Permit::finish`]); limits an upstream announces
+//!   lower the configured ones ([`QuotaEngine::learn`]); state is saved and
+//!   restored across restarts ([`QuotaEngine::save`], [`QuotaEngine::restore`]).
+//! * [`GovernorLimiter`]: governor's GCRA per key, the smooth rate *shaper*. The
+//!   engine uses it for `burst` below the window; it is also usable alone, as
+//!   below.
+//!
+//! ## The GCRA shaper
 //!
 //! A [`GovernorLimiter`] holds one GCRA cell counter per key, indexed by the key's
 //! position in the pool (`0..len`). Callers take a permit for one key with
@@ -65,11 +84,22 @@
 
 #![deny(missing_docs)]
 
+mod clock;
+mod engine;
 mod governor_limiter;
+mod limits;
 mod quota;
+mod window;
 
+pub use clock::{ManualClock, QuotaClock, SystemClock};
+pub use engine::{
+    Announced, Cause, KeyBudget, LimitKind, LimitReport, POLL, Permit, QuotaEngine, SavedBudget, SavedWindow,
+    Scope, Wait,
+};
 pub use governor_limiter::GovernorLimiter;
+pub use limits::{BudgetSpec, DailyReset, LimitError, Limits, Reset, ResetError, Unit, WindowSpec};
 pub use quota::{KeyQuota, QuotaError};
+pub use window::Source;
 
 use std::fmt;
 use std::time::Duration;

@@ -1,0 +1,1050 @@
+//! The quota engine: budgets of windows, shared by the keys of an account,
+//! checked and charged together.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use governor::nanos::Nanos;
+
+use crate::clock::{QuotaClock, SystemClock, nanos};
+use crate::limits::{BudgetSpec, Unit};
+use crate::window::{Entry, Source, WindowState};
+use crate::{GovernorLimiter, RateLimit};
+
+/// How often a request waiting on something only a finishing request can
+/// free (a concurrency cap, token reservations) looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// The engine's time, for governor (the shaper).
+#[derive(Debug, Clone)]
+struct ShaperClock<C>(C);
+
+impl<C: QuotaClock + Clone> governor::clock::Clock for ShaperClock<C> {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        Nanos::from(self.0.now())
+    }
+}
+
+/// One budget: windows, an optional concurrency cap and an optional GCRA
+/// shaper, behind one lock so that a grant checks and charges all of them at
+/// once.
+struct Budget<C: QuotaClock + Clone> {
+    /// The account's name; `None` for a key's own budget.
+    account: Option<Arc<str>>,
+    spec: BudgetSpec,
+    clock: C,
+    state: Mutex<State>,
+    /// Requests in flight and tokens reserved: shared with the budget this one
+    /// replaced on a reload, so permits taken before the reload settle here.
+    running: Arc<Running>,
+    shaper: Option<GovernorLimiter<ShaperClock<C>>>,
+    /// Grants must come back (concurrency or token windows).
+    needs_release: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    windows: Box<[WindowState]>,
+    /// No request before this instant (an upstream said so).
+    blocked_until: u64,
+}
+
+/// What running requests hold. Changed under the budget's lock when taken;
+/// given back without it (a decrement can only make room).
+#[derive(Debug, Default)]
+struct Running {
+    in_flight: AtomicU32,
+    /// Tokens reserved by requests still running.
+    reserved: AtomicU64,
+}
+
+impl<C: QuotaClock + Clone> Budget<C> {
+    fn new(spec: BudgetSpec, account: Option<Arc<str>>, clock: &C, old: Option<&Budget<C>>) -> Self {
+        let now = clock.now();
+        let old_state = old.map(Budget::lock);
+        let windows = spec
+            .windows
+            .iter()
+            .map(|w| {
+                let carried = old_state.as_ref().and_then(|s| {
+                    s.windows.iter().find(|o| o.window.unit == w.unit && o.window.period == w.period)
+                });
+                match carried {
+                    Some(o) => WindowState::carried(w.clone(), o, now),
+                    None => WindowState::new(w.clone(), now),
+                }
+            })
+            .collect();
+        let blocked_until = old_state.as_ref().map_or(0, |s| s.blocked_until);
+        drop(old_state);
+        let running = old.map_or_else(Arc::default, |o| Arc::clone(&o.running));
+        let shaper = spec.shaper.map(|quota| {
+            let limiter = GovernorLimiter::with_clock([quota], ShaperClock(clock.clone()));
+            match old.and_then(|o| o.shaper.as_ref()) {
+                Some(prev) => prev.reshape([(Some(0), quota)]),
+                None => limiter,
+            }
+        });
+        let needs_release =
+            spec.max_concurrent.is_some() || spec.windows.iter().any(|w| w.unit == Unit::Tokens);
+        let state = State { windows, blocked_until };
+        Self { account, spec, clock: clock.clone(), state: Mutex::new(state), running, shaper, needs_release }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters that are still
+        // consistent (every update is a single store): keep using them.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn refresh(&mut self, now: u64) {
+        for w in self.windows.iter_mut() {
+            w.refresh(now);
+        }
+    }
+
+    /// Nanoseconds until this budget admits a request (0 = now), with the
+    /// cause when it does not.
+    fn wait(&self, now: u64, max_concurrent: Option<NonZeroU32>, running: &Running) -> (u64, Cause) {
+        let mut worst = (0, Cause::None);
+        if self.blocked_until > now {
+            worst = (self.blocked_until - now, Cause::Announced);
+        }
+        if max_concurrent.is_some_and(|m| running.in_flight.load(Ordering::Acquire) >= m.get()) {
+            worst = worst.max_by_wait((nanos(POLL), Cause::Concurrency));
+        }
+        for w in self.windows.iter() {
+            let reserved = running.reserved.load(Ordering::Acquire);
+            let wait = w.wait_for_room(now, reserved).unwrap_or(nanos(POLL));
+            if wait > 0 {
+                let cause = Cause::Window {
+                    unit: w.window.unit,
+                    limit: w.limit(),
+                    period: w.window.period,
+                    daily: !matches!(w.window.reset, crate::Reset::Rolling),
+                };
+                worst = worst.max_by_wait((wait, cause));
+            }
+        }
+        worst
+    }
+
+    fn charge(&mut self, now: u64, tokens: u64, counts_in_flight: bool, running: &Running) {
+        for w in self.windows.iter_mut() {
+            if w.window.unit == Unit::Requests {
+                w.record(now, 1);
+            }
+        }
+        if tokens > 0 {
+            running.reserved.fetch_add(tokens, Ordering::AcqRel);
+        }
+        if counts_in_flight {
+            running.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+trait MaxByWait {
+    fn max_by_wait(self, other: Self) -> Self;
+}
+
+impl MaxByWait for (u64, Cause) {
+    fn max_by_wait(self, other: Self) -> Self {
+        if other.0 > self.0 { other } else { self }
+    }
+}
+
+/// Which limit a key is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cause {
+    /// Nothing: it has room.
+    None,
+    /// A window is full.
+    Window {
+        /// What it counts.
+        unit: Unit,
+        /// Its limit (the learned one if lower).
+        limit: u64,
+        /// Its period.
+        period: Duration,
+        /// Whether it resets at a fixed time of day (rather than rolling).
+        daily: bool,
+    },
+    /// The GCRA shaper spaces requests out (`burst` below the window).
+    Shaper,
+    /// `max_concurrent` requests are in flight.
+    Concurrency,
+    /// The upstream announced that nothing more is allowed until a reset.
+    Announced,
+}
+
+/// How long until a key can take a request, and why not now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Time from now (zero = now).
+    pub wait: Duration,
+    /// The limit that holds it back longest.
+    pub cause: Cause,
+}
+
+/// What the engine needs to know about one key.
+#[derive(Debug, Clone, Default)]
+pub struct KeyBudget {
+    /// The key's own budget (its limits when it has no account, its own
+    /// extra limits when it has one).
+    pub own: Option<BudgetSpec>,
+    /// The account it shares a budget with: name and limits. Keys naming the
+    /// same account share one budget (the first key's limits are used).
+    pub account: Option<(Arc<str>, BudgetSpec)>,
+    /// The key's index in the engine this one replaces, if it was there
+    /// (see [`QuotaEngine::reshape`]).
+    pub previous: Option<usize>,
+}
+
+struct KeySlot<C: QuotaClock + Clone> {
+    own: Option<Arc<Budget<C>>>,
+    account: Option<Arc<Budget<C>>>,
+}
+
+impl<C: QuotaClock + Clone> Clone for KeySlot<C> {
+    fn clone(&self) -> Self {
+        Self { own: self.own.clone(), account: self.account.clone() }
+    }
+}
+
+impl<C: QuotaClock + Clone> KeySlot<C> {
+    fn budgets(&self) -> impl Iterator<Item = &Arc<Budget<C>>> {
+        self.own.iter().chain(self.account.iter())
+    }
+}
+
+/// Budgets for a set of keys, indexed by key position: exact rolling and
+/// daily windows of requests and tokens, concurrency caps, a GCRA shaper, and
+/// accounts shared by several keys.
+///
+/// ```
+/// use std::time::Duration;
+/// use proxypal_limiter::{KeyBudget, Limits, ManualClock, QuotaEngine};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let clock = ManualClock::at("2026-11-30T12:00:00Z")?;
+/// // 40 in any rolling minute, bursts allowed (NVIDIA's free tier).
+/// let spec = Limits::nvidia_free_tier().compile()?;
+/// let engine = QuotaEngine::new([KeyBudget { own: Some(spec), ..KeyBudget::default() }], clock.clone());
+///
+/// for _ in 0..40 {
+///     engine.try_acquire(0, 0).ok_or("the whole burst goes at once")?.finish(None);
+/// }
+/// assert!(engine.try_acquire(0, 0).is_none(), "the 41st waits");
+/// let wait = engine.wait(0, 0).ok_or("key 0 exists")?.wait;
+/// assert_eq!(wait, Duration::from_millis(60_500)); // a minute plus the margin
+/// clock.advance(wait);
+/// assert!(engine.try_acquire(0, 0).is_some());
+/// # Ok(()) }
+/// ```
+pub struct QuotaEngine<C: QuotaClock + Clone = SystemClock> {
+    keys: Box<[KeySlot<C>]>,
+    clock: C,
+}
+
+impl<C: QuotaClock + Clone> fmt::Debug for QuotaEngine<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaEngine").field("keys", &self.keys.len()).finish_non_exhaustive()
+    }
+}
+
+impl QuotaEngine<SystemClock> {
+    /// An engine on the real clock.
+    pub fn system(keys: impl IntoIterator<Item = KeyBudget>) -> Self {
+        Self::new(keys, SystemClock::new())
+    }
+}
+
+impl<C: QuotaClock + Clone> QuotaEngine<C> {
+    /// An engine over `keys`, in order, on `clock`.
+    pub fn new(keys: impl IntoIterator<Item = KeyBudget>, clock: C) -> Self {
+        Self::build(keys, clock, None)
+    }
+
+    /// An engine for a new key set that keeps this one's state: a key's own
+    /// budget follows it from [`KeyBudget::previous`]; an account's budget
+    /// follows its name. Windows that count the same unit over the same period
+    /// keep their grants, so a reload never hands out a fresh window.
+    pub fn reshape(&self, keys: impl IntoIterator<Item = KeyBudget>) -> Self {
+        Self::build(keys, self.clock.clone(), Some(self))
+    }
+
+    fn build(keys: impl IntoIterator<Item = KeyBudget>, clock: C, old: Option<&Self>) -> Self {
+        let mut accounts: HashMap<Arc<str>, Arc<Budget<C>>> = HashMap::new();
+        let old_accounts: HashMap<&str, &Arc<Budget<C>>> = old
+            .into_iter()
+            .flat_map(|e| e.keys.iter())
+            .filter_map(|k| k.account.as_ref())
+            .filter_map(|b| b.account.as_deref().map(|n| (n, b)))
+            .collect();
+        let keys = keys
+            .into_iter()
+            .map(|k| {
+                let previous = old.and_then(|o| k.previous.and_then(|i| o.keys.get(i)));
+                let own = k.own.filter(|s| !s.is_unlimited()).map(|spec| {
+                    match previous.and_then(|p| p.own.as_ref()) {
+                        Some(o) if o.spec == spec => Arc::clone(o),
+                        old_own => Arc::new(Budget::new(spec, None, &clock, old_own.map(|b| &**b))),
+                    }
+                });
+                let account = k.account.map(|(name, spec)| {
+                    Arc::clone(accounts.entry(Arc::clone(&name)).or_insert_with(|| {
+                        let old_budget = old_accounts.get(&*name).copied();
+                        match old_budget {
+                            Some(o) if o.spec == spec => Arc::clone(o),
+                            _ => Arc::new(Budget::new(spec, Some(name), &clock, old_budget.map(|b| &**b))),
+                        }
+                    }))
+                });
+                KeySlot { own, account }
+            })
+            .collect();
+        Self { keys, clock }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// Takes a request for key `index` now, reserving `tokens` in its token
+    /// windows, if every window of its budgets has room; `None` otherwise (or
+    /// for an unknown index). The grant counts at once in request windows; the
+    /// returned [`Permit`] settles tokens and the concurrency slot.
+    pub fn try_acquire(&self, index: usize, tokens: u64) -> Option<Permit<C>> {
+        let slot = self.keys.get(index)?;
+        let now = self.clock.now();
+        let mut own = slot.own.as_ref().map(|b| (b, b.lock()));
+        let mut account = slot.account.as_ref().map(|b| (b, b.lock()));
+        for (budget, state) in own.iter_mut().chain(account.iter_mut()) {
+            state.refresh(now);
+            if state.wait(now, budget.spec.max_concurrent, &budget.running).0 > 0 {
+                return None;
+            }
+            if budget.shaper.as_ref().is_some_and(|s| s.time_to_permit(0) != Some(Duration::ZERO)) {
+                return None;
+            }
+        }
+        let mut permit = Permit { budgets: [None, None], reserved: tokens, settled: false };
+        for (i, (budget, state)) in own.iter_mut().chain(account.iter_mut()).enumerate() {
+            // The peek above ran under the same lock, so the shaper has a permit.
+            if let Some(shaper) = &budget.shaper {
+                shaper.take_permit(0);
+            }
+            state.charge(now, tokens, budget.spec.max_concurrent.is_some(), &budget.running);
+            if budget.needs_release {
+                if let Some(held) = permit.budgets.get_mut(i) {
+                    *held = Some(Arc::clone(budget));
+                }
+            }
+        }
+        Some(permit)
+    }
+
+    /// How long until key `index` could take a request reserving `tokens`,
+    /// and what holds it back; `None` for an unknown index.
+    pub fn wait(&self, index: usize, tokens: u64) -> Option<Wait> {
+        let _ = tokens; // a request is admitted while a token window has any room
+        let slot = self.keys.get(index)?;
+        let now = self.clock.now();
+        let mut worst = (0, Cause::None);
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.refresh(now);
+            worst = worst.max_by_wait(state.wait(now, budget.spec.max_concurrent, &budget.running));
+            drop(state);
+            if let Some(shaper) = &budget.shaper {
+                let w = shaper.time_to_permit(0).map_or(0, nanos);
+                worst = worst.max_by_wait((w, Cause::Shaper));
+            }
+        }
+        Some(Wait { wait: Duration::from_nanos(worst.0), cause: worst.1 })
+    }
+
+    /// Records what an upstream announced for key `index` (its account's
+    /// budget when it has one): a lower limit replaces the configured one for
+    /// the matching window, and nothing remaining with a reset blocks the key
+    /// until then.
+    pub fn learn(&self, index: usize, announced: &Announced) {
+        let Some(slot) = self.keys.get(index) else { return };
+        let Some(budget) = slot.account.as_ref().or(slot.own.as_ref()) else { return };
+        let now = self.clock.now();
+        let mut state = budget.lock();
+        if let Some(limit) = announced.limit.filter(|l| *l > 0) {
+            let mut matching = state.windows.iter_mut().filter(|w| {
+                w.window.unit == announced.unit && announced.period.is_none_or(|p| p == w.window.period)
+            });
+            // Without a period the match must be unambiguous.
+            if let (Some(w), None) = (matching.next(), matching.next()) {
+                w.learn_limit(limit);
+            }
+        }
+        if announced.remaining == Some(0) {
+            if let Some(reset) = announced.reset {
+                state.blocked_until = state.blocked_until.max(now.saturating_add(nanos(reset)));
+            }
+        }
+    }
+
+    /// Blocks key `index` (its account when it has one) for `wait`, e.g. after
+    /// a `Retry-After`.
+    pub fn block(&self, index: usize, wait: Duration) {
+        self.learn(
+            index,
+            &Announced {
+                unit: Unit::Requests,
+                period: None,
+                limit: None,
+                remaining: Some(0),
+                reset: Some(wait),
+            },
+        );
+    }
+
+    /// Clears what was learned for key `index`: announced blocks and limits.
+    pub fn forget_learned(&self, index: usize) {
+        let Some(slot) = self.keys.get(index) else { return };
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.blocked_until = 0;
+            for w in state.windows.iter_mut() {
+                w.forget_learned();
+            }
+        }
+    }
+
+    /// The account key `index` belongs to.
+    pub fn account(&self, index: usize) -> Option<&str> {
+        self.keys.get(index)?.account.as_ref()?.account.as_deref()
+    }
+
+    /// Every limit of key `index` with its use now (for stats); empty for an
+    /// unknown index or an unlimited key.
+    pub fn report(&self, index: usize) -> Vec<LimitReport> {
+        let Some(slot) = self.keys.get(index) else { return Vec::new() };
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for budget in slot.budgets() {
+            let scope = if budget.account.is_some() { Scope::Account } else { Scope::Key };
+            let mut state = budget.lock();
+            state.refresh(now);
+            for w in state.windows.iter() {
+                let limit = w.limit();
+                let used = match w.window.unit {
+                    Unit::Requests => w.used(),
+                    Unit::Tokens => w.used().saturating_add(budget.running.reserved.load(Ordering::Acquire)),
+                };
+                out.push(LimitReport {
+                    kind: match w.window.unit {
+                        Unit::Requests => LimitKind::Requests,
+                        Unit::Tokens => LimitKind::Tokens,
+                    },
+                    period: Some(w.window.period),
+                    reset: w.window.reset.to_string(),
+                    limit,
+                    used,
+                    remaining: limit.saturating_sub(used),
+                    resets_in: Duration::from_nanos(w.resets_in(now)),
+                    source: w.source(),
+                    scope,
+                });
+            }
+            if let Some(max) = budget.spec.max_concurrent {
+                let limit = u64::from(max.get());
+                let used = u64::from(budget.running.in_flight.load(Ordering::Acquire));
+                out.push(LimitReport {
+                    kind: LimitKind::Concurrent,
+                    period: None,
+                    reset: "rolling".into(),
+                    limit,
+                    used,
+                    remaining: limit.saturating_sub(used),
+                    resets_in: Duration::ZERO,
+                    source: Source::Configured,
+                    scope,
+                });
+            }
+        }
+        out
+    }
+
+    /// Time until key `index`'s upstream-announced block ends (zero if none).
+    pub fn blocked_for(&self, index: usize) -> Duration {
+        let Some(slot) = self.keys.get(index) else { return Duration::ZERO };
+        let now = self.clock.now();
+        slot.budgets()
+            .map(|b| b.lock().blocked_until.saturating_sub(now))
+            .max()
+            .map_or(Duration::ZERO, Duration::from_nanos)
+    }
+
+    /// Requests key `index` could send now back to back: the smallest room
+    /// over its request windows (`u64::MAX` when none limits it).
+    pub fn remaining_requests(&self, index: usize) -> u64 {
+        let Some(slot) = self.keys.get(index) else { return 0 };
+        let now = self.clock.now();
+        let mut least = u64::MAX;
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.refresh(now);
+            if state.blocked_until > now {
+                return 0;
+            }
+            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
+                least = least.min(w.limit().saturating_sub(w.used()));
+            }
+        }
+        least
+    }
+
+    /// A snapshot of every budget's windows for saving: budgets are named
+    /// by `key_id(index)` for a key's own budget and by account name.
+    pub fn save(&self, key_id: impl Fn(usize) -> String) -> Vec<SavedBudget> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (index, slot) in self.keys.iter().enumerate() {
+            for budget in slot.budgets() {
+                let id = match &budget.account {
+                    Some(name) => format!("account:{name}"),
+                    None => format!("key:{}", key_id(index)),
+                };
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                let state = budget.lock();
+                let windows = state
+                    .windows
+                    .iter()
+                    .map(|w| {
+                        let (entries, fixed) = w.saved();
+                        SavedWindow {
+                            unit: w.window.unit,
+                            period: w.window.period,
+                            fixed: fixed.is_some(),
+                            entries: entries.into_iter().map(|e| (e.at, e.amount)).collect(),
+                        }
+                    })
+                    .collect();
+                // Reservations of requests still running count as spent: safe side.
+                let reserved = budget.running.reserved.load(Ordering::Acquire);
+                out.push(SavedBudget { id, windows, blocked_until: state.blocked_until, reserved });
+            }
+        }
+        out
+    }
+
+    /// Restores budgets saved by [`save`](Self::save) (same naming); windows
+    /// are matched by unit and period, and what does not match is dropped.
+    pub fn restore(&self, saved: &[SavedBudget], key_id: impl Fn(usize) -> String) {
+        let now = self.clock.now();
+        let by_id: HashMap<&str, &SavedBudget> = saved.iter().map(|b| (b.id.as_str(), b)).collect();
+        let mut done = std::collections::HashSet::new();
+        for (index, slot) in self.keys.iter().enumerate() {
+            for budget in slot.budgets() {
+                let id = match &budget.account {
+                    Some(name) => format!("account:{name}"),
+                    None => format!("key:{}", key_id(index)),
+                };
+                let Some(saved) = by_id.get(id.as_str()) else { continue };
+                if !done.insert(id) {
+                    continue;
+                }
+                let mut state = budget.lock();
+                state.blocked_until = state.blocked_until.max(saved.blocked_until);
+                for w in state.windows.iter_mut() {
+                    if let Some(s) =
+                        saved.windows.iter().find(|s| s.unit == w.window.unit && s.period == w.window.period)
+                    {
+                        let mut entries: Vec<Entry> =
+                            s.entries.iter().map(|&(at, amount)| Entry { at, amount }).collect();
+                        if w.window.unit == Unit::Tokens && saved.reserved > 0 {
+                            entries.push(Entry { at: now, amount: saved.reserved });
+                        }
+                        w.restore(&entries, s.fixed, now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What an upstream announced about one limit (see `x-ratelimit-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announced {
+    /// Requests or tokens.
+    pub unit: Unit,
+    /// The period, when the dialect says it (`-minute`, `-day`).
+    pub period: Option<Duration>,
+    /// The limit.
+    pub limit: Option<u64>,
+    /// What is left.
+    pub remaining: Option<u64>,
+    /// Time until the limit is fully restored.
+    pub reset: Option<Duration>,
+}
+
+/// A grant taken from [`QuotaEngine::try_acquire`]. Settle it with
+/// [`finish`](Permit::finish) when the answer ends; dropping it counts every
+/// reserved token as used (the safe side).
+pub struct Permit<C: QuotaClock + Clone = SystemClock> {
+    budgets: [Option<Arc<Budget<C>>>; 2],
+    reserved: u64,
+    settled: bool,
+}
+
+impl<C: QuotaClock + Clone> fmt::Debug for Permit<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit").field("reserved", &self.reserved).finish_non_exhaustive()
+    }
+}
+
+impl<C: QuotaClock + Clone> Permit<C> {
+    /// Tokens this grant reserved.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Ends the request: frees its concurrency slot and replaces its token
+    /// reservation by `used_tokens`, the upstream's reported usage (`None`:
+    /// keep the reservation as the use).
+    pub fn finish(mut self, used_tokens: Option<u64>) {
+        self.settle(used_tokens);
+    }
+
+    fn settle(&mut self, used_tokens: Option<u64>) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let used = used_tokens.unwrap_or(self.reserved);
+        for budget in self.budgets.iter().flatten() {
+            let now = budget.clock.now();
+            let mut state = budget.lock();
+            // Record the use before giving the reservation back, so that the
+            // window never looks emptier than it is.
+            for w in state.windows.iter_mut().filter(|w| w.window.unit == Unit::Tokens) {
+                w.record(now, used);
+            }
+            drop(state);
+            if self.reserved > 0 {
+                // Never below zero: this permit added exactly this much.
+                let _ = budget.running.reserved.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                    Some(r.saturating_sub(self.reserved))
+                });
+            }
+            if budget.spec.max_concurrent.is_some() {
+                let _ = budget
+                    .running
+                    .in_flight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+            }
+        }
+    }
+}
+
+impl<C: QuotaClock + Clone> Drop for Permit<C> {
+    fn drop(&mut self) {
+        self.settle(None);
+    }
+}
+
+/// What a limit counts, as shown in stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Requests per period.
+    Requests,
+    /// Tokens per period.
+    Tokens,
+    /// Requests in flight.
+    Concurrent,
+}
+
+impl LimitKind {
+    /// `"requests"`, `"tokens"` or `"concurrent"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+            LimitKind::Concurrent => "concurrent",
+        }
+    }
+}
+
+/// Whose budget a limit belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The key's own.
+    Key,
+    /// Its account's, shared with the account's other keys.
+    Account,
+}
+
+/// One limit of a key, with its use now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimitReport {
+    /// What it counts.
+    pub kind: LimitKind,
+    /// The period (`None` for a concurrency cap).
+    pub period: Option<Duration>,
+    /// `rolling` or `HH:MM zone`.
+    pub reset: String,
+    /// The limit in force (the learned one when lower).
+    pub limit: u64,
+    /// Counted now (tokens include reservations).
+    pub used: u64,
+    /// `limit − used`.
+    pub remaining: u64,
+    /// Until the window next gives something back.
+    pub resets_in: Duration,
+    /// Configured or learned.
+    pub source: Source,
+    /// The key's or its account's.
+    pub scope: Scope,
+}
+
+/// One budget's state, saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedBudget {
+    /// `key:<id>` or `account:<name>`.
+    pub id: String,
+    /// Its windows.
+    pub windows: Vec<SavedWindow>,
+    /// Blocked by the upstream until (Unix nanos).
+    pub blocked_until: u64,
+    /// Tokens reserved by requests in flight (restored as used).
+    pub reserved: u64,
+}
+
+/// One window's state, saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedWindow {
+    /// What it counts.
+    pub unit: Unit,
+    /// Its period.
+    pub period: Duration,
+    /// A daily window (one entry: reset instant, count) rather than a log.
+    pub fixed: bool,
+    /// `(Unix nanos, amount)` pairs, oldest first.
+    pub entries: Vec<(u64, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Limits, ManualClock, WindowSpec};
+    use proptest::prelude::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn engine(limits: &[Limits], clock: &ManualClock) -> QuotaEngine<ManualClock> {
+        let keys =
+            limits.iter().map(|l| KeyBudget { own: Some(l.compile().unwrap()), ..KeyBudget::default() });
+        QuotaEngine::new(keys, clock.clone())
+    }
+
+    fn rolling(n: u64, secs: u64) -> Limits {
+        Limits {
+            windows: Some(vec![WindowSpec {
+                unit: Unit::Requests,
+                limit: n,
+                period: Duration::from_secs(secs),
+                reset: crate::Reset::Rolling,
+            }]),
+            margin: Some(Duration::ZERO),
+            ..Limits::default()
+        }
+    }
+
+    /// The largest number of grants in any closed interval of length `span`.
+    fn max_in_any_window(grants: &[u64], span: u64) -> usize {
+        grants
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| grants[i..].iter().take_while(|&&g| g < t + span).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    proptest! {
+        /// Whatever the arrival pattern, no interval of the period (+ margin)
+        /// carries more than N grants — and a request is refused only when
+        /// granting it would have broken that (nothing the window allows is held back).
+        #[test]
+        fn any_interval_of_the_period_carries_at_most_n(
+            n in 1u64..30,
+            gaps in proptest::collection::vec(0u64..3_000, 1..300),
+            margin_ms in 0u64..1_000,
+        ) {
+            let clock = ManualClock::new(1_700_000_000 * SEC);
+            let mut limits = rolling(n, 10);
+            limits.margin = Some(Duration::from_millis(margin_ms));
+            let e = engine(&[limits], &clock);
+            let span = 10 * SEC + margin_ms * 1_000_000;
+            let mut grants: Vec<u64> = Vec::new();
+            for gap in gaps {
+                clock.advance(Duration::from_millis(gap));
+                let now = clock.now();
+                let in_window = grants.iter().filter(|&&g| g + span > now).count() as u64;
+                let granted = e.try_acquire(0, 0).is_some();
+                prop_assert_eq!(granted, in_window < n, "at {} with {} in the window", now, in_window);
+                if granted {
+                    grants.push(now);
+                } else {
+                    let w = e.wait(0, 0).unwrap();
+                    let oldest = grants.iter().filter(|&&g| g + span > now).nth((in_window + 1 - n) as usize - 1).copied().unwrap();
+                    prop_assert_eq!(nanos(w.wait), oldest + span - now);
+                }
+            }
+            prop_assert!(max_in_any_window(&grants, span) as u64 <= n);
+        }
+
+        /// Above the exact log's capacity the window may hold requests back a
+        /// little, but never lets more than N into any interval.
+        #[test]
+        fn a_merged_log_stays_on_the_safe_side(gaps in proptest::collection::vec(0u64..40, 1..4_000)) {
+            let clock = ManualClock::new(1_700_000_000 * SEC);
+            let n = 3_000;
+            let e = engine(&[rolling(n, 60)], &clock);
+            let mut grants = Vec::new();
+            for gap in gaps {
+                clock.advance(Duration::from_millis(gap));
+                if e.try_acquire(0, 0).is_some() {
+                    grants.push(clock.now());
+                }
+            }
+            prop_assert!(max_in_any_window(&grants, 60 * SEC) as u64 <= n);
+        }
+    }
+
+    #[test]
+    fn the_whole_burst_goes_at_once_and_refills_a_minute_plus_margin_later() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits::nvidia_free_tier()], &clock);
+        for i in 0..40 {
+            assert!(e.try_acquire(0, 0).is_some(), "grant {i}");
+        }
+        let w = e.wait(0, 0).unwrap();
+        assert_eq!(w.wait, Duration::from_millis(60_500));
+        assert_eq!(
+            w.cause,
+            Cause::Window { unit: Unit::Requests, limit: 40, period: Duration::from_secs(60), daily: false }
+        );
+        clock.advance(Duration::from_millis(60_499));
+        assert!(e.try_acquire(0, 0).is_none());
+        clock.advance(Duration::from_millis(1));
+        for _ in 0..40 {
+            assert!(e.try_acquire(0, 0).is_some());
+        }
+        assert_eq!(e.remaining_requests(0), 0);
+    }
+
+    #[test]
+    fn a_burst_below_the_window_shapes_with_gcra() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits { burst: Some(10), ..Limits::nvidia_free_tier() }], &clock);
+        for _ in 0..10 {
+            assert!(e.try_acquire(0, 0).is_some());
+        }
+        let w = e.wait(0, 0).unwrap();
+        assert_eq!(w.cause, Cause::Shaper);
+        assert_eq!(w.wait, Duration::from_micros(1_512_500), "one every (60 s + margin) / 40");
+        clock.advance(w.wait);
+        assert!(e.try_acquire(0, 0).is_some());
+        assert!(e.try_acquire(0, 0).is_none());
+    }
+
+    #[test]
+    fn a_day_resets_at_midnight_in_the_zone_not_24_hours_later() {
+        // 2026-03-08 is 23 hours long in Los Angeles.
+        let clock = ManualClock::at("2026-03-08T07:30:00Z").unwrap(); // 23:30 PST on the 7th
+        let la: crate::Reset = "00:00 America/Los_Angeles".parse().unwrap();
+        let e =
+            engine(&[Limits { requests_per_day: Some(2), day_reset: Some(la), ..Limits::default() }], &clock);
+        assert!(e.try_acquire(0, 0).is_some() && e.try_acquire(0, 0).is_some());
+        let w = e.wait(0, 0).unwrap();
+        assert_eq!(w.wait, Duration::from_secs(30 * 60), "resets at 08:00Z, midnight PST");
+        assert!(matches!(w.cause, Cause::Window { daily: true, limit: 2, .. }));
+        clock.advance(w.wait);
+        assert!(e.try_acquire(0, 0).is_some() && e.try_acquire(0, 0).is_some());
+        // The next midnight is 23 h later (PDT from 02:00 on the 8th).
+        assert_eq!(e.wait(0, 0).unwrap().wait, Duration::from_secs(23 * 3600));
+        let report = e.report(0);
+        assert_eq!(report[0].reset, "00:00 America/Los_Angeles");
+        assert_eq!((report[0].limit, report[0].used, report[0].remaining), (2, 2, 0));
+    }
+
+    #[test]
+    fn tokens_are_reserved_then_replaced_by_the_reported_usage() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(
+            &[Limits { tokens_per_minute: Some(1_000), margin: Some(Duration::ZERO), ..Limits::default() }],
+            &clock,
+        );
+        let a = e.try_acquire(0, 600).unwrap();
+        let b = e.try_acquire(0, 300).unwrap();
+        assert_eq!(e.report(0)[0].used, 900, "reservations count");
+        let c = e.try_acquire(0, 500).unwrap(); // 900 < 1000: admitted while below the limit
+        assert!(e.try_acquire(0, 1).is_none(), "1400 reserved ≥ 1000");
+        assert_eq!(
+            e.wait(0, 1).unwrap().cause,
+            Cause::Window { unit: Unit::Tokens, limit: 1_000, period: Duration::from_secs(60), daily: false }
+        );
+        a.finish(Some(100)); // used 100 of the 600 reserved
+        b.finish(Some(50));
+        assert_eq!(e.report(0)[0].used, 650, "100 + 50 used, 500 still reserved");
+        assert!(e.try_acquire(0, 10).is_some());
+        drop(c); // no usage reported: the reservation counts as used
+        assert_eq!(e.report(0)[0].used, 660);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(e.report(0)[0].used, 0);
+    }
+
+    #[test]
+    fn keys_of_one_account_share_its_budget() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let account = Limits { requests_per_minute: Some(3), ..Limits::default() }.compile().unwrap();
+        let own = Limits { requests_per_minute: Some(1), ..Limits::default() }.compile().unwrap();
+        let name: Arc<str> = "alice".into();
+        let e = QuotaEngine::new(
+            [
+                KeyBudget { account: Some((Arc::clone(&name), account.clone())), ..KeyBudget::default() },
+                KeyBudget { own: Some(own), account: Some((name, account)), ..KeyBudget::default() },
+                KeyBudget::default(),
+            ],
+            clock.clone(),
+        );
+        assert_eq!(e.account(0), Some("alice"));
+        assert!(e.try_acquire(1, 0).is_some());
+        assert!(e.try_acquire(1, 0).is_none(), "key 1's own limit of one");
+        assert!(e.try_acquire(0, 0).is_some() && e.try_acquire(0, 0).is_some());
+        assert!(e.try_acquire(0, 0).is_none(), "the account's three are spent by both keys");
+        for _ in 0..100 {
+            assert!(e.try_acquire(2, 0).is_some(), "a key without limits is never held back");
+        }
+        let r = e.report(1);
+        assert_eq!(
+            r.iter().map(|l| (l.scope, l.used)).collect::<Vec<_>>(),
+            [(Scope::Key, 1), (Scope::Account, 3)]
+        );
+    }
+
+    #[test]
+    fn max_concurrent_holds_requests_in_flight() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits { max_concurrent: Some(2), ..Limits::default() }], &clock);
+        let a = e.try_acquire(0, 0).unwrap();
+        let _b = e.try_acquire(0, 0).unwrap();
+        assert!(e.try_acquire(0, 0).is_none());
+        assert_eq!(e.wait(0, 0).unwrap(), Wait { wait: POLL, cause: Cause::Concurrency });
+        a.finish(None);
+        assert!(e.try_acquire(0, 0).is_some());
+    }
+
+    #[test]
+    fn announced_limits_and_resets_steer_the_key() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits { requests_per_day: Some(1000), ..Limits::nvidia_free_tier() }], &clock);
+        // Ambiguous without a period (two request windows): limit ignored.
+        e.learn(
+            0,
+            &Announced { unit: Unit::Requests, period: None, limit: Some(5), remaining: None, reset: None },
+        );
+        assert!(e.report(0).iter().all(|l| l.source == Source::Configured));
+        e.learn(
+            0,
+            &Announced {
+                unit: Unit::Requests,
+                period: Some(Duration::from_secs(86_400)),
+                limit: Some(500),
+                remaining: Some(0),
+                reset: Some(Duration::from_secs(7)),
+            },
+        );
+        let day = e.report(0).into_iter().find(|l| l.period == Some(Duration::from_secs(86_400))).unwrap();
+        assert_eq!((day.limit, day.source), (500, Source::Learned));
+        assert!(e.try_acquire(0, 0).is_none());
+        assert_eq!(e.wait(0, 0).unwrap(), Wait { wait: Duration::from_secs(7), cause: Cause::Announced });
+        assert_eq!(e.blocked_for(0), Duration::from_secs(7));
+        clock.advance(Duration::from_secs(7));
+        assert!(e.try_acquire(0, 0).is_some());
+        e.block(0, Duration::from_secs(3));
+        e.forget_learned(0);
+        assert!(e.try_acquire(0, 0).is_some(), "a reset clears what was learned");
+        assert!(e.report(0).iter().all(|l| l.source == Source::Configured));
+    }
+
+    #[test]
+    fn a_reload_keeps_what_was_spent() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[rolling(3, 60)], &clock);
+        for _ in 0..3 {
+            e.try_acquire(0, 0).unwrap();
+        }
+        let spec = |n| rolling(n, 60).compile().unwrap();
+        // The key moves to index 1 and its limit grows to 4; a new key arrives at 0.
+        let r = e.reshape([
+            KeyBudget { own: Some(spec(3)), ..KeyBudget::default() },
+            KeyBudget { own: Some(spec(4)), previous: Some(0), ..KeyBudget::default() },
+        ]);
+        assert_eq!(r.remaining_requests(0), 3);
+        assert_eq!(r.remaining_requests(1), 1, "three of four already spent");
+    }
+
+    #[test]
+    fn saved_windows_come_back_after_a_restart() {
+        let clock = ManualClock::at("2026-11-30T12:00:00Z").unwrap();
+        let limits = Limits {
+            requests_per_day: Some(100),
+            day_reset: Some("00:00 UTC".parse().unwrap()),
+            ..Limits::nvidia_free_tier()
+        };
+        let e = engine(std::slice::from_ref(&limits), &clock);
+        for _ in 0..40 {
+            e.try_acquire(0, 0).unwrap();
+        }
+        e.block(0, Duration::from_secs(90));
+        let saved = e.save(|i| format!("k{i}"));
+        clock.advance(Duration::from_secs(5));
+        let fresh = engine(&[limits], &clock);
+        fresh.restore(&saved, |i| format!("k{i}"));
+        assert!(fresh.try_acquire(0, 0).is_none(), "no 41st request after the restart");
+        let report = fresh.report(0);
+        assert_eq!(report.iter().map(|l| l.used).collect::<Vec<_>>(), [40, 40]);
+        assert_eq!(fresh.blocked_for(0), Duration::from_secs(85));
+        // A saved day that has reset since is not restored.
+        clock.set(ManualClock::at("2026-12-01T00:00:01Z").unwrap().now());
+        let next_day = engine(
+            &[Limits {
+                requests_per_day: Some(100),
+                day_reset: Some("00:00 UTC".parse().unwrap()),
+                ..Limits::default()
+            }],
+            &clock,
+        );
+        next_day.restore(&saved, |i| format!("k{i}"));
+        assert_eq!(next_day.report(0)[0].used, 0);
+    }
+}
