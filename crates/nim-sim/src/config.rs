@@ -1,5 +1,6 @@
 //! Configuration of a simulated NIM server.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Models listed by `GET /v1/models` in the default configuration.
@@ -10,11 +11,13 @@ pub const DEFAULT_MODELS: &[&str] = &[
     "nvidia/nv-embedqa-e5-v5",
 ];
 
-/// A per-key rate limit enforced by the simulator on `POST` endpoints
-/// (`/v1/chat/completions`, `/v1/embeddings`).
+/// A request rate limit enforced by the simulator on `POST` endpoints
+/// (`/v1/chat/completions`, `/v1/embeddings`), per account (see
+/// [`SimConfig::accounts`]; a key without an account is its own account).
 ///
 /// Requests beyond the limit get NVIDIA's bare
-/// `429 {"status":429,"title":"Too Many Requests"}`.
+/// `429 {"status":429,"title":"Too Many Requests"}`. Every accepted request
+/// counts once, whatever its answer (a 400 after acceptance counts too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SimRateLimit {
     /// A token bucket with continuous refill: it starts full with `burst`
@@ -34,6 +37,18 @@ pub enum SimRateLimit {
         /// Window length.
         window: Duration,
     },
+    /// A fixed-window counter: at most `limit` requests are accepted per
+    /// period, and the count resets at every multiple of `period` counted
+    /// from the server's start (period `n` is the half-open interval
+    /// `[start + n·period, start + (n+1)·period)`). Models a "per day, resets
+    /// at midnight" cap; tests use short periods. A zero `period` never
+    /// resets (a lifetime cap).
+    FixedWindow {
+        /// Maximum number of accepted requests per period.
+        limit: u64,
+        /// Period length.
+        period: Duration,
+    },
 }
 
 /// Configuration of a [`SimServer`](crate::SimServer).
@@ -48,8 +63,59 @@ pub struct SimConfig {
     pub keys: Vec<String>,
     /// Keys answered with NVIDIA's 403 `Authorization failed` body.
     pub forbidden_keys: Vec<String>,
-    /// Per-key rate limit on the `POST` endpoints; `None` means unlimited.
+    /// Rate limit on the `POST` endpoints, per account (see
+    /// [`accounts`](Self::accounts)); `None` means unlimited. This is the
+    /// limit described by the [`limit_headers`](Self::limit_headers).
     pub rate_limit: Option<SimRateLimit>,
+    /// Further request limits enforced together with
+    /// [`rate_limit`](Self::rate_limit) (e.g. a per-minute and a per-day
+    /// cap). A request is accepted only if every limit has room; all are
+    /// checked before any is charged, so a refused request charges none.
+    /// Empty by default.
+    pub extra_limits: Vec<SimRateLimit>,
+    /// Key → account name. Every limit (request limits, the token limit and
+    /// [`max_concurrent`](Self::max_concurrent)) is counted per account and
+    /// shared by all the account's keys. A key without an entry is its own
+    /// account, named by the key itself (so an account name equal to an
+    /// unmapped key merges the two). Empty by default: one account per key.
+    pub accounts: HashMap<String, String>,
+    /// Fixed `completion_tokens` reported (and charged) for every chat
+    /// completion. `None` (the default): the number of whitespace-separated
+    /// words of the answer for a plain completion, the number of content
+    /// chunks ([`stream_chunks`](Self::stream_chunks)) for a stream.
+    ///
+    /// `prompt_tokens` is always the request body's length in bytes divided
+    /// by 4, rounded down.
+    pub completion_tokens: Option<u64>,
+    /// A token rate limit per account: `(limit, window)`. A `POST` request
+    /// is refused with 429 if the tokens charged to its account in the last
+    /// `window` (a charge at `t` counts during the half-open `[t, t +
+    /// window)`) are already `>= limit`. Tokens (`usage.total_tokens`) are
+    /// charged when the answer is produced: for a stream, in full when its
+    /// response head is produced, even if the client abandons it. So one
+    /// request admitted just below the limit can overshoot it; see
+    /// [`AccountStats::max_tokens_in_window`](crate::AccountStats::max_tokens_in_window).
+    /// `None` (the default): no token limit.
+    pub token_limit: Option<(u64, Duration)>,
+    /// If `true`, every answer to a `POST` from the rate-limit step on (200,
+    /// 429, and a 400/404 after acceptance) carries OpenAI/Groq-style
+    /// `x-ratelimit-{limit,remaining,reset}-requests` headers describing the
+    /// account's [`rate_limit`](Self::rate_limit) (when set), and the
+    /// `-tokens` variants describing [`token_limit`](Self::token_limit)
+    /// (when set). Resets are Go-style durations (`1m26.4s`, `7.66s`,
+    /// `185ms`, `0s`), rounded up to the millisecond, until the limit is
+    /// fully restored. Off by default (NVIDIA sends none).
+    pub limit_headers: bool,
+    /// Maximum requests in flight per account: a `POST` arriving while that
+    /// many of its account's accepted requests are in flight gets 429. A
+    /// request is in flight from its acceptance until its answer is produced
+    /// (after [`processing_delay`](Self::processing_delay)), or for a stream
+    /// until its body ends or is dropped. `None` (the default): unlimited.
+    pub max_concurrent: Option<usize>,
+    /// Delay between accepting a `POST` request (after the limits) and
+    /// producing its answer (for a stream, its response head). The request
+    /// holds its concurrency slot meanwhile. Zero by default.
+    pub processing_delay: Duration,
     /// If set, rate-limited responses carry `Retry-After: <whole seconds,
     /// rounded up>`. NVIDIA sends none, which is the default.
     pub retry_after: Option<Duration>,
@@ -85,6 +151,13 @@ impl Default for SimConfig {
             keys: Vec::new(),
             forbidden_keys: Vec::new(),
             rate_limit: None,
+            extra_limits: Vec::new(),
+            accounts: HashMap::new(),
+            completion_tokens: None,
+            token_limit: None,
+            limit_headers: false,
+            max_concurrent: None,
+            processing_delay: Duration::ZERO,
             retry_after: None,
             stream_chunks: 8,
             chunk_interval: Duration::from_millis(20),
@@ -130,10 +203,85 @@ impl SimConfig {
         self
     }
 
-    /// Sets the per-key rate limit.
+    /// Sets the (main) rate limit.
     pub fn with_rate_limit(mut self, limit: SimRateLimit) -> Self {
         self.rate_limit = Some(limit);
         self
+    }
+
+    /// Adds a limit to [`extra_limits`](Self::extra_limits).
+    pub fn with_extra_limit(mut self, limit: SimRateLimit) -> Self {
+        self.extra_limits.push(limit);
+        self
+    }
+
+    /// Replaces [`extra_limits`](Self::extra_limits).
+    pub fn with_extra_limits<I>(mut self, limits: I) -> Self
+    where
+        I: IntoIterator<Item = SimRateLimit>,
+    {
+        self.extra_limits = limits.into_iter().collect();
+        self
+    }
+
+    /// Puts every key of `keys` in `account` (see [`accounts`](Self::accounts)).
+    pub fn with_account<I, S>(mut self, account: &str, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        for key in keys {
+            self.accounts.insert(key.into(), account.to_owned());
+        }
+        self
+    }
+
+    /// Replaces [`accounts`](Self::accounts) with `(key, account)` pairs.
+    pub fn with_accounts<I, K, A>(mut self, pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, A)>,
+        K: Into<String>,
+        A: Into<String>,
+    {
+        self.accounts = pairs.into_iter().map(|(k, a)| (k.into(), a.into())).collect();
+        self
+    }
+
+    /// Fixes the `completion_tokens` of every chat completion.
+    pub fn with_completion_tokens(mut self, tokens: u64) -> Self {
+        self.completion_tokens = Some(tokens);
+        self
+    }
+
+    /// Sets the per-account token limit: at most `limit` tokens charged in
+    /// any `window` (see [`token_limit`](Self::token_limit)).
+    pub fn with_token_limit(mut self, limit: u64, window: Duration) -> Self {
+        self.token_limit = Some((limit, window));
+        self
+    }
+
+    /// Turns the `x-ratelimit-*` headers on or off.
+    pub fn with_limit_headers(mut self, on: bool) -> Self {
+        self.limit_headers = on;
+        self
+    }
+
+    /// Sets the per-account maximum of requests in flight.
+    pub fn with_max_concurrent(mut self, max: usize) -> Self {
+        self.max_concurrent = Some(max);
+        self
+    }
+
+    /// Sets the delay between accepting a request and answering it.
+    pub fn with_processing_delay(mut self, delay: Duration) -> Self {
+        self.processing_delay = delay;
+        self
+    }
+
+    /// The account `key` belongs to: its [`accounts`](Self::accounts) entry,
+    /// or the key itself.
+    pub fn account_of<'a>(&'a self, key: &'a str) -> &'a str {
+        self.accounts.get(key).map_or(key, String::as_str)
     }
 
     /// Makes 429 responses carry a `Retry-After` header.

@@ -20,8 +20,17 @@
 //!
 //! Order of checks for a request: the whole body is read, then an injected
 //! [`Fault`] (if one matches), then routing (404/405), then authentication
-//! (401/403), then the per-key rate limit (429, `POST` endpoints only), then
-//! request validation (400).
+//! (401/403), then the account's limits (429, `POST` endpoints only:
+//! [`SimConfig::max_concurrent`], [`SimConfig::rate_limit`] and
+//! [`SimConfig::extra_limits`], [`SimConfig::token_limit`]; all checked
+//! before any is charged), then [`SimConfig::processing_delay`], then request
+//! validation (400).
+//!
+//! Limits are counted per account ([`SimConfig::accounts`]; by default each
+//! key is its own account). A request counts against the request limits when
+//! it passes them all (whatever its answer); its tokens
+//! (`usage.total_tokens`: `prompt_tokens` = body bytes / 4, rounded down,
+//! plus the completion tokens) are charged when its answer is produced.
 //!
 //! ```no_run
 //! use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimServer, generate_test_keys};
@@ -50,7 +59,7 @@ mod stats;
 pub use config::{DEFAULT_MODELS, SimConfig, SimRateLimit};
 pub use fault::{FORBIDDEN_BODY, Fault, FaultTarget, RATE_LIMITED_BODY, SIM_FUNCTION_ID, UNAUTHORIZED_BODY};
 pub use server::{SimError, SimHandle, SimServer};
-pub use stats::{KeyCounters, SimStats, max_in_window};
+pub use stats::{AccountStats, KeyCounters, SimStats, max_in_window};
 
 /// Prefix of every key made by [`generate_test_keys`].
 pub const TEST_KEY_PREFIX: &str = "nvapi-sim-";

@@ -19,7 +19,7 @@ use crate::config::SimConfig;
 use crate::fault::{Fault, FaultTarget};
 use crate::service::{self, ConnAction, GARBAGE};
 use crate::state::Shared;
-use crate::stats::{KeyCounters, SimStats, max_in_window};
+use crate::stats::{AccountStats, KeyCounters, SimStats, max_in_window};
 
 /// Listen backlog of the simulator's socket.
 const BACKLOG: u32 = 4096;
@@ -206,8 +206,10 @@ impl SimHandle {
         self.stats().key(key)
     }
 
-    /// Resets the request counters, accept logs and recorded headers (not
-    /// the rate limiters, faults, or connection/stream gauges).
+    /// Resets the request counters, accept logs, account counters and
+    /// recorded headers (not the limiters, token windows, faults, or the
+    /// connection/stream/in-flight gauges; each maximum of requests in
+    /// flight restarts from the current value).
     pub fn reset_stats(&self) {
         self.shared.reset_stats();
     }
@@ -232,6 +234,29 @@ impl SimHandle {
     /// window of length `window`.
     pub fn max_in_any_window(&self, key: &str, window: Duration) -> usize {
         max_in_window(&self.shared.accept_log(key), window)
+    }
+
+    /// The account `key` belongs to (see
+    /// [`SimConfig::account_of`]).
+    pub fn account_of<'a>(&'a self, key: &'a str) -> &'a str {
+        self.shared.config.account_of(key)
+    }
+
+    /// The counters of one account (all zero if never seen).
+    pub fn account_stats(&self, account: &str) -> AccountStats {
+        self.shared.account_stats(account)
+    }
+
+    /// Times (since the server started) at which `account`'s requests (all
+    /// its keys together) passed its limits, in order.
+    pub fn account_accept_log(&self, account: &str) -> Vec<Duration> {
+        self.shared.account_accept_log(account)
+    }
+
+    /// The largest number of `account`'s accepted requests (all its keys
+    /// together) in any half-open window of length `window`.
+    pub fn max_in_any_window_for_account(&self, account: &str, window: Duration) -> usize {
+        max_in_window(&self.shared.account_accept_log(account), window)
     }
 
     /// Queues a fault for the next request matching `target` (FIFO among

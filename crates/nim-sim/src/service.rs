@@ -17,7 +17,7 @@ use crate::fault::{
     FORBIDDEN_BODY, Fault, RATE_LIMITED_BODY, UNAUTHORIZED_BODY, not_found_detail, problem_json,
 };
 use crate::mask_key;
-use crate::state::{Outcome, Shared};
+use crate::state::{LimitInfo, LimitStatus, Outcome, Shared, Slot};
 
 /// Error type of response bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -101,11 +101,11 @@ pub(crate) async fn handle(
         Some(Fault::Garbage) => return abort_connection(&ctl, ConnAction::Garbage).await,
         Some(Fault::StallMidStream { after_chunks }) => {
             let model = request_model(&body);
-            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Stall);
+            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Stall, None).0;
         }
         Some(Fault::BreakMidStream { after_chunks }) => {
             let model = request_model(&body);
-            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Break);
+            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Break, None).0;
         }
     }
 
@@ -130,17 +130,31 @@ pub(crate) async fn handle(
         return json_response(StatusCode::UNAUTHORIZED, UNAUTHORIZED_BODY.into());
     }
 
-    // Rate limit (POST endpoints only).
-    if route != Route::Models && !shared.try_acquire(key) {
-        return rate_limited(&shared);
+    if route == Route::Models {
+        let resp = models(&shared);
+        shared.count(Some(key), Outcome::Ok);
+        return resp;
     }
 
-    let resp = match route {
-        Route::Models => Ok(models(&shared)),
-        Route::Chat => chat(&shared, key, &body),
-        Route::Embeddings => embeddings(&shared, &body),
+    // Limits (POST endpoints only): concurrency, request limits, tokens.
+    let mut slot = match shared.admit(key) {
+        Ok(slot) => Some(slot),
+        Err(info) => return rate_limited(&shared, info),
+    };
+    if !shared.config.processing_delay.is_zero() {
+        tokio::time::sleep(shared.config.processing_delay).await;
     }
-    .unwrap_or_else(Problem::into_response);
+
+    let answer = match route {
+        Route::Chat => chat(&shared, key, &body, &mut slot),
+        _ => embeddings(&shared, &body),
+    };
+    let (mut resp, tokens) = answer.unwrap_or_else(|p| (p.into_response(), 0));
+    let info = shared.finish(key, tokens);
+    add_limit_headers(resp.headers_mut(), &info);
+    // A plain answer is no longer in flight once produced (a stream took the
+    // slot along).
+    drop(slot);
     let outcome = if resp.status().is_success() { Outcome::Ok } else { Outcome::Other };
     shared.count(Some(key), outcome);
     resp
@@ -231,13 +245,62 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response<SimBody> {
     json_response(status, problem_json(status.as_u16(), title, detail))
 }
 
-fn rate_limited(shared: &Shared) -> Response<SimBody> {
+fn rate_limited(shared: &Shared, info: LimitInfo) -> Response<SimBody> {
     let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED_BODY.into());
     if let Some(ra) = shared.config.retry_after {
         let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
+    add_limit_headers(resp.headers_mut(), &info);
     resp
+}
+
+/// Adds the `x-ratelimit-*` headers `info` describes (none if empty).
+fn add_limit_headers(headers: &mut http::HeaderMap, info: &LimitInfo) {
+    let mut add = |unit: &str, status: &Option<LimitStatus>| {
+        let Some(st) = status else { return };
+        let mut put = |field: &str, value: String| {
+            let name = format!("x-ratelimit-{field}-{unit}");
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+                headers.insert(n, v);
+            }
+        };
+        put("limit", st.limit.to_string());
+        put("remaining", st.remaining.to_string());
+        if let Some(reset) = st.reset {
+            put("reset", go_duration(reset));
+        }
+    };
+    add("requests", &info.requests);
+    add("tokens", &info.tokens);
+}
+
+/// `d` rounded up to the millisecond, written like Go's
+/// `time.Duration.String()`: `0s`, `185ms`, `7.66s`, `1m26.4s`, `1h0m0s`.
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if h > 0 || m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    out.push_str(&s.to_string());
+    if frac > 0 {
+        let digits = format!("{frac:03}");
+        out.push('.');
+        out.push_str(digits.trim_end_matches('0'));
+    }
+    out.push('s');
+    out
 }
 
 fn fault_response(
@@ -315,13 +378,21 @@ fn greeting(key: Option<&str>) -> String {
     }
 }
 
-fn chat(shared: &Arc<Shared>, key: &str, body: &[u8]) -> Result<Response<SimBody>, Problem> {
+/// Answers a chat completion; returns the response and the tokens it used
+/// (`usage.total_tokens`). A stream takes `slot` along, to release it when
+/// its body ends.
+fn chat(
+    shared: &Arc<Shared>,
+    key: &str,
+    body: &[u8],
+    slot: &mut Option<Slot>,
+) -> Result<(Response<SimBody>, u64), Problem> {
     let req = parse_object(body)?;
     let model = model_of(shared, &req)?;
-    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+    if !req.get("messages").is_some_and(Value::is_array) {
         return Err(Problem::bad_request("field 'messages' is required and must be an array"));
-    };
-    let prompt_tokens = estimate_tokens(messages);
+    }
+    let prompt_tokens = prompt_tokens(body);
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage =
             req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool)
@@ -333,10 +404,12 @@ fn chat(shared: &Arc<Shared>, key: &str, body: &[u8]) -> Result<Response<SimBody
             prompt_tokens,
             shared.config.stream_chunks,
             StreamEnd::Done { include_usage },
+            slot.take(),
         ));
     }
     let content = greeting(Some(key));
-    let completion_tokens = content.split_whitespace().count() as u64;
+    let completion_tokens =
+        shared.config.completion_tokens.unwrap_or_else(|| content.split_whitespace().count() as u64);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let body = json!({
         "id": format!("chatcmpl-sim-{id}"),
@@ -351,25 +424,17 @@ fn chat(shared: &Arc<Shared>, key: &str, body: &[u8]) -> Result<Response<SimBody
         }],
         "usage": usage(prompt_tokens, completion_tokens),
     });
-    Ok(json_response(StatusCode::OK, body.to_string()))
+    Ok((json_response(StatusCode::OK, body.to_string()), prompt_tokens + completion_tokens))
 }
 
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// A rough token count: a quarter of the characters of every string
-/// content, at least 1.
-fn estimate_tokens(messages: &[Value]) -> u64 {
-    let chars: usize = messages
-        .iter()
-        .filter_map(|m| m.get("content"))
-        .map(|c| match c {
-            Value::String(s) => s.chars().count(),
-            other => other.to_string().len(),
-        })
-        .sum();
-    (chars as u64 / 4).max(1)
+/// The simulated `prompt_tokens` of a chat request: its body's length in
+/// bytes divided by 4, rounded down.
+fn prompt_tokens(body: &[u8]) -> u64 {
+    body.len() as u64 / 4
 }
 
 /// Splits the streamed content into `n` pieces whose concatenation is the
@@ -407,19 +472,24 @@ enum Step {
     },
 }
 
-/// Decrements `active_streams` when the streaming body is dropped.
-struct StreamGuard(Arc<Shared>);
+/// Decrements `active_streams`, and frees the request's concurrency slot (if
+/// any), when the streaming body ends or is dropped.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    /// Held only to be dropped with the guard.
+    _slot: Option<Slot>,
+}
 
 impl StreamGuard {
-    fn new(shared: &Arc<Shared>) -> Self {
+    fn new(shared: &Arc<Shared>, slot: Option<Slot>) -> Self {
         shared.active_streams.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(shared))
+        Self { shared: Arc::clone(shared), _slot: slot }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.active_streams.fetch_sub(1, Ordering::SeqCst);
+        self.shared.active_streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -427,6 +497,8 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// A streamed chat completion and the tokens it uses (prompt +
+/// completion, whether or not the usage chunk is sent).
 fn stream_response(
     shared: &Arc<Shared>,
     key: Option<&str>,
@@ -434,7 +506,8 @@ fn stream_response(
     prompt_tokens: u64,
     chunks: usize,
     end: StreamEnd,
-) -> Response<SimBody> {
+    slot: Option<Slot>,
+) -> (Response<SimBody>, u64) {
     let cfg = &shared.config;
     let id = format!("chatcmpl-sim-{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
     let created = unix_now();
@@ -446,7 +519,7 @@ fn stream_response(
     };
 
     let pieces = content_pieces(key, chunks);
-    let completion_tokens = pieces.len() as u64;
+    let completion_tokens = cfg.completion_tokens.unwrap_or(pieces.len() as u64);
     let mut steps = Vec::with_capacity(pieces.len() + 3);
     for (i, piece) in pieces.into_iter().enumerate() {
         let delta =
@@ -475,7 +548,7 @@ fn stream_response(
         }),
     }
 
-    let guard = StreamGuard::new(shared);
+    let guard = StreamGuard::new(shared, slot);
     let frames = futures_util::stream::unfold((steps.into_iter(), guard), |(mut steps, guard)| async move {
         match steps.next()? {
             Step::Emit { delay, data } => {
@@ -500,10 +573,12 @@ fn stream_response(
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    (resp, prompt_tokens + completion_tokens)
 }
 
-fn embeddings(shared: &Shared, body: &[u8]) -> Result<Response<SimBody>, Problem> {
+/// Answers an embeddings request; returns the response and the tokens it
+/// used (`usage.total_tokens`).
+fn embeddings(shared: &Shared, body: &[u8]) -> Result<(Response<SimBody>, u64), Problem> {
     let req = parse_object(body)?;
     let model = model_of(shared, &req)?;
     let bad = |detail: &str| Err(Problem::bad_request(detail));
@@ -542,7 +617,7 @@ fn embeddings(shared: &Shared, body: &[u8]) -> Result<Response<SimBody>, Problem
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     });
-    Ok(json_response(StatusCode::OK, body.to_string()))
+    Ok((json_response(StatusCode::OK, body.to_string()), tokens))
 }
 
 /// A deterministic unit vector derived from the text.
@@ -589,6 +664,49 @@ mod tests {
         assert_eq!(bearer(&h), None);
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer"));
         assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn go_durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_nanos(1)), "1ms");
+        assert_eq!(go_duration(ms(185)), "185ms");
+        assert_eq!(go_duration(Duration::from_micros(184_001)), "185ms");
+        assert_eq!(go_duration(ms(1000)), "1s");
+        assert_eq!(go_duration(ms(7660)), "7.66s");
+        assert_eq!(go_duration(ms(7605)), "7.605s");
+        assert_eq!(go_duration(ms(86_400)), "1m26.4s");
+        assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(go_duration(Duration::from_secs(3723) + ms(500)), "1h2m3.5s");
+    }
+
+    #[test]
+    fn limit_headers_are_written_per_unit() {
+        let mut h = http::HeaderMap::new();
+        add_limit_headers(&mut h, &LimitInfo::default());
+        assert!(h.is_empty());
+        let info = LimitInfo {
+            requests: Some(LimitStatus { limit: 40, remaining: 0, reset: Some(Duration::from_millis(1500)) }),
+            tokens: Some(LimitStatus { limit: 1000, remaining: 990, reset: None }),
+        };
+        add_limit_headers(&mut h, &info);
+        assert_eq!(h["x-ratelimit-limit-requests"], "40");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["x-ratelimit-reset-requests"], "1.5s");
+        assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "990");
+        // A limit that never restores announces no reset.
+        assert!(h.get("x-ratelimit-reset-tokens").is_none());
+        assert_eq!(h.len(), 5);
+    }
+
+    #[test]
+    fn prompt_tokens_are_a_quarter_of_the_body_bytes() {
+        assert_eq!(prompt_tokens(b""), 0);
+        assert_eq!(prompt_tokens(b"abc"), 0);
+        assert_eq!(prompt_tokens(&[b'x'; 403]), 100);
     }
 
     #[test]

@@ -18,6 +18,35 @@ pub struct KeyCounters {
     pub faults: u64,
 }
 
+/// Per-account counters and gauges (see
+/// [`SimConfig::accounts`](crate::SimConfig::accounts); a key without an
+/// account is its own account, named by the key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountStats {
+    /// `POST` requests that passed every limit of the account.
+    pub accepted: u64,
+    /// `POST` requests refused with 429 by a limit of the account (request
+    /// limits, token limit or concurrency).
+    pub rate_limited: u64,
+    /// Tokens charged to the account (sum of the answers'
+    /// `usage.total_tokens`).
+    pub tokens: u64,
+    /// The largest number of tokens charged in any half-open window of the
+    /// [`SimConfig::token_limit`](crate::SimConfig::token_limit) length
+    /// (0 without a token limit). Since a request is admitted while the
+    /// window is below the limit, this can exceed the limit by at most one
+    /// answer's tokens; a client that respects the limit keeps it `<=` the
+    /// limit. Charges made before a
+    /// [`reset_stats`](crate::SimHandle::reset_stats) still count in windows
+    /// that overlap the reset.
+    pub max_tokens_in_window: u64,
+    /// Accepted requests of the account in flight now (see
+    /// [`SimConfig::max_concurrent`](crate::SimConfig::max_concurrent)).
+    pub in_flight: usize,
+    /// The most accepted requests of the account in flight at once.
+    pub max_in_flight: usize,
+}
+
 /// A snapshot of the simulator's counters, taken by
 /// [`SimHandle::stats`](crate::SimHandle::stats).
 #[derive(Clone, Debug, Default)]
@@ -39,6 +68,17 @@ pub struct SimStats {
     /// the rate limiter, in order (when
     /// [`SimConfig::record_accepts`](crate::SimConfig::record_accepts) is on).
     pub accept_log: BTreeMap<String, Vec<Duration>>,
+    /// Times (since the server started) at which each account's requests
+    /// passed its limits, in order (when
+    /// [`SimConfig::record_accepts`](crate::SimConfig::record_accepts) is
+    /// on). Keyed by account name (the key itself for a key without an
+    /// account: the full key, never print it).
+    pub account_accepts: BTreeMap<String, Vec<Duration>>,
+    /// Counters per account, for every account that sent a `POST` request.
+    pub accounts: BTreeMap<String, AccountStats>,
+    /// The most accepted `POST` requests in flight at once, all accounts
+    /// together.
+    pub max_in_flight: usize,
 }
 
 impl SimStats {
@@ -61,6 +101,17 @@ impl SimStats {
     /// half-open window `[t, t + window)`.
     pub fn max_in_any_window(&self, key: &str, window: Duration) -> usize {
         self.accept_log.get(key).map_or(0, |log| max_in_window(log, window))
+    }
+
+    /// Counters of one account (all zero if it was never seen).
+    pub fn account(&self, account: &str) -> AccountStats {
+        self.accounts.get(account).copied().unwrap_or_default()
+    }
+
+    /// The largest number of accepted requests of `account` (all its keys
+    /// together) that fall in any half-open window `[t, t + window)`.
+    pub fn max_in_any_window_for_account(&self, account: &str, window: Duration) -> usize {
+        self.account_accepts.get(account).map_or(0, |log| max_in_window(log, window))
     }
 }
 

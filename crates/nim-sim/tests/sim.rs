@@ -800,3 +800,287 @@ fn start_outside_a_runtime_is_an_error() {
     let err = SimServer::start(SimConfig::default()).unwrap_err();
     assert!(matches!(err, proxypal_nim_sim::SimError::NoRuntime));
 }
+
+/// The `prompt_tokens` the simulator reports for a request body.
+fn prompt_tokens_of(body: &Value) -> u64 {
+    body.to_string().len() as u64 / 4
+}
+
+/// Milliseconds of a Go-style duration as written in `x-ratelimit-reset-*`
+/// (`185ms`, `7.66s`, `1m26.4s`, `1h0m0s`).
+fn go_ms(s: &str) -> u64 {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().unwrap();
+    }
+    let mut rest = s;
+    let mut total = 0.0;
+    for (unit, scale) in [('h', 3_600_000.0), ('m', 60_000.0), ('s', 1000.0)] {
+        if let Some((n, r)) = rest.split_once(unit) {
+            total += n.parse::<f64>().unwrap() * scale;
+            rest = r;
+        }
+    }
+    assert!(rest.is_empty(), "bad duration {s:?}");
+    total.round() as u64
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+    h.get(name).unwrap_or_else(|| panic!("no {name} in {h:?}")).to_str().unwrap()
+}
+
+fn usage_of(body: &str) -> (u64, u64, u64) {
+    let v: Value = serde_json::from_str(body).unwrap();
+    let u = &v["usage"];
+    (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+        u["total_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn usage_is_reported_and_completion_tokens_can_be_fixed() {
+    bounded(async {
+        let c = client();
+        let key = "usage-key-00001";
+        // Default: completion tokens are the answer's words; no limit headers.
+        let sim = SimServer::start(SimConfig::default()).unwrap();
+        let (status, h, body) = chat(&c, &sim, key).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!h.keys().any(|k| k.as_str().starts_with("x-ratelimit")));
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let words = v["choices"][0]["message"]["content"].as_str().unwrap().split_whitespace().count() as u64;
+        let (p, comp, total) = usage_of(&body);
+        assert_eq!((p, comp, total), (prompt_tokens_of(&chat_body(false)), words, p + words));
+        assert_eq!(sim.account_stats(key).tokens, total);
+
+        let sim = SimServer::start(
+            SimConfig::default().with_completion_tokens(42).with_stream(3, Duration::from_millis(1)),
+        )
+        .unwrap();
+        let (_, _, body) = chat(&c, &sim, key).await;
+        let p = prompt_tokens_of(&chat_body(false));
+        assert_eq!(usage_of(&body), (p, 42, p + 42));
+
+        // Streams: usage in the last chunk before [DONE] when asked for.
+        let mut req = chat_body(true);
+        req["stream_options"] = json!({"include_usage": true});
+        let resp =
+            send(&c, &sim, Method::POST, "/v1/chat/completions", Some(key), Some(req.clone())).await.unwrap();
+        let (_, _, body) = read_all(resp).await;
+        let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 6, "{body}");
+        assert_eq!(events[5], "data: [DONE]");
+        let ps = prompt_tokens_of(&req);
+        assert_eq!(usage_of(events[4].strip_prefix("data: ").unwrap()), (ps, 42, ps + 42));
+        assert!(!events[..4].iter().any(|e| e.contains("\"usage\"")));
+        // Both answers were charged to the key's account.
+        assert_eq!(sim.stats().account(key).tokens, p + 42 + ps + 42);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn limit_headers_describe_requests_and_tokens() {
+    bounded(async {
+        let c = client();
+        let key = "headers-key-0001";
+        let window = Duration::from_secs(60);
+        let cfg = SimConfig::default()
+            .with_rate_limit(SimRateLimit::RollingWindow { limit: 2, window })
+            .with_token_limit(10_000, window)
+            .with_completion_tokens(10)
+            .with_limit_headers(true);
+        let sim = SimServer::start(cfg).unwrap();
+        let total = prompt_tokens_of(&chat_body(false)) + 10;
+        let near_full = |h: &HeaderMap, name: &str| {
+            let ms = go_ms(header(h, name));
+            assert!((59_000..=60_000).contains(&ms), "{name}: {}", header(h, name));
+        };
+
+        let (status, h, _) = chat(&c, &sim, key).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(header(&h, "x-ratelimit-limit-requests"), "2");
+        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "1");
+        near_full(&h, "x-ratelimit-reset-requests");
+        assert_eq!(header(&h, "x-ratelimit-limit-tokens"), "10000");
+        assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), (10_000 - total).to_string());
+        near_full(&h, "x-ratelimit-reset-tokens");
+
+        let (status, h, _) = chat(&c, &sim, key).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "0");
+
+        let (status, h, body) = chat(&c, &sim, key).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body, RATE_LIMITED_BODY);
+        assert_eq!(header(&h, "x-ratelimit-limit-requests"), "2");
+        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "0");
+        near_full(&h, "x-ratelimit-reset-requests");
+        assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), (10_000 - 2 * total).to_string());
+
+        // Streams carry them on their head; GETs never do.
+        let other = "headers-key-0002";
+        let resp = post_chat(&c, &sim, other, true).await.unwrap();
+        assert_eq!(header(resp.headers(), "x-ratelimit-remaining-requests"), "1");
+        read_all(resp).await;
+        let (_, h, _) = call(&c, &sim, Method::GET, "/v1/models", Some(key), None).await;
+        assert!(!h.keys().any(|k| k.as_str().starts_with("x-ratelimit")));
+
+        // A token bucket is fully restored once it has refilled.
+        let cfg = SimConfig::default()
+            .with_rate_limit(SimRateLimit::TokenBucket { per_minute: 60, burst: 5 })
+            .with_limit_headers(true);
+        let sim = SimServer::start(cfg).unwrap();
+        let (_, h, _) = chat(&c, &sim, key).await;
+        assert_eq!(header(&h, "x-ratelimit-limit-requests"), "5");
+        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "4");
+        let ms = go_ms(header(&h, "x-ratelimit-reset-requests"));
+        assert!((900..=1000).contains(&ms), "{ms}");
+        // No token limit: no token headers.
+        assert!(h.get("x-ratelimit-limit-tokens").is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_limit_refuses_once_the_window_is_used_up() {
+    bounded(async {
+        let c = client();
+        let key = "tokens-key-0001";
+        let window = Duration::from_millis(500);
+        let cfg = SimConfig::default()
+            .with_completion_tokens(100)
+            .with_token_limit(150, window)
+            .with_stream(2, Duration::from_millis(1));
+        let sim = SimServer::start(cfg).unwrap();
+        // A stream is charged in full even without a usage chunk.
+        let resp = post_chat(&c, &sim, key, true).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        read_all(resp).await;
+        let first = prompt_tokens_of(&chat_body(true)) + 100;
+        assert_eq!(sim.account_stats(key).tokens, first);
+        // Below the limit: admitted, and the answer overshoots it.
+        let (status, _, body) = chat(&c, &sim, key).await;
+        assert_eq!(status, StatusCode::OK);
+        let second = usage_of(&body).2;
+        assert_eq!(chat(&c, &sim, key).await.0, StatusCode::TOO_MANY_REQUESTS);
+        let a = sim.account_stats(key);
+        assert_eq!((a.tokens, a.max_tokens_in_window, a.rate_limited), (first + second, first + second, 1));
+        assert_eq!(sim.key_stats(key).rate_limited, 1);
+        // Another account has its own window.
+        assert_eq!(chat(&c, &sim, "tokens-key-0002").await.0, StatusCode::OK);
+        // The window rolls over.
+        tokio::time::sleep(window + Duration::from_millis(20)).await;
+        assert_eq!(chat(&c, &sim, key).await.0, StatusCode::OK);
+        assert_eq!(sim.account_stats(key).max_tokens_in_window, first + second);
+
+        // Embeddings are charged their usage too.
+        let body = json!({"model": "nvidia/nv-embedqa-e5-v5", "input": ["abcdefgh", "abcd"]});
+        let (status, _, _) =
+            call(&c, &sim, Method::POST, "/v1/embeddings", Some("tokens-key-0003"), Some(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(sim.account_stats("tokens-key-0003").tokens, 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_concurrent_counts_open_streams_per_account() {
+    bounded(async {
+        let c = client();
+        let (k1, k2, solo) = ("team-key-000001", "team-key-000002", "solo-key-000001");
+        let cfg = SimConfig::default()
+            .with_stream(3, Duration::from_millis(100))
+            .with_max_concurrent(1)
+            .with_account("team", [k1, k2]);
+        let sim = SimServer::start(cfg).unwrap();
+        assert_eq!(sim.account_of(k2), "team");
+        let stream = post_chat(&c, &sim, k1, true).await.unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        assert_eq!(sim.account_stats("team").in_flight, 1);
+        // Same account, other key: refused while the stream is open.
+        let (status, _, body) = chat(&c, &sim, k2).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body, RATE_LIMITED_BODY);
+        // Another account is not affected.
+        assert_eq!(chat(&c, &sim, solo).await.0, StatusCode::OK);
+        let (_, _, body) = read_all(stream).await;
+        assert!(body.ends_with("data: [DONE]\n\n"));
+        assert!(sim.wait_for(Duration::from_secs(1), |s| s.account("team").in_flight == 0).await);
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::OK);
+        let stats = sim.stats();
+        let team = stats.account("team");
+        assert_eq!((team.accepted, team.rate_limited, team.max_in_flight), (2, 1, 1));
+        assert_eq!(stats.key(k2).rate_limited, 1);
+
+        // An abandoned stream frees its slot too.
+        let stream = post_chat(&c, &sim, k1, true).await.unwrap();
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::TOO_MANY_REQUESTS);
+        drop(stream);
+        assert!(sim.wait_for(Duration::from_secs(2), |s| s.account("team").in_flight == 0).await);
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::OK);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn processing_delay_holds_concurrency_slots() {
+    bounded(async {
+        let c = client();
+        let key = "busy-key-000001";
+        let delay = Duration::from_millis(300);
+        let cfg = SimConfig::default().with_max_concurrent(2).with_processing_delay(delay);
+        let sim = SimServer::start(cfg).unwrap();
+        let t = Instant::now();
+        let (a, b, d) = tokio::join!(chat(&c, &sim, key), chat(&c, &sim, key), chat(&c, &sim, key));
+        let mut statuses = [a.0, b.0, d.0];
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+        assert!(t.elapsed() >= delay);
+        let stats = sim.stats();
+        assert_eq!(stats.account(key).max_in_flight, 2);
+        assert_eq!(stats.account(key).in_flight, 0);
+        assert_eq!(stats.max_in_flight, 2);
+        assert_eq!(stats.key(key).ok, 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn accounts_share_limits_and_a_fixed_window_cap() {
+    bounded(async {
+        let c = client();
+        let (k1, k2, solo) = ("acme-key-000001", "acme-key-000002", "solo-key-000002");
+        let period = Duration::from_millis(600);
+        let cfg = SimConfig::default()
+            .with_rate_limit(SimRateLimit::TokenBucket { per_minute: 6000, burst: 100 })
+            .with_extra_limit(SimRateLimit::FixedWindow { limit: 3, period })
+            .with_account("acme", [k1, k2]);
+        let sim = SimServer::start(cfg).unwrap();
+        let started = Instant::now();
+        assert_eq!(chat(&c, &sim, k1).await.0, StatusCode::OK);
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::OK);
+        assert_eq!(chat(&c, &sim, k1).await.0, StatusCode::OK);
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(chat(&c, &sim, solo).await.0, StatusCode::OK);
+        assert!(started.elapsed() < period, "too slow to test the first period");
+        // The cap resets at the next multiple of the period since the start.
+        tokio::time::sleep_until((started + period + Duration::from_millis(50)).into()).await;
+        assert_eq!(chat(&c, &sim, k2).await.0, StatusCode::OK);
+
+        let stats = sim.stats();
+        assert_eq!(stats.account("acme").accepted, 4);
+        assert_eq!(stats.account("acme").rate_limited, 1);
+        assert_eq!(stats.max_in_any_window_for_account("acme", period), 3);
+        assert_eq!(sim.max_in_any_window_for_account("acme", period * 2), 4);
+        assert_eq!(stats.account_accepts["acme"].len(), 4);
+        // The per-key view still works.
+        assert_eq!(stats.max_in_any_window(k1, period), 2);
+        assert_eq!(sim.max_in_any_window(k2, period), 1);
+        assert_eq!(sim.accept_log(k2).len(), 2);
+        assert_eq!(stats.account(solo).accepted, 1);
+        assert_eq!(sim.account_accept_log(solo).len(), 1);
+    })
+    .await;
+}

@@ -38,6 +38,31 @@ struct Args {
     /// Rolling window length, e.g. 60s, 1500ms, 2m.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     window: Duration,
+    /// Extra per-account fixed-window cap (requests per --fixed-period,
+    /// reset at every multiple of the period since start).
+    #[arg(long)]
+    fixed_limit: Option<u64>,
+    /// Fixed-window period, e.g. 1440m (a day), 60s.
+    #[arg(long, default_value = "1440m", value_parser = parse_duration)]
+    fixed_period: Duration,
+    /// Per-account token limit (total tokens per --token-window).
+    #[arg(long)]
+    token_limit: Option<u64>,
+    /// Token limit rolling window, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    token_window: Duration,
+    /// Fixed `completion_tokens` of every chat completion.
+    #[arg(long)]
+    completion_tokens: Option<u64>,
+    /// Per-account maximum of requests in flight (open streams included).
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// Send OpenAI-style `x-ratelimit-*` headers on POST answers.
+    #[arg(long)]
+    limit_headers: bool,
+    /// Milliseconds between accepting a request and answering it.
+    #[arg(long)]
+    processing_delay_ms: Option<u64>,
     /// Send `Retry-After` on 429 (e.g. 5s); NVIDIA sends none.
     #[arg(long, value_parser = parse_duration)]
     retry_after: Option<Duration>,
@@ -79,6 +104,16 @@ fn config(args: &Args) -> SimConfig {
     }
     if let Some(limit) = args.window_limit {
         cfg.rate_limit = Some(SimRateLimit::RollingWindow { limit, window: args.window });
+    }
+    if let Some(limit) = args.fixed_limit {
+        cfg.extra_limits.push(SimRateLimit::FixedWindow { limit, period: args.fixed_period });
+    }
+    cfg.token_limit = args.token_limit.map(|limit| (limit, args.token_window));
+    cfg.completion_tokens = args.completion_tokens;
+    cfg.max_concurrent = args.max_concurrent;
+    cfg.limit_headers = args.limit_headers;
+    if let Some(ms) = args.processing_delay_ms {
+        cfg.processing_delay = Duration::from_millis(ms);
     }
     cfg.retry_after = args.retry_after;
     if let Some(n) = args.chunks {
@@ -179,5 +214,37 @@ mod tests {
         let cfg = config(&args);
         assert_eq!(cfg.rate_limit, Some(SimRateLimit::TokenBucket { per_minute: 40, burst: 40 }));
         assert!(!cfg.record_accepts);
+        assert!(cfg.extra_limits.is_empty());
+        assert_eq!((cfg.token_limit, cfg.max_concurrent, cfg.limit_headers), (None, None, false));
+    }
+
+    #[test]
+    fn limit_mode_flags_map_to_config() {
+        let args = Args::parse_from([
+            "nim-sim",
+            "--fixed-limit",
+            "1000",
+            "--token-limit",
+            "6000",
+            "--token-window",
+            "30s",
+            "--completion-tokens",
+            "50",
+            "--max-concurrent",
+            "4",
+            "--limit-headers",
+            "--processing-delay-ms",
+            "25",
+        ]);
+        let cfg = config(&args);
+        assert_eq!(
+            cfg.extra_limits,
+            vec![SimRateLimit::FixedWindow { limit: 1000, period: Duration::from_secs(86_400) }]
+        );
+        assert_eq!(cfg.token_limit, Some((6000, Duration::from_secs(30))));
+        assert_eq!(cfg.completion_tokens, Some(50));
+        assert_eq!(cfg.max_concurrent, Some(4));
+        assert!(cfg.limit_headers);
+        assert_eq!(cfg.processing_delay, Duration::from_millis(25));
     }
 }
