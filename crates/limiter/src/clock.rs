@@ -20,6 +20,13 @@ pub trait QuotaClock: Send + Sync + fmt::Debug + 'static {
     fn now(&self) -> u64;
 }
 
+impl QuotaClock for Arc<dyn QuotaClock> {
+    #[inline]
+    fn now(&self) -> u64 {
+        (**self).now()
+    }
+}
+
 /// The real clock: wall time read once at creation, advanced monotonically.
 #[derive(Debug, Clone, Copy)]
 pub struct SystemClock {

@@ -212,12 +212,8 @@ pub struct KeyBudget {
 struct KeySlot<C: QuotaClock + Clone> {
     own: Option<Arc<Budget<C>>>,
     account: Option<Arc<Budget<C>>>,
-}
-
-impl<C: QuotaClock + Clone> Clone for KeySlot<C> {
-    fn clone(&self) -> Self {
-        Self { own: self.own.clone(), account: self.account.clone() }
-    }
+    /// The first key of its account (so sums count the account once).
+    first_of_account: bool,
 }
 
 impl<C: QuotaClock + Clone> KeySlot<C> {
@@ -253,6 +249,18 @@ impl<C: QuotaClock + Clone> KeySlot<C> {
 pub struct QuotaEngine<C: QuotaClock + Clone = SystemClock> {
     keys: Box<[KeySlot<C>]>,
     clock: C,
+    counts_tokens: bool,
+}
+
+/// One kind of window summed over a pool (see [`QuotaEngine::pool_window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolWindow {
+    /// The limits added up.
+    pub limit: u64,
+    /// What remains, added up.
+    pub remaining: u64,
+    /// Until every window is empty again.
+    pub reset: Duration,
 }
 
 impl<C: QuotaClock + Clone> fmt::Debug for QuotaEngine<C> {
@@ -284,6 +292,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
 
     fn build(keys: impl IntoIterator<Item = KeyBudget>, clock: C, old: Option<&Self>) -> Self {
         let mut accounts: HashMap<Arc<str>, Arc<Budget<C>>> = HashMap::new();
+        let mut counts_tokens = false;
         let old_accounts: HashMap<&str, &Arc<Budget<C>>> = old
             .into_iter()
             .flat_map(|e| e.keys.iter())
@@ -300,6 +309,8 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                         old_own => Arc::new(Budget::new(spec, None, &clock, old_own.map(|b| &**b))),
                     }
                 });
+                let first_of_account =
+                    k.account.as_ref().is_some_and(|(name, _)| !accounts.contains_key(name));
                 let account = k.account.map(|(name, spec)| {
                     Arc::clone(accounts.entry(Arc::clone(&name)).or_insert_with(|| {
                         let old_budget = old_accounts.get(&*name).copied();
@@ -309,10 +320,54 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                         }
                     }))
                 });
-                KeySlot { own, account }
+                let slot = KeySlot { own, account, first_of_account };
+                counts_tokens |=
+                    slot.budgets().any(|b| b.spec.windows.iter().any(|w| w.unit == Unit::Tokens));
+                slot
             })
             .collect();
-        Self { keys, clock }
+        Self { keys, clock, counts_tokens }
+    }
+
+    /// Whether any budget has a token window (so requests need a token estimate).
+    pub fn counts_tokens(&self) -> bool {
+        self.counts_tokens
+    }
+
+    /// The `unit` windows of `period` summed over the keys `include` accepts
+    /// (an account counted once, through its first key; a key in an account by
+    /// the account's windows): the pool's limit, what remains, and the time
+    /// until all of it is back. `None` when no such key has such a window.
+    pub fn pool_window(
+        &self,
+        unit: Unit,
+        period: Duration,
+        include: impl Fn(usize) -> bool,
+    ) -> Option<PoolWindow> {
+        let now = self.clock.now();
+        let mut sum: Option<PoolWindow> = None;
+        for (index, slot) in self.keys.iter().enumerate() {
+            let budget = match (&slot.account, &slot.own) {
+                (Some(account), _) if slot.first_of_account => account,
+                (Some(_), _) => continue,
+                (None, Some(own)) => own,
+                (None, None) => continue,
+            };
+            if !include(index) {
+                continue;
+            }
+            let mut state = budget.lock();
+            state.refresh(now);
+            let reserved = budget.running.reserved.load(Ordering::Acquire);
+            for w in state.windows.iter().filter(|w| w.window.unit == unit && w.window.period == period) {
+                let used = if unit == Unit::Tokens { w.used().saturating_add(reserved) } else { w.used() };
+                let total = sum.get_or_insert(PoolWindow { limit: 0, remaining: 0, reset: Duration::ZERO });
+                total.limit = total.limit.saturating_add(w.limit());
+                total.remaining = total.remaining.saturating_add(w.limit().saturating_sub(used));
+                total.reset = total.reset.max(Duration::from_nanos(w.empty_in(now)));
+            }
+        }
+        sum
     }
 
     /// Number of keys.

@@ -93,8 +93,8 @@ mod window;
 
 pub use clock::{ManualClock, QuotaClock, SystemClock};
 pub use engine::{
-    Announced, Cause, KeyBudget, LimitKind, LimitReport, POLL, Permit, QuotaEngine, SavedBudget, SavedWindow,
-    Scope, Wait,
+    Announced, Cause, KeyBudget, LimitKind, LimitReport, POLL, Permit, PoolWindow, QuotaEngine, SavedBudget,
+    SavedWindow, Scope, Wait,
 };
 pub use governor_limiter::GovernorLimiter;
 pub use limits::{BudgetSpec, DailyReset, LimitError, Limits, Reset, ResetError, Unit, WindowSpec};

@@ -167,7 +167,6 @@ pub struct WindowSpec {
 /// reset at `day_reset`), the token fields likewise, and `windows` adds any
 /// other.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Limits {
     /// At most this many requests in any rolling 60 s (+ margin).
     pub requests_per_minute: Option<u64>,
@@ -236,6 +235,27 @@ pub enum LimitError {
     },
 }
 
+impl LimitError {
+    /// The field it names, relative to where the limits came from (`burst`,
+    /// `windows[1].per`).
+    pub fn field(&self) -> &str {
+        match self {
+            LimitError::Zero { field }
+            | LimitError::ZeroPeriod { field }
+            | LimitError::ResetNeedsDay { field, .. } => field,
+            LimitError::BurstTooLarge { .. } | LimitError::BurstWithoutRate => "burst",
+            LimitError::MarginTooLarge { .. } => "margin",
+        }
+    }
+
+    /// What is wrong, without the field.
+    pub fn reason(&self) -> String {
+        let text = self.to_string();
+        let prefix = format!("{}: ", self.field());
+        text.strip_prefix(&prefix).map(str::to_owned).unwrap_or(text)
+    }
+}
+
 /// One window, compiled: the margin added to rolling periods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Window {
@@ -260,6 +280,11 @@ impl BudgetSpec {
     /// Whether it limits nothing at all.
     pub fn is_unlimited(&self) -> bool {
         self.windows.is_empty() && self.shaper.is_none() && self.max_concurrent.is_none()
+    }
+
+    /// Each window as `(unit, period, limit)`.
+    pub fn windows(&self) -> impl Iterator<Item = (Unit, Duration, u64)> + '_ {
+        self.windows.iter().map(|w| (w.unit, w.period, w.limit))
     }
 
     /// The request windows' limits, smallest first (for the shaper check and docs).

@@ -233,6 +233,18 @@ impl WindowState {
         }
     }
 
+    /// Nanoseconds until the window holds nothing: the newest grant's expiry
+    /// (rolling) or the reset (daily); 0 when it holds nothing.
+    pub(crate) fn empty_in(&self, now: u64) -> u64 {
+        match &self.counter {
+            Counter::Rolling(log) => {
+                log.entries.back().map_or(0, |e| e.at.saturating_add(self.window.span).saturating_sub(now))
+            }
+            Counter::Fixed { used: 0, .. } => 0,
+            Counter::Fixed { resets_at, .. } => resets_at.saturating_sub(now),
+        }
+    }
+
     /// The saved form of the counter: `(entries, fixed reset instant)`.
     pub(crate) fn saved(&self) -> (Vec<Entry>, Option<u64>) {
         match &self.counter {
