@@ -29,10 +29,31 @@ use governor::{Quota, RateLimiter};
 use proxypal::gateway::lease::{Tried, try_lease};
 use proxypal::gateway::{Gateway, GatewayConfig};
 use proxypal::keypool::{KeyPool, KeySpec};
-use proxypal::limiter::{GovernorLimiter, KeyQuota, RateLimit};
+use proxypal::limiter::{GovernorLimiter, KeyBudget, KeyQuota, Limits, QuotaEngine, RateLimit};
 
 /// A quota that never binds during a bench: the path does all its work
 /// (clock read, CAS) but always grants.
+/// A rolling minute far above any load: the engine's one-window path.
+fn open_limits() -> Limits {
+    Limits { requests_per_minute: Some(u64::MAX / 2), ..Limits::nvidia_free_tier() }
+}
+
+/// Every kind of window at once, far above any load.
+fn every_window() -> Limits {
+    Limits {
+        requests_per_day: Some(u64::MAX / 2),
+        day_reset: Some("00:00 UTC".parse().unwrap()),
+        tokens_per_minute: Some(u64::MAX / 2),
+        max_concurrent: Some(u32::MAX),
+        ..open_limits()
+    }
+}
+
+fn engine(limits: &Limits) -> QuotaEngine {
+    let spec = limits.compile().unwrap();
+    QuotaEngine::system([KeyBudget { own: Some(spec), ..KeyBudget::default() }])
+}
+
 fn open_quota() -> KeyQuota {
     KeyQuota::new(u32::MAX, u32::MAX).unwrap().with_margin(Duration::ZERO).unwrap()
 }
@@ -107,6 +128,26 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
+    // One key's grant: today's GCRA-only check beside the quota engine's
+    // windows, in the same run.
+    let mut g = c.benchmark_group("quota");
+    let gcra = GovernorLimiter::new([open_quota()]);
+    g.bench_function("gcra_only", |b| b.iter(|| black_box(gcra.take_permit(0))));
+    let minute = engine(&open_limits());
+    g.bench_function("rolling_minute", |b| b.iter(|| black_box(minute.try_acquire(0, 0).is_some())));
+    let all = engine(&every_window());
+    g.bench_function("every_window", |b| {
+        b.iter(|| black_box(all.try_acquire(0, 100).map(|p| p.finish(Some(90)))))
+    });
+    g.bench_function("rolling_minute/2threads", |b| {
+        b.iter_custom(|iters| {
+            contended(&minute, 2, iters, |e| {
+                black_box(e.try_acquire(0, 0).is_some());
+            })
+        })
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("select");
     for n in [3usize, 100, 10_000] {
         let pool = limited_pool(n, |_| open_quota());
@@ -127,10 +168,11 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("gateway");
     for n in [3usize, 100, 10_000] {
         let mut config = GatewayConfig::with_keys(keys(n));
-        config.default_quota = open_quota();
+        config.limits = open_limits();
         let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
-        let lease =
-            |gw: &Gateway| try_lease(gw.keys(), &Tried::default()).map_or(usize::MAX, |l| l.selected.index());
+        let lease = |gw: &Gateway| {
+            try_lease(gw.keys(), &Tried::default(), 0).map_or(usize::MAX, |l| l.selected.index())
+        };
         g.bench_with_input(BenchmarkId::new("lease", n), &*gateway, |b, gw| b.iter(|| black_box(lease(gw))));
         g.bench_with_input(BenchmarkId::new("lease/2threads", n), &*gateway, |b, gw| {
             b.iter_custom(|iters| {

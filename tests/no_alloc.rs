@@ -13,7 +13,7 @@ use proxypal::LimitedPool;
 use proxypal::gateway::lease::{Tried, try_lease};
 use proxypal::gateway::{Gateway, GatewayConfig};
 use proxypal::keypool::{KeySpec, Outcome};
-use proxypal::limiter::KeyQuota;
+use proxypal::limiter::{KeyQuota, Limits};
 
 struct Counting;
 
@@ -77,19 +77,29 @@ fn selection_gated_by_the_limiter_does_not_allocate() {
     // Authorization value and metric handles (reference-counted clones).
     let keys: Vec<KeySpec> = (0..64).map(|i| KeySpec::new(format!("nvapi-alloc-test-{i:032}"))).collect();
     let mut config = GatewayConfig::with_keys(keys);
-    config.default_quota = KeyQuota::new(u32::MAX, 1_000).unwrap();
+    // Every kind of window at once, so that the grant, the concurrency slot and
+    // the token settlement are all on the measured path; limits far above the
+    // load, so the rolling logs fill and merge (their steady state).
+    config.limits = Limits {
+        requests_per_minute: Some(u64::MAX / 2),
+        requests_per_day: Some(u64::MAX / 2),
+        day_reset: Some("00:00 UTC".parse().unwrap()),
+        tokens_per_minute: Some(u64::MAX / 2),
+        max_concurrent: Some(1_000),
+        ..Limits::nvidia_free_tier()
+    };
     let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
     let mut tried = Tried::default();
     tried.push(3);
     tried.push(5);
     for _ in 0..1_000 {
-        let lease = try_lease(gateway.keys(), &tried).unwrap();
+        let lease = try_lease(gateway.keys(), &tried, 500).unwrap();
         gateway.keys().report(&lease.selected, Outcome::Success);
     }
     COUNTING.store(true, Ordering::SeqCst);
     let mut leased = 0usize;
     for _ in 0..100_000 {
-        if let Some(lease) = try_lease(gateway.keys(), &tried) {
+        if let Some(lease) = try_lease(gateway.keys(), &tried, 500) {
             gateway.keys().report(&lease.selected, Outcome::Success);
             leased += 1;
         }

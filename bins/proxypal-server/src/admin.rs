@@ -64,7 +64,9 @@ pub fn stats_json(app: &App) -> Value {
                 "errors": c.errors,
                 "rate_limited": c.rate_limited,
                 "permits_available": report.permits_available,
-                "rate_override": {"requests_per_minute": k.rate.requests_per_minute, "burst": k.rate.burst},
+                "account": report.account,
+                "blocked_ms": report.blocked_for.as_millis() as u64,
+                "limits": report.limits.iter().map(limit_json).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -81,6 +83,24 @@ pub fn stats_json(app: &App) -> Value {
         "keys": keys,
         "totals": totals,
         "history": app.history().to_json(),
+    })
+}
+
+/// One limit of a key as `/stats` shows it.
+fn limit_json(l: &proxypal_gateway::limiter::LimitReport) -> Value {
+    json!({
+        "kind": l.kind.as_str(),
+        "period_seconds": l.period.map(|p| p.as_secs()),
+        "reset": l.reset,
+        "limit": l.limit,
+        "used": l.used,
+        "remaining": l.remaining,
+        "resets_in_ms": l.resets_in.as_millis() as u64,
+        "source": l.source.as_str(),
+        "scope": match l.scope {
+            proxypal_gateway::limiter::Scope::Key => "key",
+            proxypal_gateway::limiter::Scope::Account => "account",
+        },
     })
 }
 

@@ -18,7 +18,7 @@
 //! let yaml = "keys: [nvapi-REPLACE-ME-0001]\nrate_limit: { requests_per_minute: 20 }";
 //! let env = [("PROXYPAL_RETRY__MAX_ATTEMPTS", "2")];
 //! let config = Config::from_sources(Some(YamlSource::Text(yaml)), env, false)?;
-//! assert_eq!(config.rate_limit.requests_per_minute, 20);
+//! assert_eq!(config.rate_limit.requests_per_minute, Some(20));
 //! assert_eq!(config.retry.max_attempts, 2);
 //! assert!(!format!("{config:?}").contains("REPLACE-ME-0001"));
 //! # Ok(())
@@ -37,6 +37,7 @@ use figment::{Figment, Source, providers::Serialized};
 use serde::{Deserialize, Deserializer, de};
 
 mod error;
+mod limits;
 mod parse;
 mod path;
 mod secret;
@@ -44,6 +45,7 @@ mod sources;
 mod validate;
 
 pub use error::ConfigError;
+pub use limits::{LimitFields, WindowEntry};
 pub use secret::{Secret, mask_key};
 use sources::{EnvLayer, YamlLayer};
 
@@ -74,8 +76,12 @@ pub struct Config {
     pub keys: Vec<KeyEntry>,
     /// Optional file with one key per line, appended to `keys`.
     pub keys_file: Option<PathBuf>,
-    /// Default per-key rate limit; a key's own fields override it.
-    pub rate_limit: RateLimitConfig,
+    /// Every key's (or account's) limits unless it overrides a field; over
+    /// the built-in default of 40 requests in any rolling minute.
+    pub rate_limit: LimitFields,
+    /// Budgets shared by several keys (`keys[].account`): each account's
+    /// fields over `rate_limit`.
+    pub accounts: std::collections::BTreeMap<String, LimitFields>,
     /// Failover, queueing and cooldowns.
     pub retry: RetryConfig,
     /// Cross-origin requests from browsers.
@@ -144,10 +150,10 @@ pub enum KeyOrigin {
     },
 }
 
-/// One upstream API key and its optional per-key limits.
+/// One upstream API key, its account and its own limits.
 ///
-/// In YAML a key is either a plain string or a map
-/// `{ key, name, requests_per_minute, burst }`. `Debug` shows the key masked.
+/// In YAML a key is either a plain string or a map `{ key, name, account, …
+/// }` with any of the [`LimitFields`]. `Debug` shows the key masked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyEntry {
@@ -155,10 +161,11 @@ pub struct KeyEntry {
     pub key: Secret,
     /// A label for logs and stats (defaults to the masked key).
     pub name: Option<String>,
-    /// Overrides `rate_limit.requests_per_minute` for this key.
-    pub requests_per_minute: Option<u32>,
-    /// Overrides `rate_limit.burst` for this key.
-    pub burst: Option<u32>,
+    /// The account whose budget the key shares; none: its own.
+    pub account: Option<String>,
+    /// The key's own limits: over `rate_limit` for a key without an account;
+    /// extra limits of this key alone for a key with one.
+    pub limits: LimitFields,
     /// Where the key was configured.
     pub origin: KeyOrigin,
 }
@@ -169,8 +176,8 @@ impl KeyEntry {
         Self {
             key: Secret::new(key.into()),
             name: None,
-            requests_per_minute: None,
-            burst: None,
+            account: None,
+            limits: LimitFields::default(),
             origin: KeyOrigin::Config,
         }
     }
@@ -178,14 +185,6 @@ impl KeyEntry {
     /// The name if set, otherwise the masked key: safe to log.
     pub fn label(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.key.masked())
-    }
-
-    /// This key's rate limit: its own fields, falling back to `default`.
-    pub fn rate_limit(&self, default: &RateLimitConfig) -> RateLimitConfig {
-        RateLimitConfig {
-            requests_per_minute: self.requests_per_minute.unwrap_or(default.requests_per_minute),
-            burst: self.burst.unwrap_or(default.burst),
-        }
     }
 }
 
@@ -199,9 +198,25 @@ impl<'de> Deserialize<'de> for KeyEntry {
             #[serde(default)]
             name: Option<String>,
             #[serde(default)]
-            requests_per_minute: Option<u32>,
+            account: Option<String>,
+            #[serde(default)]
+            requests_per_minute: Option<u64>,
             #[serde(default)]
             burst: Option<u32>,
+            #[serde(default)]
+            requests_per_day: Option<u64>,
+            #[serde(default)]
+            day_reset: Option<String>,
+            #[serde(default)]
+            tokens_per_minute: Option<u64>,
+            #[serde(default)]
+            tokens_per_day: Option<u64>,
+            #[serde(default)]
+            max_concurrent: Option<u32>,
+            #[serde(default, deserialize_with = "parse::optional_duration")]
+            margin: Option<Duration>,
+            #[serde(default)]
+            windows: Option<Vec<WindowEntry>>,
         }
 
         struct KeyVisitor;
@@ -211,7 +226,7 @@ impl<'de> Deserialize<'de> for KeyEntry {
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(
-                    "a key string, or a map with `key` and optional `name`, `requests_per_minute`, `burst`",
+                    "a key string, or a map with `key` and optional `name`, `account` and limit fields (`requests_per_minute`, `burst`, `requests_per_day`, …)",
                 )
             }
 
@@ -234,11 +249,22 @@ impl<'de> Deserialize<'de> for KeyEntry {
 
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<KeyEntry, A::Error> {
                 let m = KeyMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let limits = LimitFields {
+                    requests_per_minute: m.requests_per_minute,
+                    burst: m.burst,
+                    requests_per_day: m.requests_per_day,
+                    day_reset: m.day_reset,
+                    tokens_per_minute: m.tokens_per_minute,
+                    tokens_per_day: m.tokens_per_day,
+                    max_concurrent: m.max_concurrent,
+                    margin: m.margin,
+                    windows: m.windows,
+                };
                 Ok(KeyEntry {
                     key: m.key,
                     name: m.name,
-                    requests_per_minute: m.requests_per_minute,
-                    burst: m.burst,
+                    account: m.account,
+                    limits,
                     origin: KeyOrigin::Config,
                 })
             }
@@ -246,21 +272,6 @@ impl<'de> Deserialize<'de> for KeyEntry {
 
         deserializer.deserialize_any(KeyVisitor)
     }
-}
-
-/// A token-bucket rate limit.
-///
-/// With rate `r` per minute and burst `b`, any rolling 60 s window (half-open)
-/// admits at most `b + r − 1` requests, so the default `b = 1` keeps every
-/// rolling minute at ≤ `r`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct RateLimitConfig {
-    /// Sustained requests per minute per key. Default 40.
-    pub requests_per_minute: u32,
-    /// Requests a rested key may send back to back. Default 1.
-    pub burst: u32,
 }
 
 /// Failover, queueing and cooldown policy.
@@ -367,7 +378,8 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             keys: Vec::new(),
             keys_file: None,
-            rate_limit: RateLimitConfig::default(),
+            rate_limit: LimitFields::builtin(),
+            accounts: std::collections::BTreeMap::new(),
             retry: RetryConfig::default(),
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
@@ -417,13 +429,6 @@ impl UpstreamConfig {
     }
 }
 
-impl Default for RateLimitConfig {
-    fn default() -> Self {
-        let quota = proxypal_gateway::limiter::KeyQuota::default();
-        Self { requests_per_minute: quota.requests_per_minute(), burst: quota.burst() }
-    }
-}
-
 impl Default for RetryConfig {
     fn default() -> Self {
         let gateway = proxypal_gateway::GatewayConfig::default();
@@ -453,7 +458,7 @@ impl Default for LogConfig {
 
 /// Requests per minute per key in `--dev`: high enough not to get in the way
 /// of local testing against the simulator.
-const DEV_REQUESTS_PER_MINUTE: u32 = 600;
+const DEV_REQUESTS_PER_MINUTE: u64 = 600;
 
 /// # Loading
 impl Config {
@@ -488,7 +493,15 @@ impl Config {
         K: AsRef<str>,
         V: AsRef<str>,
     {
-        let mut figment = Figment::new();
+        // The built-in limits as a layer, so that a file setting one
+        // `rate_limit` field keeps the others (a struct default would not).
+        let builtin = LimitFields::builtin();
+        let mut figment = Figment::new()
+            .merge(Serialized::default("rate_limit.requests_per_minute", builtin.requests_per_minute))
+            .merge(Serialized::default(
+                "rate_limit.margin",
+                builtin.margin.map(|m| humantime::format_duration(m).to_string()),
+            ));
         if dev {
             // Only what differs from `Config::default()`; a test checks that
             // this and `Config::dev()` agree.
@@ -535,11 +548,11 @@ impl Config {
     }
 
     /// The config `--dev` starts from: listen on `127.0.0.1:8080`, no keys
-    /// (the caller adds them), 600 requests per minute per key with burst 1,
+    /// (the caller adds them), 600 requests per minute per key,
     /// and unauthenticated clients allowed. Everything else is the default.
     pub fn dev() -> Self {
         let mut config = Self::default();
-        config.rate_limit.requests_per_minute = DEV_REQUESTS_PER_MINUTE;
+        config.rate_limit.requests_per_minute = Some(DEV_REQUESTS_PER_MINUTE);
         config.auth.allow_unauthenticated = true;
         config
     }
@@ -607,6 +620,49 @@ fn read_list_file(field: &'static str, path: &Path) -> Result<Vec<sources::ListL
     })
 }
 
+/// A one-line description of the fields that are set, e.g.
+/// `40/min, 1000/day (00:00 UTC), burst 10`.
+fn describe_limits(l: &LimitFields) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = l.requests_per_minute {
+        parts.push(format!("{n}/min"));
+    }
+    if let Some(n) = l.requests_per_day {
+        parts.push(format!("{n}/day ({})", l.day_reset.as_deref().unwrap_or("rolling")));
+    }
+    if let Some(n) = l.tokens_per_minute {
+        parts.push(format!("{n} tokens/min"));
+    }
+    if let Some(n) = l.tokens_per_day {
+        parts.push(format!("{n} tokens/day"));
+    }
+    if let Some(n) = l.burst {
+        parts.push(format!("burst {n}"));
+    }
+    if let Some(n) = l.max_concurrent {
+        parts.push(format!("{n} in flight"));
+    }
+    if let Some(w) = &l.windows {
+        parts.push(format!("{} more window(s)", w.len()));
+    }
+    if let Some(m) = l.margin {
+        parts.push(format!("margin {}", fmt_duration(m)));
+    }
+    if parts.is_empty() { "no limits".to_owned() } else { parts.join(", ") }
+}
+
+impl Config {
+    /// `rate_limit` over the built-in defaults (40 requests in any rolling
+    /// minute, 500 ms margin): what every key or account starts from.
+    pub fn default_limit_fields(&self) -> LimitFields {
+        let mut fields = self.rate_limit.clone();
+        let builtin = proxypal_gateway::limiter::Limits::nvidia_free_tier();
+        fields.requests_per_minute = fields.requests_per_minute.or(builtin.requests_per_minute);
+        fields.margin = fields.margin.or(builtin.margin);
+        fields
+    }
+}
+
 /// Most worker threads `workers` may ask for.
 pub const MAX_WORKERS: usize = 256;
 
@@ -651,21 +707,21 @@ impl Config {
         }
         s.push('\n');
         for (i, key) in self.keys.iter().enumerate() {
-            let limit = key.rate_limit(&self.rate_limit);
+            let account = key.account.as_deref().map(|a| format!("account {a}")).unwrap_or_default();
+            let own = if key.limits.is_empty() { String::new() } else { describe_limits(&key.limits) };
             let _ = writeln!(
                 s,
-                "  [{i}] {:<14} {:<16} {}/min, burst {}",
+                "  [{i}] {:<14} {:<16} {account}{}{own}",
                 key.key.masked(),
                 key.name.as_deref().unwrap_or("-"),
-                limit.requests_per_minute,
-                limit.burst
+                if account.is_empty() || own.is_empty() { "" } else { ", " },
             );
         }
-        let _ = writeln!(
-            s,
-            "rate limit: {}/min per key, burst {} (default)",
-            self.rate_limit.requests_per_minute, self.rate_limit.burst
-        );
+        let _ =
+            writeln!(s, "rate limit: {} per key (default)", describe_limits(&self.default_limit_fields()));
+        for (name, fields) in &self.accounts {
+            let _ = writeln!(s, "account:    {name}: {}", describe_limits(fields));
+        }
         let r = &self.retry;
         let _ = writeln!(
             s,

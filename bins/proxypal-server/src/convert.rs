@@ -3,10 +3,9 @@
 //! Files the conversion needs (`upstream.ca_file`) are read here, once.
 
 use http::HeaderValue;
-use proxypal_gateway::GatewayConfig;
-use proxypal_gateway::keypool::{CooldownPolicy, KeySpec, RateOverride};
-use proxypal_gateway::limiter::KeyQuota;
+use proxypal_gateway::keypool::{CooldownPolicy, KeySpec};
 use proxypal_gateway::upstream::UpstreamConfig;
+use proxypal_gateway::{GatewayConfig, KeyConfig};
 
 use crate::config::Config;
 
@@ -24,34 +23,37 @@ pub enum BuildError {
     #[error("{field}: {reason}")]
     Invalid {
         /// The config field.
-        field: &'static str,
+        field: String,
         /// What is wrong.
         reason: String,
     },
 }
 
-/// The gateway's settings from `config`: keys with their names and rate
-/// overrides, the default quota, cooldowns, failover and queueing, request
-/// limits and client tokens.
+/// The gateway's settings from `config`: keys with their names, accounts and
+/// limits, the default limits and accounts, cooldowns, failover and
+/// queueing, request limits and client tokens.
 ///
 /// # Errors
-/// `rate_limit` does not make a quota (validation rules that out).
+/// Limits that do not convert (validation rules that out).
 pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
-    let rate = &config.rate_limit;
-    let default_quota = KeyQuota::new(rate.requests_per_minute, rate.burst)
-        .map_err(|e| BuildError::Invalid { field: "rate_limit", reason: e.to_string() })?;
-    let keys: Vec<KeySpec> = config
-        .keys
-        .iter()
-        .map(|k| {
-            let mut spec = KeySpec::new(k.key.expose())
-                .with_rate(RateOverride { requests_per_minute: k.requests_per_minute, burst: k.burst });
-            spec.name = k.name.clone();
-            spec
-        })
-        .collect();
+    let invalid = |field: String| {
+        move |(f, reason): (String, String)| BuildError::Invalid { field: format!("{field}.{f}"), reason }
+    };
+    let mut keys = Vec::with_capacity(config.keys.len());
+    for (i, k) in config.keys.iter().enumerate() {
+        let mut spec = KeySpec::new(k.key.expose());
+        spec.name = k.name.clone();
+        let limits = k.limits.to_limits().map_err(invalid(format!("keys[{i}]")))?;
+        let mut key = KeyConfig::new(spec).with_limits(limits);
+        key.account.clone_from(&k.account);
+        keys.push(key);
+    }
     let mut gateway = GatewayConfig::with_keys(keys);
-    gateway.default_quota = default_quota;
+    gateway.limits = config.default_limit_fields().to_limits().map_err(invalid("rate_limit".into()))?;
+    for (name, fields) in &config.accounts {
+        let limits = fields.to_limits().map_err(invalid(format!("accounts.{name}")))?;
+        gateway.accounts.insert(name.clone(), limits);
+    }
     gateway.cooldowns = CooldownPolicy {
         rate_limited: config.retry.rate_limit_cooldown,
         failure_base: config.retry.failure_cooldown,
@@ -73,14 +75,14 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
 /// A base URL, user agent or CA file that cannot be used, naming the field.
 pub fn upstream_config(config: &Config) -> Result<UpstreamConfig, BuildError> {
     let base_url = config.upstream.base_url.parse().map_err(|e: http::uri::InvalidUri| {
-        BuildError::Invalid { field: "upstream.base_url", reason: e.to_string() }
+        BuildError::Invalid { field: "upstream.base_url".into(), reason: e.to_string() }
     })?;
     let user_agent = HeaderValue::from_str(&config.upstream.user_agent)
-        .map_err(|e| BuildError::Invalid { field: "upstream.user_agent", reason: e.to_string() })?;
+        .map_err(|e| BuildError::Invalid { field: "upstream.user_agent".into(), reason: e.to_string() })?;
     let extra_root_certificates = config
         .upstream
         .extra_root_certificates()
-        .map_err(|reason| BuildError::Invalid { field: "upstream.ca_file", reason })?;
+        .map_err(|reason| BuildError::Invalid { field: "upstream.ca_file".into(), reason })?;
     Ok(UpstreamConfig {
         base_url,
         connect_timeout: config.upstream.connect_timeout,

@@ -24,10 +24,11 @@ pub fn start_simulated_upstream(config: &mut Config) -> Result<SimHandle, proxyp
     } else {
         config.keys.iter().map(|k| k.key.expose().to_owned()).collect()
     };
+    let rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM);
     let sim = SimConfig::default()
         .with_keys(keys)
         .with_rate_limit(SimRateLimit::RollingWindow {
-            limit: config.rate_limit.requests_per_minute,
+            limit: u32::try_from(rpm).unwrap_or(u32::MAX),
             window: Duration::from_secs(60),
         })
         .with_stream(12, Duration::from_millis(80));
@@ -35,6 +36,9 @@ pub fn start_simulated_upstream(config: &mut Config) -> Result<SimHandle, proxyp
     config.upstream.base_url = handle.base_url();
     Ok(handle)
 }
+
+/// The simulator's per-key minute limit when the config sets none.
+const DEV_FALLBACK_RPM: u64 = 600;
 
 /// The text `--dev` prints once the proxy listens: what is running and how to use it.
 pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> String {
@@ -61,6 +65,6 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> 
          curl -s http://{listen}/stats {auth_header}\n\n  \
          Dashboard: http://{listen}/dashboard\n\n  Ctrl-C stops it.\n",
         keys = keys.join(", "),
-        rpm = config.rate_limit.requests_per_minute,
+        rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM),
     )
 }

@@ -136,6 +136,19 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
                 unauthorized("/metrics needs a client token")
             }
         }
+        (&Method::POST, p) if p.starts_with("/admin/keys/") && p.ends_with("/reset") => {
+            if !authorized(app, &req) {
+                return unauthorized("/admin needs a client token");
+            }
+            let raw = &p["/admin/keys/".len()..p.len() - "/reset".len()];
+            let name = percent_decode(raw);
+            if app.gateway().reset_key(&name) {
+                tracing::info!(key = %name, "key reset by an operator: cooldown, disabled state and learned limits cleared");
+                proxypal_gateway::openai::json_response(StatusCode::OK, &serde_json::json!({"reset": name}))
+            } else {
+                error_response(StatusCode::NOT_FOUND, "key_not_found", format!("no key named {name:?}"))
+            }
+        }
         (_, "/health" | "/stats" | "/metrics" | "/dashboard") => {
             let mut resp = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -147,6 +160,31 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
         }
         _ => not_found(path),
     }
+}
+
+/// `%XX` escapes decoded (a masked label's `…` arrives as `%E2%80%A6`);
+/// invalid escapes are kept as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn preflight(app: &App, req: &Request<Incoming>) -> Response<ProxyBody> {

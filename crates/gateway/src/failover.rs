@@ -15,13 +15,14 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use proxypal_keypool::KeyPool;
+use proxypal_limiter::{Permit, QuotaClock};
 use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
 
 use crate::admission::{Admission, Slot};
 use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::classify::{Action, Verdict, classify, classify_transport, judged_by_body, needs_body};
 use crate::config::Settings;
-use crate::keyset::KeyResources;
+use crate::keyset::{KeyResources, SharedClock};
 use crate::lease::{Lease, LeaseQueue, NoKey, Tried};
 use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
 use crate::reply::{self, UpstreamAnswer};
@@ -178,6 +179,7 @@ pub(crate) struct Shared<'a> {
     pub(crate) settings: &'a ArcSwap<Settings>,
     pub(crate) metrics: &'a Metrics,
     pub(crate) upstream: &'a Upstream,
+    pub(crate) pool_headers: &'a ArcSwap<crate::quota::PoolHeaders>,
 }
 
 /// The path and query after `/v1` (`/v1/chat/completions?x` → `/chat/completions?x`),
@@ -208,7 +210,8 @@ where
     let settings = gw.settings.load_full();
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
-    let resp = run(gw, settings, req, rest, slot, &mut attempts).await;
+    let mut resp = run(gw, settings, req, rest, slot, &mut attempts).await;
+    crate::quota::pool_headers(gw.keys, gw.pool_headers).apply(resp.headers_mut());
     let metrics = gw.metrics;
     attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
     metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
@@ -249,9 +252,12 @@ where
     drop(settings);
 
     let Shared { keys, queue, metrics, upstream, .. } = gw;
+    // Only token windows need the estimate (and a look into the body).
+    let counts_tokens = keys.with_current(|_, r| r.quotas.counts_tokens());
+    let tokens = if counts_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
-        let leased = queue.lease(keys, &attempts.tried, deadline).await;
+        let leased = queue.lease(keys, &attempts.tried, tokens, deadline).await;
         let queued = queued_at.elapsed();
         attempts.waited(queued);
         metrics.queue_wait(queued);
@@ -274,13 +280,16 @@ where
                 tracing::warn!(id, key = label, error = %e, "upstream attempt failed; failing over");
                 judged(keys, &lease, verdict);
                 attempts.failed(Failure::Transport(e));
+                // Dropped: the reservation counts (the upstream may have done the work).
+                drop(lease.permit);
                 continue;
             }
         };
         let status = resp.status();
+        learn(keys, &lease, resp.headers());
         if !needs_body(status) {
             judged(keys, &lease, classify(status, resp.headers(), &[]));
-            return stream(metrics, resp, slot);
+            return stream(metrics, resp, slot, lease.permit, counts_tokens);
         }
         // A verdict that does not depend on the body is reported before the body is read.
         let early = (!judged_by_body(status)).then(|| classify(status, resp.headers(), &[]));
@@ -299,12 +308,29 @@ where
             }
             verdict
         });
+        // An error answer used no tokens.
+        lease.permit.finish(Some(0));
         match verdict.action {
             Action::Deliver => return reply::upstream_error(answer),
             Action::FailOver => attempts.failed(Failure::Upstream { answer, result: verdict.result }),
         }
     }
     attempts.exhausted(keys).into_response()
+}
+
+/// Feeds what the upstream announced about its limits (`x-ratelimit-*`) to
+/// the key's budget. Free when the answer announces nothing.
+fn learn(keys: &KeyPool<KeyResources>, lease: &Lease, headers: &http::HeaderMap) {
+    if !headers.keys().any(|name| name.as_str().starts_with("x-ratelimit-")) {
+        return;
+    }
+    let index = lease.selected.index();
+    keys.with_current(|_, resources| {
+        let now_ms = resources.quotas.clock().now() / 1_000_000;
+        for announced in crate::quota::announced(headers, now_ms) {
+            resources.quotas.learn(index, &announced);
+        }
+    });
 }
 
 /// The instant `timeout` from now; a timeout too large for the clock (a
@@ -315,8 +341,21 @@ fn deadline_after(timeout: Duration) -> tokio::time::Instant {
 }
 
 /// Reports the verdict on a key to the pool and to the key's metrics.
+///
+/// A bare 429 (no `Retry-After`) rests the key for the configured cooldown,
+/// unless the key's own windows say when they free up: then for that long,
+/// within the cooldown.
 fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
-    keys.report(&lease.selected, verdict.outcome);
+    let mut outcome = verdict.outcome;
+    if let proxypal_keypool::Outcome::RateLimited { retry_after: None } = outcome {
+        let index = lease.selected.index();
+        let log = keys.with_current(|_, r| r.quotas.wait(index, 0)).map_or(Duration::ZERO, |w| w.wait);
+        if !log.is_zero() {
+            let cooldown = keys.policy().rate_limited;
+            outcome = proxypal_keypool::Outcome::RateLimited { retry_after: Some(log.min(cooldown)) };
+        }
+    }
+    keys.report(&lease.selected, outcome);
     lease.metrics.attempt(verdict.result);
 }
 
@@ -370,12 +409,25 @@ async fn read_answer(resp: Response<UpstreamBody>) -> UpstreamAnswer {
 }
 
 /// Streams a successful answer to the client frame by frame; the body holds
-/// the in-flight slot (and, for SSE, the open-streams gauge) until it ends.
-fn stream(metrics: &Metrics, resp: Response<UpstreamBody>, slot: Slot) -> Response<ProxyBody> {
+/// the in-flight slot (and, for SSE, the open-streams gauge) until it ends,
+/// and the quota permit — read for `usage` when token windows count it.
+fn stream(
+    metrics: &Metrics,
+    resp: Response<UpstreamBody>,
+    slot: Slot,
+    permit: Permit<SharedClock>,
+    counts_tokens: bool,
+) -> Response<ProxyBody> {
     let streaming =
         resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let stream = streaming.then(|| StreamGuard::new(metrics.open_streams()));
-    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream)).boxed())
+    if counts_tokens {
+        return resp.map(|body| {
+            let tapped = crate::quota::UsageTap::new(body.map_err(Into::into), streaming, permit);
+            Guarded::new(tapped, (slot, stream)).boxed()
+        });
+    }
+    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream, permit)).boxed())
 }
 
 #[cfg(test)]
@@ -388,6 +440,7 @@ mod tests {
     use super::*;
     use crate::lease::tests::gateway;
     use crate::lease::try_lease;
+    use proxypal_limiter::Cause;
 
     fn answer(status: u16) -> UpstreamAnswer {
         UpstreamAnswer {
@@ -427,13 +480,13 @@ mod tests {
         attempts.limit(2);
         assert!(attempts.may_try());
 
-        let first = try_lease(gw.keys(), &attempts.tried).unwrap();
+        let first = try_lease(gw.keys(), &attempts.tried, 0).unwrap();
         attempts.begin(&first, metrics);
         attempts.waited(Duration::from_millis(5));
         attempts.failed(upstream_failure(429, AttemptResult::RateLimited));
         assert!(attempts.may_try());
 
-        let second = try_lease(gw.keys(), &attempts.tried).unwrap();
+        let second = try_lease(gw.keys(), &attempts.tried, 0).unwrap();
         assert_ne!(second.selected.index(), first.selected.index(), "a tried key is not leased again");
         attempts.begin(&second, metrics);
         attempts.waited(Duration::from_millis(7));
@@ -445,9 +498,9 @@ mod tests {
         let mut registry = prometheus_client::registry::Registry::default();
         let counted = Metrics::register(&mut registry);
         let mut again = Attempts::new(3);
-        again.begin(&try_lease(gw.keys(), &Tried::default()).unwrap(), &counted);
+        again.begin(&try_lease(gw.keys(), &Tried::default(), 0).unwrap(), &counted);
         again.failed(timeout());
-        again.begin(&try_lease(gw.keys(), &again.tried).unwrap(), &counted);
+        again.begin(&try_lease(gw.keys(), &again.tried, 0).unwrap(), &counted);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(r#"retries_total{reason="transport_error"} 1"#), "{text}");
@@ -458,10 +511,10 @@ mod tests {
     fn giving_up_answers_with_the_last_failure_unless_it_disabled_the_last_key() {
         #[rustfmt::skip]
         let table: Vec<(Option<Failure>, NoKey, &str)> = vec![
-            (None, NoKey::QueueTimeout { wait: Duration::from_secs(2) }, "QueueTimeout { wait: 2s }"),
+            (None, NoKey::QueueTimeout { wait: Duration::from_secs(2), cause: Cause::None }, "QueueTimeout { wait: 2s, cause: None }"),
             (None, NoKey::AllDisabled, "AllDisabled"),
             (None, NoKey::NoKeys, "NoKeys"),
-            (Some(upstream_failure(429, AttemptResult::RateLimited)), NoKey::QueueTimeout { wait: Duration::ZERO }, "Upstream(429)"),
+            (Some(upstream_failure(429, AttemptResult::RateLimited)), NoKey::QueueTimeout { wait: Duration::ZERO, cause: Cause::None }, "Upstream(429)"),
             (Some(upstream_failure(502, AttemptResult::ServerError)), NoKey::AllTried, "Upstream(502)"),
             (Some(timeout()), NoKey::AllTried, "Transport"),
             (Some(upstream_failure(401, AttemptResult::KeyRejected)), NoKey::AllTried, "KeysRejected(401)"),

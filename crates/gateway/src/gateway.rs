@@ -12,25 +12,32 @@ use http::{Request, Response};
 use http_body::Body;
 use prometheus_client::registry::Registry;
 use proxypal_keypool::{KeyPool, KeyPoolBuilder, KeySnapshot, KeyStatus, ReloadReport};
-use proxypal_limiter::{GovernorLimiter, KeyQuota, RateLimit};
+use proxypal_limiter::{LimitReport, Limits, SystemClock};
 use proxypal_upstream::Upstream;
 
 use crate::admission::{Admission, Client};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::{GatewayConfig, Settings};
 use crate::failover::{self, Shared};
-use crate::keyset::{self, BuildError, KeyResources};
+use crate::keyset::{self, BuildError, KeyResources, Plan, SharedClock};
 use crate::lease::LeaseQueue;
 use crate::metrics::Metrics;
 
-/// One key as `/stats` shows it: its snapshot and the permits it has now.
+/// One key as `/stats` shows it: its snapshot, account and limits now.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct KeyReport {
-    /// State, counters, label, name, rate override.
+    /// State, counters, label, name.
     pub snapshot: KeySnapshot,
-    /// Permits the key could take right now, back to back.
+    /// Requests the key could send right now, back to back (the smallest
+    /// room over its request windows; `u32::MAX` when nothing limits it).
     pub permits_available: u32,
+    /// The account whose budget it shares, if any.
+    pub account: Option<String>,
+    /// Every window (and concurrency cap) of its budgets, with its use.
+    pub limits: Vec<LimitReport>,
+    /// Time until an upstream-announced block ends (zero if none).
+    pub blocked_for: std::time::Duration,
 }
 
 /// The `/v1` pipeline's shared state: keys with their limits, the lease
@@ -58,6 +65,8 @@ pub struct Gateway {
     metrics: Metrics,
     /// One reload at a time, so keys and settings always come from one config.
     reloading: std::sync::Mutex<()>,
+    /// The pool's `x-ratelimit-*` response headers, summed now and then.
+    pool_headers: ArcSwap<crate::quota::PoolHeaders>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -73,26 +82,21 @@ impl Gateway {
     /// # Errors
     /// A key set or quota that cannot be used; the error names the key's position.
     pub fn new(config: GatewayConfig, registry: &mut Registry) -> Result<Arc<Self>, BuildError> {
-        Self::build(config, registry, KeyPool::builder(), |quotas| Arc::new(GovernorLimiter::new(quotas)))
+        Self::build(config, registry, KeyPool::builder(), Arc::new(SystemClock::new()))
     }
 
-    /// [`new`](Self::new) with the pool's clock and the limiter chosen by the
-    /// caller (tests drive both from Tokio's paused clock).
+    /// [`new`](Self::new) with the pool's clock and the quota engine's chosen
+    /// by the caller (tests drive both from Tokio's paused clock).
     pub(crate) fn build(
         config: GatewayConfig,
         registry: &mut Registry,
         pool: KeyPoolBuilder,
-        limiter: impl FnOnce(Vec<KeyQuota>) -> Arc<dyn RateLimit>,
+        clock: SharedClock,
     ) -> Result<Arc<Self>, BuildError> {
+        let plan = Plan::new(&config.keys, &config.limits, &config.accounts)?;
         let metrics = Metrics::register(registry);
         let settings = Settings::from_config(&config);
-        let keys = keyset::build(
-            pool.policy(config.cooldowns),
-            config.keys,
-            config.default_quota,
-            &metrics,
-            limiter,
-        )?;
+        let keys = keyset::build(pool.policy(config.cooldowns), config.keys, plan, &metrics, clock)?;
         Ok(Arc::new(Self {
             keys,
             queue: LeaseQueue::new(),
@@ -100,6 +104,7 @@ impl Gateway {
             settings: ArcSwap::from_pointee(settings),
             metrics,
             reloading: std::sync::Mutex::new(()),
+            pool_headers: ArcSwap::from_pointee(crate::quota::PoolHeaders::empty()),
         }))
     }
 
@@ -112,8 +117,9 @@ impl Gateway {
     pub fn reload(&self, config: GatewayConfig) -> Result<ReloadReport, BuildError> {
         // Held only for this synchronous swap, never across an `.await`.
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let plan = Plan::new(&config.keys, &config.limits, &config.accounts)?;
         let settings = Settings::from_config(&config);
-        let report = keyset::reload(&self.keys, config.keys, config.default_quota, &self.metrics)?;
+        let report = keyset::reload(&self.keys, config.keys, plan, &self.metrics)?;
         self.settings.store(Arc::new(settings));
         Ok(report)
     }
@@ -143,16 +149,45 @@ impl Gateway {
         self.settings.load().tokens.authenticate(headers)
     }
 
-    /// Every key with its state and available permits, in key-set order.
+    /// Every key with its state, account and limits, in key-set order.
     pub fn key_reports(&self) -> Vec<KeyReport> {
         let snapshot = self.keys.snapshot();
-        let permits: Vec<u32> = self.keys.with_current(|keys, resources| {
-            (0..keys.len()).map(|i| resources.limiter.remaining(i)).collect()
+        self.keys.with_current(|_, resources| {
+            let quotas = &resources.quotas;
+            snapshot
+                .into_iter()
+                .map(|s| {
+                    let i = s.index;
+                    KeyReport {
+                        permits_available: u32::try_from(quotas.remaining_requests(i)).unwrap_or(u32::MAX),
+                        account: quotas.account(i).map(str::to_owned),
+                        limits: quotas.report(i),
+                        blocked_for: quotas.blocked_for(i),
+                        snapshot: s,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Clears the cooldown, the disabled state and what was learned from the
+    /// upstream for the key named `name` (its configured name, or its masked
+    /// label such as `nvapi-…wxyz`). Its windows keep what they counted: a
+    /// reset never makes room the upstream would refuse. `false` when no key
+    /// has that name.
+    pub fn reset_key(&self, name: &str) -> bool {
+        let found = self.keys.with_current(|keys, resources| {
+            let index = keys.iter().position(|k| k.name() == Some(name) || k.label() == name)?;
+            resources.quotas.forget_learned(index);
+            Some(index)
         });
-        snapshot
-            .into_iter()
-            .map(|s| KeyReport { permits_available: permits.get(s.index).copied().unwrap_or(0), snapshot: s })
-            .collect()
+        found.is_some_and(|index| self.keys.enable(index))
+    }
+
+    /// The quota engine of the current key set (for state saving, resets and
+    /// pool-wide sums).
+    pub fn quotas(&self) -> Arc<crate::keyset::Engine> {
+        self.keys.with_current(|_, resources| Arc::clone(&resources.quotas))
     }
 
     /// Requests waiting for a permit now.
@@ -165,14 +200,17 @@ impl Gateway {
         self.admission.in_flight()
     }
 
-    /// The default quota in effect (after the last reload).
-    pub fn default_quota(&self) -> KeyQuota {
-        self.settings.load().default_quota
+    /// The default limits in effect (after the last reload).
+    pub fn default_limits(&self) -> Limits {
+        self.settings.load().limits.clone()
     }
 
     /// Sets the gauges that describe the state now (queue depth, requests in
     /// flight, keys by state); call it before encoding the registry.
     pub fn refresh_gauges(&self) {
+        for report in self.key_reports() {
+            self.metrics.set_limits(&report.snapshot.label, &report.limits);
+        }
         let snapshot = self.keys.snapshot();
         let count = |f: fn(&KeyStatus) -> bool| snapshot.iter().filter(|k| f(&k.status)).count();
         self.metrics.set_gauges(
@@ -234,6 +272,7 @@ impl Handle {
                 settings: &gw.settings,
                 metrics: &gw.metrics,
                 upstream: &self.upstream,
+                pool_headers: &gw.pool_headers,
             },
             req,
         )

@@ -1,16 +1,25 @@
 //! One generation of keys: the keys themselves (in the [`KeyPool`]) and what is
-//! built with them and indexed like them — a rate-limit slot, the prebuilt
-//! `Authorization` value and the metric handles per key. Built together and
-//! swapped together on reload, so an index never pairs one key with another
-//! key's limiter or header.
+//! built with them and indexed like them — the quota engine's budgets, the
+//! prebuilt `Authorization` value and the metric handles per key. Built
+//! together and swapped together on reload, so an index never pairs one key
+//! with another key's budget or header.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::HeaderValue;
-use proxypal_keypool::{Key, KeyPool, KeyPoolBuilder, KeySpec, RateOverride, ReloadReport};
-use proxypal_limiter::{GovernorLimiter, KeyQuota, RateLimit};
+use proxypal_keypool::{Key, KeyPool, KeyPoolBuilder, ReloadReport};
+use proxypal_limiter::{BudgetSpec, KeyBudget, LimitError, Limits, QuotaClock, QuotaEngine, SystemClock};
 
+use crate::config::KeyConfig;
 use crate::metrics::{KeyMetrics, Metrics};
+
+/// The clock the gateway's quota engine runs on (the system clock, or a
+/// test's).
+pub type SharedClock = Arc<dyn QuotaClock>;
+
+/// The gateway's quota engine.
+pub type Engine = QuotaEngine<SharedClock>;
 
 /// Why a key set (so a gateway) could not be built, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -27,23 +36,39 @@ pub enum BuildError {
         /// What is wrong (never contains the key).
         source: proxypal_upstream::InvalidKey,
     },
-    /// A key's rate limit is invalid.
-    #[error("{field}: {source}")]
-    Quota {
-        /// Where, e.g. `keys[2]`.
-        field: String,
-        /// What is wrong.
-        source: proxypal_limiter::QuotaError,
+    /// Limits that do not make a budget.
+    #[error("{scope}.{source}")]
+    Limits {
+        /// Where: `limits`, `accounts.<name>` or `keys[<i>]`.
+        scope: String,
+        /// What is wrong, naming the field.
+        source: LimitError,
+    },
+    /// A key's own limit allows more than its account's.
+    #[error(
+        "keys[{index}]: its {what} limit ({own}) is above account {account:?}'s ({shared}); a key cannot allow more than the account it shares"
+    )]
+    AboveAccount {
+        /// Position of the key.
+        index: usize,
+        /// The account.
+        account: String,
+        /// Which window, e.g. `requests per 60s`.
+        what: String,
+        /// The key's limit.
+        own: u64,
+        /// The account's limit.
+        shared: u64,
     },
 }
 
-/// What each key set carries besides the keys, by key index: a limiter
-/// slot, the prebuilt `Authorization` value and metric handles (private to
+/// What each key set carries besides the keys, by key index: the quota
+/// engine, the prebuilt `Authorization` value and metric handles (private to
 /// the gateway: the pool's attachment, opaque to readers of
 /// [`Gateway::keys`](crate::Gateway::keys)).
 pub struct KeyResources {
-    /// One rate-limit slot per key.
-    pub(crate) limiter: Arc<dyn RateLimit>,
+    /// Budgets per key (and account).
+    pub(crate) quotas: Arc<Engine>,
     /// `Authorization: Bearer <key>` per key, built once (sensitive header values).
     pub(crate) auth: Box<[HeaderValue]>,
     /// Metric handles per key, resolved once per key set.
@@ -52,7 +77,7 @@ pub struct KeyResources {
 
 impl std::fmt::Debug for KeyResources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyResources").field("limiter", &self.limiter).finish_non_exhaustive()
+        f.debug_struct("KeyResources").field("quotas", &self.quotas).finish_non_exhaustive()
     }
 }
 
@@ -60,64 +85,121 @@ impl KeyResources {
     /// Resources that match no key, for the error path of building them: the
     /// pool is dropped (on build) or never swapped in (reload checks first).
     fn unusable() -> Self {
-        Self { limiter: Arc::new(GovernorLimiter::new([])), auth: Box::new([]), metrics: Box::new([]) }
+        let clock: SharedClock = Arc::new(SystemClock::new());
+        Self { quotas: Arc::new(QuotaEngine::new([], clock)), auth: Box::new([]), metrics: Box::new([]) }
     }
 }
 
-/// A key's effective quota: its own `requests_per_minute`/`burst` where set,
-/// else `default`'s, with `default`'s margin.
-pub(crate) fn quota(rate: RateOverride, index: usize, default: KeyQuota) -> Result<KeyQuota, BuildError> {
-    KeyQuota::new(
-        rate.requests_per_minute.unwrap_or(default.requests_per_minute()),
-        rate.burst.unwrap_or(default.burst()),
-    )
-    .and_then(|q| q.with_margin(default.margin()))
-    .map_err(|source| BuildError::Quota { field: format!("keys[{index}]"), source })
+/// The limits of one generation of keys, compiled and checked.
+pub(crate) struct Plan {
+    budgets: Vec<KeyBudget>,
+}
+
+impl Plan {
+    /// Compiles every key's budgets: `limits` under each account's fields,
+    /// `limits` under a lone key's own fields, a shared key's own fields alone.
+    pub(crate) fn new(
+        keys: &[KeyConfig],
+        limits: &Limits,
+        accounts: &BTreeMap<String, Limits>,
+    ) -> Result<Self, BuildError> {
+        let compile = |limits: &Limits, scope: &dyn Fn() -> String| {
+            limits.compile().map_err(|source| BuildError::Limits { scope: scope(), source })
+        };
+        compile(limits, &|| "limits".to_owned())?;
+        let mut shared: BTreeMap<&str, (Arc<str>, BudgetSpec)> = BTreeMap::new();
+        for (name, over) in accounts {
+            let spec = compile(&limits.overlay(over), &|| format!("accounts.{name}"))?;
+            shared.insert(name, (Arc::from(name.as_str()), spec));
+        }
+        let mut budgets = Vec::with_capacity(keys.len());
+        for (index, key) in keys.iter().enumerate() {
+            let own_limits = key.own_limits();
+            let scope = || format!("keys[{index}]");
+            let budget = match &key.account {
+                None => KeyBudget {
+                    own: Some(compile(&limits.overlay(&own_limits), &scope)?),
+                    ..KeyBudget::default()
+                },
+                Some(name) => {
+                    let account = match shared.get(name.as_str()) {
+                        Some(account) => account.clone(),
+                        None => (Arc::from(name.as_str()), compile(limits, &|| "limits".to_owned())?),
+                    };
+                    let own = if own_limits.is_empty() {
+                        None
+                    } else {
+                        // The account's margin unless the key sets its own.
+                        let mut with_margin = own_limits;
+                        with_margin.margin = with_margin.margin.or(limits.margin);
+                        let own = compile(&with_margin, &scope)?;
+                        check_below(index, name, &own, &account.1)?;
+                        Some(own)
+                    };
+                    KeyBudget { own, account: Some(account), ..KeyBudget::default() }
+                }
+            };
+            budgets.push(budget);
+        }
+        Ok(Self { budgets })
+    }
+}
+
+/// A key's own window may not allow more than its account's window of the
+/// same unit and period (it would be a limit that never applies, and a sign
+/// of a mistaken config).
+fn check_below(index: usize, account: &str, own: &BudgetSpec, shared: &BudgetSpec) -> Result<(), BuildError> {
+    for (unit, period, own_limit) in own.windows() {
+        let above = shared.windows().find(|(u, p, limit)| *u == unit && *p == period && own_limit > *limit);
+        if let Some((_, _, shared_limit)) = above {
+            return Err(BuildError::AboveAccount {
+                index,
+                account: account.to_owned(),
+                what: format!("{} per {}s", unit.as_str(), period.as_secs()),
+                own: own_limit,
+                shared: shared_limit,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks what [`resources`] would refuse, before anything is swapped.
-fn check(specs: &[KeySpec], default: KeyQuota) -> Result<(), BuildError> {
-    for (index, spec) in specs.iter().enumerate() {
-        quota(spec.rate, index, default)?;
-        proxypal_upstream::bearer(spec.secret.expose())
+fn check_headers(keys: &[KeyConfig]) -> Result<(), BuildError> {
+    for (index, key) in keys.iter().enumerate() {
+        proxypal_upstream::bearer(key.spec.secret.expose())
             .map_err(|source| BuildError::KeyHeader { index, source })?;
     }
     Ok(())
 }
 
-fn resources(
-    metrics: &Metrics,
-    keys: &[Arc<Key>],
-    default: KeyQuota,
-    limiter: impl FnOnce(&[(Option<usize>, KeyQuota)]) -> Arc<dyn RateLimit>,
-    previous: &[Option<usize>],
-) -> Result<KeyResources, BuildError> {
-    let mut layout = Vec::with_capacity(keys.len());
+fn resources(metrics: &Metrics, keys: &[Arc<Key>], quotas: Arc<Engine>) -> Result<KeyResources, BuildError> {
     let mut auth = Vec::with_capacity(keys.len());
     for (index, key) in keys.iter().enumerate() {
-        layout.push((previous.get(index).copied().flatten(), quota(key.rate(), index, default)?));
         auth.push(
             proxypal_upstream::bearer(key.secret().expose())
                 .map_err(|source| BuildError::KeyHeader { index, source })?,
         );
     }
     let key_metrics = keys.iter().map(|k| metrics.for_key(k.label())).collect();
-    Ok(KeyResources { limiter: limiter(&layout), auth: auth.into_boxed_slice(), metrics: key_metrics })
+    Ok(KeyResources { quotas, auth: auth.into_boxed_slice(), metrics: key_metrics })
 }
 
-/// Builds the pool over `specs` (with `builder`'s policy and clock) and a
-/// fresh limiter from `limiter`, given each key's quota in order.
+/// Builds the pool over `keys` (with `builder`'s policy and clock) and a fresh
+/// quota engine on `clock`.
 pub(crate) fn build(
     builder: KeyPoolBuilder,
-    specs: Vec<KeySpec>,
-    default: KeyQuota,
+    keys: Vec<KeyConfig>,
+    plan: Plan,
     metrics: &Metrics,
-    limiter: impl FnOnce(Vec<KeyQuota>) -> Arc<dyn RateLimit>,
+    clock: SharedClock,
 ) -> Result<KeyPool<KeyResources>, BuildError> {
+    check_headers(&keys)?;
+    let specs = keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
     let mut built = Ok(());
+    let engine = Arc::new(QuotaEngine::new(plan.budgets, clock));
     let pool = builder.build(specs, |keys| {
-        let fresh = |layout: &[(Option<usize>, KeyQuota)]| limiter(layout.iter().map(|(_, q)| *q).collect());
-        resources(metrics, keys, default, fresh, &[]).unwrap_or_else(|e| {
+        resources(metrics, keys, engine).unwrap_or_else(|e| {
             built = Err(e);
             KeyResources::unusable()
         })
@@ -127,25 +209,28 @@ pub(crate) fn build(
 }
 
 /// Swaps in a new key set: keys that stay keep their counters, cooldowns and
-/// spent permits (the limiter is reshaped, not rebuilt).
+/// spent windows (the engine is reshaped, not rebuilt).
 pub(crate) fn reload(
     pool: &KeyPool<KeyResources>,
-    specs: Vec<KeySpec>,
-    default: KeyQuota,
+    keys: Vec<KeyConfig>,
+    plan: Plan,
     metrics: &Metrics,
 ) -> Result<ReloadReport, BuildError> {
-    // Every quota and header first: once the pool swaps, there is no going back.
-    check(&specs, default)?;
+    // Every header first: once the pool swaps, there is no going back.
+    check_headers(&keys)?;
+    let specs = keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
     let mut built = Ok(());
+    let mut budgets = plan.budgets;
     let report = pool.reload(specs, |keys, previous| {
-        let reshape = |layout: &[(Option<usize>, KeyQuota)]| -> Arc<dyn RateLimit> {
-            pool.with_current(|_, old| old.limiter.reshaped(layout))
-        };
-        resources(metrics, keys, default, reshape, previous).unwrap_or_else(|e| {
+        for (budget, previous) in budgets.iter_mut().zip(previous) {
+            budget.previous = *previous;
+        }
+        let engine = pool.with_current(|_, old| Arc::new(old.quotas.reshape(std::mem::take(&mut budgets))));
+        resources(metrics, keys, engine).unwrap_or_else(|e| {
             built = Err(e);
             KeyResources::unusable()
         })
     })?;
-    built?; // unreachable after `check`, kept so an error is never dropped
+    built?; // unreachable after `check_headers`, kept so an error is never dropped
     Ok(report)
 }

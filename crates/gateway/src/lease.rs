@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use proxypal_keypool::{KeyPool, Selected};
+use proxypal_limiter::{Cause, Permit};
 use tokio::sync::Semaphore;
 
-use crate::keyset::KeyResources;
+use crate::keyset::{KeyResources, SharedClock};
 use crate::metrics::KeyMetrics;
 
 /// Most upstream attempts one client request may make (each on another key).
@@ -66,6 +67,9 @@ pub struct Lease {
     pub auth: HeaderValue,
     /// Its metric handles.
     pub metrics: Arc<KeyMetrics>,
+    /// The quota taken for this attempt: settle it when the answer ends
+    /// (dropping it keeps a token reservation as used, the safe side).
+    pub permit: Permit<SharedClock>,
 }
 
 /// Why no key could be leased.
@@ -80,41 +84,72 @@ pub enum NoKey {
     QueueTimeout {
         /// Time until the next permit.
         wait: Duration,
+        /// The limit that holds the soonest key back.
+        cause: Cause,
     },
     /// There are no keys (dev mode without keys, or an emptied reload).
     NoKeys,
 }
 
-/// The next key in round-robin order that is usable, has a permit and was not
-/// tried — now, or `None`. Cheap checks first (cooldown and disabled inside
-/// the pool, then `tried`), the limiter last: a granted permit cannot be
-/// given back.
-pub fn try_lease(keys: &KeyPool<KeyResources>, tried: &Tried) -> Option<Lease> {
+/// The next key in round-robin order that is usable, has room in every window
+/// of its budgets for a request reserving `tokens`, and was not tried — now,
+/// or `None`. Cheap checks first (cooldown and disabled inside the pool, then
+/// `tried`), the quota last: a grant counts at once.
+pub fn try_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Option<Lease> {
     let mut found = None;
     let selected = keys.select_with(|c| {
-        if tried.contains(c.index) || !c.attachment.limiter.take_permit(c.index) {
+        if tried.contains(c.index) {
             return false;
         }
-        found = c.attachment.auth.get(c.index).cloned().zip(c.attachment.metrics.get(c.index).cloned());
-        found.is_some()
+        let Some(auth) = c.attachment.auth.get(c.index) else { return false };
+        let Some(metrics) = c.attachment.metrics.get(c.index) else { return false };
+        let Some(permit) = c.attachment.quotas.try_acquire(c.index, tokens) else { return false };
+        found = Some((auth.clone(), Arc::clone(metrics), permit));
+        true
     })?;
-    let (auth, metrics) = found?;
-    Some(Lease { selected, auth, metrics })
+    let (auth, metrics, permit) = found?;
+    Some(Lease { selected, auth, metrics, permit })
 }
 
-/// How long until a key not in `tried` could be leased; `Err` when none ever can.
-pub fn time_to_lease(keys: &KeyPool<KeyResources>, tried: &Tried) -> Result<Duration, NoKey> {
+/// How long until a key not in `tried` could be leased for a request
+/// reserving `tokens`; `Err` when none ever can.
+pub fn time_to_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Result<Duration, NoKey> {
     if keys.is_empty() {
         return Err(NoKey::NoKeys);
     }
     let wait = keys.time_to_selectable(|c| {
-        if tried.contains(c.index) { None } else { c.attachment.limiter.time_to_permit(c.index) }
+        if tried.contains(c.index) { None } else { c.attachment.quotas.wait(c.index, tokens).map(|w| w.wait) }
     });
     match wait {
         Some(w) => Ok(w),
         None if keys.time_to_selectable(|_| Some(Duration::ZERO)).is_none() => Err(NoKey::AllDisabled),
         None => Err(NoKey::AllTried),
     }
+}
+
+/// Why the soonest key not in `tried` cannot take a request now (for the
+/// answer when the wait is too long): its wait and the limit behind it.
+fn holding_back(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> (Duration, Cause) {
+    let mut soonest = (Duration::MAX, Cause::None);
+    keys.with_current(|all, resources| {
+        for index in (0..all.len()).filter(|i| !tried.contains(*i)) {
+            if let Some(w) = resources.quotas.wait(index, tokens) {
+                if w.wait < soonest.0 {
+                    soonest = (w.wait, w.cause);
+                }
+            }
+        }
+    });
+    if soonest.0 == Duration::MAX { (Duration::ZERO, Cause::None) } else { soonest }
+}
+
+/// The queue-timeout answer: the soonest wait, and the quota cause when the
+/// pool itself (not a cooldown) holds the key back that long.
+fn timed_out(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64, wait: Duration) -> NoKey {
+    let (quota_wait, cause) = holding_back(keys, tried, tokens);
+    // Read a moment after `wait`: allow for the time between the two reads.
+    let cause = if quota_wait + Duration::from_millis(50) >= wait { cause } else { Cause::None };
+    NoKey::QueueTimeout { wait, cause }
 }
 
 /// Requests waiting for a permit, served first come, first served.
@@ -161,40 +196,47 @@ impl LeaseQueue {
         &self,
         keys: &KeyPool<KeyResources>,
         tried: &Tried,
+        tokens: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, NoKey> {
         // Fast path: nobody is queued, so taking a permit now jumps no one.
         if self.waiting.load(Ordering::Acquire) == 0 {
-            if let Some(lease) = try_lease(keys, tried) {
+            if let Some(lease) = try_lease(keys, tried, tokens) {
                 return Ok(lease);
             }
         }
         // Boxed: the queue's timers and semaphore futures would otherwise make every
         // request's future larger (it is moved on each `.await` nesting), for a path taken
         // only when keys are out of permits.
-        Box::pin(self.wait(keys, tried, deadline)).await
+        Box::pin(self.wait(keys, tried, tokens, deadline)).await
     }
 
     async fn wait(
         &self,
         keys: &KeyPool<KeyResources>,
         tried: &Tried,
+        tokens: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, NoKey> {
-        time_to_lease(keys, tried)?;
+        let wait = time_to_lease(keys, tried, tokens)?;
+        // A wait past the deadline (a spent day) is answered at once, not after queueing.
+        if tokio::time::Instant::now() + wait > deadline {
+            return Err(timed_out(keys, tried, tokens, wait));
+        }
         let _queued = QueueSlot::enter(&self.waiting);
         let turn = tokio::time::timeout_at(deadline, self.turnstile.acquire()).await;
         let Ok(Ok(_turn)) = turn else {
-            return Err(NoKey::QueueTimeout { wait: time_to_lease(keys, tried).unwrap_or(Duration::ZERO) });
+            let wait = time_to_lease(keys, tried, tokens).unwrap_or(Duration::ZERO);
+            return Err(timed_out(keys, tried, tokens, wait));
         };
         loop {
-            if let Some(lease) = try_lease(keys, tried) {
+            if let Some(lease) = try_lease(keys, tried, tokens) {
                 return Ok(lease);
             }
-            let wait = time_to_lease(keys, tried)?;
+            let wait = time_to_lease(keys, tried, tokens)?;
             let now = tokio::time::Instant::now();
             if now + wait > deadline {
-                return Err(NoKey::QueueTimeout { wait });
+                return Err(timed_out(keys, tried, tokens, wait));
             }
             // Wake at the next permit, but at least every RECHECK. Tokio's timer has a
             // 1 ms tick and rounds up, and with burst 1 a permit taken late is lost for
@@ -236,22 +278,20 @@ pub(crate) mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use governor::nanos::Nanos;
     use proxypal_keypool::{KeyPool, KeySpec, Outcome};
-    use proxypal_limiter::{GovernorLimiter, KeyQuota};
+    use proxypal_limiter::{Limits, QuotaClock};
     use tokio::time::Instant;
 
     use super::*;
     use crate::{Gateway, GatewayConfig};
 
-    /// Tokio's (paused) time for governor.
+    /// Tokio's (paused) time for the quota engine, from 2026-11-30T00:00:00Z.
     #[derive(Debug, Clone, Copy)]
-    pub(crate) struct TokioGovernorClock(pub(crate) Instant);
+    pub(crate) struct TokioQuotaClock(pub(crate) Instant);
 
-    impl governor::clock::Clock for TokioGovernorClock {
-        type Instant = Nanos;
-        fn now(&self) -> Nanos {
-            Nanos::from(self.0.elapsed())
+    impl QuotaClock for TokioQuotaClock {
+        fn now(&self) -> u64 {
+            1_796_083_200_000_000_000 + u64::try_from(self.0.elapsed().as_nanos()).unwrap()
         }
     }
 
@@ -265,19 +305,28 @@ pub(crate) mod tests {
         }
     }
 
-    /// A gateway over `n` keys, each allowed one request per `period` (burst 1,
-    /// no margin), on Tokio's clock.
-    pub(crate) fn gateway(n: usize, per_minute: u32) -> Arc<Gateway> {
+    /// A gateway over `n` keys, each allowed `per_minute` spaced evenly
+    /// (burst 1, no margin), on Tokio's clock.
+    pub(crate) fn gateway(n: usize, per_minute: u64) -> Arc<Gateway> {
+        let limits = Limits {
+            requests_per_minute: Some(per_minute),
+            burst: Some(1),
+            margin: Some(Duration::ZERO),
+            ..Limits::default()
+        };
+        gateway_with(n, limits)
+    }
+
+    /// A gateway over `n` keys with `limits` each, on Tokio's clock.
+    pub(crate) fn gateway_with(n: usize, limits: Limits) -> Arc<Gateway> {
         let epoch = Instant::now();
         let mut config = GatewayConfig::with_keys(
             (0..n).map(|i| KeySpec::new(format!("nvapi-lease-test-{i:020}"))).collect::<Vec<_>>(),
         );
-        config.default_quota = KeyQuota::new(per_minute, 1).unwrap().with_margin(Duration::ZERO).unwrap();
+        config.limits = limits;
         let mut registry = prometheus_client::registry::Registry::default();
-        Gateway::build(config, &mut registry, KeyPool::builder().clock(TokioPoolClock(epoch)), |quotas| {
-            Arc::new(GovernorLimiter::with_clock(quotas, TokioGovernorClock(epoch)))
-        })
-        .unwrap()
+        let pool = KeyPool::builder().clock(TokioPoolClock(epoch));
+        Gateway::build(config, &mut registry, pool, Arc::new(TokioQuotaClock(epoch))).unwrap()
     }
 
     /// Moves Tokio's paused clock forward a millisecond at a time until
@@ -297,12 +346,12 @@ pub(crate) mod tests {
         let gw = gateway(1, 60); // one permit per second
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(10);
-        assert!(gw.queue().lease(gw.keys(), &Tried::default(), deadline).await.is_ok(), "the burst");
+        assert!(gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await.is_ok(), "the burst");
         let served = Arc::new(std::sync::Mutex::new(Vec::new()));
         for id in 0..3 {
             let (gw, served) = (Arc::clone(&gw), Arc::clone(&served));
             tokio::spawn(async move {
-                let lease = gw.queue().lease(gw.keys(), &Tried::default(), deadline).await;
+                let lease = gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await;
                 assert!(lease.is_ok(), "waiter {id}: {lease:?}");
                 served.lock().unwrap().push((id, t0.elapsed()));
             });
@@ -327,11 +376,11 @@ pub(crate) mod tests {
         let tried = Tried::default();
         let t0 = Instant::now();
         for _ in 0..2 {
-            assert!(try_lease(gw.keys(), &tried).is_some());
+            assert!(try_lease(gw.keys(), &tried, 0).is_some());
         }
-        let got = gw.queue().lease(gw.keys(), &tried, t0 + Duration::from_millis(500)).await;
+        let got = gw.queue().lease(gw.keys(), &tried, 0, t0 + Duration::from_millis(500)).await;
         match got {
-            Err(NoKey::QueueTimeout { wait }) => {
+            Err(NoKey::QueueTimeout { wait, .. }) => {
                 assert!(wait > Duration::from_millis(990) && wait <= Duration::from_secs(1), "{wait:?}")
             }
             other => panic!("expected a queue timeout, got {other:?}"),
@@ -344,11 +393,11 @@ pub(crate) mod tests {
     async fn a_waiter_that_goes_away_leaves_the_queue() {
         let gw = gateway(1, 60);
         let t0 = Instant::now();
-        assert!(try_lease(gw.keys(), &Tried::default()).is_some());
+        assert!(try_lease(gw.keys(), &Tried::default(), 0).is_some());
         let gone = {
             let gw = Arc::clone(&gw);
             tokio::spawn(async move {
-                let _ = gw.queue().lease(gw.keys(), &Tried::default(), t0 + Duration::from_secs(10)).await;
+                let _ = gw.queue().lease(gw.keys(), &Tried::default(), 0, t0 + Duration::from_secs(10)).await;
             })
         };
         tokio::task::yield_now().await;
@@ -360,7 +409,7 @@ pub(crate) mod tests {
         let next = {
             let gw = Arc::clone(&gw);
             tokio::spawn(async move {
-                gw.queue().lease(gw.keys(), &Tried::default(), t0 + Duration::from_secs(10)).await.is_ok()
+                gw.queue().lease(gw.keys(), &Tried::default(), 0, t0 + Duration::from_secs(10)).await.is_ok()
             })
         };
         drive(Duration::from_secs(2), || next.is_finished()).await;
@@ -372,22 +421,22 @@ pub(crate) mod tests {
     async fn no_key_reasons_come_back_without_waiting() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let empty = gateway(0, 60);
-        let got = empty.queue().lease(empty.keys(), &Tried::default(), deadline).await;
+        let got = empty.queue().lease(empty.keys(), &Tried::default(), 0, deadline).await;
         assert_eq!(got.err(), Some(NoKey::NoKeys));
 
         let gw = gateway(2, 60);
         let mut tried = Tried::default();
         for _ in 0..2 {
-            let lease = try_lease(gw.keys(), &tried).unwrap();
+            let lease = try_lease(gw.keys(), &tried, 0).unwrap();
             assert!(tried.push(lease.selected.index()));
         }
-        assert_eq!(gw.queue().lease(gw.keys(), &tried, deadline).await.err(), Some(NoKey::AllTried));
+        assert_eq!(gw.queue().lease(gw.keys(), &tried, 0, deadline).await.err(), Some(NoKey::AllTried));
 
         for _ in 0..2 {
             let lease = gw.keys().select_with(|_| true).unwrap();
             gw.keys().report(&lease, Outcome::AuthFailed);
         }
-        let got = gw.queue().lease(gw.keys(), &Tried::default(), deadline).await;
+        let got = gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await;
         assert_eq!(got.err(), Some(NoKey::AllDisabled));
         assert_eq!(Instant::now(), deadline - Duration::from_secs(10));
     }
@@ -396,7 +445,7 @@ pub(crate) mod tests {
     async fn a_cooling_key_is_waited_for_and_tried_keys_are_skipped() {
         let gw = gateway(2, 60_000);
         let t0 = Instant::now();
-        let first = try_lease(gw.keys(), &Tried::default()).unwrap();
+        let first = try_lease(gw.keys(), &Tried::default(), 0).unwrap();
         gw.keys()
             .report(&first.selected, Outcome::RateLimited { retry_after: Some(Duration::from_millis(300)) });
         let mut tried = Tried::default();
@@ -405,7 +454,7 @@ pub(crate) mod tests {
         let (gw2, tried2) = (Arc::clone(&gw), tried);
         let waiter = tokio::spawn(async move {
             gw2.queue()
-                .lease(gw2.keys(), &tried2, t0 + Duration::from_secs(5))
+                .lease(gw2.keys(), &tried2, 0, t0 + Duration::from_secs(5))
                 .await
                 .map(|l| l.selected.index())
         });

@@ -8,7 +8,8 @@
 //! | stage | module | what it decides |
 //! |---|---|---|
 //! | admission | [`admission`] | an in-flight slot; which client sent it |
-//! | key set | `keyset` | keys, limiter slots, `Authorization` values, metric handles — one generation, swapped whole on reload |
+//! | key set | `keyset` | keys, their budgets in the quota engine, `Authorization` values, metric handles — one generation, swapped whole on reload |
+//! | quota | [`quota`] | a request's token estimate, limits upstreams announce, reported usage, the pool's `x-ratelimit-*` headers |
 //! | lease | [`lease`] | the next key with a permit, or a place in a first-come-first-served queue |
 //! | classify | [`classify`] | what an upstream answer means: the key's outcome, the metrics label, deliver or fail over |
 //! | failover | `failover` | the attempt loop |
@@ -49,13 +50,14 @@ mod keyset;
 pub mod lease;
 pub mod metrics;
 pub mod openai;
+pub mod quota;
 mod reply;
 
 pub use admission::REQUEST_ID;
 pub use body::{BoxError, ProxyBody, full};
-pub use config::GatewayConfig;
+pub use config::{GatewayConfig, KeyConfig};
 pub use gateway::{Gateway, GatewayService, Handle, KeyReport, ResponseFuture};
-pub use keyset::{BuildError, KeyResources};
+pub use keyset::{BuildError, Engine, KeyResources, SharedClock};
 pub use lease::MAX_ATTEMPTS;
 pub use reply::{not_found, unauthorized};
 

@@ -44,6 +44,14 @@ struct State {
     state: &'static str,
 }
 
+/// Labels of one window of one key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Window {
+    key: String,
+    kind: &'static str,
+    period_seconds: u64,
+}
+
 /// What an upstream attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -124,6 +132,8 @@ pub struct Metrics {
     attempts: Family<KeyResult, Counter>,
     retries: Family<Reason, Counter>,
     keys: Family<State, Gauge>,
+    limit_remaining: Family<Window, Gauge>,
+    limit: Family<Window, Gauge>,
     queue_depth: Gauge,
     in_flight: Gauge,
     open_streams: Gauge,
@@ -145,6 +155,8 @@ impl Metrics {
         let attempts = Family::<KeyResult, Counter>::default();
         let retries = Family::<Reason, Counter>::default();
         let keys = Family::<State, Gauge>::default();
+        let limit_remaining = Family::<Window, Gauge>::default();
+        let limit = Family::<Window, Gauge>::default();
         let queue_depth = Gauge::default();
         let in_flight = Gauge::default();
         let open_streams = Gauge::default();
@@ -162,6 +174,16 @@ impl Metrics {
         registry.register("upstream_attempts", "Upstream attempts by key and result", attempts.clone());
         registry.register("retries", "Attempts retried on another key, by reason", retries.clone());
         registry.register("keys", "Keys by state (ready, cooling_down, disabled)", keys.clone());
+        registry.register(
+            "key_limit_remaining",
+            "What each key's windows (and concurrency caps) have left now, by kind and period (0 = concurrency)",
+            limit_remaining.clone(),
+        );
+        registry.register(
+            "key_limit",
+            "Each key's limit in force per window (configured or learned)",
+            limit.clone(),
+        );
         registry.register("queue_depth", "Requests waiting for a key with capacity", queue_depth.clone());
         registry.register("in_flight_requests", "Requests being served", in_flight.clone());
         registry.register("open_streams", "Streaming (SSE) responses open", open_streams.clone());
@@ -185,6 +207,8 @@ impl Metrics {
             attempts,
             retries,
             keys,
+            limit_remaining,
+            limit,
             queue_depth,
             in_flight,
             open_streams,
@@ -235,6 +259,19 @@ impl Metrics {
     /// The open-streams gauge (a guard per stream increments and decrements it).
     pub(crate) fn open_streams(&self) -> &Gauge {
         &self.open_streams
+    }
+
+    /// Sets each key's window gauges from its reports (at scrape time).
+    pub(crate) fn set_limits(&self, key: &str, limits: &[proxypal_limiter::LimitReport]) {
+        for l in limits {
+            let labels = Window {
+                key: key.to_owned(),
+                kind: l.kind.as_str(),
+                period_seconds: l.period.map_or(0, |p| p.as_secs()),
+            };
+            self.limit_remaining.get_or_create(&labels).set(i64::try_from(l.remaining).unwrap_or(i64::MAX));
+            self.limit.get_or_create(&labels).set(i64::try_from(l.limit).unwrap_or(i64::MAX));
+        }
     }
 
     /// Sets the gauges that describe the state now (read at scrape time).

@@ -12,6 +12,7 @@ use proxypal_upstream::UpstreamError;
 use crate::body::{ProxyBody, full};
 use crate::lease::NoKey;
 use crate::openai::{error_response, rewrite_upstream_error};
+use proxypal_limiter::Cause;
 
 /// `Retry-After` the OpenAI SDKs all honour (older Python and Node ignore ≥ 60 s).
 const MAX_RETRY_AFTER_SECS: u64 = 60;
@@ -104,13 +105,19 @@ pub(crate) fn transport(error: &UpstreamError) -> Response<ProxyBody> {
 /// No key could be leased.
 pub(crate) fn no_key(no_key: NoKey) -> Response<ProxyBody> {
     match no_key {
-        NoKey::QueueTimeout { wait } => {
+        NoKey::QueueTimeout { wait, cause } => {
             let secs = retry_after_secs(wait);
-            let mut resp = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "all_keys_rate_limited",
-                format!("all API keys are rate limited; the next permit is in {:.1} s", wait.as_secs_f64()),
-            );
+            let mut resp = match spent(wait, cause) {
+                Some(body) => crate::openai::json_response(StatusCode::TOO_MANY_REQUESTS, &body),
+                None => error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "all_keys_rate_limited",
+                    format!(
+                        "all API keys are rate limited; the next permit is in {:.1} s",
+                        wait.as_secs_f64()
+                    ),
+                ),
+            };
             let h = resp.headers_mut();
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
             h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
@@ -124,6 +131,32 @@ pub(crate) fn no_key(no_key: NoKey) -> Response<ProxyBody> {
             unavailable("no_keys", "no API key is configured or usable for this request")
         }
     }
+}
+
+/// The body for a pool whose windows are spent for longer than a request
+/// may wait: which limit, and when it resets (`resets_at`, RFC 3339).
+fn spent(wait: Duration, cause: Cause) -> Option<serde_json::Value> {
+    let Cause::Window { unit, limit, period, daily } = cause else { return None };
+    let resets_at = std::time::SystemTime::now()
+        .checked_add(wait)
+        .and_then(|t| jiff::Timestamp::try_from(t).ok())
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())?;
+    let window = match (period.as_secs(), daily) {
+        (86_400, true) => "day (fixed reset)".to_owned(),
+        (86_400, false) => "rolling day".to_owned(),
+        (60, _) => "rolling minute".to_owned(),
+        (secs, _) => format!("rolling {secs} s"),
+    };
+    let code = if period.as_secs() >= 3_600 { "quota_exhausted" } else { "all_keys_rate_limited" };
+    let message = format!(
+        "every usable API key has spent its {} per {window} (limit {limit}); the next one is allowed at {resets_at}",
+        unit.as_str()
+    );
+    Some(serde_json::json!({"error": {
+        "message": message, "type": "rate_limit_error", "param": null, "code": code,
+        "limit": {"kind": unit.as_str(), "period_seconds": period.as_secs(), "limit": limit},
+        "resets_at": resets_at,
+    }}))
 }
 
 /// 503 that retrying will not fix: `x-should-retry: false` tells the SDKs so.

@@ -28,7 +28,10 @@ async fn rig(n: usize, tweak: impl FnOnce(&mut GatewayConfig)) -> Rig {
     let keys = generate_test_keys(n);
     let sim = SimServer::start(SimConfig::default().with_keys(keys.clone())).unwrap();
     let mut config = GatewayConfig::with_keys(keys.iter().map(|k| KeySpec::new(k.as_str())));
-    config.default_quota = proxypal_gateway::limiter::KeyQuota::new(60_000, 10).unwrap();
+    config.limits = proxypal_gateway::limiter::Limits {
+        requests_per_minute: Some(60_000),
+        ..proxypal_gateway::limiter::Limits::default()
+    };
     tweak(&mut config);
     let mut registry = prometheus_client::registry::Registry::default();
     let gateway = Gateway::new(config, &mut registry).unwrap();
@@ -102,7 +105,9 @@ fn fault(status: u16, content_type: &str, body: &str) -> Fault {
 fn assert_end_to_end_headers(reply: &Reply) {
     let h = &reply.headers;
     assert_eq!(h["x-request-id"], "upstream-req-7", "{h:?}");
-    assert_eq!(h["x-ratelimit-remaining-requests"], "12", "{h:?}");
+    // One key's figure is replaced by the pool's (2 keys × 60 000 per minute).
+    assert_eq!(h["x-ratelimit-limit-requests"], "120000", "{h:?}");
+    assert_ne!(h["x-ratelimit-remaining-requests"], "12", "{h:?}");
     assert_eq!(h["nvcf-reqid"], "nv-abc", "{h:?}");
     assert!(h.get("x-hop-secret").is_none(), "a header named by Connection is hop-by-hop: {h:?}");
     assert_eq!(h["content-length"], reply.body.len().to_string().as_str(), "{h:?}");

@@ -15,6 +15,13 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Dur
     deserializer.deserialize_any(DurationVisitor)
 }
 
+/// [`duration`], for an optional field (`#[serde(default)]` gives `None`).
+pub(crate) fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 struct DurationVisitor;
 
 impl Visitor<'_> for DurationVisitor {

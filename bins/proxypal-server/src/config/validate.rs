@@ -19,8 +19,7 @@ impl Config {
     pub fn validate(&self, dev: bool) -> Result<(), ConfigError> {
         self.validate_upstream()?;
         self.validate_keys(dev)?;
-        at_least_one("rate_limit.requests_per_minute", self.rate_limit.requests_per_minute)?;
-        at_least_one("rate_limit.burst", self.rate_limit.burst)?;
+        self.validate_limits()?;
         self.validate_retry()?;
         self.validate_cors()?;
         self.validate_auth()?;
@@ -115,14 +114,64 @@ impl Config {
                 }
                 names.insert(name, field);
             }
-            if let Some(rpm) = entry.requests_per_minute {
-                at_least_one(&format!("{at}.requests_per_minute"), rpm)?;
-            }
-            if let Some(burst) = entry.burst {
-                at_least_one(&format!("{at}.burst"), burst)?;
+            if entry.account.as_deref().is_some_and(|a| a.trim().is_empty()) {
+                return Err(ConfigError::invalid(format!("{at}.account"), "must not be empty"));
             }
         }
         Ok(())
+    }
+
+    /// `rate_limit`, every account and every key's own limits make budgets,
+    /// and no key allows more than its account. Errors name the field:
+    /// `rate_limit.burst`, `accounts.alice.requests_per_day`, `keys[2].day_reset`.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        use proxypal_gateway::{BuildError, GatewayConfig, KeyConfig, keypool::KeySpec};
+        fn scoped(scope: &str) -> impl FnOnce((String, String)) -> ConfigError + '_ {
+            move |(field, reason)| ConfigError::invalid(format!("{scope}.{field}"), reason)
+        }
+        let mut gateway = GatewayConfig::default();
+        gateway.limits = self.default_limit_fields().to_limits().map_err(scoped("rate_limit"))?;
+        for (name, fields) in &self.accounts {
+            if name.trim().is_empty() {
+                return Err(ConfigError::invalid("accounts", "an account name must not be empty"));
+            }
+            let limits = fields.to_limits().map_err(scoped(&format!("accounts.{name}")))?;
+            gateway.accounts.insert(name.clone(), limits);
+        }
+        let mut fields = Vec::with_capacity(self.keys.len());
+        for (index, entry) in self.keys.iter().enumerate() {
+            let at = key_field(index, entry);
+            let limits = entry.limits.to_limits().map_err(scoped(&at))?;
+            let mut key = KeyConfig::new(KeySpec::new(entry.key.expose())).with_limits(limits);
+            key.account.clone_from(&entry.account);
+            gateway.keys.push(key);
+            fields.push(at);
+        }
+        let scope_field = |scope: &str| -> String {
+            if scope == "limits" {
+                return "rate_limit".to_owned();
+            }
+            scope
+                .strip_prefix("keys[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| fields.get(i).cloned())
+                .unwrap_or_else(|| scope.to_owned())
+        };
+        match gateway.check_limits() {
+            Ok(()) => Ok(()),
+            Err(BuildError::Limits { scope, source }) => Err(ConfigError::invalid(
+                format!("{}.{}", scope_field(&scope), source.field()),
+                source.reason(),
+            )),
+            Err(BuildError::AboveAccount { index, account, what, own, shared }) => Err(ConfigError::invalid(
+                fields.get(index).cloned().unwrap_or_default(),
+                format!(
+                    "its {what} limit ({own}) is above account {account:?}'s ({shared}); a key cannot allow more than the account it shares"
+                ),
+            )),
+            Err(other) => Err(ConfigError::invalid("keys", other.to_string())),
+        }
     }
 
     fn validate_retry(&self) -> Result<(), ConfigError> {

@@ -39,8 +39,7 @@ pub fn proxy_config(sim: &SimHandle, keys: &[String]) -> Config {
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.upstream.base_url = sim.base_url();
     config.keys = keys.iter().map(KeyEntry::new).collect();
-    config.rate_limit.requests_per_minute = 60_000;
-    config.rate_limit.burst = 10;
+    config.rate_limit.requests_per_minute = Some(60_000);
     config.retry.queue_timeout = Duration::from_secs(5);
     config.shutdown_grace = Duration::from_secs(2);
     config

@@ -100,8 +100,12 @@ fn defaults_match_the_contract() {
     assert_eq!(c.upstream.user_agent, format!("proxypal/{}", env!("CARGO_PKG_VERSION")));
     assert_eq!(c.upstream.ca_file, None);
     assert_eq!(c.keys_file, None);
-    assert_eq!(c.rate_limit.requests_per_minute, 40);
-    assert_eq!(c.rate_limit.burst, 1);
+    let d = c.default_limit_fields();
+    assert_eq!(d.requests_per_minute, Some(40));
+    assert_eq!(d.burst, None, "default burst: the whole window may go at once");
+    assert_eq!(d.margin, Some(Duration::from_millis(500)));
+    assert_eq!((d.requests_per_day, d.tokens_per_minute, d.max_concurrent), (None, None, None));
+    assert!(c.accounts.is_empty());
     assert_eq!(c.retry.max_attempts, 3);
     assert_eq!(c.retry.queue_timeout, Duration::from_secs(30));
     assert_eq!(c.retry.rate_limit_cooldown, Duration::from_secs(60));
@@ -128,8 +132,8 @@ fn defaults_match_the_contract() {
 fn dev_defaults_agree_with_dev_loading_and_need_no_keys() {
     let dev = Config::dev();
     assert_eq!(dev.listen, "127.0.0.1:8080".parse().unwrap());
-    assert_eq!(dev.rate_limit.requests_per_minute, 600);
-    assert_eq!(dev.rate_limit.burst, 1);
+    assert_eq!(dev.rate_limit.requests_per_minute, Some(600));
+    assert_eq!(dev.rate_limit.burst, None);
     assert!(dev.keys.is_empty());
     dev.validate(true).unwrap();
     assert!(matches!(dev.validate(false), Err(ConfigError::NoKeys)));
@@ -143,8 +147,8 @@ fn dev_defaults_agree_with_dev_loading_and_need_no_keys() {
         true,
     )
     .unwrap();
-    assert_eq!(loaded.rate_limit.requests_per_minute, 600);
-    assert_eq!(loaded.rate_limit.burst, 3);
+    assert_eq!(loaded.rate_limit.requests_per_minute, Some(600));
+    assert_eq!(loaded.rate_limit.burst, Some(3));
     assert_eq!(loaded.listen.port(), 9999);
 }
 
@@ -160,7 +164,7 @@ fn zero_keys_is_an_error_outside_dev() {
 fn empty_and_comment_only_yaml_is_all_defaults() {
     let c = with_env("# nothing here\n", &[("PROXYPAL_KEYS", KEY_A)]).unwrap();
     assert_eq!(c.keys.len(), 1);
-    assert_eq!(c.rate_limit.requests_per_minute, 40);
+    assert_eq!(c.default_limit_fields().requests_per_minute, Some(40));
 }
 
 // ---------------------------------------------------------------- files
@@ -172,8 +176,8 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
     assert_eq!(c.keys.len(), 2);
     assert_eq!(c.keys[0], KeyEntry::new("nvapi-REPLACE-ME-1"));
     assert_eq!(c.keys[1].name.as_deref(), Some("team-b"));
-    assert_eq!(c.keys[1].requests_per_minute, Some(20));
-    assert_eq!(c.keys[1].burst, Some(2));
+    assert_eq!(c.keys[1].limits.requests_per_minute, Some(20));
+    assert_eq!(c.keys[1].limits.burst, Some(2));
     // Everything else in the example is the default.
     let mut expected = Config::default();
     expected.keys = c.keys.clone();
@@ -196,6 +200,12 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
         "PROXYPAL_KEYS_FILE",
         "PROXYPAL_RATE_LIMIT__REQUESTS_PER_MINUTE",
         "PROXYPAL_RATE_LIMIT__BURST",
+        "PROXYPAL_RATE_LIMIT__REQUESTS_PER_DAY",
+        "PROXYPAL_RATE_LIMIT__DAY_RESET",
+        "PROXYPAL_RATE_LIMIT__TOKENS_PER_MINUTE",
+        "PROXYPAL_RATE_LIMIT__TOKENS_PER_DAY",
+        "PROXYPAL_RATE_LIMIT__MAX_CONCURRENT",
+        "PROXYPAL_RATE_LIMIT__MARGIN",
         "PROXYPAL_RETRY__MAX_ATTEMPTS",
         "PROXYPAL_RETRY__QUEUE_TIMEOUT",
         "PROXYPAL_RETRY__RATE_LIMIT_COOLDOWN",
@@ -362,10 +372,9 @@ fn mixed_key_forms() {
     assert_eq!(c.keys[0], KeyEntry::new(KEY_A));
     assert_eq!(c.keys[1].key.expose(), KEY_B);
     assert_eq!(c.keys[1].name.as_deref(), Some("team-b"));
-    let limit = c.keys[1].rate_limit(&c.rate_limit);
-    assert_eq!((limit.requests_per_minute, limit.burst), (20, 2));
-    let limit = c.keys[2].rate_limit(&c.rate_limit);
-    assert_eq!((limit.requests_per_minute, limit.burst), (40, 1));
+    let limit = &c.keys[1].limits;
+    assert_eq!((limit.requests_per_minute, limit.burst), (Some(20), Some(2)));
+    assert!(c.keys[2].limits.is_empty(), "no own fields: the defaults apply");
     assert_eq!(c.keys[2].label(), "team-c");
     assert_eq!(c.keys[0].label(), "nvapi-…0001");
 }
@@ -425,8 +434,8 @@ fn env_overrides_nested_fields() {
     assert_eq!(c.upstream.base_url, "http://127.0.0.1:9000/v1");
     // Untouched YAML sibling survives.
     assert_eq!(c.upstream.connect_timeout, Duration::from_secs(1));
-    assert_eq!(c.rate_limit.requests_per_minute, 25);
-    assert_eq!(c.rate_limit.burst, 1);
+    assert_eq!(c.rate_limit.requests_per_minute, Some(25));
+    assert_eq!(c.rate_limit.burst, None);
     assert_eq!(c.log.format, LogFormat::Json);
     assert_eq!(c.listen, "0.0.0.0:9090".parse().unwrap());
     assert!(c.auth.allow_unauthenticated);
@@ -533,7 +542,7 @@ fn unknown_variables_suggest_the_field_they_look_like_a_typo_of() {
     assert!(c.warnings.iter().all(|w| !w.contains("typo.example") && !w.contains('7')), "{:#?}", c.warnings);
 
     // The typos changed nothing; the real variable beside them still applies.
-    assert_eq!(c.rate_limit.burst, 3);
+    assert_eq!(c.rate_limit.burst, Some(3));
     assert_eq!(c.upstream.base_url, "https://integrate.api.nvidia.com/v1");
     assert_eq!(c.upstream.user_agent, "acme/1.0");
     let mut expected = clean.clone();
@@ -663,6 +672,50 @@ fn each_validation_error_names_its_field() {
         ),
         (k("rate_limit: { burst: 0 }"), "rate_limit.burst", "must be at least 1 (got 0)"),
         (
+            k("rate_limit: { burst: 41 }"),
+            "rate_limit.burst",
+            "41 is more than the windows allow at once (40)",
+        ),
+        (
+            k("rate_limit: { requests_per_day: 0 }"),
+            "rate_limit.requests_per_day",
+            "must be at least 1 (got 0)",
+        ),
+        (k("rate_limit: { tokens_per_minute: 0 }"), "rate_limit.tokens_per_minute", "must be at least 1"),
+        (k("rate_limit: { max_concurrent: 0 }"), "rate_limit.max_concurrent", "must be at least 1"),
+        (k("rate_limit: { day_reset: \"25:00 UTC\" }"), "rate_limit.day_reset", "HH:MM"),
+        (k("rate_limit: { day_reset: \"00:00 Mars/Base\" }"), "rate_limit.day_reset", "unknown time zone"),
+        (
+            k("rate_limit: { margin: 1m }"),
+            "rate_limit.margin",
+            "not shorter than the shortest rolling period",
+        ),
+        (
+            k("rate_limit: { windows: [{ requests: 5, per: 0s }] }"),
+            "rate_limit.windows[0].per",
+            "longer than zero",
+        ),
+        (
+            k("rate_limit: { windows: [{ requests: 5, tokens: 5, per: 1m }] }"),
+            "rate_limit.windows[0]",
+            "exactly one",
+        ),
+        (
+            k("rate_limit: { windows: [{ tokens: 5, per: 1h, reset: \"00:00 UTC\" }] }"),
+            "rate_limit.windows[0].reset",
+            "needs `per: 24h`",
+        ),
+        (k("accounts: { alice: { requests_per_day: 0 } }"), "accounts.alice.requests_per_day", "at least 1"),
+        (
+            format!(
+                "accounts: {{ alice: {{ requests_per_minute: 10 }} }}\nkeys: [{KEY_A}, {{ key: {KEY_B}, account: alice, requests_per_minute: 20 }}]"
+            ),
+            "keys[1]",
+            "above account \"alice\"'s (10)",
+        ),
+        (format!("keys: [{{ key: {KEY_B}, account: \"\" }}]"), "keys[0].account", "must not be empty"),
+        (format!("keys: [{{ key: {KEY_B}, day_reset: noon }}]"), "keys[0].day_reset", "HH:MM"),
+        (
             k("upstream: { base_url: \"ftp://x\" }"),
             "upstream.base_url",
             "must start with http:// or https:// (got \"ftp://x\")",
@@ -775,7 +828,8 @@ fn secrets_never_appear_in_debug_summary_or_errors() {
     assert_no_secrets(&summary);
     assert!(summary.contains("nvapi-…0001"), "{summary}");
     assert!(summary.contains("team-b"), "{summary}");
-    assert!(summary.contains("40/min, burst 2"), "{summary}");
+    assert!(summary.contains("burst 2"), "{summary}");
+    assert!(summary.contains("rate limit: 40/min, margin 500ms per key (default)"), "{summary}");
     assert!(summary.contains("listen:     127.0.0.1:8080"), "{summary}");
     assert!(summary.contains("https://integrate.api.nvidia.com/v1"), "{summary}");
 

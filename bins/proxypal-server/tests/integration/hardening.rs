@@ -819,7 +819,7 @@ async fn app_reload_with_an_invalid_config_keeps_the_old_keys() {
         let rig = Rig::start(2, |s| s, |_| {}).await;
         assert_eq!(rig.chat().await.status, StatusCode::OK);
         let mut bad = proxy_config(&rig.sim, &generate_test_keys(2));
-        bad.keys[1].requests_per_minute = Some(0);
+        bad.keys[1].limits.requests_per_minute = Some(0);
         assert!(rig.server.app().reload(&bad).is_err());
         let stats = rig.get("/stats").await.json();
         assert_eq!(stat_labels(&stats), [masked(&rig.keys[0]), masked(&rig.keys[1])]);

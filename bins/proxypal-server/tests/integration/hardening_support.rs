@@ -37,8 +37,7 @@ pub use crate::common::{HttpClient, Reply, http_client, masked, send};
 /// moment ago.
 pub fn proxy_config(sim: &SimHandle, keys: &[String]) -> Config {
     let mut config = common::proxy_config(sim, keys);
-    config.rate_limit.requests_per_minute = 600_000;
-    config.rate_limit.burst = 100;
+    config.rate_limit.requests_per_minute = Some(600_000);
     config.retry.failure_cooldown = Duration::from_millis(20);
     config.retry.max_failure_cooldown = Duration::from_millis(40);
     config

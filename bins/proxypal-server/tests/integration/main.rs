@@ -25,4 +25,5 @@ mod hardening;
 mod observability;
 mod proxy;
 mod quota;
+mod windows;
 mod workers;

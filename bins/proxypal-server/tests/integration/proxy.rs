@@ -62,8 +62,8 @@ async fn limiter_keeps_each_key_under_its_rate_during_a_concurrent_burst() {
     const REQUESTS: usize = 40;
     bounded(async {
         let rig = Rig::start(2, unchanged, |c| {
-            c.rate_limit.requests_per_minute = RPM;
-            c.rate_limit.burst = BURST as u32;
+            c.rate_limit.requests_per_minute = Some(u64::from(RPM));
+            c.rate_limit.burst = Some(BURST as u32);
             c.retry.queue_timeout = Duration::from_secs(10);
         })
         .await;
@@ -119,8 +119,8 @@ async fn limiter_keeps_each_key_under_its_rate_during_a_concurrent_burst() {
 async fn request_queues_then_gets_429_with_retry_after_when_no_key_has_capacity() {
     bounded(async {
         let rig = Rig::start(1, unchanged, |c| {
-            c.rate_limit.requests_per_minute = 60;
-            c.rate_limit.burst = 1;
+            c.rate_limit.requests_per_minute = Some(60);
+            c.rate_limit.burst = Some(1);
             c.retry.queue_timeout = Duration::from_millis(300);
         })
         .await;

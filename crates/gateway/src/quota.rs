@@ -1,0 +1,406 @@
+//! The gateway's side of the quota engine: what a request is expected to
+//! cost in tokens, what an upstream's answer announces about its limits, the
+//! usage it reports, and the pool's limits as `x-ratelimit-*` headers.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use proxypal_limiter::{Announced, Permit, Unit};
+
+use crate::keyset::SharedClock;
+
+/// Completion tokens assumed for a request that declares no `max_tokens` or
+/// `max_completion_tokens` (a reservation only: the reported usage replaces it).
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 1024;
+
+/// Tokens a request reserves: its declared `max_completion_tokens` (or
+/// `max_tokens`, else [`DEFAULT_COMPLETION_ESTIMATE`]) plus its prompt,
+/// estimated as a quarter of the body's bytes (JSON syntax included, so on
+/// the high side).
+pub fn estimate_tokens(body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Declared {
+        max_completion_tokens: Option<u64>,
+        max_tokens: Option<u64>,
+    }
+    let declared = serde_json::from_slice::<Declared>(body).ok();
+    let completion = declared
+        .and_then(|d| d.max_completion_tokens.or(d.max_tokens))
+        .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
+    completion.saturating_add(body.len() as u64 / 4)
+}
+
+/// A reset or retry value as upstreams write them: a Go-style duration
+/// (`2m59.56s`, `7.66s`, `185ms`, `1h2m3s`), or a number of seconds (possibly
+/// fractional), or an epoch (seconds above 1e9, milliseconds above 1e12,
+/// relative to `now_unix_ms`). Rounded up to the millisecond. `None` for
+/// anything else, negative or empty (unknown is never "now").
+pub fn parse_reset(value: &str, now_unix_ms: u64) -> Option<Duration> {
+    let v = value.trim();
+    if v.is_empty() || v.starts_with('-') {
+        return None;
+    }
+    if let Ok(n) = v.parse::<f64>() {
+        if !n.is_finite() || n < 0.0 {
+            return None;
+        }
+        let ms = if n > 1e12 {
+            (n - now_unix_ms as f64).max(0.0)
+        } else if n > 1e9 {
+            (n * 1000.0 - now_unix_ms as f64).max(0.0)
+        } else {
+            n * 1000.0
+        };
+        return Some(Duration::from_millis(ms.ceil() as u64));
+    }
+    go_duration(v)
+}
+
+/// `1h2m3.5s`, `185ms`, `6m0s`, `10us`: every part consumed, else `None`.
+fn go_duration(v: &str) -> Option<Duration> {
+    let mut rest = v;
+    let mut nanos = 0f64;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_end == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let (scale, len) = if rest.starts_with("ms") {
+            (1e6, 2)
+        } else if rest.starts_with("us") {
+            (1e3, 2)
+        } else if rest.starts_with("µs") {
+            (1e3, "µs".len())
+        } else if rest.starts_with("ns") {
+            (1.0, 2)
+        } else if rest.starts_with('h') {
+            (3.6e12, 1)
+        } else if rest.starts_with('m') {
+            (6e10, 1)
+        } else if rest.starts_with('s') {
+            (1e9, 1)
+        } else {
+            return None;
+        };
+        nanos += n * scale;
+        rest = &rest[len..];
+    }
+    let ms = (nanos / 1e6).ceil();
+    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_millis(ms as u64))
+}
+
+/// What `headers` announce about limits, in the OpenAI/Groq dialect
+/// (`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, period unsaid)
+/// and the Cerebras one (the same with `-minute`, `-hour` or `-day`). At most
+/// one entry per unit and period; fields a response leaves out stay unknown.
+pub fn announced(headers: &HeaderMap, now_unix_ms: u64) -> Vec<Announced> {
+    let mut out: Vec<Announced> = Vec::new();
+    for (name, value) in headers {
+        let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") else { continue };
+        let Some((field, dimension)) = rest.split_once('-') else { continue };
+        let (unit, period) = match dimension {
+            "requests" => (Unit::Requests, None),
+            "tokens" => (Unit::Tokens, None),
+            "requests-minute" => (Unit::Requests, Some(60)),
+            "requests-hour" => (Unit::Requests, Some(3_600)),
+            "requests-day" => (Unit::Requests, Some(86_400)),
+            "tokens-minute" => (Unit::Tokens, Some(60)),
+            "tokens-hour" => (Unit::Tokens, Some(3_600)),
+            "tokens-day" => (Unit::Tokens, Some(86_400)),
+            _ => continue,
+        };
+        let period = period.map(Duration::from_secs);
+        let Ok(text) = value.to_str() else { continue };
+        let entry = match out.iter_mut().find(|a| a.unit == unit && a.period == period) {
+            Some(entry) => entry,
+            None => {
+                out.push(Announced { unit, period, limit: None, remaining: None, reset: None });
+                let Some(last) = out.last_mut() else { continue };
+                last
+            }
+        };
+        let count = || text.trim().parse::<u64>().ok();
+        match field {
+            "limit" => entry.limit = count(),
+            "remaining" => entry.remaining = count(),
+            "reset" => entry.reset = parse_reset(text, now_unix_ms),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A duration the way OpenAI writes `x-ratelimit-reset-*`: `1.5s`, `6m0s`,
+/// `1h2m3s`, `0s`.
+pub fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 60_000 {
+        let secs = ms as f64 / 1000.0;
+        return format!("{secs}s");
+    }
+    let total = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60);
+    if h > 0 { format!("{h}h{m}m{s}s") } else { format!("{m}m{s}s") }
+}
+
+/// How long the pool's `x-ratelimit-*` headers are reused before they are
+/// summed again (summing visits every key).
+const POOL_HEADERS_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The pool's limits as OpenAI-style response headers, summed over usable
+/// keys at most every [`POOL_HEADERS_TTL`].
+#[derive(Debug)]
+pub(crate) struct PoolHeaders {
+    /// When they were summed (`None`: never).
+    at: Option<std::time::Instant>,
+    values: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl PoolHeaders {
+    pub(crate) fn empty() -> Self {
+        Self { at: None, values: Vec::new() }
+    }
+
+    /// Adds the headers to `headers` (replacing an upstream's per-key ones).
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.values {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// The current pool headers, summed again when stale.
+pub(crate) fn pool_headers(
+    keys: &proxypal_keypool::KeyPool<crate::keyset::KeyResources>,
+    cache: &arc_swap::ArcSwap<PoolHeaders>,
+) -> std::sync::Arc<PoolHeaders> {
+    let current = cache.load_full();
+    if current.at.is_some_and(|at| at.elapsed() < POOL_HEADERS_TTL) {
+        return current;
+    }
+    let usable: Vec<bool> =
+        keys.snapshot().iter().map(|k| k.status == proxypal_keypool::KeyStatus::Ready).collect();
+    let minute = Duration::from_secs(60);
+    let mut values = Vec::new();
+    keys.with_current(|_, resources| {
+        for (unit, suffix) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
+            let include = |i: usize| usable.get(i).copied().unwrap_or(false);
+            let Some(sum) = resources.quotas.pool_window(unit, minute, include) else { continue };
+            for (field, text) in [
+                ("limit", sum.limit.to_string()),
+                ("remaining", sum.remaining.to_string()),
+                ("reset", openai_duration(sum.reset)),
+            ] {
+                let name = format!("x-ratelimit-{field}-{suffix}");
+                if let (Ok(name), Ok(value)) =
+                    (http::HeaderName::try_from(name), http::HeaderValue::try_from(text))
+                {
+                    values.push((name, value));
+                }
+            }
+        }
+    });
+    let fresh = std::sync::Arc::new(PoolHeaders { at: Some(std::time::Instant::now()), values });
+    cache.store(std::sync::Arc::clone(&fresh));
+    fresh
+}
+
+/// The most of a plain JSON answer kept to read its `usage`.
+const MAX_USAGE_BODY: usize = 1 << 20;
+
+pin_project_lite::pin_project! {
+    /// Forwards an answer untouched while reading the `usage` it reports — the
+    /// JSON body's, or the last SSE event's that carries one — and settles the
+    /// permit with it when the body ends. A body dropped early, or one without
+    /// usage, settles by drop (the reservation counts as used).
+    pub(crate) struct UsageTap<B> {
+        #[pin]
+        inner: B,
+        sse: bool,
+        buf: Vec<u8>,
+        usage: Option<u64>,
+        permit: Option<Permit<SharedClock>>,
+    }
+}
+
+impl<B> UsageTap<B> {
+    pub(crate) fn new(inner: B, sse: bool, permit: Permit<SharedClock>) -> Self {
+        Self { inner, sse, buf: Vec::new(), usage: None, permit: Some(permit) }
+    }
+}
+
+/// `usage.total_tokens` (or prompt + completion) of a JSON object.
+fn usage_of(json: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        total_tokens: Option<u64>,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Usage>,
+        x_groq: Option<Groq>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Groq {
+        usage: Option<Usage>,
+    }
+    let answer: Answer = serde_json::from_slice(json).ok()?;
+    let usage = answer.usage.or(answer.x_groq.and_then(|g| g.usage))?;
+    usage.total_tokens.or_else(|| Some(usage.prompt_tokens? + usage.completion_tokens.unwrap_or(0)))
+}
+
+impl<B> UsageTap<B> {
+    fn take(self: Pin<&mut Self>, data: &[u8]) {
+        let this = self.project();
+        if !*this.sse {
+            if this.buf.len() + data.len() <= MAX_USAGE_BODY {
+                this.buf.extend_from_slice(data);
+            }
+            return;
+        }
+        // SSE: complete lines only; a partial line waits for the next frame.
+        this.buf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(end) = this.buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &this.buf[start..start + end];
+            if let Some(json) = line.strip_prefix(b"data:") {
+                let json = json.trim_ascii();
+                if json.starts_with(b"{") && json.windows(7).any(|w| w == b"\"usage\"") {
+                    if let Some(total) = usage_of(json) {
+                        *this.usage = Some(total);
+                    }
+                }
+            }
+            start += end + 1;
+        }
+        this.buf.drain(..start);
+        if this.buf.len() > MAX_USAGE_BODY {
+            this.buf.clear();
+        }
+    }
+
+    fn finish(self: Pin<&mut Self>) {
+        let this = self.project();
+        let usage = if *this.sse { *this.usage } else { usage_of(this.buf) };
+        if let Some(permit) = this.permit.take() {
+            permit.finish(usage);
+        }
+    }
+}
+
+impl<B> Body for UsageTap<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = self.as_mut().project().inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.as_mut().take(data.chunk());
+                }
+            }
+            Poll::Ready(None) => self.as_mut().finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_in_every_dialect() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_reset("2m59.56s", 0), Some(ms(179_560)));
+        assert_eq!(parse_reset("7.66s", 0), Some(ms(7_660)));
+        assert_eq!(parse_reset("185ms", 0), Some(ms(185)));
+        assert_eq!(parse_reset("6m0s", 0), Some(ms(360_000)));
+        assert_eq!(parse_reset("1h2m3s", 0), Some(ms(3_723_000)));
+        assert_eq!(parse_reset("1m26.4s", 0), Some(ms(86_400)));
+        assert_eq!(parse_reset("33011.382867097855", 0), Some(ms(33_011_383)), "float seconds, rounded up");
+        assert_eq!(parse_reset("11.75", 0), Some(ms(11_750)));
+        assert_eq!(parse_reset("1790812800000", 1_790_812_790_000), Some(ms(10_000)), "epoch ms");
+        assert_eq!(parse_reset("1790812800", 1_790_812_790_000), Some(ms(10_000)), "epoch s");
+        for unknown in ["", "-1", "soon", "5x", "m", "1.5.5s"] {
+            assert_eq!(parse_reset(unknown, 0), None, "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn groq_and_cerebras_headers_become_announcements() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-ratelimit-limit-requests", "14400"),
+            ("x-ratelimit-limit-tokens", "18000"),
+            ("x-ratelimit-remaining-requests", "14370"),
+            ("x-ratelimit-remaining-tokens", "17997"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-reset-tokens", "7.66s"),
+            ("x-ratelimit-remaining-requests-day", "0"),
+            ("x-ratelimit-reset-requests-day", "33011.382867097855"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
+        let a = announced(&h, 0);
+        assert_eq!(a.len(), 3);
+        let requests = a.iter().find(|a| a.unit == Unit::Requests && a.period.is_none()).unwrap();
+        assert_eq!(
+            (requests.limit, requests.remaining, requests.reset),
+            (Some(14_400), Some(14_370), Some(Duration::from_millis(179_560)))
+        );
+        let day = a.iter().find(|a| a.period == Some(Duration::from_secs(86_400))).unwrap();
+        assert_eq!((day.limit, day.remaining), (None, Some(0)));
+    }
+
+    #[test]
+    fn durations_print_as_openai_does() {
+        assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(openai_duration(Duration::ZERO), "0s");
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn a_request_reserves_its_declared_completion_and_its_prompt() {
+        let body = br#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello there"}]}"#;
+        assert_eq!(estimate_tokens(body), 100 + body.len() as u64 / 4);
+        let body = br#"{"max_completion_tokens":7,"max_tokens":100}"#;
+        assert_eq!(estimate_tokens(body), 7 + body.len() as u64 / 4);
+        assert_eq!(estimate_tokens(b"not json"), DEFAULT_COMPLETION_ESTIMATE + 2);
+    }
+
+    #[test]
+    fn usage_is_read_from_json_and_from_the_last_sse_event() {
+        assert_eq!(
+            usage_of(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
+            Some(7)
+        );
+        assert_eq!(usage_of(br#"{"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}}}"#), Some(7));
+        assert_eq!(usage_of(br#"{"choices":[]}"#), None);
+    }
+}
