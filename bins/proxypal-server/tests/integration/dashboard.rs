@@ -47,6 +47,15 @@ async fn dashboard_is_html_with_a_strict_csp_and_needs_no_token() {
         let html = reply.text();
         assert!(html.starts_with("<!doctype html>"));
         assert!(html.contains("id=\"key-rows\"") && html.contains("sessionStorage"));
+        // Each key's quota windows from /stats' `limits` are drawn as bars.
+        for needle in
+            ["k.limits", "resets_in_ms", "blocked_ms", "className = \"bar\"", "\"meter\"", ".bar .fill"]
+        {
+            assert!(html.contains(needle), "the page draws limits as bars ({needle})");
+        }
+        assert!(!html.contains("rate_override"), "a field /stats no longer has");
+        // Names can be anything: the page only inserts text, never markup.
+        assert!(!html.contains("innerHTML") && !html.contains("insertAdjacentHTML"));
         // Self-contained: no external script, style or image.
         for needle in ["src=\"http", "href=\"http", "<script src", "rel=\"stylesheet", "src=\"//", "@import"]
         {
@@ -112,6 +121,23 @@ async fn stats_history_holds_per_interval_deltas() {
                 "{stats}"
             );
             assert_eq!(history_total(&stats, label), 3, "round robin over two keys: {stats}");
+            // What the page's bars are drawn from.
+            let key = &stats["keys"][i];
+            assert_eq!(key["blocked_ms"], 0, "{key}");
+            assert!(key["account"].is_null(), "{key}");
+            let minute = key["limits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["kind"] == "requests" && l["period_seconds"] == 60)
+                .unwrap_or_else(|| panic!("a requests/60s limit: {key}"));
+            assert_eq!(
+                (minute["limit"].as_u64(), minute["used"].as_u64()),
+                (Some(60_000), Some(3)),
+                "{minute}"
+            );
+            assert_eq!(minute["source"], "configured", "{minute}");
+            assert_eq!(minute["scope"], "key", "{minute}");
         }
 
         // Quiet intervals add zeros and keep the sum: the series moves on.
