@@ -26,9 +26,12 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin proxypal \
- && mkdir -p /etc/proxypal && chown proxypal /etc/proxypal
+ && mkdir -p /etc/proxypal /var/lib/proxypal && chown proxypal /etc/proxypal /var/lib/proxypal
 COPY --from=build /proxypal-server /usr/local/bin/proxypal-server
 COPY config/proxypal.docker.yaml /etc/proxypal/proxypal.yaml
+# The quota state store (state.path): mount a volume here so windows, cooldowns
+# and disabled keys survive a new container.
+VOLUME /var/lib/proxypal
 USER proxypal
 ENV PROXYPAL_CONFIG=/etc/proxypal/proxypal.yaml
 EXPOSE 8080

@@ -92,6 +92,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Where quota state is kept across restarts.
+    pub state: StateConfig,
     /// How long shutdown waits for in-flight requests (streams included)
     /// before closing them. Default 30 s.
     #[serde(deserialize_with = "parse::duration")]
@@ -348,6 +350,25 @@ pub struct LimitsConfig {
     pub max_inflight: usize,
 }
 
+/// Where quota state (windows, cooldowns, disabled keys) is kept across
+/// restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StateConfig {
+    /// The embedded store (SQLite). A relative path in the YAML file is
+    /// relative to that file's directory. `null` keeps no state (every
+    /// restart starts with empty windows). Default `proxypal-state.db`;
+    /// `--dev` uses a temporary file.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { path: Some(PathBuf::from("proxypal-state.db")) }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -385,6 +406,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            state: StateConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             workers: None,
             warnings: Vec::new(),
@@ -509,6 +531,10 @@ impl Config {
                 .merge(Serialized::default("rate_limit.requests_per_minute", DEV_REQUESTS_PER_MINUTE))
                 .merge(Serialized::default("auth.allow_unauthenticated", true));
         }
+        let config_dir = match &yaml {
+            Some(YamlSource::File(path)) => path.parent().map(Path::to_owned),
+            _ => None,
+        };
         match yaml {
             Some(YamlSource::File(path)) => {
                 let text = std::fs::read_to_string(path)
@@ -536,6 +562,13 @@ impl Config {
                 config.auth.tokens.push(Secret::new(line.value));
             }
             config.auth.tokens_file = Some(path);
+        }
+        if let Some(file) = config.state.path.clone() {
+            // The default (no layer set it) lives beside the config file too.
+            config.state.path = Some(match (figment.find_metadata("state.path"), &config_dir) {
+                (None, Some(dir)) if file.is_relative() => dir.join(file),
+                _ => resolve_path(&figment, "state.path", &file),
+            });
         }
         if let Some(file) = config.upstream.ca_file.clone() {
             config.upstream.ca_file = Some(resolve_path(&figment, "upstream.ca_file", &file));

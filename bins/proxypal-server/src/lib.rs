@@ -31,6 +31,7 @@ pub mod history;
 pub mod logging;
 pub mod reload;
 pub mod serve;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -53,6 +54,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The quota state store cannot be used (it names the file and what to do).
+    #[error(transparent)]
+    State(#[from] state::StateError),
     /// The listen address could not be bound.
     #[error("listen: cannot bind {addr}: {source}")]
     Bind {
@@ -74,6 +78,8 @@ pub struct Running {
     done: Vec<oneshot::Receiver<()>>,
     /// The history sampler; aborted when this is dropped (after shutdown).
     _history: history::Sampler,
+    /// Saves the quota state every second, and once more at shutdown.
+    state: Option<state::Saver>,
 }
 
 impl Running {
@@ -93,11 +99,16 @@ impl Running {
         self.wait().await;
     }
 
-    /// Waits until the server stops on its own (it does not, unless shut down).
-    pub async fn wait(self) {
-        for done in self.done {
+    /// Waits until the server stops on its own (it does not, unless shut
+    /// down), then saves the quota state a last time, marked clean.
+    pub async fn wait(mut self) {
+        for done in std::mem::take(&mut self.done) {
             // An error means the loop's thread or task is gone: stopped as well.
             let _ = done.await;
+        }
+        if let Some(saver) = self.state.take() {
+            // A short blocking write: off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || saver.finish()).await;
         }
     }
 
@@ -158,6 +169,16 @@ pub async fn start_with(
     options: StartOptions,
 ) -> Result<Running, StartError> {
     let app = App::new(config, dev)?;
+    // State first: a foreign file stops the start before anything listens.
+    let state_path = if dev { Some(dev_state_path()) } else { config.state.path.clone() };
+    let saver = match state_path {
+        Some(path) => {
+            let store = state::restore(app.gateway(), &path)?;
+            let gateway = std::sync::Arc::clone(app.gateway());
+            Some(state::Saver::start(gateway, store).map_err(|source| StartError::Worker { source })?)
+        }
+        None => None,
+    };
     let bind_error = |source| StartError::Bind { addr: config.listen, source };
     let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
@@ -185,7 +206,7 @@ pub async fn start_with(
         }
     };
     let sampler = history::spawn(app.gateway(), app.history(), options.history_interval);
-    Ok(Running { addr, app, stop, done, _history: sampler })
+    Ok(Running { addr, app, stop, done, _history: sampler, state: saver })
 }
 
 /// Resolves once `stop` turns `true` (or its sender is gone).
@@ -230,4 +251,9 @@ fn spawn_workers(
         done.push(done_rx);
     }
     Ok(done)
+}
+
+/// `--dev`'s state store: a file of this process in the temp directory.
+fn dev_state_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("proxypal-dev-state-{}.db", std::process::id()))
 }

@@ -78,11 +78,10 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("proxypal-server: {e}");
-            return ExitCode::from(if matches!(e, proxypal_server::StartError::Build(_)) {
-                EXIT_CONFIG
-            } else {
-                EXIT_START
-            });
+            // A bad config or state file is the operator's to fix: 64, like any config error.
+            let config_error =
+                matches!(e, proxypal_server::StartError::Build(_) | proxypal_server::StartError::State(_));
+            return ExitCode::from(if config_error { EXIT_CONFIG } else { EXIT_START });
         }
     };
     tracing::info!(

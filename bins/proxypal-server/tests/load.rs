@@ -82,7 +82,8 @@ async fn five_thousand_requests_at_200_concurrent_spread_evenly_without_errors_o
         let keys = generate_test_keys(KEYS);
         let sim = SimServer::start(SimConfig::fast()).unwrap();
         let mut config = proxy_config(&sim, &keys);
-        config.rate_limit.requests_per_minute = Some(10_000_000);
+        config.state.path = None;
+    config.rate_limit.requests_per_minute = Some(10_000_000);
         // Served the way the binary serves: worker threads, each with its
         // own runtime and upstream connection pool.
         let options = proxypal_server::StartOptions {

@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod openai;
 pub mod quota;
 mod reply;
+pub mod state;
 
 pub use admission::REQUEST_ID;
 pub use body::{BoxError, ProxyBody, full};

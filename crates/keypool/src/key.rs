@@ -308,9 +308,19 @@ impl KeyState {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    /// Clears `DISABLED` only (a reload re-enables keys but keeps cooldowns).
-    pub(crate) fn clear_disabled(&self) {
-        let _ = self.blocked_until.compare_exchange(DISABLED, READY, Ordering::AcqRel, Ordering::Relaxed);
+    /// Sets a saved state again: a cooldown (extended, never shortened) or disabled.
+    pub(crate) fn restore(&self, status: KeyStatus, now_ns: u64) {
+        match status {
+            KeyStatus::Ready => {}
+            KeyStatus::Disabled => self.blocked_until.store(DISABLED, Ordering::Release),
+            KeyStatus::CoolingDown { remaining, reason } => {
+                let reason = match reason {
+                    CooldownReason::RateLimited => REASON_RATE_LIMITED,
+                    CooldownReason::Failures => REASON_FAILURES,
+                };
+                self.block_until(now_ns.saturating_add(nanos(remaining)), reason);
+            }
+        }
     }
 
     pub(crate) fn counters(&self) -> KeyCounters {

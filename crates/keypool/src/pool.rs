@@ -330,6 +330,16 @@ impl<A> KeyPool<A> {
         }
     }
 
+    /// Puts the key at `index` back into a state saved earlier (after a
+    /// restart): a cooldown for its `remaining` time with its reason, or
+    /// disabled. A cooldown never shortens one already running. Returns
+    /// `false` if there is no such key.
+    pub fn restore(&self, index: usize, status: crate::KeyStatus) -> bool {
+        let Some(key) = self.current.load().keys.get(index).cloned() else { return false };
+        key.state.restore(status, self.now_ns());
+        true
+    }
+
     /// Time until the first key that is cooling down becomes usable: `Some(ZERO)`
     /// if a key is usable now, `None` if every key is disabled (or there are none).
     pub fn time_to_usable(&self) -> Option<Duration> {
@@ -401,8 +411,8 @@ impl<A> KeyPool<A> {
 
     /// Replaces the key set while selections go on.
     ///
-    /// Keys whose secret is in both sets keep their counters and cooldowns and
-    /// are re-enabled if they were disabled; their name and rate override come
+    /// Keys whose secret is in both sets keep their counters, cooldowns and
+    /// disabled state ([`enable`](Self::enable) clears it); their name and rate override come
     /// from the new spec. `attach` builds the new attachment; it gets the new
     /// keys and, for each, its index in the old set (so a limiter can carry the
     /// state of keys that stay).
@@ -426,11 +436,7 @@ impl<A> KeyPool<A> {
                 let prev = by_secret.get(spec.secret.expose()).copied();
                 previous_index.push(prev);
                 let state = match prev {
-                    Some(i) => {
-                        let state = Arc::clone(&old.keys[i].state);
-                        state.clear_disabled();
-                        state
-                    }
+                    Some(i) => Arc::clone(&old.keys[i].state),
                     None => Arc::default(),
                 };
                 Arc::new(Key::new(spec, state))

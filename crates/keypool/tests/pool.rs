@@ -216,7 +216,7 @@ fn reload_keeps_state_of_staying_keys_and_drops_removed_ones_at_once() {
     assert_eq!(report.previous_index, [Some(2), Some(1), None]);
     assert_eq!((report.added, report.kept, report.removed), (1, 2, 1));
     let snap = pool.snapshot();
-    assert_eq!(snap[0].status, KeyStatus::Ready, "a reload re-enables disabled keys");
+    assert_eq!(snap[0].status, KeyStatus::Disabled, "a disabled key stays disabled across a reload");
     assert_eq!(snap[0].counters.requests, 1);
     assert!(matches!(snap[1].status, KeyStatus::CoolingDown { .. }), "cooldowns survive");
     assert_eq!(snap[1].name.as_deref(), Some("renamed"));
@@ -343,4 +343,26 @@ fn time_to_selectable_combines_cooldowns_with_the_callers_wait() {
         None,
         "disabled keys are left out"
     );
+}
+
+#[test]
+fn a_saved_state_comes_back_after_a_restart() {
+    let pool = KeyPool::new((0..3).map(|i| KeySpec::new(format!("nvapi-restore-test-{i:020}")))).unwrap();
+    assert!(pool.restore(0, KeyStatus::Disabled));
+    let resting =
+        KeyStatus::CoolingDown { remaining: Duration::from_secs(30), reason: CooldownReason::RateLimited };
+    assert!(pool.restore(1, resting));
+    assert!(pool.restore(2, KeyStatus::Ready));
+    assert!(!pool.restore(3, KeyStatus::Disabled), "no such key");
+    let snap = pool.snapshot();
+    assert_eq!(snap[0].status, KeyStatus::Disabled);
+    match snap[1].status {
+        KeyStatus::CoolingDown { remaining, reason } => {
+            assert!(remaining > Duration::from_secs(29) && remaining <= Duration::from_secs(30));
+            assert_eq!(reason, CooldownReason::RateLimited);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(snap[2].status, KeyStatus::Ready);
+    assert_eq!(pool.select().map(|k| k.index()), Some(2), "only the restored-ready key is selectable");
 }

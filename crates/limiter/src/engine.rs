@@ -613,7 +613,13 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
 
     /// Restores budgets saved by [`save`](Self::save) (same naming); windows
     /// are matched by unit and period, and what does not match is dropped.
-    pub fn restore(&self, saved: &[SavedBudget], key_id: impl Fn(usize) -> String) {
+    ///
+    /// `crashed_at`: the save time of a state that was *not* written at a
+    /// clean shutdown, so grants made after it were lost. The engine then errs
+    /// on the safe side: a rolling request window of an hour or less counts as
+    /// full until one period after that instant; longer and token windows count
+    /// the last second before it once more (an estimate of what was lost).
+    pub fn restore(&self, saved: &[SavedBudget], key_id: impl Fn(usize) -> String, crashed_at: Option<u64>) {
         let now = self.clock.now();
         let by_id: HashMap<&str, &SavedBudget> = saved.iter().map(|b| (b.id.as_str(), b)).collect();
         let mut done = std::collections::HashSet::new();
@@ -638,12 +644,35 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                         if w.window.unit == Unit::Tokens && saved.reserved > 0 {
                             entries.push(Entry { at: now, amount: saved.reserved });
                         }
+                        if let Some(at) = crashed_at {
+                            let short = w.window.unit == Unit::Requests
+                                && matches!(w.window.reset, crate::Reset::Rolling)
+                                && w.window.period <= Duration::from_secs(3_600);
+                            let lost = if short { w.limit() } else { last_second(saved, w.window.unit, at) };
+                            // A day counter matches its entry by its reset instant.
+                            let when = if s.fixed { s.entries.first().map_or(at, |e| e.0) } else { at };
+                            entries.push(Entry { at: when, amount: lost });
+                        }
                         w.restore(&entries, s.fixed, now);
                     }
                 }
             }
         }
     }
+}
+
+/// What `saved` granted of `unit` in the second before `at`, by its rolling
+/// windows (each grant is in all of them: the largest sum), at least one.
+fn last_second(saved: &SavedBudget, unit: Unit, at: u64) -> u64 {
+    let since = at.saturating_sub(1_000_000_000);
+    saved
+        .windows
+        .iter()
+        .filter(|w| w.unit == unit && !w.fixed)
+        .map(|w| w.entries.iter().filter(|(t, _)| *t > since).map(|(_, a)| *a).sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// What an upstream announced about one limit (see `x-ratelimit-*`).
@@ -1084,7 +1113,7 @@ mod tests {
         let saved = e.save(|i| format!("k{i}"));
         clock.advance(Duration::from_secs(5));
         let fresh = engine(&[limits], &clock);
-        fresh.restore(&saved, |i| format!("k{i}"));
+        fresh.restore(&saved, |i| format!("k{i}"), None);
         assert!(fresh.try_acquire(0, 0).is_none(), "no 41st request after the restart");
         let report = fresh.report(0);
         assert_eq!(report.iter().map(|l| l.used).collect::<Vec<_>>(), [40, 40]);
@@ -1099,7 +1128,29 @@ mod tests {
             }],
             &clock,
         );
-        next_day.restore(&saved, |i| format!("k{i}"));
+        next_day.restore(&saved, |i| format!("k{i}"), None);
         assert_eq!(next_day.report(0)[0].used, 0);
+    }
+
+    #[test]
+    fn after_a_crash_the_restored_windows_err_on_the_safe_side() {
+        let clock = ManualClock::at("2026-11-30T12:00:00Z").unwrap();
+        let limits = Limits { requests_per_day: Some(100), ..Limits::nvidia_free_tier() };
+        let e = engine(std::slice::from_ref(&limits), &clock);
+        for _ in 0..5 {
+            e.try_acquire(0, 0).unwrap();
+        }
+        let saved = e.save(|i| format!("k{i}"));
+        let saved_at = clock.now();
+        clock.advance(Duration::from_secs(2));
+        let fresh = engine(&[limits], &clock);
+        fresh.restore(&saved, |i| format!("k{i}"), Some(saved_at));
+        // Grants after the last save were lost: the minute counts as full until a
+        // minute (+ margin) after it; the day adds the last second once more.
+        assert!(fresh.try_acquire(0, 0).is_none());
+        assert_eq!(fresh.wait(0, 0).unwrap().wait, Duration::from_millis(58_500));
+        let day =
+            fresh.report(0).into_iter().find(|l| l.period == Some(Duration::from_secs(86_400))).unwrap();
+        assert_eq!(day.used, 10, "5 saved + the 5 of the last second again");
     }
 }

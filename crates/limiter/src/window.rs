@@ -266,10 +266,8 @@ impl WindowState {
                 log.expire(now, self.window.span);
             }
             Counter::Fixed { used, resets_at } if fixed => {
-                if let Some(e) = entries.first() {
-                    if e.at == *resets_at {
-                        *used = used.saturating_add(e.amount);
-                    }
+                for e in entries.iter().filter(|e| e.at == *resets_at) {
+                    *used = used.saturating_add(e.amount);
                 }
             }
             _ => {}

@@ -42,6 +42,8 @@ pub fn proxy_config(sim: &SimHandle, keys: &[String]) -> Config {
     config.rate_limit.requests_per_minute = Some(60_000);
     config.retry.queue_timeout = Duration::from_secs(5);
     config.shutdown_grace = Duration::from_secs(2);
+    // No state file unless a test asks for one (tests run side by side).
+    config.state.path = None;
     config
 }
 

@@ -178,9 +178,13 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
     assert_eq!(c.keys[1].name.as_deref(), Some("team-b"));
     assert_eq!(c.keys[1].limits.requests_per_minute, Some(20));
     assert_eq!(c.keys[1].limits.burst, Some(2));
+    // The state file sits beside the config file.
+    let state = c.state.path.clone().unwrap();
+    assert_eq!(state, path.parent().unwrap().join("proxypal-state.db"));
     // Everything else in the example is the default.
     let mut expected = Config::default();
     expected.keys = c.keys.clone();
+    expected.state = c.state.clone();
     assert_eq!(c, expected);
 
     // The example documents every field and its variable.
@@ -206,6 +210,7 @@ fn example_file_parses_and_it_and_the_docs_name_every_variable() {
         "PROXYPAL_RATE_LIMIT__TOKENS_PER_DAY",
         "PROXYPAL_RATE_LIMIT__MAX_CONCURRENT",
         "PROXYPAL_RATE_LIMIT__MARGIN",
+        "PROXYPAL_STATE__PATH",
         "PROXYPAL_RETRY__MAX_ATTEMPTS",
         "PROXYPAL_RETRY__QUEUE_TIMEOUT",
         "PROXYPAL_RETRY__RATE_LIMIT_COOLDOWN",

@@ -37,6 +37,7 @@ pub use crate::common::{HttpClient, Reply, http_client, masked, send};
 /// moment ago.
 pub fn proxy_config(sim: &SimHandle, keys: &[String]) -> Config {
     let mut config = common::proxy_config(sim, keys);
+    config.state.path = None;
     config.rate_limit.requests_per_minute = Some(600_000);
     config.retry.failure_cooldown = Duration::from_millis(20);
     config.retry.max_failure_cooldown = Duration::from_millis(40);

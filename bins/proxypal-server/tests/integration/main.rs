@@ -23,6 +23,7 @@ mod config;
 mod dashboard;
 mod hardening;
 mod observability;
+mod persistence;
 mod proxy;
 mod quota;
 mod windows;

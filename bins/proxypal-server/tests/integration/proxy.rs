@@ -669,7 +669,10 @@ impl TempConfig {
     fn new(yaml: &str) -> Self {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("proxypal-proxy-test-{}-{n}.yaml", std::process::id()));
+        // A directory of its own: the state file (next to the config) is private too.
+        let dir = std::env::temp_dir().join(format!("proxypal-proxy-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxypal.yaml");
         std::fs::write(&path, yaml).unwrap();
         Self(path)
     }
@@ -677,7 +680,9 @@ impl TempConfig {
 
 impl Drop for TempConfig {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -1,0 +1,128 @@
+//! What the gateway keeps across restarts: every budget's windows, blocks and
+//! reservations (from the quota engine) and each key's cooldown or disabled
+//! state. Keys are named by a fingerprint of their secret, never by the secret.
+//! Where the state is stored is the embedder's choice (the server keeps it in
+//! SQLite); [`SavedState`] is plain data.
+
+use std::time::Duration;
+
+use proxypal_keypool::{CooldownReason, KeyStatus};
+use proxypal_limiter::{QuotaClock, SavedBudget};
+
+use crate::Gateway;
+
+/// A key's stable, one-way name: `sha256:` and the first 128 bits of the
+/// SHA-256 of its secret, in hex. Safe to store and show; it cannot be turned
+/// back into the key.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    let mut out = String::with_capacity(7 + 32);
+    out.push_str("sha256:");
+    for byte in digest.as_ref().iter().take(16) {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// One key's cooldown or disabled state, saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedKey {
+    /// The key's [`fingerprint`].
+    pub id: String,
+    /// Disabled (the upstream rejected it).
+    pub disabled: bool,
+    /// Cooling down until (Unix nanoseconds), and why.
+    pub cooling: Option<(u64, CooldownReason)>,
+}
+
+/// Everything the gateway saves, at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedState {
+    /// When it was taken (Unix nanoseconds, the quota engine's clock).
+    pub saved_at: u64,
+    /// Every budget: `key:<fingerprint>` or `account:<name>`.
+    pub budgets: Vec<SavedBudget>,
+    /// Keys that were cooling down or disabled.
+    pub keys: Vec<SavedKey>,
+}
+
+/// # Saving and restoring state
+impl Gateway {
+    /// The state worth keeping across a restart, now. Cheap enough to call
+    /// every second; never blocks a request for long (each budget's lock is
+    /// held only while its windows are copied).
+    pub fn save_state(&self) -> SavedState {
+        let quotas = self.quotas();
+        let saved_at = quotas.clock().now();
+        let ids = self.key_ids();
+        let budgets = quotas.save(|i| ids.get(i).cloned().unwrap_or_default());
+        let keys = self
+            .keys()
+            .snapshot()
+            .into_iter()
+            .filter_map(|k| {
+                let id = ids.get(k.index)?.clone();
+                match k.status {
+                    KeyStatus::Ready => None,
+                    KeyStatus::Disabled => Some(SavedKey { id, disabled: true, cooling: None }),
+                    KeyStatus::CoolingDown { remaining, reason } => {
+                        let until =
+                            saved_at.saturating_add(u64::try_from(remaining.as_nanos()).unwrap_or(u64::MAX));
+                        Some(SavedKey { id, disabled: false, cooling: Some((until, reason)) })
+                    }
+                }
+            })
+            .collect();
+        SavedState { saved_at, budgets, keys }
+    }
+
+    /// Puts a saved state back: windows, blocks, cooldowns and disabled keys
+    /// of the keys (matched by fingerprint) and accounts (by name) that are
+    /// still configured. `crashed`: the state was not saved at a clean
+    /// shutdown, so the engine errs on the safe side for what was lost after
+    /// it (see [`QuotaEngine::restore`](proxypal_limiter::QuotaEngine::restore)).
+    pub fn restore_state(&self, state: &SavedState, crashed: bool) {
+        let quotas = self.quotas();
+        let ids = self.key_ids();
+        quotas.restore(
+            &state.budgets,
+            |i| ids.get(i).cloned().unwrap_or_default(),
+            crashed.then_some(state.saved_at),
+        );
+        let now = quotas.clock().now();
+        for (index, id) in ids.iter().enumerate() {
+            let Some(saved) = state.keys.iter().find(|k| &k.id == id) else { continue };
+            let status = match saved.cooling {
+                _ if saved.disabled => KeyStatus::Disabled,
+                Some((until, reason)) if until > now => {
+                    KeyStatus::CoolingDown { remaining: Duration::from_nanos(until - now), reason }
+                }
+                _ => continue,
+            };
+            self.keys().restore(index, status);
+        }
+    }
+
+    /// Each key's fingerprint, in key-set order.
+    fn key_ids(&self) -> Vec<String> {
+        self.keys().with_current(|keys, _| keys.iter().map(|k| fingerprint(k.secret().expose())).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_stable_and_reveals_nothing() {
+        let key = "nvapi-fingerprint-test-0000000000000001";
+        let f = fingerprint(key);
+        assert_eq!(f, fingerprint(key));
+        assert_eq!(f.len(), 7 + 32);
+        assert!(f.starts_with("sha256:"));
+        assert!(!f.contains("nvapi") && !f.contains("0001"));
+        assert_ne!(f, fingerprint("nvapi-fingerprint-test-0000000000000002"));
+        // SHA-256("abc") starts ba7816bf8f01cfea414140de5dae2223.
+        assert_eq!(fingerprint("abc"), "sha256:ba7816bf8f01cfea414140de5dae2223");
+    }
+}
