@@ -313,6 +313,11 @@ where
                 if let Some(data) = frame.data_ref() {
                     self.as_mut().take(data.chunk());
                 }
+                // hyper stops polling a body that says it has ended (a known
+                // length fully sent): settle now, not at drop.
+                if self.inner.is_end_stream() {
+                    self.as_mut().finish();
+                }
             }
             Poll::Ready(None) => self.as_mut().finish(),
             _ => {}
@@ -402,5 +407,52 @@ mod tests {
         );
         assert_eq!(usage_of(br#"{"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}}}"#), Some(7));
         assert_eq!(usage_of(br#"{"choices":[]}"#), None);
+    }
+
+    /// An engine with one token window, and a permit reserving 500 tokens.
+    fn reserved() -> (std::sync::Arc<crate::Engine>, Permit<SharedClock>) {
+        use proxypal_limiter::{KeyBudget, Limits, ManualClock};
+        let limits = Limits { tokens_per_minute: Some(10_000), ..Limits::default() };
+        let budget = KeyBudget { own: Some(limits.compile().unwrap()), ..KeyBudget::default() };
+        let clock: SharedClock = std::sync::Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+        let engine = std::sync::Arc::new(proxypal_limiter::QuotaEngine::new([budget], clock));
+        let permit = engine.try_acquire(0, 500).unwrap();
+        (engine, permit)
+    }
+
+    async fn drain(body: impl Body<Data = Bytes, Error = std::convert::Infallible>) {
+        use http_body_util::BodyExt;
+        let _ = body.collect().await.unwrap();
+    }
+
+    fn frames(parts: &[&str]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from(p.to_string())))).collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_stream_settles_with_its_last_usage_event_split_across_frames() {
+        let (engine, permit) = reserved();
+        assert_eq!(engine.report(0)[0].used, 500, "reserved");
+        let body = frames(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,",
+            "\"completion_tokens\":32,\"total_tokens\":42}}\n\ndata: [DONE]\n\n",
+        ]);
+        drain(UsageTap::new(body, true, permit)).await;
+        assert_eq!(engine.report(0)[0].used, 42, "the reservation is replaced by the reported usage");
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_settles_with_its_usage_and_a_dropped_one_keeps_the_reservation() {
+        let (engine, permit) = reserved();
+        let body = frames(&["{\"id\":\"x\",\"usage\":{\"total_tokens\"", ":7}}"]);
+        drain(UsageTap::new(body, false, permit)).await;
+        assert_eq!(engine.report(0)[0].used, 7);
+
+        let (engine, permit) = reserved();
+        drop(UsageTap::new(frames(&["{\"usage\":{\"total_tokens\":7}}"]), false, permit));
+        assert_eq!(engine.report(0)[0].used, 500, "cut before the end: the reservation counts");
     }
 }

@@ -267,3 +267,76 @@ async fn keys_of_one_account_share_its_budget_and_responses_carry_the_pools_limi
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_windows_reserve_then_settle_with_the_reported_usage() {
+    bounded(async {
+        // Each answer uses 50 completion tokens plus the prompt (body bytes / 4);
+        // the upstream allows 1 000 tokens per 20 s per key and so does the proxy.
+        let period = Duration::from_secs(20);
+        let rig = Rig::start(
+            1,
+            |s| s.with_completion_tokens(50).with_token_limit(1_000, period),
+            |c| {
+                let mut fields = only(rolling(1_000, period), Duration::from_millis(50));
+                fields.windows = Some(vec![yaml_serde::from_str("{ tokens: 1000, per: 20s }").unwrap()]);
+                c.rate_limit = fields;
+                c.retry.queue_timeout = Duration::from_millis(300);
+            },
+        )
+        .await;
+        let mut served = 0;
+        for _ in 0..40 {
+            let reply = rig.chat().await;
+            match reply.status {
+                StatusCode::OK => served += 1,
+                StatusCode::TOO_MANY_REQUESTS => break,
+                other => panic!("{other}: {}", reply.text()),
+            }
+        }
+        let stats = rig.sim.stats();
+        assert_eq!(stats.total_rate_limited(), 0, "the upstream never refused for tokens");
+        let used = stats.account(&rig.keys[0]).tokens;
+        // Served while used + reserved stayed below 1 000: the settled usage, not the
+        // reservation (1 024 + prompt, alone above the limit), decides.
+        assert!(served >= 5, "only {served} served: reservations were not replaced by usage");
+        assert!(used <= 1_000 + 100, "{used} tokens in the window");
+        let key = rig.key_stats(0).await;
+        let tokens =
+            key["limits"].as_array().unwrap().iter().find(|l| l["kind"] == "tokens").unwrap().clone();
+        assert_eq!(
+            tokens["used"].as_u64(),
+            Some(used),
+            "the proxy counted what the upstream reported: {tokens}"
+        );
+        rig.server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_reset_clears_a_disabled_key() {
+    bounded(async {
+        let rig = Rig::start(1, |s| s, |c| c.keys[0].name = Some("k0".into())).await;
+        rig.server.app().gateway().keys().report(
+            &rig.server.app().gateway().keys().select().unwrap(),
+            proxypal_gateway::keypool::Outcome::AuthFailed,
+        );
+        assert_eq!(rig.key_stats(0).await["state"], "disabled");
+        let post = |path: &str| {
+            http::Request::builder()
+                .method(http::Method::POST)
+                .uri(rig.url(path))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap()
+        };
+        let missing = send(&rig.http, post("/admin/keys/nobody/reset")).await;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND);
+        let reply = send(&rig.http, post("/admin/keys/k0/reset")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(rig.key_stats(0).await["state"], "ready");
+        assert_eq!(rig.chat().await.status, StatusCode::OK);
+        rig.server.shutdown().await;
+    })
+    .await;
+}
