@@ -180,7 +180,10 @@ async fn quota_burst_of_two_windows_is_served_at_once() {
     waits.sort();
     let median = waits[waits.len() / 2];
     let upstream_429 = up.sim.stats().total_rate_limited();
-    println!("| burst: 80 at once, 2 keys × 40 per rolling 60 s | served {ok} of 80 | median wait {median:?} | max {:?} | upstream 429s {upstream_429} |", waits[waits.len() - 1]);
+    println!(
+        "| burst: 80 at once, 2 keys × 40 per rolling 60 s | served {ok} of 80 | median wait {median:?} | max {:?} | upstream 429s {upstream_429} |",
+        waits[waits.len() - 1]
+    );
     assert_eq!(ok, 80);
     assert_eq!(upstream_429, 0);
     assert!(median < Duration::from_secs(2), "median wait {median:?}");
@@ -190,7 +193,9 @@ async fn quota_burst_of_two_windows_is_served_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs 150 s: the issue-11 sustained case; run explicitly or through benches/run.sh"]
 async fn quota_sustained_three_times_the_quota_uses_the_rolling_windows_fully() {
-    let secs = Duration::from_secs(std::env::var("QUOTA_SUSTAINED_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(150));
+    let secs = Duration::from_secs(
+        std::env::var("QUOTA_SUSTAINED_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(150),
+    );
     let (up, mut config) = nvidia_like();
     config.retry.queue_timeout = Duration::from_secs(90);
     let server = proxypal_server::start(&config, false).await.unwrap();

@@ -340,3 +340,39 @@ async fn an_operator_reset_clears_a_disabled_key() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_429_rests_the_key_only_until_its_own_window_frees() {
+    bounded(async {
+        // 2 per 4 s per key; the upstream answers the second request with NVIDIA's
+        // bare 429 (no Retry-After). The window frees ~4 s after the first grant:
+        // the key rests that long, not `rate_limit_cooldown` (60 s).
+        let rig = Rig::start(
+            1,
+            |s| s,
+            |c| {
+                c.rate_limit = only(rolling(2, Duration::from_secs(4)), Duration::from_millis(50));
+                c.retry.queue_timeout = Duration::from_millis(200);
+            },
+        )
+        .await;
+        assert_eq!(rig.chat().await.status, StatusCode::OK);
+        rig.sim.push_fault(proxypal_nim_sim::Fault::rate_limited(), proxypal_nim_sim::FaultTarget::Any);
+        let reply = rig.chat().await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+        let key = rig.key_stats(0).await;
+        assert_eq!(key["state"], "cooling_down", "{key}");
+        let rest = key["cooldown_remaining_ms"].as_u64().unwrap();
+        assert!(rest <= 4_050 && rest >= 3_000, "rests {rest} ms: until the window frees, not 60 s");
+
+        // Without a window that frees sooner, the configured cooldown applies.
+        let rig2 = Rig::start(1, |s| s, |c| c.retry.queue_timeout = Duration::from_millis(200)).await;
+        rig2.sim.push_fault(proxypal_nim_sim::Fault::rate_limited(), proxypal_nim_sim::FaultTarget::Any);
+        assert_eq!(rig2.chat().await.status, StatusCode::TOO_MANY_REQUESTS);
+        let rest = rig2.key_stats(0).await["cooldown_remaining_ms"].as_u64().unwrap();
+        assert!(rest > 59_000, "the configured 60 s: {rest} ms");
+        rig.server.shutdown().await;
+        rig2.server.shutdown().await;
+    })
+    .await;
+}
