@@ -80,6 +80,8 @@ pub struct Running {
     _history: history::Sampler,
     /// Saves the quota state every second, and once more at shutdown.
     state: Option<state::Saver>,
+    /// `--dev`'s temporary state file, removed after the last save.
+    temporary_state: Option<std::path::PathBuf>,
 }
 
 impl Running {
@@ -109,6 +111,13 @@ impl Running {
         if let Some(saver) = self.state.take() {
             // A short blocking write: off the runtime's threads.
             let _ = tokio::task::spawn_blocking(move || saver.finish()).await;
+        }
+        if let Some(path) = self.temporary_state.take() {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
         }
     }
 
@@ -206,7 +215,8 @@ pub async fn start_with(
         }
     };
     let sampler = history::spawn(app.gateway(), app.history(), options.history_interval);
-    Ok(Running { addr, app, stop, done, _history: sampler, state: saver })
+    let temporary_state = dev.then(dev_state_path);
+    Ok(Running { addr, app, stop, done, _history: sampler, state: saver, temporary_state })
 }
 
 /// Resolves once `stop` turns `true` (or its sender is gone).
