@@ -211,7 +211,10 @@ where
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
     let mut resp = run(gw, settings, req, rest, slot, &mut attempts).await;
-    crate::quota::pool_headers(gw.keys, gw.pool_headers).apply(resp.headers_mut());
+    // Not for a client that failed to authenticate: the pool's size is not its business.
+    if resp.status() != StatusCode::UNAUTHORIZED {
+        crate::quota::pool_headers(gw.keys, gw.pool_headers).apply(resp.headers_mut());
+    }
     let metrics = gw.metrics;
     attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
     metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
