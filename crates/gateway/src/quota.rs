@@ -188,21 +188,25 @@ pub(crate) fn pool_headers(
         keys.snapshot().iter().map(|k| k.status == proxypal_keypool::KeyStatus::Ready).collect();
     let minute = Duration::from_secs(60);
     let mut values = Vec::new();
+    const NAMES: [(Unit, [&str; 3]); 2] = [
+        (
+            Unit::Requests,
+            ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+        ),
+        (
+            Unit::Tokens,
+            ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+        ),
+    ];
     keys.with_current(|_, resources| {
-        for (unit, suffix) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
+        for (unit, [limit, remaining, reset]) in NAMES {
             let include = |i: usize| usable.get(i).copied().unwrap_or(false);
             let Some(sum) = resources.quotas.pool_window(unit, minute, include) else { continue };
-            for (field, text) in [
-                ("limit", sum.limit.to_string()),
-                ("remaining", sum.remaining.to_string()),
-                ("reset", openai_duration(sum.reset)),
-            ] {
-                let name = format!("x-ratelimit-{field}-{suffix}");
-                if let (Ok(name), Ok(value)) =
-                    (http::HeaderName::try_from(name), http::HeaderValue::try_from(text))
-                {
-                    values.push((name, value));
-                }
+            // Static names: cloning one per response costs nothing.
+            values.push((http::HeaderName::from_static(limit), http::HeaderValue::from(sum.limit)));
+            values.push((http::HeaderName::from_static(remaining), http::HeaderValue::from(sum.remaining)));
+            if let Ok(value) = http::HeaderValue::try_from(openai_duration(sum.reset)) {
+                values.push((http::HeaderName::from_static(reset), value));
             }
         }
     });

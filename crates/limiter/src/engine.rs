@@ -617,8 +617,9 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// `crashed_at`: the save time of a state that was *not* written at a
     /// clean shutdown, so grants made after it were lost. The engine then errs
     /// on the safe side: a rolling request window of an hour or less counts as
-    /// full until one period after that instant; longer and token windows count
-    /// the last second before it once more (an estimate of what was lost).
+    /// full until one period after now (the lost grants were made before now);
+    /// longer and token windows count the last second before `crashed_at` once
+    /// more (an estimate of what was lost).
     pub fn restore(&self, saved: &[SavedBudget], key_id: impl Fn(usize) -> String, crashed_at: Option<u64>) {
         let now = self.clock.now();
         let by_id: HashMap<&str, &SavedBudget> = saved.iter().map(|b| (b.id.as_str(), b)).collect();
@@ -649,8 +650,14 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                                 && matches!(w.window.reset, crate::Reset::Rolling)
                                 && w.window.period <= Duration::from_secs(3_600);
                             let lost = if short { w.limit() } else { last_second(saved, w.window.unit, at) };
-                            // A day counter matches its entry by its reset instant.
-                            let when = if s.fixed { s.entries.first().map_or(at, |e| e.0) } else { at };
+                            // Full from now, not from the save: the lost grants happened at
+                            // some time up to the crash, which is before now. A day counter
+                            // matches its entry by its reset instant.
+                            let when = match (short, s.entries.first()) {
+                                (true, _) => now,
+                                (false, Some(first)) if s.fixed => first.0,
+                                _ => at,
+                            };
                             entries.push(Entry { at: when, amount: lost });
                         }
                         w.restore(&entries, s.fixed, now);
@@ -1145,10 +1152,10 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         let fresh = engine(&[limits], &clock);
         fresh.restore(&saved, |i| format!("k{i}"), Some(saved_at));
-        // Grants after the last save were lost: the minute counts as full until a
-        // minute (+ margin) after it; the day adds the last second once more.
+        // Grants after the last save were lost: the minute counts as full for a
+        // minute (+ margin) from the restart; the day adds the last second once more.
         assert!(fresh.try_acquire(0, 0).is_none());
-        assert_eq!(fresh.wait(0, 0).unwrap().wait, Duration::from_millis(58_500));
+        assert_eq!(fresh.wait(0, 0).unwrap().wait, Duration::from_millis(60_500));
         let day =
             fresh.report(0).into_iter().find(|l| l.period == Some(Duration::from_secs(86_400))).unwrap();
         assert_eq!(day.used, 10, "5 saved + the 5 of the last second again");
