@@ -136,12 +136,11 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
                 unauthorized("/metrics needs a client token")
             }
         }
-        (&Method::POST, p) if p.starts_with("/admin/keys/") && p.ends_with("/reset") => {
+        (&Method::POST, p) if reset_target(p).is_some() => {
             if !authorized(app, &req) {
                 return unauthorized("/admin needs a client token");
             }
-            let raw = &p["/admin/keys/".len()..p.len() - "/reset".len()];
-            let name = percent_decode(raw);
+            let name = percent_decode(reset_target(p).unwrap_or_default());
             if app.gateway().reset_key(&name) {
                 tracing::info!(key = %name, "key reset by an operator: cooldown, disabled state and learned limits cleared");
                 proxypal_gateway::openai::json_response(StatusCode::OK, &serde_json::json!({"reset": name}))
@@ -160,6 +159,11 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
         }
         _ => not_found(path),
     }
+}
+
+/// The `{name}` of `/admin/keys/{name}/reset` (non-empty), if `path` is one.
+fn reset_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/admin/keys/")?.strip_suffix("/reset").filter(|name| !name.is_empty())
 }
 
 /// `%XX` escapes decoded (a masked label's `…` arrives as `%E2%80%A6`);

@@ -6,10 +6,8 @@
 //! transaction — never on the request path, never more than about a second of
 //! state lost in a crash — and once more at a clean shutdown, marked clean.
 //! At start the saved state is put back; after a crash (no clean mark) the
-//! quota engine errs on the safe side for what was lost. A save whose content
-//! did not change is skipped (an idle proxy does not write every second); the
-//! safe side after a crash is therefore measured from the restart, not from
-//! the last save.
+//! quota engine errs on the safe side for what was lost, from the last save.
+//! A save whose content did not change only updates the save time.
 //!
 //! Keys are stored by fingerprint only (`sha256:…`), never the key itself.
 
@@ -29,6 +27,10 @@ use serde_json::Value;
 const FORMAT: &str = "proxypal-state";
 /// The schema this build writes and reads.
 const VERSION: i64 = 1;
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// How often the state is saved.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -105,8 +107,11 @@ impl StateStore {
                 )));
             }
         }
+        // Tables and the format mark in one transaction: a kill in between
+        // cannot leave a file that a later start takes for someone else's.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
+             BEGIN;
              CREATE TABLE IF NOT EXISTS proxypal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS proxypal_budgets (
                  id TEXT PRIMARY KEY, blocked_until INTEGER NOT NULL, reserved INTEGER NOT NULL, windows TEXT NOT NULL);
@@ -119,6 +124,7 @@ impl StateStore {
             params![FORMAT, VERSION.to_string()],
         )
         .map_err(io)?;
+        conn.execute_batch("COMMIT;").map_err(io)?;
         Ok(Self { conn, path: path.to_owned() })
     }
 
@@ -187,6 +193,21 @@ impl StateStore {
             keys.push(SavedKey { id, disabled, cooling: until.map(|u| (to_u64(u), reason)) });
         }
         Ok(Some((SavedState { saved_at, budgets, keys }, clean)))
+    }
+
+    /// Records that the stored state is still current at `saved_at` (one
+    /// small write instead of the whole state).
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn touch(&mut self, saved_at: u64) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO proxypal_meta (name, value) VALUES ('saved_at', ?1), ('clean', '0')",
+                [saved_at.to_string()],
+            )
+            .map(drop)
+            .map_err(|source| StateError::Io { path: self.path.clone(), source })
     }
 
     /// Replaces the stored state with `state` in one transaction.
@@ -322,14 +343,16 @@ impl Saver {
                     Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
                 };
                 let state = gateway.save_state();
-                // An idle proxy writes nothing (no disk write a second for nothing).
+                // An idle proxy rewrites nothing but the time of the save: after a
+                // crash that time says how long ago grants could still be made.
                 let unchanged =
                     last.as_ref().is_some_and(|l| l.budgets == state.budgets && l.keys == state.keys);
-                if unchanged && !clean && !failing {
-                    continue;
-                }
-                let saved = store.save(&state, clean);
-                if saved.is_ok() {
+                let saved = if unchanged && !clean && !failing {
+                    store.touch(state.saved_at)
+                } else {
+                    store.save(&state, clean)
+                };
+                if saved.is_ok() && !unchanged {
                     last = Some(state);
                 }
                 match saved {
@@ -371,7 +394,10 @@ pub fn restore(gateway: &Gateway, path: &Path) -> Result<StateStore, StateError>
     match store.load()? {
         None => tracing::info!(path = %path.display(), "new quota state store"),
         Some((state, clean)) => {
-            gateway.restore_state(&state, !clean);
+            // Saved (or touched) every second: a crash came at most about a second
+            // after the last save; two leave room for a slow write.
+            let crashed_at = (!clean).then(|| state.saved_at.saturating_add(2 * nanos(SAVE_INTERVAL)));
+            gateway.restore_state(&state, crashed_at);
             let now = gateway.quotas().clock().now();
             let age = Duration::from_nanos(now.saturating_sub(state.saved_at));
             if clean {

@@ -241,6 +241,10 @@ where
         );
     }
     head.headers.remove(AUTHORIZATION);
+    // Token windows read the answer's `usage`: ask for it uncompressed.
+    if gw.keys.with_current(|_, r| r.quotas.counts_tokens()) {
+        head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    }
     let body = match read_body(body, &head.headers, settings.max_body_bytes).await {
         Ok(body) => body,
         Err(resp) => return resp,
@@ -289,7 +293,7 @@ where
             }
         };
         let status = resp.status();
-        learn(keys, &lease, resp.headers());
+        learn(&lease, resp.headers());
         if !needs_body(status) {
             judged(keys, &lease, classify(status, resp.headers(), &[]));
             return stream(metrics, resp, slot, lease.permit, counts_tokens);
@@ -323,17 +327,15 @@ where
 
 /// Feeds what the upstream announced about its limits (`x-ratelimit-*`) to
 /// the key's budget. Free when the answer announces nothing.
-fn learn(keys: &KeyPool<KeyResources>, lease: &Lease, headers: &http::HeaderMap) {
+fn learn(lease: &Lease, headers: &http::HeaderMap) {
     if !headers.keys().any(|name| name.as_str().starts_with("x-ratelimit-")) {
         return;
     }
     let index = lease.selected.index();
-    keys.with_current(|_, resources| {
-        let now_ms = resources.quotas.clock().now() / 1_000_000;
-        for announced in crate::quota::announced(headers, now_ms) {
-            resources.quotas.learn(index, &announced);
-        }
-    });
+    let now_ms = lease.quotas.clock().now() / 1_000_000;
+    for announced in crate::quota::announced(headers, now_ms) {
+        lease.quotas.learn(index, &announced);
+    }
 }
 
 /// The instant `timeout` from now; a timeout too large for the clock (a
@@ -346,13 +348,14 @@ fn deadline_after(timeout: Duration) -> tokio::time::Instant {
 /// Reports the verdict on a key to the pool and to the key's metrics.
 ///
 /// A bare 429 (no `Retry-After`) rests the key for the configured cooldown,
-/// unless the key's own windows say when they free up: then for that long,
-/// within the cooldown.
+/// unless the key's own request windows are full and say when they free up:
+/// then for that long, within the cooldown.
 fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
     let mut outcome = verdict.outcome;
     if let proxypal_keypool::Outcome::RateLimited { retry_after: None } = outcome {
-        let index = lease.selected.index();
-        let log = keys.with_current(|_, r| r.quotas.wait(index, 0)).map_or(Duration::ZERO, |w| w.wait);
+        // The request windows only: not the shaper's next slot, nor a
+        // concurrency cap the request itself still holds.
+        let log = lease.quotas.window_wait(lease.selected.index());
         if !log.is_zero() {
             let cooldown = keys.policy().rate_limited;
             outcome = proxypal_keypool::Outcome::RateLimited { retry_after: Some(log.min(cooldown)) };

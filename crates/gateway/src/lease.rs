@@ -70,6 +70,9 @@ pub struct Lease {
     /// The quota taken for this attempt: settle it when the answer ends
     /// (dropping it keeps a token reservation as used, the safe side).
     pub permit: Permit<SharedClock>,
+    /// The quota engine of the key set the key was leased from: what the
+    /// answer teaches goes there, even if a reload swapped key sets meanwhile.
+    pub quotas: Arc<crate::Engine>,
 }
 
 /// Why no key could be leased.
@@ -104,11 +107,11 @@ pub fn try_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Op
         let Some(auth) = c.attachment.auth.get(c.index) else { return false };
         let Some(metrics) = c.attachment.metrics.get(c.index) else { return false };
         let Some(permit) = c.attachment.quotas.try_acquire(c.index, tokens) else { return false };
-        found = Some((auth.clone(), Arc::clone(metrics), permit));
+        found = Some((auth.clone(), Arc::clone(metrics), permit, Arc::clone(&c.attachment.quotas)));
         true
     })?;
-    let (auth, metrics, permit) = found?;
-    Some(Lease { selected, auth, metrics, permit })
+    let (auth, metrics, permit, quotas) = found?;
+    Some(Lease { selected, auth, metrics, permit, quotas })
 }
 
 /// How long until a key not in `tried` could be leased for a request

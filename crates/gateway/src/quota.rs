@@ -258,7 +258,9 @@ fn usage_of(json: &[u8]) -> Option<u64> {
     }
     let answer: Answer = serde_json::from_slice(json).ok()?;
     let usage = answer.usage.or(answer.x_groq.and_then(|g| g.usage))?;
-    usage.total_tokens.or_else(|| Some(usage.prompt_tokens? + usage.completion_tokens.unwrap_or(0)))
+    usage
+        .total_tokens
+        .or_else(|| Some(usage.prompt_tokens?.saturating_add(usage.completion_tokens.unwrap_or(0))))
 }
 
 impl<B> UsageTap<B> {

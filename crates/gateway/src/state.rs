@@ -52,9 +52,9 @@ impl Gateway {
     /// every second; never blocks a request for long (each budget's lock is
     /// held only while its windows are copied).
     pub fn save_state(&self) -> SavedState {
-        let quotas = self.quotas();
+        // The engine and the fingerprints of one generation (a reload may swap them).
+        let (quotas, ids) = self.generation();
         let saved_at = quotas.clock().now();
-        let ids = self.key_ids();
         let budgets = quotas.save(|i| ids.get(i).cloned().unwrap_or_default());
         let keys = self
             .keys()
@@ -78,17 +78,13 @@ impl Gateway {
 
     /// Puts a saved state back: windows, blocks, cooldowns and disabled keys
     /// of the keys (matched by fingerprint) and accounts (by name) that are
-    /// still configured. `crashed`: the state was not saved at a clean
-    /// shutdown, so the engine errs on the safe side for what was lost after
-    /// it (see [`QuotaEngine::restore`](proxypal_limiter::QuotaEngine::restore)).
-    pub fn restore_state(&self, state: &SavedState, crashed: bool) {
-        let quotas = self.quotas();
-        let ids = self.key_ids();
-        quotas.restore(
-            &state.budgets,
-            |i| ids.get(i).cloned().unwrap_or_default(),
-            crashed.then_some(state.saved_at),
-        );
+    /// still configured. `crashed_at`: the state was not saved at a clean
+    /// shutdown; the latest moment the process may have granted what it
+    /// lacks. The engine errs on the safe side for that (see
+    /// [`QuotaEngine::restore`](proxypal_limiter::QuotaEngine::restore)).
+    pub fn restore_state(&self, state: &SavedState, crashed_at: Option<u64>) {
+        let (quotas, ids) = self.generation();
+        quotas.restore(&state.budgets, |i| ids.get(i).cloned().unwrap_or_default(), crashed_at);
         let now = quotas.clock().now();
         for (index, id) in ids.iter().enumerate() {
             let Some(saved) = state.keys.iter().find(|k| &k.id == id) else { continue };
@@ -103,9 +99,15 @@ impl Gateway {
         }
     }
 
-    /// Each key's fingerprint, in key-set order.
-    fn key_ids(&self) -> Vec<String> {
-        self.keys().with_current(|keys, _| keys.iter().map(|k| fingerprint(k.secret().expose())).collect())
+    /// The current quota engine and each key's fingerprint, in key-set
+    /// order, from one generation.
+    fn generation(&self) -> (std::sync::Arc<crate::Engine>, Vec<String>) {
+        self.keys().with_current(|keys, resources| {
+            (
+                std::sync::Arc::clone(&resources.quotas),
+                keys.iter().map(|k| fingerprint(k.secret().expose())).collect(),
+            )
+        })
     }
 }
 

@@ -15,6 +15,10 @@ use crate::limits::{BudgetSpec, Unit};
 use crate::window::{Entry, Source, WindowState};
 use crate::{GovernorLimiter, RateLimit};
 
+/// The longest block an upstream's announcement may impose (a day window's
+/// reset with room to spare; anything longer is a bad header).
+pub const MAX_ANNOUNCED_RESET: Duration = Duration::from_secs(48 * 3600);
+
 /// How often a request waiting on something only a finishing request can
 /// free (a concurrency cap, token reservations) looks again.
 pub const POLL: Duration = Duration::from_millis(20);
@@ -45,6 +49,9 @@ struct Budget<C: QuotaClock + Clone> {
     shaper: Option<GovernorLimiter<ShaperClock<C>>>,
     /// Grants must come back (concurrency or token windows).
     needs_release: bool,
+    /// The smallest token window's limit (`None`: no token window): the most
+    /// one request may reserve here.
+    token_cap: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -71,8 +78,15 @@ impl<C: QuotaClock + Clone> Budget<C> {
             .windows
             .iter()
             .map(|w| {
+                // The old window that counted the same thing: same unit and period,
+                // the same reset preferred (a budget may hold both kinds).
                 let carried = old_state.as_ref().and_then(|s| {
-                    s.windows.iter().find(|o| o.window.unit == w.unit && o.window.period == w.period)
+                    let same = |o: &&WindowState| o.window.unit == w.unit && o.window.period == w.period;
+                    s.windows
+                        .iter()
+                        .filter(same)
+                        .find(|o| o.window.reset == w.reset)
+                        .or_else(|| s.windows.iter().find(same))
                 });
                 match carried {
                     Some(o) => WindowState::carried(w.clone(), o, now),
@@ -90,10 +104,19 @@ impl<C: QuotaClock + Clone> Budget<C> {
                 None => limiter,
             }
         });
-        let needs_release =
-            spec.max_concurrent.is_some() || spec.windows.iter().any(|w| w.unit == Unit::Tokens);
+        let token_cap = spec.windows.iter().filter(|w| w.unit == Unit::Tokens).map(|w| w.limit).min();
+        let needs_release = spec.max_concurrent.is_some() || token_cap.is_some();
         let state = State { windows, blocked_until };
-        Self { account, spec, clock: clock.clone(), state: Mutex::new(state), running, shaper, needs_release }
+        Self {
+            account,
+            spec,
+            clock: clock.clone(),
+            state: Mutex::new(state),
+            running,
+            shaper,
+            needs_release,
+            token_cap,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -143,7 +166,9 @@ impl State {
             }
         }
         if tokens > 0 {
-            running.reserved.fetch_add(tokens, Ordering::AcqRel);
+            let _ = running
+                .reserved
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(r.saturating_add(tokens)));
         }
         if counts_in_flight {
             running.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -403,16 +428,24 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                 return None;
             }
         }
-        let mut permit = Permit { budgets: [None, None], reserved: tokens, settled: false };
-        for (i, (budget, state)) in own.iter_mut().chain(account.iter_mut()).enumerate() {
-            // The peek above ran under the same lock, so the shaper has a permit.
-            if let Some(shaper) = &budget.shaper {
-                shaper.take_permit(0);
+        // The shapers last: a GCRA cell cannot be given back. The peek above may
+        // be a few nanoseconds more generous than governor's own clock reading,
+        // so the take decides. (With two shapers, a refusal by the second loses
+        // the first's cell: the safe side.)
+        for (budget, _) in own.iter().chain(account.iter()) {
+            if budget.shaper.as_ref().is_some_and(|s| !s.take_permit(0)) {
+                return None;
             }
-            state.charge(now, tokens, budget.spec.max_concurrent.is_some(), &budget.running);
+        }
+        let mut permit = Permit { budgets: [None, None], settled: false };
+        for (i, (budget, state)) in own.iter_mut().chain(account.iter_mut()).enumerate() {
+            // Only a budget that counts tokens reserves them, and never more
+            // than its smallest token window (a client's `max_tokens` is its own).
+            let reserve = budget.token_cap.map_or(0, |cap| tokens.min(cap));
+            state.charge(now, reserve, budget.spec.max_concurrent.is_some(), &budget.running);
             if budget.needs_release {
                 if let Some(held) = permit.budgets.get_mut(i) {
-                    *held = Some(Arc::clone(budget));
+                    *held = Some((Arc::clone(budget), reserve));
                 }
             }
         }
@@ -439,6 +472,24 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
         Some(Wait { wait: Duration::from_nanos(worst.0), cause: worst.1 })
     }
 
+    /// How long until the *request windows* of key `index` have room for one
+    /// more (zero if they have room now): what the engine's own log says
+    /// about when the key frees up, leaving out the shaper, concurrency,
+    /// token reservations and announced blocks.
+    pub fn window_wait(&self, index: usize) -> Duration {
+        let Some(slot) = self.keys.get(index) else { return Duration::ZERO };
+        let now = self.clock.now();
+        let mut worst = 0;
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.refresh(now);
+            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
+                worst = worst.max(w.wait_for_room(now, 0).unwrap_or(0));
+            }
+        }
+        Duration::from_nanos(worst)
+    }
+
     /// Records what an upstream announced for key `index` (its account's
     /// budget when it has one): a lower limit replaces the configured one for
     /// the matching window, and nothing remaining with a reset blocks the key
@@ -459,6 +510,8 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
         }
         if announced.remaining == Some(0) {
             if let Some(reset) = announced.reset {
+                // A reset beyond two days is not a real window's: cap it.
+                let reset = reset.min(MAX_ANNOUNCED_RESET);
                 state.blocked_until = state.blocked_until.max(now.saturating_add(nanos(reset)));
             }
         }
@@ -614,12 +667,12 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// Restores budgets saved by [`save`](Self::save) (same naming); windows
     /// are matched by unit and period, and what does not match is dropped.
     ///
-    /// `crashed_at`: the save time of a state that was *not* written at a
-    /// clean shutdown, so grants made after it were lost. The engine then errs
-    /// on the safe side: a rolling request window of an hour or less counts as
-    /// full until one period after now (the lost grants were made before now);
-    /// longer and token windows count the last second before `crashed_at` once
-    /// more (an estimate of what was lost).
+    /// `crashed_at`: for a state that was *not* written at a clean shutdown,
+    /// the latest moment the process can have granted what the state lacks
+    /// (the caller knows how often it saved). The engine then errs on the safe
+    /// side: a rolling request window of an hour or less counts as full until
+    /// one period after that moment; longer and token windows count the last
+    /// second they recorded once more (an estimate of what was lost).
     pub fn restore(&self, saved: &[SavedBudget], key_id: impl Fn(usize) -> String, crashed_at: Option<u64>) {
         let now = self.clock.now();
         let by_id: HashMap<&str, &SavedBudget> = saved.iter().map(|b| (b.id.as_str(), b)).collect();
@@ -637,9 +690,15 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                 let mut state = budget.lock();
                 state.blocked_until = state.blocked_until.max(saved.blocked_until);
                 for w in state.windows.iter_mut() {
-                    if let Some(s) =
-                        saved.windows.iter().find(|s| s.unit == w.window.unit && s.period == w.window.period)
-                    {
+                    let fixed = !matches!(w.window.reset, crate::Reset::Rolling);
+                    let same = |s: &&SavedWindow| s.unit == w.window.unit && s.period == w.window.period;
+                    let found = saved
+                        .windows
+                        .iter()
+                        .filter(same)
+                        .find(|s| s.fixed == fixed)
+                        .or_else(|| saved.windows.iter().find(same));
+                    if let Some(s) = found {
                         let mut entries: Vec<Entry> =
                             s.entries.iter().map(|&(at, amount)| Entry { at, amount }).collect();
                         if w.window.unit == Unit::Tokens && saved.reserved > 0 {
@@ -649,14 +708,14 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                             let short = w.window.unit == Unit::Requests
                                 && matches!(w.window.reset, crate::Reset::Rolling)
                                 && w.window.period <= Duration::from_secs(3_600);
-                            let lost = if short { w.limit() } else { last_second(saved, w.window.unit, at) };
-                            // Full from now, not from the save: the lost grants happened at
-                            // some time up to the crash, which is before now. A day counter
-                            // matches its entry by its reset instant.
+                            let lost = if short { w.limit() } else { last_second(saved, w.window.unit) };
+                            // `at` is the latest moment the lost grants can have been
+                            // made (never after now). A day counter matches its entry by
+                            // its reset instant.
                             let when = match (short, s.entries.first()) {
-                                (true, _) => now,
+                                (true, _) => at.min(now),
                                 (false, Some(first)) if s.fixed => first.0,
-                                _ => at,
+                                _ => at.min(now),
                             };
                             entries.push(Entry { at: when, amount: lost });
                         }
@@ -668,15 +727,18 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     }
 }
 
-/// What `saved` granted of `unit` in the second before `at`, by its rolling
-/// windows (each grant is in all of them: the largest sum), at least one.
-fn last_second(saved: &SavedBudget, unit: Unit, at: u64) -> u64 {
-    let since = at.saturating_sub(1_000_000_000);
+/// What `saved` granted of `unit` in the last second it recorded (by its
+/// rolling windows; each grant is in all of them: the largest sum), at least one.
+fn last_second(saved: &SavedBudget, unit: Unit) -> u64 {
     saved
         .windows
         .iter()
         .filter(|w| w.unit == unit && !w.fixed)
-        .map(|w| w.entries.iter().filter(|(t, _)| *t > since).map(|(_, a)| *a).sum::<u64>())
+        .map(|w| {
+            let newest = w.entries.iter().map(|(t, _)| *t).max().unwrap_or(0);
+            let since = newest.saturating_sub(1_000_000_000);
+            w.entries.iter().filter(|(t, _)| *t >= since).map(|(_, a)| *a).sum::<u64>()
+        })
         .max()
         .unwrap_or(0)
         .max(1)
@@ -701,21 +763,21 @@ pub struct Announced {
 /// [`finish`](Permit::finish) when the answer ends; dropping it counts every
 /// reserved token as used (the safe side).
 pub struct Permit<C: QuotaClock + Clone = SystemClock> {
-    budgets: [Option<Arc<Budget<C>>>; 2],
-    reserved: u64,
+    /// The budgets to give back to, with what this grant reserved in each.
+    budgets: [Option<(Arc<Budget<C>>, u64)>; 2],
     settled: bool,
 }
 
 impl<C: QuotaClock + Clone> fmt::Debug for Permit<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit").field("reserved", &self.reserved).finish_non_exhaustive()
+        f.debug_struct("Permit").field("reserved", &self.reserved()).finish_non_exhaustive()
     }
 }
 
 impl<C: QuotaClock + Clone> Permit<C> {
-    /// Tokens this grant reserved.
+    /// Tokens this grant reserved (the most in any of its budgets).
     pub fn reserved(&self) -> u64 {
-        self.reserved
+        self.budgets.iter().flatten().map(|(_, r)| *r).max().unwrap_or(0)
     }
 
     /// Ends the request: frees its concurrency slot and replaces its token
@@ -729,21 +791,23 @@ impl<C: QuotaClock + Clone> Permit<C> {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let used = used_tokens.unwrap_or(self.reserved);
-        for budget in self.budgets.iter().flatten() {
-            let now = budget.clock.now();
-            let mut state = budget.lock();
-            // Record the use before giving the reservation back, so that the
-            // window never looks emptier than it is.
-            for w in state.windows.iter_mut().filter(|w| w.window.unit == Unit::Tokens) {
-                w.record(now, used);
-            }
-            drop(state);
-            if self.reserved > 0 {
+        for (budget, reserved) in self.budgets.iter().flatten() {
+            let reserved = *reserved;
+            if budget.token_cap.is_some() {
+                let used = used_tokens.unwrap_or(reserved);
+                let now = budget.clock.now();
+                let mut state = budget.lock();
+                // Record the use before giving the reservation back, so that the
+                // window never looks emptier than it is.
+                for w in state.windows.iter_mut().filter(|w| w.window.unit == Unit::Tokens) {
+                    w.record(now, used);
+                }
+                drop(state);
                 // Never below zero: this permit added exactly this much.
-                let _ = budget.running.reserved.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                    Some(r.saturating_sub(self.reserved))
-                });
+                let _ = budget
+                    .running
+                    .reserved
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(r.saturating_sub(reserved)));
             }
             if budget.spec.max_concurrent.is_some() {
                 let _ = budget
@@ -1149,15 +1213,73 @@ mod tests {
         }
         let saved = e.save(|i| format!("k{i}"));
         let saved_at = clock.now();
-        clock.advance(Duration::from_secs(2));
-        let fresh = engine(&[limits], &clock);
-        fresh.restore(&saved, |i| format!("k{i}"), Some(saved_at));
-        // Grants after the last save were lost: the minute counts as full for a
-        // minute (+ margin) from the restart; the day adds the last second once more.
+        clock.advance(Duration::from_secs(5));
+        let fresh = engine(std::slice::from_ref(&limits), &clock);
+        // Saved every second: grants after `saved_at + 1 s` cannot have been made.
+        let crashed_at = saved_at + SEC;
+        fresh.restore(&saved, |i| format!("k{i}"), Some(crashed_at));
+        // The minute counts as full until a minute (+ margin) after that moment;
+        // the day adds the last recorded second once more.
         assert!(fresh.try_acquire(0, 0).is_none());
-        assert_eq!(fresh.wait(0, 0).unwrap().wait, Duration::from_millis(60_500));
+        assert_eq!(fresh.wait(0, 0).unwrap().wait, Duration::from_millis(60_500 - 4_000));
+        // Restarted long after the crash: nothing to wait for.
+        clock.advance(Duration::from_secs(3_600));
+        let later = engine(&[limits], &clock);
+        later.restore(&saved, |i| format!("k{i}"), Some(crashed_at));
+        assert!(later.try_acquire(0, 0).is_some(), "an hour later the minute is long over");
         let day =
             fresh.report(0).into_iter().find(|l| l.period == Some(Duration::from_secs(86_400))).unwrap();
         assert_eq!(day.used, 10, "5 saved + the 5 of the last second again");
+    }
+
+    #[test]
+    fn only_budgets_that_count_tokens_reserve_them_and_never_above_their_limit() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let own = Limits { requests_per_minute: Some(100), ..Limits::default() }.compile().unwrap();
+        let shared = Limits { tokens_per_minute: Some(1_000), ..Limits::default() }.compile().unwrap();
+        let e = QuotaEngine::new(
+            [KeyBudget { own: Some(own), account: Some(("acme".into(), shared)), ..KeyBudget::default() }],
+            clock.clone(),
+        );
+        let permit = e.try_acquire(0, u64::MAX).unwrap();
+        assert_eq!(permit.reserved(), 1_000, "clamped to the token window");
+        let saved = e.save(|_| "k".into());
+        let reserved: Vec<(String, u64)> = saved.iter().map(|b| (b.id.clone(), b.reserved)).collect();
+        assert_eq!(reserved, [("key:k".to_owned(), 0), ("account:acme".to_owned(), 1_000)]);
+        drop(permit);
+        let saved = e.save(|_| "k".into());
+        assert!(saved.iter().all(|b| b.reserved == 0), "{saved:?}");
+        let tokens = e.report(0).into_iter().find(|l| l.kind == LimitKind::Tokens).unwrap();
+        assert_eq!(tokens.used, 1_000, "the clamped reservation counted as used");
+    }
+
+    #[test]
+    fn a_reload_that_changes_a_windows_reset_keeps_what_it_counted() {
+        let clock = ManualClock::at("2026-11-30T12:00:00Z").unwrap();
+        let rolling_day = Limits { requests_per_day: Some(5), ..Limits::default() };
+        let e = engine(&[rolling_day], &clock);
+        for _ in 0..5 {
+            e.try_acquire(0, 0).unwrap();
+        }
+        let at_midnight = Limits {
+            requests_per_day: Some(5),
+            day_reset: Some("00:00 UTC".parse().unwrap()),
+            ..Limits::default()
+        };
+        let r = e.reshape([KeyBudget {
+            own: Some(at_midnight.compile().unwrap()),
+            previous: Some(0),
+            ..KeyBudget::default()
+        }]);
+        assert!(r.try_acquire(0, 0).is_none(), "no fresh day from a reload");
+        assert_eq!(r.report(0)[0].used, 5);
+    }
+
+    #[test]
+    fn an_absurd_announced_reset_is_capped() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits::nvidia_free_tier()], &clock);
+        e.block(0, Duration::from_secs(10 * 365 * 86_400));
+        assert_eq!(e.blocked_for(0), MAX_ANNOUNCED_RESET);
     }
 }

@@ -5,12 +5,13 @@ use std::collections::VecDeque;
 
 use crate::limits::{Reset, Unit, Window};
 
-/// Most entries a rolling log keeps. Request windows up to this limit are
-/// exact (one entry per grant). Larger ones, and token windows, merge a new
-/// grant into the newest entry when the log is full, which moves that entry's
-/// time forward: its grants then count *longer* than they happened, never
-/// shorter, so the window errs on the safe side by at most the gap between two
-/// expiries (about `period / LOG_CAPACITY` in steady use). 16 KiB per window.
+/// Most time slices a rolling log keeps. Request windows up to this limit are
+/// exact (one entry per grant). Larger ones, and token windows, count grants
+/// per slice of `span / LOG_CAPACITY`: a grant joins the newest entry when it
+/// falls within that entry's slice, and the entry counts until one span after
+/// its *latest* grant — longer than its earlier grants happened, never
+/// shorter, so the window errs on the safe side by at most one slice
+/// (`period / 1024`: 59 ms of a minute, 84 s of a day). About 16 KiB per window.
 pub(crate) const LOG_CAPACITY: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +27,23 @@ pub(crate) struct Log {
     entries: VecDeque<Entry>,
     cap: usize,
     sum: u64,
+    /// Slice width (ns); 0: one entry per grant (exact).
+    slice: u64,
+    /// When the newest entry's slice began.
+    newest_since: u64,
 }
 
 impl Log {
-    fn new(cap: usize) -> Self {
-        let cap = cap.clamp(1, LOG_CAPACITY);
-        Self { entries: VecDeque::with_capacity(cap), cap, sum: 0 }
+    /// An exact log of at most `cap` entries (`cap` ≤ [`LOG_CAPACITY`]), or,
+    /// for larger limits, a log of slices of `span / LOG_CAPACITY`.
+    fn new(limit: u64, span: u64, exact: bool) -> Self {
+        let (cap, slice) = match usize::try_from(limit) {
+            Ok(n) if exact && n <= LOG_CAPACITY => (n.max(1), 0),
+            // Slices start at least `slice` apart and live `span`: at most
+            // LOG_CAPACITY + 2 of them are alive at once.
+            _ => (LOG_CAPACITY + 2, (span / LOG_CAPACITY as u64).max(1)),
+        };
+        Self { entries: VecDeque::with_capacity(cap), cap, sum: 0, slice, newest_since: 0 }
     }
 
     /// Forgets grants made `span` or more before `now`.
@@ -46,17 +58,25 @@ impl Log {
     }
 
     /// Records `amount` at `now`. Never allocates: the deque was sized at
-    /// creation and a full log merges instead of growing.
+    /// creation for every entry that can be alive at once.
     fn add(&mut self, now: u64, amount: u64) {
         if amount == 0 {
             return;
         }
         self.sum = self.sum.saturating_add(amount);
-        if self.entries.len() < self.cap {
-            self.entries.push_back(Entry { at: now, amount });
-        } else if let Some(last) = self.entries.back_mut() {
-            last.at = last.at.max(now);
-            last.amount = last.amount.saturating_add(amount);
+        let same_slice = self.slice > 0 && now.saturating_sub(self.newest_since) < self.slice;
+        // A full exact log cannot happen (it admits only below its limit); a
+        // full sliced one neither (see `new`): merge rather than grow if it did.
+        let merge = same_slice || self.entries.len() >= self.cap;
+        match self.entries.back_mut() {
+            Some(last) if merge => {
+                last.at = last.at.max(now);
+                last.amount = last.amount.saturating_add(amount);
+            }
+            _ => {
+                self.entries.push_back(Entry { at: now, amount });
+                self.newest_since = now;
+            }
         }
     }
 
@@ -118,25 +138,22 @@ impl WindowState {
     pub(crate) fn new(window: Window, now: u64) -> Self {
         let counter = match &window.reset {
             Reset::Rolling => {
-                let cap = if window.unit == Unit::Requests {
-                    usize::try_from(window.limit).unwrap_or(LOG_CAPACITY)
-                } else {
-                    LOG_CAPACITY
-                };
-                Counter::Rolling(Log::new(cap))
+                Counter::Rolling(Log::new(window.limit, window.span, window.unit == Unit::Requests))
             }
             Reset::Daily(daily) => Counter::Fixed { used: 0, resets_at: daily.next_after(now) },
         };
         Self { window, counter, learned: None }
     }
 
-    /// A window for `window` that keeps what `old` counted, when both count
-    /// the same thing the same way (a reload that changed only the limit).
+    /// A window for `window` that keeps what `old` counted: exactly when both
+    /// count the same way (a reload that changed only the limit), on the safe
+    /// side when only the reset changed.
     pub(crate) fn carried(window: Window, old: &WindowState, now: u64) -> Self {
         let mut new = Self::new(window, now);
         let same_kind = old.window.unit == new.window.unit
             && old.window.period == new.window.period
             && old.window.reset == new.window.reset;
+        let same_count = old.window.unit == new.window.unit && old.window.period == new.window.period;
         if same_kind {
             match (&mut new.counter, &old.counter) {
                 (Counter::Rolling(log), Counter::Rolling(old_log)) => {
@@ -150,6 +167,15 @@ impl WindowState {
                 _ => {}
             }
             new.learned = old.learned;
+        } else if same_count {
+            // The reset changed (rolling <-> a time of day, or the zone): what
+            // was counted still counts, conservatively — a day counter starts
+            // from the log's sum; a log from the counter's use, as of now.
+            let used = old.used();
+            match &mut new.counter {
+                Counter::Fixed { used: new_used, .. } => *new_used = used,
+                Counter::Rolling(log) => log.add(now, used),
+            }
         }
         new
     }
@@ -280,22 +306,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_log_merges_into_the_newest_entry_and_counts_it_longer() {
-        let mut log = Log::new(2);
-        log.add(10, 1);
-        log.add(20, 1);
-        log.add(30, 5); // full: merged into the entry at 20, now at 30
+    fn a_sliced_log_merges_within_a_slice_and_counts_it_longer() {
+        // span 1024 ns: slices of 1 ns would be too fine; use 10 240 → 10 ns.
+        let mut log = Log::new(5_000, 10_240, true);
+        assert_eq!(log.slice, 10);
+        log.add(100, 1);
+        log.add(105, 1); // same slice: merged, counted from 105
+        log.add(110, 5); // a new slice
         assert_eq!(log.sum, 7);
         assert_eq!(
             log.entries().collect::<Vec<_>>(),
-            [Entry { at: 10, amount: 1 }, Entry { at: 30, amount: 6 }]
+            [Entry { at: 105, amount: 2 }, Entry { at: 110, amount: 5 }]
         );
-        log.expire(110, 100);
-        assert_eq!(log.sum, 6, "the first grant expired at 110");
-        log.expire(129, 100);
-        assert_eq!(log.sum, 6, "the merged grant made at 20 still counts: safe side");
-        assert_eq!(log.wait_until_at_most(129, 100, 0), 1);
-        log.expire(130, 100);
-        assert_eq!(log.sum, 0);
+        log.expire(100 + 10_240, 10_240);
+        assert_eq!(log.sum, 7, "the grant made at 100 still counts: safe side");
+        log.expire(105 + 10_240, 10_240);
+        assert_eq!(log.sum, 5);
+        assert_eq!(log.wait_until_at_most(105 + 10_240, 10_240, 0), 5);
+    }
+
+    #[test]
+    fn a_full_day_of_steady_grants_never_stalls_the_window() {
+        // 14 400 a day, one request every 6 s (exactly the limit): the window is
+        // never more than one slice (84 s) behind, so it loses at most about
+        // 84 s / 6 s = 14 grants a day (a log that merged into its newest entry
+        // once full stalled for most of a day here: 33 223 of 57 600).
+        let day = 86_400_000_000_000u64;
+        let mut log = Log::new(14_400, day, true);
+        let mut t = 0u64;
+        let mut granted = 0u64;
+        for _ in 0..(4 * 14_400) {
+            t += 6_000_000_000;
+            log.expire(t, day);
+            if log.sum < 14_400 {
+                log.add(t, 1);
+                granted += 1;
+            }
+            assert!(log.entries.len() <= LOG_CAPACITY + 2);
+        }
+        assert!(granted >= 4 * 14_400 - 3 * 15, "granted {granted} of {}", 4 * 14_400);
+    }
+
+    #[test]
+    fn small_request_logs_are_exact() {
+        let mut log = Log::new(3, 1_000, true);
+        assert_eq!(log.slice, 0);
+        for t in [1, 2, 3] {
+            log.add(t, 1);
+        }
+        assert_eq!(log.entries().count(), 3);
     }
 }

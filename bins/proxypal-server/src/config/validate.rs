@@ -114,8 +114,17 @@ impl Config {
                 }
                 names.insert(name, field);
             }
-            if entry.account.as_deref().is_some_and(|a| a.trim().is_empty()) {
-                return Err(ConfigError::invalid(format!("{at}.account"), "must not be empty"));
+            if let Some(account) = &entry.account {
+                if !self.accounts.contains_key(account) {
+                    let declared: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+                    return Err(ConfigError::invalid(
+                        format!("{at}.account"),
+                        format!(
+                            "no account {account:?} in `accounts` (declared: {}); add `accounts: {{ {account}: {{}} }}` to share rate_limit's limits",
+                            if declared.is_empty() { "none".to_owned() } else { declared.join(", ") }
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -132,8 +141,11 @@ impl Config {
         let mut gateway = GatewayConfig::default();
         gateway.limits = self.default_limit_fields().to_limits().map_err(scoped("rate_limit"))?;
         for (name, fields) in &self.accounts {
-            if name.trim().is_empty() {
-                return Err(ConfigError::invalid("accounts", "an account name must not be empty"));
+            if name.trim().is_empty() || name.trim() != name {
+                return Err(ConfigError::invalid(
+                    "accounts",
+                    format!("account name {name:?} must be non-empty, without leading or trailing spaces"),
+                ));
             }
             let limits = fields.to_limits().map_err(scoped(&format!("accounts.{name}")))?;
             gateway.accounts.insert(name.clone(), limits);

@@ -718,7 +718,12 @@ fn each_validation_error_names_its_field() {
             "keys[1]",
             "above account \"alice\"'s (10)",
         ),
-        (format!("keys: [{{ key: {KEY_B}, account: \"\" }}]"), "keys[0].account", "must not be empty"),
+        (
+            format!("keys: [{{ key: {KEY_B}, account: alic }}]"),
+            "keys[0].account",
+            "no account \"alic\" in `accounts` (declared: none)",
+        ),
+        (k("accounts: { \" alice\": {} }"), "accounts", "without leading or trailing spaces"),
         (format!("keys: [{{ key: {KEY_B}, day_reset: noon }}]"), "keys[0].day_reset", "HH:MM"),
         (
             k("upstream: { base_url: \"ftp://x\" }"),

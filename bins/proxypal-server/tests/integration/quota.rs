@@ -40,7 +40,8 @@ async fn run(name: &str, limit: SimRateLimit, burst: Option<u32>) {
     // upstream allows it.
     config.rate_limit.requests_per_minute = Some(u64::from(RPM));
     config.rate_limit.burst = burst;
-    config.retry.queue_timeout = Duration::from_secs(60);
+    // Longer than a window (60 s + margin): with bursts, clients wait for the next one.
+    config.retry.queue_timeout = Duration::from_secs(90);
     let server = proxypal_server::start(&config, false).await.unwrap();
     let addr = server.addr();
 

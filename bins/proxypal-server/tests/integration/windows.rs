@@ -332,6 +332,9 @@ async fn an_operator_reset_clears_a_disabled_key() {
         };
         let missing = send(&rig.http, post("/admin/keys/nobody/reset")).await;
         assert_eq!(missing.status, StatusCode::NOT_FOUND);
+        for odd in ["/admin/keys/reset", "/admin/keys//reset", "/admin/keys/%E2%80/reset"] {
+            assert_eq!(send(&rig.http, post(odd)).await.status, StatusCode::NOT_FOUND, "{odd}");
+        }
         let reply = send(&rig.http, post("/admin/keys/k0/reset")).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(rig.key_stats(0).await["state"], "ready");
