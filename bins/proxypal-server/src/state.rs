@@ -49,6 +49,14 @@ pub enum StateError {
         /// What was found.
         reason: String,
     },
+    /// Another process (another ProxyPal) holds the file.
+    #[error(
+        "state.path {path}: in use by another process (another ProxyPal on the same file?); each replica needs a state file of its own"
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file cannot be opened, read or written.
     #[error(
         "state.path {path}: {source}; check the path and its permissions, or set state.path to another file"
@@ -79,12 +87,19 @@ impl StateStore {
         let foreign = |reason: String| StateError::Foreign { path: path.to_owned(), reason };
         let existed = path.metadata().is_ok_and(|m| m.len() > 0);
         let conn = Connection::open(path).map_err(io)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(io)?;
+        conn.busy_timeout(Duration::from_millis(500)).map_err(io)?;
+        let in_use = |e: &rusqlite::Error| e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy);
         // Reading the schema is what fails on a file that is not a database.
         let tables: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| foreign(format!("not an SQLite database: {e}")))?;
+            .map_err(|e| {
+                if in_use(&e) {
+                    StateError::InUse { path: path.to_owned() }
+                } else {
+                    foreign(format!("not an SQLite database: {e}"))
+                }
+            })?;
         if existed && !tables.iter().any(|t| t == "proxypal_meta") {
             return Err(foreign(format!("an SQLite database with other tables: {}", tables.join(", "))));
         }
@@ -109,16 +124,20 @@ impl StateStore {
         }
         // Tables and the format mark in one transaction: a kill in between
         // cannot leave a file that a later start takes for someone else's.
+        // One writer: the first write takes an exclusive lock that this
+        // connection keeps until the process ends, so a second process on the
+        // same file is refused at its start instead of overwriting this one.
+        conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE;").map_err(io)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             BEGIN;
+             BEGIN IMMEDIATE;
              CREATE TABLE IF NOT EXISTS proxypal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS proxypal_budgets (
                  id TEXT PRIMARY KEY, blocked_until INTEGER NOT NULL, reserved INTEGER NOT NULL, windows TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS proxypal_keys (
                  id TEXT PRIMARY KEY, disabled INTEGER NOT NULL, cooling_until INTEGER, reason TEXT);",
         )
-        .map_err(io)?;
+        .map_err(|e| if in_use(&e) { StateError::InUse { path: path.to_owned() } } else { io(e) })?;
         conn.execute(
             "INSERT OR IGNORE INTO proxypal_meta (name, value) VALUES ('format', ?1), ('version', ?2)",
             params![FORMAT, VERSION.to_string()],
@@ -437,5 +456,22 @@ mod tests {
         assert!(serde_json::from_str::<Value>(&text).is_ok(), "{text}");
         assert_eq!(parse_windows(&text), Some(windows));
         assert_eq!(parse_windows("[{\"unit\":\"bananas\"}]"), None);
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("proxypal-state-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let mut first = StateStore::open(&path).unwrap();
+        first.save(&SavedState::default(), false).unwrap();
+        let second = StateStore::open(&path);
+        assert!(matches!(second, Err(StateError::InUse { .. })), "{second:?}");
+        let msg = second.unwrap_err().to_string();
+        assert!(msg.contains("state.db") && msg.contains("another ProxyPal"), "{msg}");
+        drop(first);
+        assert!(StateStore::open(&path).is_ok(), "free again once the first is gone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

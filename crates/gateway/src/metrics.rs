@@ -50,6 +50,8 @@ struct Window {
     key: String,
     kind: &'static str,
     period_seconds: u64,
+    /// `key` (its own) or `account` (shared with the account's keys).
+    scope: &'static str,
 }
 
 /// What an upstream attempt came to.
@@ -268,6 +270,10 @@ impl Metrics {
                 key: key.to_owned(),
                 kind: l.kind.as_str(),
                 period_seconds: l.period.map_or(0, |p| p.as_secs()),
+                scope: match l.scope {
+                    proxypal_limiter::Scope::Key => "key",
+                    proxypal_limiter::Scope::Account => "account",
+                },
             };
             self.limit_remaining.get_or_create(&labels).set(i64::try_from(l.remaining).unwrap_or(i64::MAX));
             self.limit.get_or_create(&labels).set(i64::try_from(l.limit).unwrap_or(i64::MAX));

@@ -172,6 +172,12 @@ async fn a_spent_day_is_answered_at_once_with_when_it_resets() {
         );
         assert_eq!(day["reset"], "00:00 UTC");
         assert_eq!(day["source"], "configured");
+        let metrics = rig.get("/metrics", &[]).await.text();
+        let line = format!(
+            "proxypal_key_limit_remaining{{key=\"{}\",kind=\"requests\",period_seconds=\"86400\",scope=\"key\"}} 0",
+            crate::common::masked(&rig.keys[0])
+        );
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
         rig.server.shutdown().await;
     })
     .await;
