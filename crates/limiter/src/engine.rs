@@ -52,6 +52,11 @@ struct Budget<C: QuotaClock + Clone> {
     /// The smallest token window's limit (`None`: no token window): the most
     /// one request may reserve here.
     token_cap: Option<u64>,
+    /// The budget that replaced this one on a reload. Set while this one's
+    /// lock is held, right after its state was copied: from then on grants
+    /// and settlements that still reach this budget go to the successor, so
+    /// nothing counted during a reload is lost.
+    successor: std::sync::OnceLock<Arc<Budget<C>>>,
 }
 
 #[derive(Debug)]
@@ -71,16 +76,50 @@ struct Running {
 }
 
 impl<C: QuotaClock + Clone> Budget<C> {
-    fn new(spec: BudgetSpec, account: Option<Arc<str>>, clock: &C, old: Option<&Budget<C>>) -> Self {
+    /// A budget for `spec` that takes over `old` (copying its state; `old`
+    /// then forwards to it), or a fresh one.
+    fn replacing(
+        spec: BudgetSpec,
+        account: Option<Arc<str>>,
+        clock: &C,
+        old: Option<&Arc<Budget<C>>>,
+    ) -> Arc<Self> {
+        let old = old.map(Budget::latest);
+        let guard = old.map(|o| o.lock());
+        let new = Arc::new(Self::new(spec, account, clock, old.map(|o| &**o), guard.as_deref()));
+        if let Some(o) = old {
+            // Under `guard`: no grant can slip in between the copy and this.
+            let _ = o.successor.set(Arc::clone(&new));
+        }
+        drop(guard);
+        new
+    }
+
+    /// The budget that now does this one's work: itself, or the last of its
+    /// successors.
+    fn latest(self: &Arc<Self>) -> &Arc<Self> {
+        let mut budget = self;
+        while let Some(next) = budget.successor.get() {
+            budget = next;
+        }
+        budget
+    }
+
+    fn new(
+        spec: BudgetSpec,
+        account: Option<Arc<str>>,
+        clock: &C,
+        old: Option<&Budget<C>>,
+        old_state: Option<&State>,
+    ) -> Self {
         let now = clock.now();
-        let old_state = old.map(Budget::lock);
         let windows = spec
             .windows
             .iter()
             .map(|w| {
                 // The old window that counted the same thing: same unit and period,
                 // the same reset preferred (a budget may hold both kinds).
-                let carried = old_state.as_ref().and_then(|s| {
+                let carried = old_state.and_then(|s| {
                     let same = |o: &&WindowState| o.window.unit == w.unit && o.window.period == w.period;
                     s.windows
                         .iter()
@@ -94,8 +133,7 @@ impl<C: QuotaClock + Clone> Budget<C> {
                 }
             })
             .collect();
-        let blocked_until = old_state.as_ref().map_or(0, |s| s.blocked_until);
-        drop(old_state);
+        let blocked_until = old_state.map_or(0, |s| s.blocked_until);
         let running = old.map_or_else(Arc::default, |o| Arc::clone(&o.running));
         let shaper = spec.shaper.map(|quota| {
             let limiter = GovernorLimiter::with_clock([quota], ShaperClock(clock.clone()));
@@ -116,6 +154,7 @@ impl<C: QuotaClock + Clone> Budget<C> {
             shaper,
             needs_release,
             token_cap,
+            successor: std::sync::OnceLock::new(),
         }
     }
 
@@ -242,8 +281,9 @@ struct KeySlot<C: QuotaClock + Clone> {
 }
 
 impl<C: QuotaClock + Clone> KeySlot<C> {
+    /// The key's budgets as they count now (after any reload's successors).
     fn budgets(&self) -> impl Iterator<Item = &Arc<Budget<C>>> {
-        self.own.iter().chain(self.account.iter())
+        self.own.iter().chain(self.account.iter()).map(Budget::latest)
     }
 }
 
@@ -330,8 +370,8 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                 let previous = old.and_then(|o| k.previous.and_then(|i| o.keys.get(i)));
                 let own = k.own.filter(|s| !s.is_unlimited()).map(|spec| {
                     match previous.and_then(|p| p.own.as_ref()) {
-                        Some(o) if o.spec == spec => Arc::clone(o),
-                        old_own => Arc::new(Budget::new(spec, None, &clock, old_own.map(|b| &**b))),
+                        Some(o) if o.latest().spec == spec => Arc::clone(o.latest()),
+                        old_own => Budget::replacing(spec, None, &clock, old_own),
                     }
                 });
                 let first_of_account =
@@ -340,8 +380,8 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                     Arc::clone(accounts.entry(Arc::clone(&name)).or_insert_with(|| {
                         let old_budget = old_accounts.get(&*name).copied();
                         match old_budget {
-                            Some(o) if o.spec == spec => Arc::clone(o),
-                            _ => Arc::new(Budget::new(spec, Some(name), &clock, old_budget.map(|b| &**b))),
+                            Some(o) if o.latest().spec == spec => Arc::clone(o.latest()),
+                            _ => Budget::replacing(spec, Some(name), &clock, old_budget),
                         }
                     }))
                 });
@@ -417,8 +457,10 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     pub fn try_acquire(&self, index: usize, tokens: u64) -> Option<Permit<C>> {
         let slot = self.keys.get(index)?;
         let now = self.clock.now();
-        let mut own = slot.own.as_ref().map(|b| (b, b.lock()));
-        let mut account = slot.account.as_ref().map(|b| (b, b.lock()));
+        // A budget replaced by a reload forwards to its successor (one atomic
+        // load when it was not replaced).
+        let mut own = slot.own.as_ref().map(Budget::latest).map(|b| (b, b.lock()));
+        let mut account = slot.account.as_ref().map(Budget::latest).map(|b| (b, b.lock()));
         for (budget, state) in own.iter_mut().chain(account.iter_mut()) {
             state.refresh(now);
             if state.wait(now, budget.spec.max_concurrent, &budget.running).0 > 0 {
@@ -496,7 +538,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// until then.
     pub fn learn(&self, index: usize, announced: &Announced) {
         let Some(slot) = self.keys.get(index) else { return };
-        let Some(budget) = slot.account.as_ref().or(slot.own.as_ref()) else { return };
+        let Some(budget) = slot.account.as_ref().or(slot.own.as_ref()).map(Budget::latest) else { return };
         let now = self.clock.now();
         let mut state = budget.lock();
         if let Some(limit) = announced.limit.filter(|l| *l > 0) {
@@ -796,7 +838,8 @@ impl<C: QuotaClock + Clone> Permit<C> {
             if budget.token_cap.is_some() {
                 let used = used_tokens.unwrap_or(reserved);
                 let now = budget.clock.now();
-                let mut state = budget.lock();
+                // Into the budget that counts now, if a reload replaced this one.
+                let mut state = budget.latest().lock();
                 // Record the use before giving the reservation back, so that the
                 // window never looks emptier than it is.
                 for w in state.windows.iter_mut().filter(|w| w.window.unit == Unit::Tokens) {
@@ -1281,5 +1324,31 @@ mod tests {
         let e = engine(&[Limits::nvidia_free_tier()], &clock);
         e.block(0, Duration::from_secs(10 * 365 * 86_400));
         assert_eq!(e.blocked_for(0), MAX_ANNOUNCED_RESET);
+    }
+
+    #[test]
+    fn grants_and_usage_during_a_reload_reach_the_budget_that_replaced_theirs() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let before =
+            Limits { requests_per_minute: Some(5), tokens_per_minute: Some(1_000), ..Limits::default() };
+        let e = engine(std::slice::from_ref(&before), &clock);
+        let permit = e.try_acquire(0, 100).unwrap();
+        // The reload changes the budget (a concurrency cap): a new budget takes over.
+        let after = Limits { max_concurrent: Some(10), ..before };
+        let r = e.reshape([KeyBudget {
+            own: Some(after.compile().unwrap()),
+            previous: Some(0),
+            ..KeyBudget::default()
+        }]);
+        // A request that still went through the old key set after the copy counts…
+        assert!(e.try_acquire(0, 0).is_some());
+        let requests = |x: &QuotaEngine<ManualClock>| {
+            x.report(0).into_iter().find(|l| l.kind == LimitKind::Requests).unwrap().used
+        };
+        assert_eq!(requests(&r), 2, "the late grant reached the new budget");
+        // …and so does the usage of a request that started before the reload.
+        permit.finish(Some(40));
+        let tokens = r.report(0).into_iter().find(|l| l.kind == LimitKind::Tokens).unwrap();
+        assert_eq!(tokens.used, 40);
     }
 }
