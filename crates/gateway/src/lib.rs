@@ -13,6 +13,8 @@
 //! | lease | [`lease`] | the next key with a permit, or a place in a first-come-first-served queue |
 //! | classify | [`classify`] | what an upstream answer means: the key's outcome, the metrics label, deliver or fail over |
 //! | failover | `failover` | the attempt loop |
+//! | dialects | [`dialect`] | what a provider's `x-ratelimit-*` headers and 429 bodies say, in one model (Groq, Cerebras, OpenRouter, Gemini, OpenAI, NVIDIA) |
+//! | presets | [`preset`] | each provider's base URL, free limits, quota scope, dialect, rejected parameters and terms |
 //! | errors | [`openai`] | the OpenAI error shape, and upstream errors rewritten into it |
 //!
 //! [`Gateway`] holds the shared state; a [`Handle`] (the gateway plus one
@@ -44,12 +46,14 @@ pub mod admission;
 mod body;
 pub mod classify;
 mod config;
+pub mod dialect;
 mod failover;
 mod gateway;
 mod keyset;
 pub mod lease;
 pub mod metrics;
 pub mod openai;
+pub mod preset;
 pub mod quota;
 mod reply;
 pub mod state;
