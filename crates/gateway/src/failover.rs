@@ -241,8 +241,10 @@ where
         );
     }
     head.headers.remove(AUTHORIZATION);
-    // Token windows read the answer's `usage`: ask for it uncompressed.
-    if gw.keys.with_current(|_, r| r.quotas.counts_tokens()) {
+    // Only token windows need the estimate, a look into the body, and the
+    // answer's `usage` uncompressed.
+    let counts_tokens = gw.keys.with_current(|_, r| r.quotas.counts_tokens());
+    if counts_tokens {
         head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     }
     let body = match read_body(body, &head.headers, settings.max_body_bytes).await {
@@ -259,8 +261,6 @@ where
     drop(settings);
 
     let Shared { keys, queue, metrics, upstream, .. } = gw;
-    // Only token windows need the estimate (and a look into the body).
-    let counts_tokens = keys.with_current(|_, r| r.quotas.counts_tokens());
     let tokens = if counts_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
