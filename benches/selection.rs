@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion};
 use governor::{Quota, RateLimiter};
 use proxypal::gateway::lease::{Tried, try_lease};
-use proxypal::gateway::{Gateway, GatewayConfig};
+use proxypal::gateway::{Gateway, GatewayConfig, KeyResources};
 use proxypal::keypool::{KeyPool, KeySpec};
 use proxypal::limiter::{GovernorLimiter, KeyBudget, KeyQuota, Limits, QuotaEngine, RateLimit};
 
@@ -168,13 +168,16 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("gateway");
     for n in [3usize, 100, 10_000] {
         let mut config = GatewayConfig::with_keys(keys(n));
-        config.limits = open_limits();
+        config.providers[0].limits = open_limits();
         let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
-        let lease = |gw: &Gateway| {
-            try_lease(gw.keys(), &Tried::default(), 0).map_or(usize::MAX, |l| l.selected.index())
+        let provider = gateway.provider("default").unwrap();
+        let lease = |keys: &KeyPool<KeyResources>| {
+            try_lease(keys, 0, &Tried::default(), 0).map_or(usize::MAX, |l| l.selected.index())
         };
-        g.bench_with_input(BenchmarkId::new("lease", n), &*gateway, |b, gw| b.iter(|| black_box(lease(gw))));
-        g.bench_with_input(BenchmarkId::new("lease/2threads", n), &*gateway, |b, gw| {
+        g.bench_with_input(BenchmarkId::new("lease", n), provider.keys(), |b, gw| {
+            b.iter(|| black_box(lease(gw)))
+        });
+        g.bench_with_input(BenchmarkId::new("lease/2threads", n), provider.keys(), |b, gw| {
             b.iter_custom(|iters| {
                 contended(gw, 2, iters, |gw| {
                     black_box(lease(gw));

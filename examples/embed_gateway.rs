@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxypal::gateway::keypool::KeySpec;
-use proxypal::gateway::upstream::{Upstream, UpstreamConfig};
 use proxypal::gateway::{Gateway, GatewayConfig, Handle, ProxyBody};
 use proxypal_nim_sim::{SimConfig, SimServer, generate_test_keys};
 
@@ -41,11 +40,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     // The gateway: the keys (40/min each by default), metrics in our registry.
     let mut registry = prometheus_client::registry::Registry::with_prefix("myservice");
-    let gateway =
-        Gateway::new(GatewayConfig::with_keys(keys.iter().map(|k| KeySpec::new(k.as_str()))), &mut registry)?;
-    let upstream =
-        Upstream::new(UpstreamConfig { base_url: sim.base_url().parse()?, ..UpstreamConfig::default() })?;
-    let handle = Handle::new(gateway, upstream);
+    let mut config = GatewayConfig::with_keys(keys.iter().map(|k| KeySpec::new(k.as_str())));
+    config.providers[0].upstream.base_url = sim.base_url().parse()?;
+    let gateway = Gateway::new(config, &mut registry)?;
+    let handle = Handle::new(gateway);
 
     // Our server: hyper's accept loop with the gateway mounted under /v1.
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;

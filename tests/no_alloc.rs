@@ -80,7 +80,7 @@ fn selection_gated_by_the_limiter_does_not_allocate() {
     // Every kind of window at once, so that the grant, the concurrency slot and
     // the token settlement are all on the measured path; limits far above the
     // load, so the rolling logs fill and merge (their steady state).
-    config.limits = Limits {
+    config.providers[0].limits = Limits {
         requests_per_minute: Some(u64::MAX / 2),
         requests_per_day: Some(u64::MAX / 2),
         day_reset: Some("00:00 UTC".parse().unwrap()),
@@ -90,17 +90,19 @@ fn selection_gated_by_the_limiter_does_not_allocate() {
     };
     let gateway = Gateway::new(config, &mut prometheus_client::registry::Registry::default()).unwrap();
     let mut tried = Tried::default();
-    tried.push(3);
-    tried.push(5);
+    tried.push(0, 3);
+    tried.push(0, 5);
+    let provider = gateway.provider("default").unwrap();
+    let keys = provider.keys();
     for _ in 0..1_000 {
-        let lease = try_lease(gateway.keys(), &tried, 500).unwrap();
-        gateway.keys().report(&lease.selected, Outcome::Success);
+        let lease = try_lease(keys, 0, &tried, 500).unwrap();
+        keys.report(&lease.selected, Outcome::Success);
     }
     COUNTING.store(true, Ordering::SeqCst);
     let mut leased = 0usize;
     for _ in 0..100_000 {
-        if let Some(lease) = try_lease(gateway.keys(), &tried, 500) {
-            gateway.keys().report(&lease.selected, Outcome::Success);
+        if let Some(lease) = try_lease(keys, 0, &tried, 500) {
+            keys.report(&lease.selected, Outcome::Success);
             leased += 1;
         }
     }

@@ -12,7 +12,7 @@ use crate::app::App;
 /// requests can be served now (`ok`), only some keys can (`degraded`), or none
 /// (`unavailable`).
 pub fn health(app: &App) -> Response<ProxyBody> {
-    let snapshot = app.gateway().keys().snapshot();
+    let snapshot: Vec<_> = app.gateway().providers().iter().flat_map(|p| p.keys().snapshot()).collect();
     let total = snapshot.len();
     let usable = snapshot.iter().filter(|k| k.status == KeyStatus::Ready).count();
     let status = match (usable, total) {
@@ -79,7 +79,7 @@ pub fn stats_json(app: &App) -> Value {
         "dev_mode": app.dev(),
         "queue_depth": gateway.queue_depth(),
         "in_flight": gateway.in_flight(),
-        "reloads": gateway.keys().reloads(),
+        "reloads": gateway.reloads(),
         "keys": keys,
         "totals": totals,
         "history": app.history().to_json(),

@@ -12,7 +12,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use proxypal_gateway::Gateway;
 use proxypal_gateway::keypool::ReloadReport;
-use proxypal_gateway::upstream::UpstreamConfig;
 
 use crate::config::Config;
 use crate::convert::{self, BuildError};
@@ -28,7 +27,6 @@ struct WorkerLabel {
 #[derive(Debug)]
 pub struct App {
     gateway: Arc<Gateway>,
-    upstream: UpstreamConfig,
     registry: Registry,
     connections: Family<WorkerLabel, Counter>,
     /// CORS origins (empty = off); reloadable.
@@ -54,7 +52,6 @@ impl App {
         );
         Ok(Arc::new(Self {
             gateway,
-            upstream: convert::upstream_config(config)?,
             registry,
             connections,
             cors_origins: ArcSwap::from_pointee(config.cors.allowed_origins.clone()),
@@ -79,11 +76,6 @@ impl App {
     /// The `/v1` pipeline.
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
-    }
-
-    /// The upstream client settings (each worker builds its client from them).
-    pub fn upstream_config(&self) -> &UpstreamConfig {
-        &self.upstream
     }
 
     /// Every metric (`GET /metrics` encodes it).

@@ -40,12 +40,15 @@ mod error;
 mod limits;
 mod parse;
 mod path;
+mod providers;
 mod secret;
 mod sources;
 mod validate;
 
 pub use error::ConfigError;
 pub use limits::{LimitFields, WindowEntry};
+pub use providers::{AliasEntry, AuthMode, ProviderEntry, RoutingConfig, ScopeMode, TargetEntry};
+pub(crate) use providers::{ProviderView, dialect_named};
 pub use secret::{Secret, mask_key};
 use sources::{EnvLayer, YamlLayer};
 
@@ -82,6 +85,14 @@ pub struct Config {
     /// Budgets shared by several keys (`keys[].account`): each account's
     /// fields over `rate_limit`.
     pub accounts: std::collections::BTreeMap<String, LimitFields>,
+    /// Several upstream providers by name; replaces the single-provider
+    /// fields (`upstream.base_url`, `keys`, `keys_file`, `rate_limit`,
+    /// `accounts`), which then must not be set.
+    pub providers: std::collections::BTreeMap<String, ProviderEntry>,
+    /// Public model names (aliases) and their targets.
+    pub models: std::collections::BTreeMap<String, AliasEntry>,
+    /// Where names that are no alias go, and the models list.
+    pub routing: RoutingConfig,
     /// Failover, queueing and cooldowns.
     pub retry: RetryConfig,
     /// Cross-origin requests from browsers.
@@ -401,6 +412,9 @@ impl Default for Config {
             keys_file: None,
             rate_limit: LimitFields::builtin(),
             accounts: std::collections::BTreeMap::new(),
+            providers: std::collections::BTreeMap::new(),
+            models: std::collections::BTreeMap::new(),
+            routing: RoutingConfig::default(),
             retry: RetryConfig::default(),
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
@@ -555,6 +569,55 @@ impl Config {
                 });
             }
             config.keys_file = Some(path);
+        }
+        for (name, provider) in &mut config.providers {
+            if let Some(file) = provider.keys_file.clone() {
+                let path = resolve_path(&figment, &format!("providers.{name}.keys_file"), &file);
+                for line in read_list_file("keys_file", &path)? {
+                    provider.keys.push(KeyEntry {
+                        origin: KeyOrigin::KeysFile { line: line.line },
+                        ..KeyEntry::new(line.value)
+                    });
+                }
+                provider.keys_file = Some(path);
+            }
+            if let Some(url) = &mut provider.base_url {
+                let trimmed_len = url.trim_end_matches('/').len();
+                url.truncate(trimmed_len);
+            }
+        }
+        // Top-level single-provider fields beside `providers`: which layer set them.
+        let user_set = |key: &str| {
+            figment
+                .find_metadata(key)
+                .is_some_and(|md| md.name.starts_with("YAML") || md.name == sources::ENV_LAYER_NAME)
+        };
+        let rate_limit_fields = [
+            "requests_per_minute",
+            "burst",
+            "requests_per_day",
+            "day_reset",
+            "tokens_per_minute",
+            "tokens_per_day",
+            "max_concurrent",
+            "margin",
+            "windows",
+        ];
+        if !config.providers.is_empty() {
+            let mut single =
+                ["keys", "keys_file", "accounts", "upstream.base_url"].into_iter().filter(|f| user_set(f));
+            let field = single.next().or_else(|| {
+                rate_limit_fields.iter().any(|f| user_set(&format!("rate_limit.{f}"))).then_some("rate_limit")
+            });
+            if let Some(field) = field {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!(
+                        "with `providers`, each provider has its own (providers.<name>.{}); move it there",
+                        field.trim_start_matches("upstream.")
+                    ),
+                ));
+            }
         }
         if let Some(file) = config.auth.tokens_file.clone() {
             let path = resolve_path(&figment, "auth.tokens_file", &file);

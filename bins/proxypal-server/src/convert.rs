@@ -1,13 +1,16 @@
 //! The one place where the configuration meets the library types: a
-//! validated [`Config`] becomes a [`GatewayConfig`] and an [`UpstreamConfig`].
-//! Files the conversion needs (`upstream.ca_file`) are read here, once.
+//! validated [`Config`] becomes a [`GatewayConfig`] (providers, each with its
+//! upstream client settings, aliases, routing). Files the conversion needs
+//! (`upstream.ca_file`) are read here, once.
 
 use http::HeaderValue;
+use proxypal_gateway::dialect::Dialect;
 use proxypal_gateway::keypool::{CooldownPolicy, KeySpec};
+use proxypal_gateway::preset::QuotaScope;
 use proxypal_gateway::upstream::UpstreamConfig;
-use proxypal_gateway::{GatewayConfig, KeyConfig};
+use proxypal_gateway::{AliasConfig, Auth, GatewayConfig, KeyConfig, ProviderConfig, TargetConfig};
 
-use crate::config::Config;
+use crate::config::{AuthMode, Config, ScopeMode};
 
 /// Why a (validated) config could not become a running proxy.
 #[derive(Debug, thiserror::Error)]
@@ -29,31 +32,84 @@ pub enum BuildError {
     },
 }
 
-/// The gateway's settings from `config`: keys with their names, accounts and
-/// limits, the default limits and accounts, cooldowns, failover and
-/// queueing, request limits and client tokens.
+/// The gateway's configuration: every provider (the single-provider form is
+/// provider `default`) with its keys, limits and upstream client, the
+/// aliases and routing, and the request settings.
 ///
 /// # Errors
-/// Limits that do not convert (validation rules that out).
+/// A field that cannot be converted (a limit field, a base URL, a CA file),
+/// named.
 pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     let invalid = |field: String| {
         move |(f, reason): (String, String)| BuildError::Invalid { field: format!("{field}.{f}"), reason }
     };
-    let mut keys = Vec::with_capacity(config.keys.len());
-    for (i, k) in config.keys.iter().enumerate() {
-        let mut spec = KeySpec::new(k.key.expose());
-        spec.name = k.name.clone();
-        let limits = k.limits.to_limits().map_err(invalid(format!("keys[{i}]")))?;
-        let mut key = KeyConfig::new(spec).with_limits(limits);
-        key.account.clone_from(&k.account);
-        keys.push(key);
+    let config_error = |e: crate::config::ConfigError| BuildError::Invalid {
+        field: e.field().unwrap_or("providers").to_owned(),
+        reason: e.to_string(),
+    };
+    let mut providers = Vec::new();
+    for view in config.provider_views().map_err(config_error)? {
+        let mut keys = Vec::with_capacity(view.keys.len());
+        for (i, k) in view.keys.iter().enumerate() {
+            let mut spec = KeySpec::new(k.key.expose());
+            spec.name = k.name.clone();
+            let limits = k.limits.to_limits().map_err(invalid(view.key_field(i, k)))?;
+            let mut key = KeyConfig::new(spec).with_limits(limits);
+            key.account.clone_from(&k.account);
+            keys.push(key);
+        }
+        let mut provider = match &view.preset {
+            Some(preset) => ProviderConfig::from_preset(view.name, preset),
+            None => ProviderConfig::new(view.name),
+        };
+        provider.upstream = upstream_client_config(config, view.base_url, &view.base_url_field)?;
+        provider.keys = keys;
+        let over = view.rate_limit.to_limits().map_err(invalid(view.rate_limit_field.clone()))?;
+        provider.limits = view.base_limits.overlay(&over);
+        for (name, fields) in view.accounts {
+            let limits = fields.to_limits().map_err(invalid(format!("{}accounts.{name}", view.at)))?;
+            provider.accounts.insert(name.clone(), limits);
+        }
+        if let Some(entry) = view.entry {
+            provider.auth = match entry.auth {
+                AuthMode::Bearer => Auth::Bearer,
+                AuthMode::None => Auth::None,
+            };
+            if view.preset.is_none() {
+                // No preset: a generic OpenAI-compatible API.
+                provider.dialect = Dialect::Generic;
+            }
+            if let Some(scope) = entry.quota_scope {
+                provider.quota_scope = match scope {
+                    ScopeMode::Key => QuotaScope::Key,
+                    ScopeMode::Account => QuotaScope::Account,
+                };
+            }
+            if let Some(strip) = &entry.strip_params {
+                provider.strip.clone_from(strip);
+            }
+            if let Some(name) = &entry.dialect {
+                provider.dialect = crate::config::dialect_named(name).ok_or_else(|| BuildError::Invalid {
+                    field: format!("{}dialect", view.at),
+                    reason: format!(
+                        "no dialect {name:?}; dialects: nvidia, openai, groq, cerebras, openrouter, gemini, generic"
+                    ),
+                })?;
+            }
+        }
+        providers.push(provider);
     }
-    let mut gateway = GatewayConfig::with_keys(keys);
-    gateway.limits = config.default_limit_fields().to_limits().map_err(invalid("rate_limit".into()))?;
-    for (name, fields) in &config.accounts {
-        let limits = fields.to_limits().map_err(invalid(format!("accounts.{name}")))?;
-        gateway.accounts.insert(name.clone(), limits);
+    let mut gateway = GatewayConfig::with_providers(providers);
+    for (name, alias) in &config.models {
+        let targets = alias
+            .targets
+            .iter()
+            .map(|t| TargetConfig::new(&t.provider, &t.model).tier(t.tier).weight(t.weight));
+        gateway.models.insert(name.clone(), AliasConfig::new(targets));
     }
+    gateway.routing.default_provider.clone_from(&config.routing.default_provider);
+    gateway.routing.list_provider_models = config.routing.list_provider_models;
+    gateway.routing.models_ttl = config.routing.models_ttl;
     gateway.cooldowns = CooldownPolicy {
         rate_limited: config.retry.rate_limit_cooldown,
         failure_base: config.retry.failure_cooldown,
@@ -68,14 +124,16 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     Ok(gateway)
 }
 
-/// The upstream client's settings from `config`, reading `upstream.ca_file`.
-/// Build it once: every worker's client is made from a clone.
-///
-/// # Errors
-/// A base URL, user agent or CA file that cannot be used, naming the field.
-pub fn upstream_config(config: &Config) -> Result<UpstreamConfig, BuildError> {
-    let base_url = config.upstream.base_url.parse().map_err(|e: http::uri::InvalidUri| {
-        BuildError::Invalid { field: "upstream.base_url".into(), reason: e.to_string() }
+/// The upstream client settings of a provider at `base_url`: the top-level
+/// `upstream` section's timeouts, user agent and CA file.
+fn upstream_client_config(
+    config: &Config,
+    base_url: &str,
+    field: &str,
+) -> Result<UpstreamConfig, BuildError> {
+    let base_url = base_url.parse().map_err(|e: http::uri::InvalidUri| BuildError::Invalid {
+        field: field.to_owned(),
+        reason: e.to_string(),
     })?;
     let user_agent = HeaderValue::from_str(&config.upstream.user_agent)
         .map_err(|e| BuildError::Invalid { field: "upstream.user_agent".into(), reason: e.to_string() })?;

@@ -129,7 +129,16 @@ impl History {
 }
 
 fn sample(gateway: &Gateway) -> Vec<(String, u64)> {
-    gateway.keys().snapshot().into_iter().map(|k| (k.label, k.counters.requests)).collect()
+    let providers = gateway.providers();
+    let several = providers.len() > 1;
+    let mut out = Vec::new();
+    for provider in providers {
+        out.extend(provider.keys().snapshot().into_iter().map(|k| {
+            let label = if several { format!("{}/{}", provider.name(), k.label) } else { k.label };
+            (label, k.counters.requests)
+        }));
+    }
+    out
 }
 
 /// The sampling task; aborted when dropped.

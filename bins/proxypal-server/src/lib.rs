@@ -37,7 +37,6 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use proxypal_gateway::upstream::Upstream;
 use tokio::sync::{oneshot, watch};
 
 pub use app::App;
@@ -78,6 +77,8 @@ pub struct Running {
     done: Vec<oneshot::Receiver<()>>,
     /// The history sampler; aborted when this is dropped (after shutdown).
     _history: history::Sampler,
+    /// Keeps the models catalogs fresh; aborted when this is dropped.
+    _catalogs: CatalogRefresher,
     /// Saves the quota state every second, and once more at shutdown.
     state: Option<state::Saver>,
     /// `--dev`'s temporary state file, removed after the last save.
@@ -196,8 +197,7 @@ pub async fn start_with(
             let listener = serve::bind(config.listen).map_err(bind_error)?;
             let addr = listener.local_addr().map_err(bind_error)?;
             let (done_tx, done) = oneshot::channel();
-            let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
-            let worker = serve::Worker::new(&app, 0, upstream);
+            let worker = serve::Worker::new(&app, 0);
             tokio::spawn(async move {
                 serve::serve(listener, worker, until_stopped(stopped), grace).await;
                 let _ = done_tx.send(());
@@ -215,8 +215,51 @@ pub async fn start_with(
         }
     };
     let sampler = history::spawn(app.gateway(), app.history(), options.history_interval);
+    let catalogs = CatalogRefresher::spawn(app.gateway());
     let temporary_state = dev.then(dev_state_path);
-    Ok(Running { addr, app, stop, done, _history: sampler, state: saver, temporary_state })
+    Ok(Running {
+        addr,
+        app,
+        stop,
+        done,
+        _history: sampler,
+        _catalogs: catalogs,
+        state: saver,
+        temporary_state,
+    })
+}
+
+/// Fetches every provider's models catalog at start and whenever one is
+/// due, so that `GET /v1/models` answers from fresh catalogs without waiting.
+#[derive(Debug)]
+struct CatalogRefresher(tokio::task::JoinHandle<()>);
+
+impl CatalogRefresher {
+    /// How often it looks for catalogs that are due (each is fetched once per
+    /// `routing.models_ttl`, or 30 s after a failure).
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+    fn spawn(gateway: &Arc<proxypal_gateway::Gateway>) -> Self {
+        let handle = proxypal_gateway::Handle::new(Arc::clone(gateway));
+        Self(tokio::spawn(async move {
+            loop {
+                // A single provider without aliases fetches its catalog when a client first
+                // lists models (no request spent on it otherwise, as before); with several
+                // providers or aliases, catalogs are kept fresh to report missing targets.
+                let gateway = handle.gateway();
+                if gateway.providers().len() > 1 || !gateway.alias_reports().is_empty() {
+                    handle.refresh_models().await;
+                }
+                tokio::time::sleep(Self::EVERY).await;
+            }
+        }))
+    }
+}
+
+impl Drop for CatalogRefresher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves once `stop` turns `true` (or its sender is gone).
@@ -238,8 +281,7 @@ fn spawn_workers(
         // Built here, not in the thread, so that a failure is reported to the caller.
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(worker_error)?;
-        let upstream = Upstream::new(app.upstream_config().clone()).map_err(convert::BuildError::from)?;
-        let worker = serve::Worker::new(app, i, upstream);
+        let worker = serve::Worker::new(app, i);
         let stopped = stopped.clone();
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()

@@ -110,9 +110,9 @@ struct Serving {
 }
 
 impl Worker {
-    /// Worker number `id` of `app`, sending upstream through `upstream`.
-    pub fn new(app: &Arc<App>, id: usize, upstream: proxypal_gateway::upstream::Upstream) -> Self {
-        let gateway = Handle::new(Arc::clone(app.gateway()), upstream);
+    /// Worker number `id` of `app`, with its own upstream connections.
+    pub fn new(app: &Arc<App>, id: usize) -> Self {
+        let gateway = Handle::new(Arc::clone(app.gateway()));
         Self {
             serving: Arc::new(Serving { app: Arc::clone(app), gateway }),
             accepted: app.worker_connections(id),

@@ -6,29 +6,29 @@ use std::time::Duration;
 
 use proxypal_keypool::{CooldownPolicy, KeySpec, Secret};
 use proxypal_limiter::Limits;
+use proxypal_upstream::UpstreamConfig;
 
 use crate::admission::ClientTokens;
+use crate::dialect::Dialect;
 use crate::lease::MAX_ATTEMPTS;
+use crate::preset::{Preset, QuotaScope};
 
 /// Everything a [`Gateway`](crate::Gateway) is built from. [`Default`] is the product's
-/// default behaviour (no keys); the server's configuration file maps onto it
-/// field by field.
+/// default behaviour (one NVIDIA provider named `default`, no keys); the
+/// server's configuration file maps onto it field by field.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct GatewayConfig {
-    /// The upstream API keys, in round-robin order, with their accounts and
-    /// own limits.
-    pub keys: Vec<KeyConfig>,
-    /// Every key's (or account's) limits unless it overrides a field
-    /// (default: [`Limits::nvidia_free_tier`], 40 in any rolling minute with
-    /// bursts, 500 ms margin).
-    pub limits: Limits,
-    /// Budgets shared by several keys: each account's fields over `limits`.
-    /// A key naming an account not listed here shares a budget of `limits`.
-    pub accounts: BTreeMap<String, Limits>,
+    /// The upstream providers, each with its keys and limits (at least one,
+    /// at most [`MAX_PROVIDERS`]).
+    pub providers: Vec<ProviderConfig>,
+    /// Public model names (aliases) and the targets that serve them.
+    pub models: BTreeMap<String, AliasConfig>,
+    /// Where names that are no alias go, and the models list.
+    pub routing: RoutingConfig,
     /// How long keys rest after failures.
     pub cooldowns: CooldownPolicy,
-    /// Upstream attempts per client request, each on another key
+    /// Upstream attempts per client request, across every key and target
     /// (1..=[`MAX_ATTEMPTS`]; default 3).
     pub max_attempts: usize,
     /// How long a request may wait for a key with capacity (default 30 s).
@@ -43,12 +43,18 @@ pub struct GatewayConfig {
     pub client_tokens: Vec<Secret>,
 }
 
+/// Most providers one gateway routes to.
+pub const MAX_PROVIDERS: usize = 64;
+
+/// Most targets one alias has.
+pub const MAX_TARGETS: usize = 64;
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            keys: Vec::new(),
-            limits: Limits::nvidia_free_tier(),
-            accounts: BTreeMap::new(),
+            providers: vec![ProviderConfig::new(DEFAULT_PROVIDER)],
+            models: BTreeMap::new(),
+            routing: RoutingConfig::default(),
             cooldowns: CooldownPolicy::default(),
             max_attempts: 3,
             queue_timeout: Duration::from_secs(30),
@@ -59,20 +65,206 @@ impl Default for GatewayConfig {
     }
 }
 
+/// The name of the provider a single-provider configuration makes.
+pub const DEFAULT_PROVIDER: &str = "default";
+
 impl GatewayConfig {
-    /// The defaults with these keys.
+    /// The defaults with these keys on the one provider, `default` (NVIDIA's
+    /// API, 40 requests in any rolling minute per key).
     pub fn with_keys<K: Into<KeyConfig>>(keys: impl IntoIterator<Item = K>) -> Self {
-        Self { keys: keys.into_iter().map(Into::into).collect(), ..Self::default() }
+        let mut config = Self::default();
+        config.providers[0].keys = keys.into_iter().map(Into::into).collect();
+        config
     }
 
-    /// Checks that the limits make budgets (as [`Gateway::new`](crate::Gateway::new)
-    /// would), without building anything.
+    /// The defaults with these providers (and no aliases: every model name
+    /// goes to the first provider unless it is `provider/model`).
+    pub fn with_providers(providers: impl IntoIterator<Item = ProviderConfig>) -> Self {
+        Self { providers: providers.into_iter().collect(), ..Self::default() }
+    }
+
+    /// The provider called `name`.
+    pub fn provider_mut(&mut self, name: &str) -> Option<&mut ProviderConfig> {
+        self.providers.iter_mut().find(|p| p.name == name)
+    }
+
+    /// Checks that the limits make budgets and the routes name real
+    /// providers (as [`Gateway::new`](crate::Gateway::new) would), without
+    /// building anything.
     ///
     /// # Errors
-    /// [`BuildError::Limits`](crate::BuildError::Limits) naming the field, or
-    /// [`BuildError::AboveAccount`](crate::BuildError::AboveAccount).
+    /// [`BuildError::Limits`](crate::BuildError::Limits) naming the field,
+    /// [`BuildError::AboveAccount`](crate::BuildError::AboveAccount) or
+    /// [`BuildError::Routes`](crate::BuildError::Routes).
     pub fn check_limits(&self) -> Result<(), crate::BuildError> {
-        crate::keyset::Plan::new(&self.keys, &self.limits, &self.accounts).map(drop)
+        for provider in &self.providers {
+            crate::keyset::Plan::new(provider)
+                .map_err(|e| e.in_provider(&provider.name, self.providers.len()))?;
+        }
+        crate::route::Routes::new(self, &|_| 0).map(drop)
+    }
+}
+
+/// How a provider's requests are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Auth {
+    /// `Authorization: Bearer <key>`, a key from the pool per request.
+    #[default]
+    Bearer,
+    /// No credentials (a local server): the provider needs no keys.
+    None,
+}
+
+/// One upstream provider: where it is, its keys, their limits, and how it
+/// speaks about limits.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProviderConfig {
+    /// Its name: in routes (`groq/llama-…`), stats, metrics and logs.
+    pub name: String,
+    /// The preset it was filled from, if any (for reports).
+    pub preset: Option<&'static str>,
+    /// Its base URL, timeouts and TLS.
+    pub upstream: UpstreamConfig,
+    /// Bearer keys, or none.
+    pub auth: Auth,
+    /// The API keys, in round-robin order, with their accounts and own limits.
+    pub keys: Vec<KeyConfig>,
+    /// Every key's (or account's) limits unless it overrides a field
+    /// (default: [`Limits::nvidia_free_tier`]).
+    pub limits: Limits,
+    /// Budgets shared by several keys: each account's fields over `limits`.
+    pub accounts: BTreeMap<String, Limits>,
+    /// Whether the provider counts `limits` per key or for all its keys together.
+    pub quota_scope: QuotaScope,
+    /// How it announces limits and explains 429s.
+    pub dialect: Dialect,
+    /// Top-level request fields removed before sending (the provider rejects them).
+    pub strip: Vec<String>,
+}
+
+impl ProviderConfig {
+    /// A provider called `name` with the defaults: NVIDIA's base URL and
+    /// free-tier limits per key, bearer keys (none yet).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            preset: None,
+            upstream: UpstreamConfig::default(),
+            auth: Auth::Bearer,
+            keys: Vec::new(),
+            limits: Limits::nvidia_free_tier(),
+            accounts: BTreeMap::new(),
+            quota_scope: QuotaScope::Key,
+            dialect: Dialect::Nvidia,
+            strip: Vec::new(),
+        }
+    }
+
+    /// A provider called `name` filled from `preset`: base URL, limits,
+    /// scope, dialect and stripped fields.
+    pub fn from_preset(name: impl Into<String>, preset: &Preset) -> Self {
+        let upstream =
+            UpstreamConfig { base_url: http::Uri::from_static(preset.base_url), ..UpstreamConfig::default() };
+        Self {
+            name: name.into(),
+            preset: Some(preset.name),
+            upstream,
+            auth: Auth::Bearer,
+            keys: Vec::new(),
+            limits: preset.limits.clone(),
+            accounts: BTreeMap::new(),
+            quota_scope: preset.scope,
+            dialect: preset.dialect,
+            strip: preset.strip.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    /// The same provider at `base_url`.
+    pub fn at(mut self, base_url: http::Uri) -> Self {
+        self.upstream.base_url = base_url;
+        self
+    }
+
+    /// The same provider with these keys.
+    pub fn with_keys<K: Into<KeyConfig>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The same provider with these default limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// A public model name and the provider models that serve it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AliasConfig {
+    /// Its targets (at least one, at most [`MAX_TARGETS`]).
+    pub targets: Vec<TargetConfig>,
+}
+
+impl AliasConfig {
+    /// An alias served by `targets`.
+    pub fn new(targets: impl IntoIterator<Item = TargetConfig>) -> Self {
+        Self { targets: targets.into_iter().collect() }
+    }
+}
+
+/// One provider model serving an alias.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetConfig {
+    /// The provider's name.
+    pub provider: String,
+    /// The model's id at that provider (the body's `model` is rewritten to it).
+    pub model: String,
+    /// Lower tiers are used first; a higher tier only when no target of a
+    /// lower one has room (default 1).
+    pub tier: u32,
+    /// Share among the targets of its tier that have room (default 1; 1..=1000).
+    pub weight: u32,
+}
+
+impl TargetConfig {
+    /// `model` at `provider`, tier 1, weight 1.
+    pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
+        Self { provider: provider.into(), model: model.into(), tier: 1, weight: 1 }
+    }
+
+    /// The same target in `tier`.
+    pub fn tier(mut self, tier: u32) -> Self {
+        self.tier = tier;
+        self
+    }
+
+    /// The same target with `weight`.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// Where names that are no alias go, and what `GET /v1/models` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoutingConfig {
+    /// The provider of names that are neither an alias nor `provider/model`
+    /// (default: the first provider).
+    pub default_provider: Option<String>,
+    /// List every other provider's catalog as `provider/id` too (default off).
+    pub list_provider_models: bool,
+    /// How long a fetched catalog is used before it is fetched again (default 10 min).
+    pub models_ttl: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self { default_provider: None, list_provider_models: false, models_ttl: Duration::from_secs(600) }
     }
 }
 
@@ -134,17 +326,29 @@ pub(crate) struct Settings {
     pub(crate) queue_timeout: Duration,
     pub(crate) max_body_bytes: usize,
     pub(crate) tokens: ClientTokens,
-    pub(crate) limits: Limits,
+    /// The providers of this generation, in configuration order.
+    pub(crate) providers: Box<[std::sync::Arc<crate::provider::Provider>]>,
+    /// Aliases and where other names go.
+    pub(crate) routes: crate::route::Routes,
+    pub(crate) models_ttl: Duration,
+    pub(crate) list_provider_models: bool,
 }
 
 impl Settings {
-    pub(crate) fn from_config(config: &GatewayConfig) -> Self {
+    pub(crate) fn new(
+        config: &GatewayConfig,
+        providers: Box<[std::sync::Arc<crate::provider::Provider>]>,
+        routes: crate::route::Routes,
+    ) -> Self {
         Self {
             max_attempts: config.max_attempts.clamp(1, MAX_ATTEMPTS),
             queue_timeout: config.queue_timeout,
             max_body_bytes: config.max_body_bytes,
             tokens: ClientTokens::new(&config.client_tokens),
-            limits: config.limits.clone(),
+            providers,
+            routes,
+            models_ttl: config.routing.models_ttl,
+            list_provider_models: config.routing.list_provider_models,
         }
     }
 }

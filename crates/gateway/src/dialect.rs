@@ -76,6 +76,13 @@ pub struct RateLimited {
 }
 
 impl Dialect {
+    /// Whether this provider's 429 bodies say more than their headers (which
+    /// window ran out, when to retry): then the gateway reads the body
+    /// before judging the key. NVIDIA's 429 is bare, a generic API's unknown.
+    pub fn explains_429(self) -> bool {
+        !matches!(self, Dialect::Nvidia | Dialect::Generic)
+    }
+
     /// The limits `headers` announce, with the periods this dialect means.
     pub fn announced(self, headers: &HeaderMap, now_unix_ms: u64) -> Vec<Announced> {
         let mut out = announced(headers, now_unix_ms);

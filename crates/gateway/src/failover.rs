@@ -16,16 +16,19 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use proxypal_keypool::KeyPool;
 use proxypal_limiter::{Permit, QuotaClock};
-use proxypal_upstream::{RequestParts, Upstream, UpstreamBody, UpstreamError};
+use proxypal_upstream::{RequestParts, UpstreamBody, UpstreamError};
 
 use crate::admission::{Admission, Slot};
 use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::classify::{Action, Verdict, classify, classify_transport, judged_by_body, needs_body};
 use crate::config::Settings;
+use crate::dialect::Dialect;
 use crate::keyset::{KeyResources, SharedClock};
-use crate::lease::{Lease, LeaseQueue, NoKey, Tried};
+use crate::lease::{Lease, LeaseQueue, NoKey, Source, Tried};
 use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
+use crate::provider::{Clients, Provider};
 use crate::reply::{self, UpstreamAnswer};
+use crate::route::{Route, Target};
 
 /// The most of an upstream error body read to judge and rewrite it.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -89,7 +92,19 @@ pub(crate) struct Attempts {
     elsewhere: Duration,
     /// The key of the last attempt (its counters count the request).
     served_by: Option<Arc<KeyMetrics>>,
+    /// The provider and target of the last attempt.
+    last_target: Option<(usize, usize)>,
+    /// Providers skipped for the rest of the request (failing as a whole), by bit.
+    skip_providers: u64,
+    /// Targets skipped (a model-level failure), by bit.
+    skip_targets: u64,
+    /// Server errors and timeouts per provider in this request.
+    provider_faults: [u8; crate::config::MAX_PROVIDERS],
 }
+
+/// Server errors (or timeouts) from one provider after which a request
+/// skips it: a provider failing as a whole should not burn every key.
+const PROVIDER_FAULTS: u8 = 2;
 
 impl Attempts {
     /// A record for a request that may make `max` attempts (1..=[`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS)).
@@ -100,7 +115,33 @@ impl Attempts {
             last: None,
             elsewhere: Duration::ZERO,
             served_by: None,
+            last_target: None,
+            skip_providers: 0,
+            skip_targets: 0,
+            provider_faults: [0; crate::config::MAX_PROVIDERS],
         }
+    }
+
+    /// How many attempts were made.
+    pub(crate) fn made(&self) -> usize {
+        self.tried.len()
+    }
+
+    /// Skips `provider` for the rest of the request.
+    fn skip_provider(&mut self, provider: usize) {
+        self.skip_providers |= 1u64.checked_shl(provider as u32).unwrap_or(0);
+    }
+
+    /// Counts a server error or timeout of `provider`; after
+    /// [`PROVIDER_FAULTS`] of them the provider is skipped. `true` if it is now.
+    fn provider_fault(&mut self, provider: usize) -> bool {
+        let Some(n) = self.provider_faults.get_mut(provider) else { return false };
+        *n = n.saturating_add(1);
+        if *n >= PROVIDER_FAULTS {
+            self.skip_provider(provider);
+            return true;
+        }
+        false
     }
 
     /// Sets how many attempts the request may make (1..=[`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS)).
@@ -124,8 +165,9 @@ impl Attempts {
         if let Some(previous) = &self.last {
             metrics.retry(previous.result());
         }
-        self.tried.push(lease.selected.index());
+        self.tried.push(lease.provider, lease.selected.index());
         self.served_by = Some(Arc::clone(&lease.metrics));
+        self.last_target = Some((lease.provider, lease.target));
     }
 
     /// Records a failed attempt.
@@ -145,10 +187,14 @@ impl Attempts {
     }
 
     /// The answer when every attempt was used: the last failure; "all keys
-    /// disabled" when it disabled the last usable key.
-    pub(crate) fn exhausted(&mut self, keys: &KeyPool<KeyResources>) -> GiveUp {
+    /// disabled" when it disabled the last usable key of `keys` (the pools
+    /// the request could use).
+    pub(crate) fn exhausted<'k>(
+        &mut self,
+        mut keys: impl Iterator<Item = &'k KeyPool<KeyResources>>,
+    ) -> GiveUp {
         match self.last.take() {
-            Some(f) if f.key_rejected() && keys.time_to_usable().is_none() => {
+            Some(f) if f.key_rejected() && keys.all(|k| k.time_to_usable().is_none()) => {
                 GiveUp::NoKey(NoKey::AllDisabled)
             }
             Some(f) => f.into(),
@@ -173,13 +219,92 @@ impl From<Failure> for GiveUp {
 /// worker's upstream client), borrowed for one request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shared<'a> {
-    pub(crate) keys: &'a KeyPool<KeyResources>,
     pub(crate) queue: &'a LeaseQueue,
     pub(crate) admission: &'a Admission,
     pub(crate) settings: &'a ArcSwap<Settings>,
     pub(crate) metrics: &'a Metrics,
-    pub(crate) upstream: &'a Upstream,
-    pub(crate) pool_headers: &'a ArcSwap<crate::quota::PoolHeaders>,
+    /// The worker's upstream clients.
+    pub(crate) clients: &'a Clients,
+    pub(crate) catalogs: &'a Arc<crate::catalog::Catalogs>,
+}
+
+/// A route's targets not skipped, with the keys not yet tried: where a
+/// request leases from (see [`Source`]).
+struct RouteSource<'a> {
+    route: &'a Route,
+    providers: &'a [Arc<Provider>],
+    attempts: &'a Attempts,
+    tokens: u64,
+}
+
+impl RouteSource<'_> {
+    /// Whether target `at` (of provider `provider`) may be tried.
+    fn eligible(&self, at: usize, provider: usize) -> bool {
+        let bit = |set: u64, i: usize| set & 1u64.checked_shl(i as u32).unwrap_or(0) != 0;
+        !bit(self.attempts.skip_providers, provider) && !bit(self.attempts.skip_targets, at)
+    }
+
+    /// Calls `f` on every target that may be tried (each provider once).
+    fn each(&self, mut f: impl FnMut(&Provider, usize)) {
+        let mut seen = 0u64;
+        for (at, t) in self.route.targets().iter().enumerate() {
+            let bit = 1u64.checked_shl(t.provider as u32).unwrap_or(0);
+            if self.eligible(at, t.provider) && seen & bit == 0 {
+                seen |= bit;
+                if let Some(p) = self.providers.get(t.provider) {
+                    f(p, t.provider);
+                }
+            }
+        }
+    }
+}
+
+impl Source for RouteSource<'_> {
+    fn try_lease(&self) -> Option<Lease> {
+        self.route.find(|at, t| {
+            if !self.eligible(at, t.provider) {
+                return None;
+            }
+            let provider = self.providers.get(t.provider)?;
+            let mut lease =
+                crate::lease::try_lease(&provider.keys, t.provider, &self.attempts.tried, self.tokens)?;
+            lease.target = at;
+            Some(lease)
+        })
+    }
+
+    fn time_to_lease(&self) -> Result<Duration, NoKey> {
+        let mut best: Result<Duration, NoKey> = Err(NoKey::NoKeys);
+        self.each(|p, i| {
+            let wait = crate::lease::time_to_lease(&p.keys, i, &self.attempts.tried, self.tokens);
+            best = match (best, wait) {
+                (Ok(a), Ok(b)) => Ok(a.min(b)),
+                (Ok(a), Err(_)) | (Err(_), Ok(a)) => Ok(a),
+                // The most hopeful reason: keys left untried beat disabled keys beat none.
+                (Err(NoKey::AllTried), Err(_)) | (Err(_), Err(NoKey::AllTried)) => Err(NoKey::AllTried),
+                (Err(NoKey::AllDisabled), Err(_)) | (Err(_), Err(NoKey::AllDisabled)) => {
+                    Err(NoKey::AllDisabled)
+                }
+                (Err(a), Err(_)) => Err(a),
+            };
+        });
+        if best == Err(NoKey::NoKeys) && self.attempts.made() > 0 {
+            // Every target was skipped or tried.
+            return Err(NoKey::AllTried);
+        }
+        best
+    }
+
+    fn holding_back(&self) -> (Duration, proxypal_limiter::Cause) {
+        let mut soonest = (Duration::MAX, proxypal_limiter::Cause::None);
+        self.each(|p, i| {
+            let w = crate::lease::holding_back(&p.keys, i, &self.attempts.tried, self.tokens);
+            if w.0 < soonest.0 {
+                soonest = w;
+            }
+        });
+        soonest
+    }
 }
 
 /// The path and query after `/v1` (`/v1/chat/completions?x` → `/chat/completions?x`),
@@ -191,6 +316,11 @@ fn rest_of_path(uri: &http::Uri) -> Option<String> {
     }
     Some(uri.path_and_query().map_or("", |pq| pq.as_str()).get(3..).unwrap_or("").to_owned())
 }
+
+/// `x-proxypal-route`: who served the request (`<provider>/<upstream model>`).
+pub const ROUTE: http::HeaderName = http::HeaderName::from_static("x-proxypal-route");
+/// `x-proxypal-attempts`: how many upstream attempts the request made.
+pub const ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-proxypal-attempts");
 
 /// Serves one request under `/v1` (see [`Handle::handle`](crate::Handle::handle)):
 /// admission, then the attempts. Records the request in the metrics of the
@@ -210,10 +340,19 @@ where
     let settings = gw.settings.load_full();
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
-    let mut resp = run(gw, settings, req, rest, slot, &mut attempts).await;
+    let mut served = None;
+    let mut resp = run(gw, &settings, req, rest, slot, &mut attempts, &mut served).await;
+    let headers = resp.headers_mut();
+    if let Some(route) = served {
+        headers.insert(ROUTE, route);
+    }
+    headers.insert(ATTEMPTS, http::HeaderValue::from(attempts.made()));
     // Not for a client that failed to authenticate: the pool's size is not its business.
     if resp.status() != StatusCode::UNAUTHORIZED {
-        crate::quota::pool_headers(gw.keys, gw.pool_headers).apply(resp.headers_mut());
+        let provider = attempts.last_target.map_or(settings.routes.default, |(p, _)| p);
+        if let Some(p) = settings.providers.get(provider) {
+            crate::quota::pool_headers(&p.keys, &p.pool_headers).apply(resp.headers_mut());
+        }
     }
     let metrics = gw.metrics;
     attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
@@ -221,13 +360,38 @@ where
     resp
 }
 
+/// The body as target `target` of provider `provider` takes it: its model,
+/// without the fields the provider rejects. The last one made is kept, so
+/// attempts on one target rewrite once.
+fn body_for(
+    body: &Bytes,
+    target: &Target,
+    provider: &Provider,
+    last: &mut Option<(usize, usize, Bytes)>,
+    at: usize,
+) -> Bytes {
+    if target.model.is_none() && provider.strip.is_empty() {
+        return body.clone();
+    }
+    if let Some((p, t, made)) = last.as_ref() {
+        if (*p, *t) == (target.provider, at) {
+            return made.clone();
+        }
+    }
+    let made =
+        crate::json::rewrite(body, target.model.as_deref(), &provider.strip).unwrap_or_else(|| body.clone());
+    *last = Some((target.provider, at, made.clone()));
+    made
+}
+
 async fn run<B>(
     gw: Shared<'_>,
-    settings: Arc<Settings>,
+    settings: &Arc<Settings>,
     req: Request<B>,
     rest: String,
     slot: Slot,
     attempts: &mut Attempts,
+    served: &mut Option<http::HeaderValue>,
 ) -> Response<ProxyBody>
 where
     B: Body,
@@ -241,16 +405,25 @@ where
         );
     }
     head.headers.remove(AUTHORIZATION);
-    // Only token windows need the estimate, a look into the body, and the
-    // answer's `usage` uncompressed.
-    let counts_tokens = gw.keys.with_current(|_, r| r.quotas.counts_tokens());
-    if counts_tokens {
-        head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    if head.method == http::Method::GET && (rest == "/models" || rest.starts_with("/models?")) {
+        return Box::pin(gw.catalogs.list(settings, gw.clients)).await;
     }
     let body = match read_body(body, &head.headers, settings.max_body_bytes).await {
         Ok(body) => body,
         Err(resp) => return resp,
     };
+    let providers = &settings.providers[..];
+    let route = settings.routes.resolve(crate::json::model(&body).as_deref(), providers);
+    // Only token windows need the estimate, a look into the body, and the
+    // answer's `usage` uncompressed.
+    let counts_tokens = route
+        .targets()
+        .iter()
+        .filter_map(|t| providers.get(t.provider))
+        .any(|p| p.keys.with_current(|_, r| r.quotas.counts_tokens()));
+    if counts_tokens {
+        head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    }
     // For the failover log lines: they carry the id themselves, so the per-request span can
     // stay at debug level (free when debug is off).
     let request_id = head.headers.get(crate::admission::REQUEST_ID).cloned();
@@ -258,13 +431,18 @@ where
     let parts = RequestParts::new(head.method, rest, head.headers);
     let deadline = deadline_after(settings.queue_timeout);
     attempts.limit(settings.max_attempts);
-    drop(settings);
 
-    let Shared { keys, queue, metrics, upstream, .. } = gw;
+    let Shared { queue, metrics, clients, .. } = gw;
     let tokens = if counts_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
+    let mut rewritten = None;
+    // A provider failing as a whole is skipped only when another one can
+    // serve: with one provider, its other keys are all there is (as before).
+    let first_provider = route.targets().first().map(|t| t.provider);
+    let several_providers = route.targets().iter().any(|t| Some(t.provider) != first_provider);
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
-        let leased = queue.lease(keys, &attempts.tried, tokens, deadline).await;
+        let source = RouteSource { route: &route, providers, attempts, tokens };
+        let leased = queue.lease_from(&source, deadline).await;
         let queued = queued_at.elapsed();
         attempts.waited(queued);
         metrics.queue_wait(queued);
@@ -272,11 +450,21 @@ where
             Ok(lease) => lease,
             Err(no_key) => return attempts.give_up(no_key).into_response(),
         };
+        let (Some(provider), Some(target)) =
+            (providers.get(lease.provider), route.targets().get(lease.target))
+        else {
+            // A lease names a provider and target of this route: it came from them.
+            return attempts.exhausted(std::iter::empty()).into_response();
+        };
         attempts.begin(&lease, metrics);
+        *served = Some(target.route.clone());
         let label = lease.selected.key().label();
         tracing::Span::current().record("key", label);
         let sent_at = tokio::time::Instant::now();
-        let answer = upstream.send(&parts, body.clone(), &lease.auth).await;
+        let upstream = clients.get(provider);
+        let answer = upstream
+            .send(&parts, body_for(&body, target, provider, &mut rewritten, lease.target), &lease.auth)
+            .await;
         let took = sent_at.elapsed();
         attempts.waited(took);
         metrics.upstream_latency(took);
@@ -284,8 +472,15 @@ where
             Ok(resp) => resp,
             Err(e) => {
                 let verdict = classify_transport(&e);
-                tracing::warn!(id, key = label, error = %e, "upstream attempt failed; failing over");
-                judged(keys, &lease, verdict);
+                // Refused or unreachable: the provider is down, not the key.
+                let down = matches!(e, UpstreamError::Connect { .. });
+                if several_providers && down {
+                    attempts.skip_provider(lease.provider);
+                } else if several_providers {
+                    attempts.provider_fault(lease.provider);
+                }
+                tracing::warn!(id, provider = provider.name(), key = label, error = %e, "upstream attempt failed; failing over");
+                judged(&provider.keys, &lease, verdict);
                 attempts.failed(Failure::Transport(e));
                 // Dropped: the reservation counts (the upstream may have done the work).
                 drop(lease.permit);
@@ -293,47 +488,84 @@ where
             }
         };
         let status = resp.status();
-        learn(&lease, resp.headers());
+        learn(&lease, provider.dialect, resp.headers());
         if !needs_body(status) {
-            judged(keys, &lease, classify(status, resp.headers(), &[]));
+            judged(&provider.keys, &lease, classify(status, resp.headers(), &[]));
             return stream(metrics, resp, slot, lease.permit, counts_tokens);
         }
         // A verdict that does not depend on the body is reported before the body is read.
-        let early = (!judged_by_body(status)).then(|| classify(status, resp.headers(), &[]));
+        let by_body = judged_by_body(status)
+            || (status == StatusCode::TOO_MANY_REQUESTS && provider.dialect.explains_429());
+        let early = (!by_body).then(|| classify(status, resp.headers(), &[]));
         if let Some(verdict) = early {
-            judged(keys, &lease, verdict);
+            judged(&provider.keys, &lease, verdict);
             if verdict.action == Action::FailOver {
-                log_failover(id, label, status, verdict);
+                log_failover(id, provider.name(), label, status, verdict);
             }
         }
         let answer = Box::pin(read_answer(resp)).await;
         let verdict = early.unwrap_or_else(|| {
-            let verdict = classify(status, &answer.headers, &answer.body);
-            judged(keys, &lease, verdict);
+            let verdict = classify_with(provider.dialect, &lease, status, &answer);
+            judged(&provider.keys, &lease, verdict);
             if verdict.action == Action::FailOver {
-                log_failover(id, label, status, verdict);
+                log_failover(id, provider.name(), label, status, verdict);
             }
             verdict
         });
         // An error answer used no tokens.
         lease.permit.finish(Some(0));
         match verdict.action {
+            // A model failing at one provider: another target may serve the alias.
+            Action::Deliver if verdict.result == AttemptResult::ModelError && route.targets().len() > 1 => {
+                attempts.skip_targets |= 1u64.checked_shl(lease.target as u32).unwrap_or(0);
+                log_failover(id, provider.name(), label, status, verdict);
+                attempts.failed(Failure::Upstream { answer, result: verdict.result });
+            }
             Action::Deliver => return reply::upstream_error(answer),
-            Action::FailOver => attempts.failed(Failure::Upstream { answer, result: verdict.result }),
+            Action::FailOver => {
+                if verdict.result == AttemptResult::ServerError && several_providers {
+                    attempts.provider_fault(lease.provider);
+                }
+                attempts.failed(Failure::Upstream { answer, result: verdict.result });
+            }
         }
     }
-    attempts.exhausted(keys).into_response()
+    let pools = route.targets().iter().filter_map(|t| providers.get(t.provider)).map(|p| &*p.keys);
+    attempts.exhausted(pools).into_response()
+}
+
+/// [`classify`] of an answer whose body was read, with what the provider's
+/// dialect says about a 429: when to try again, whether the day is spent.
+fn classify_with(dialect: Dialect, lease: &Lease, status: StatusCode, answer: &UpstreamAnswer) -> Verdict {
+    let mut verdict = classify(status, &answer.headers, &answer.body);
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return verdict;
+    }
+    let now_ms = lease.quotas.clock().now() / 1_000_000;
+    let explained = dialect.rate_limited(&answer.headers, &answer.body, now_ms);
+    let index = lease.selected.index();
+    for announced in &explained.announced {
+        lease.quotas.learn(index, announced);
+    }
+    if let Some(wait) = explained.retry_after {
+        if explained.exhausted == crate::dialect::Exhausted::Day && !explained.upstream_busy {
+            // A spent day: the key's budget is blocked until the upstream's reset.
+            lease.quotas.block(index, wait);
+        }
+        verdict.outcome = proxypal_keypool::Outcome::RateLimited { retry_after: Some(wait) };
+    }
+    verdict
 }
 
 /// Feeds what the upstream announced about its limits (`x-ratelimit-*`) to
 /// the key's budget. Free when the answer announces nothing.
-fn learn(lease: &Lease, headers: &http::HeaderMap) {
+fn learn(lease: &Lease, dialect: Dialect, headers: &http::HeaderMap) {
     if !headers.keys().any(|name| name.as_str().starts_with("x-ratelimit-")) {
         return;
     }
     let index = lease.selected.index();
     let now_ms = lease.quotas.clock().now() / 1_000_000;
-    for announced in crate::quota::announced(headers, now_ms) {
+    for announced in dialect.announced(headers, now_ms) {
         lease.quotas.learn(index, &announced);
     }
 }
@@ -365,16 +597,25 @@ fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
     lease.metrics.attempt(verdict.result);
 }
 
-fn log_failover(id: &str, key: &str, status: StatusCode, verdict: Verdict) {
+fn log_failover(id: &str, provider: &str, key: &str, status: StatusCode, verdict: Verdict) {
     let status = status.as_u16();
     match verdict.outcome {
         proxypal_keypool::Outcome::RateLimited { retry_after } => {
-            tracing::info!(id, key, retry_after = ?retry_after, "upstream rate limited the key; failing over");
+            tracing::info!(id, provider, key, retry_after = ?retry_after, "upstream rate limited the key; failing over");
         }
         proxypal_keypool::Outcome::AuthFailed => {
-            tracing::warn!(id, key, status, "upstream rejected the key; disabling it");
+            tracing::warn!(id, provider, key, status, "upstream rejected the key; disabling it");
         }
-        _ => tracing::warn!(id, key, status, "upstream error; failing over"),
+        _ if verdict.result == AttemptResult::ModelError => {
+            tracing::warn!(
+                id,
+                provider,
+                key,
+                status,
+                "the model failed at this provider; trying the next target"
+            );
+        }
+        _ => tracing::warn!(id, provider, key, status, "upstream error; failing over"),
     }
 }
 
@@ -486,27 +727,30 @@ mod tests {
         attempts.limit(2);
         assert!(attempts.may_try());
 
-        let first = try_lease(gw.keys(), &attempts.tried, 0).unwrap();
+        let first = try_lease(&gw.test_keys(), 0, &attempts.tried, 0).unwrap();
         attempts.begin(&first, metrics);
         attempts.waited(Duration::from_millis(5));
         attempts.failed(upstream_failure(429, AttemptResult::RateLimited));
         assert!(attempts.may_try());
 
-        let second = try_lease(gw.keys(), &attempts.tried, 0).unwrap();
+        let second = try_lease(&gw.test_keys(), 0, &attempts.tried, 0).unwrap();
         assert_ne!(second.selected.index(), first.selected.index(), "a tried key is not leased again");
         attempts.begin(&second, metrics);
         attempts.waited(Duration::from_millis(7));
         assert!(!attempts.may_try(), "two attempts were allowed");
-        assert_eq!(attempts.tried.as_slice(), [first.selected.index(), second.selected.index()]);
+        assert_eq!(
+            attempts.tried.of(0).collect::<Vec<_>>(),
+            [first.selected.index(), second.selected.index()]
+        );
         assert_eq!(attempts.elsewhere, Duration::from_millis(12));
         assert!(Arc::ptr_eq(attempts.served_by.as_ref().unwrap(), &second.metrics), "the last key serves");
 
         let mut registry = prometheus_client::registry::Registry::default();
         let counted = Metrics::register(&mut registry);
         let mut again = Attempts::new(3);
-        again.begin(&try_lease(gw.keys(), &Tried::default(), 0).unwrap(), &counted);
+        again.begin(&try_lease(&gw.test_keys(), 0, &Tried::default(), 0).unwrap(), &counted);
         again.failed(timeout());
-        again.begin(&try_lease(gw.keys(), &again.tried, 0).unwrap(), &counted);
+        again.begin(&try_lease(&gw.test_keys(), 0, &again.tried, 0).unwrap(), &counted);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(r#"retries_total{reason="transport_error"} 1"#), "{text}");
@@ -541,18 +785,18 @@ mod tests {
     async fn exhausted_attempts_answer_with_the_last_failure() {
         let gw = gateway(2, 60_000);
         let mut attempts = Attempts::new(2);
-        assert_eq!(kind(&attempts.exhausted(gw.keys())), "NoKeys");
+        assert_eq!(kind(&attempts.exhausted(std::iter::once(&*gw.test_keys()))), "NoKeys");
         attempts.failed(upstream_failure(503, AttemptResult::ServerError));
-        assert_eq!(kind(&attempts.exhausted(gw.keys())), "Upstream(503)");
+        assert_eq!(kind(&attempts.exhausted(std::iter::once(&*gw.test_keys()))), "Upstream(503)");
         // A rejected key while another key is still usable: the upstream's rejection.
-        let one = gw.keys().select_with(|c| c.index == 0).unwrap();
-        gw.keys().report(&one, Outcome::AuthFailed);
+        let one = &gw.test_keys().select_with(|c| c.index == 0).unwrap();
+        gw.test_keys().report(one, Outcome::AuthFailed);
         attempts.failed(upstream_failure(401, AttemptResult::KeyRejected));
-        assert_eq!(kind(&attempts.exhausted(gw.keys())), "KeysRejected(401)");
+        assert_eq!(kind(&attempts.exhausted(std::iter::once(&*gw.test_keys()))), "KeysRejected(401)");
         // ... and once no key is usable any more: all keys disabled.
-        let two = gw.keys().select_with(|c| c.index == 1).unwrap();
-        gw.keys().report(&two, Outcome::AuthFailed);
+        let two = &gw.test_keys().select_with(|c| c.index == 1).unwrap();
+        gw.test_keys().report(two, Outcome::AuthFailed);
         attempts.failed(upstream_failure(401, AttemptResult::KeyRejected));
-        assert_eq!(kind(&attempts.exhausted(gw.keys())), "AllDisabled");
+        assert_eq!(kind(&attempts.exhausted(std::iter::once(&*gw.test_keys()))), "AllDisabled");
     }
 }

@@ -12,21 +12,25 @@ use http::{Request, Response};
 use http_body::Body;
 use prometheus_client::registry::Registry;
 use proxypal_keypool::{KeyPool, KeyPoolBuilder, KeySnapshot, KeyStatus, ReloadReport};
-use proxypal_limiter::{LimitReport, Limits, SystemClock};
-use proxypal_upstream::Upstream;
+use proxypal_limiter::{LimitReport, SystemClock};
 
 use crate::admission::{Admission, Client};
 use crate::body::{BoxError, ProxyBody};
+use crate::catalog::{CatalogReport, Catalogs};
 use crate::config::{GatewayConfig, Settings};
 use crate::failover::{self, Shared};
-use crate::keyset::{self, BuildError, KeyResources, Plan, SharedClock};
+use crate::keyset::{self, BuildError, Plan, SharedClock};
 use crate::lease::LeaseQueue;
 use crate::metrics::Metrics;
+use crate::provider::{Clients, Provider};
+use crate::route::Routes;
 
-/// One key as `/stats` shows it: its snapshot, account and limits now.
+/// One key as `/stats` shows it: its snapshot, provider, account and limits now.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct KeyReport {
+    /// The provider it belongs to.
+    pub provider: String,
     /// State, counters, label, name.
     pub snapshot: KeySnapshot,
     /// Requests the key could send right now, back to back (the smallest
@@ -40,9 +44,39 @@ pub struct KeyReport {
     pub blocked_for: std::time::Duration,
 }
 
-/// The `/v1` pipeline's shared state: keys with their limits, the lease
-/// queue, admission, settings and metrics. One per process (or per embedding);
-/// every worker's [`Handle`] points at it.
+/// One alias as `/stats` shows it: its targets, in tier order, with their state.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AliasReport {
+    /// The public model name.
+    pub name: String,
+    /// Its targets.
+    pub targets: Vec<TargetReport>,
+}
+
+/// One target of an alias, now.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TargetReport {
+    /// The provider.
+    pub provider: String,
+    /// The model id sent to it.
+    pub model: String,
+    /// Its tier.
+    pub tier: u32,
+    /// Its weight within the tier.
+    pub weight: u32,
+    /// Requests its provider's keys could send right now, together.
+    pub room: u64,
+    /// Keys of the provider that are usable (not cooling down, not disabled).
+    pub keys_ready: usize,
+    /// The provider's catalog was fetched and does not list the model.
+    pub missing_from_catalog: bool,
+}
+
+/// The `/v1` pipeline's shared state: providers with their keys and limits,
+/// routes, the lease queue, admission, settings and metrics. One per process
+/// (or per embedding); every worker's [`Handle`] points at it.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -54,25 +88,35 @@ pub struct KeyReport {
 ///     &mut registry,
 /// )?;
 /// assert_eq!(gateway.key_reports().len(), 1);
+/// assert_eq!(gateway.providers()[0].name(), "default");
 /// assert_eq!(gateway.in_flight(), 0);
 /// # Ok(()) }
 /// ```
 pub struct Gateway {
-    keys: KeyPool<KeyResources>,
     queue: LeaseQueue,
     admission: Admission,
+    /// Settings, providers and routes of one generation, swapped whole on reload.
     settings: ArcSwap<Settings>,
     metrics: Metrics,
     /// One reload at a time, so keys and settings always come from one config.
     reloading: std::sync::Mutex<()>,
-    /// The pool's `x-ratelimit-*` response headers, summed now and then.
-    pool_headers: ArcSwap<crate::quota::PoolHeaders>,
+    /// How new providers' pools are built (cooldowns, clock).
+    pools: KeyPoolBuilder,
+    clock: SharedClock,
+    catalogs: Arc<Catalogs>,
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("keys", &self.keys).finish_non_exhaustive()
+        f.debug_struct("Gateway").field("providers", &self.settings.load().providers).finish_non_exhaustive()
     }
+}
+
+/// Plans every provider's key set, naming the provider in errors.
+fn plans(config: &GatewayConfig) -> Result<Vec<Plan>, BuildError> {
+    let count = config.providers.len();
+    config.providers.iter().map(|p| Plan::new(p).map_err(|e| e.in_provider(&p.name, count))).collect()
 }
 
 /// # Building and reloading
@@ -80,7 +124,8 @@ impl Gateway {
     /// Builds the gateway, registering its metrics in `registry`.
     ///
     /// # Errors
-    /// A key set or quota that cannot be used; the error names the key's position.
+    /// A key set, quota, upstream or route that cannot be used; the error
+    /// names the provider, key or field.
     pub fn new(config: GatewayConfig, registry: &mut Registry) -> Result<Arc<Self>, BuildError> {
         Self::build(config, registry, KeyPool::builder(), Arc::new(SystemClock::new()))
     }
@@ -93,43 +138,118 @@ impl Gateway {
         pool: KeyPoolBuilder,
         clock: SharedClock,
     ) -> Result<Arc<Self>, BuildError> {
-        let plan = Plan::new(&config.keys, &config.limits, &config.accounts)?;
+        let routes = Routes::new(&config, &|_| 0)?;
+        let plans = plans(&config)?;
         let metrics = Metrics::register(registry);
-        let settings = Settings::from_config(&config);
-        let keys = keyset::build(pool.policy(config.cooldowns), config.keys, plan, &metrics, clock)?;
+        let pools = pool.policy(config.cooldowns);
+        let count = config.providers.len();
+        let mut providers = Vec::with_capacity(count);
+        for (p, plan) in config.providers.iter().zip(plans) {
+            let keys = keyset::build(pools.clone(), &p.name, plan, &metrics, Arc::clone(&clock))
+                .map_err(|e| e.in_provider(&p.name, count))?;
+            let provider = Provider::new(p, Arc::new(keys), None)
+                .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
+            providers.push(Arc::new(provider));
+        }
+        let settings = Settings::new(&config, providers.into(), routes);
         Ok(Arc::new(Self {
-            keys,
             queue: LeaseQueue::new(),
             admission: Admission::new(config.max_inflight),
             settings: ArcSwap::from_pointee(settings),
             metrics,
             reloading: std::sync::Mutex::new(()),
-            pool_headers: ArcSwap::from_pointee(crate::quota::PoolHeaders::empty()),
+            pools,
+            clock,
+            catalogs: Arc::new(Catalogs::new()),
+            reloads: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
-    /// Applies a new config's keys, quotas and request settings while requests
-    /// go on. Keys that stay keep their counters, cooldowns and spent permits.
-    /// `max_inflight` and `cooldowns` keep their values from [`new`](Self::new).
+    /// Applies a new config's providers, keys, quotas, routes and request
+    /// settings while requests go on. Providers that stay (by name) keep
+    /// their keys' counters, cooldowns and spent permits. `max_inflight` and
+    /// `cooldowns` keep their values from [`new`](Self::new).
     ///
     /// # Errors
-    /// The new key set or a quota is refused; the old ones keep serving.
+    /// The new config is refused as a whole; the old one keeps serving.
     pub fn reload(&self, config: GatewayConfig) -> Result<ReloadReport, BuildError> {
         // Held only for this synchronous swap, never across an `.await`.
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let plan = Plan::new(&config.keys, &config.limits, &config.accounts)?;
-        let settings = Settings::from_config(&config);
-        let report = keyset::reload(&self.keys, config.keys, plan, &self.metrics)?;
-        self.settings.store(Arc::new(settings));
+        let old = self.settings.load_full();
+        let namespaces =
+            |name: &str| self.catalogs.namespace_size(old.providers.get(old.routes.default), name);
+        let routes = Routes::new(&config, &namespaces)?;
+        let plans = plans(&config)?;
+        let count = config.providers.len();
+        // Every client first: once a pool reloads, there is no going back.
+        for p in &config.providers {
+            if !old.providers.iter().any(|o| o.name() == p.name) {
+                proxypal_upstream::Upstream::new(p.upstream.clone())
+                    .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
+            }
+        }
+        let mut report = ReloadReport { previous_index: Vec::new(), added: 0, kept: 0, removed: 0 };
+        let mut providers = Vec::with_capacity(count);
+        for (p, plan) in config.providers.iter().zip(plans) {
+            let previous = old.providers.iter().find(|o| o.name() == p.name);
+            let keys = match previous {
+                Some(prev) => {
+                    let r = keyset::reload(&prev.keys, &p.name, plan, &self.metrics)
+                        .map_err(|e| e.in_provider(&p.name, count))?;
+                    report.previous_index.extend(r.previous_index);
+                    report.added += r.added;
+                    report.removed += r.removed;
+                    report.kept += r.kept;
+                    Arc::clone(&prev.keys)
+                }
+                None => {
+                    let keys = keyset::build(
+                        self.pools.clone(),
+                        &p.name,
+                        plan,
+                        &self.metrics,
+                        Arc::clone(&self.clock),
+                    )
+                    .map_err(|e| e.in_provider(&p.name, count))?;
+                    report.previous_index.extend(std::iter::repeat_n(None, keys.len()));
+                    report.added += keys.len();
+                    Arc::new(keys)
+                }
+            };
+            let provider = Provider::new(p, keys, previous.map(|p| &**p))
+                .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
+            providers.push(Arc::new(provider));
+        }
+        for gone in old.providers.iter().filter(|o| !config.providers.iter().any(|p| p.name == o.name())) {
+            report.removed += gone.keys.len();
+        }
+        self.settings.store(Arc::new(Settings::new(&config, providers.into(), routes)));
+        self.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(report)
     }
 }
 
 /// # Reading the state
 impl Gateway {
-    /// The key pool (to report outcomes, re-enable keys, read snapshots).
-    pub fn keys(&self) -> &KeyPool<KeyResources> {
-        &self.keys
+    /// The providers now, in configuration order.
+    pub fn providers(&self) -> Vec<Arc<Provider>> {
+        self.settings.load().providers.to_vec()
+    }
+
+    /// The first provider's key pool (tests of single-provider behaviour).
+    #[cfg(test)]
+    pub(crate) fn test_keys(&self) -> Arc<KeyPool<crate::keyset::KeyResources>> {
+        Arc::clone(&self.settings.load().providers[0].keys)
+    }
+
+    /// The provider called `name`.
+    pub fn provider(&self, name: &str) -> Option<Arc<Provider>> {
+        self.settings.load().providers.iter().find(|p| p.name() == name).cloned()
+    }
+
+    /// Reloads applied since the gateway was built.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The lease queue.
@@ -149,45 +269,101 @@ impl Gateway {
         self.settings.load().tokens.authenticate(headers)
     }
 
-    /// Every key with its state, account and limits, in key-set order.
+    /// Every key of every provider with its state, account and limits, in
+    /// provider and key-set order.
     pub fn key_reports(&self) -> Vec<KeyReport> {
-        let snapshot = self.keys.snapshot();
-        self.keys.with_current(|_, resources| {
-            let quotas = &resources.quotas;
-            snapshot
-                .into_iter()
-                .map(|s| {
+        let mut out = Vec::new();
+        for provider in self.settings.load().providers.iter() {
+            let snapshot = provider.keys.snapshot();
+            provider.keys.with_current(|_, resources| {
+                let quotas = &resources.quotas;
+                out.extend(snapshot.into_iter().map(|s| {
                     let i = s.index;
                     KeyReport {
+                        provider: provider.name().to_owned(),
                         permits_available: u32::try_from(quotas.remaining_requests(i)).unwrap_or(u32::MAX),
                         account: quotas.account(i).map(str::to_owned),
                         limits: quotas.report(i),
                         blocked_for: quotas.blocked_for(i),
                         snapshot: s,
                     }
-                })
-                .collect()
-        })
+                }));
+            });
+        }
+        out
+    }
+
+    /// Every alias with its targets' state, by name.
+    pub fn alias_reports(&self) -> Vec<AliasReport> {
+        let settings = self.settings.load();
+        let mut out: Vec<AliasReport> = settings
+            .routes
+            .aliases()
+            .map(|alias| AliasReport {
+                name: alias.name.to_string(),
+                targets: alias
+                    .targets
+                    .iter()
+                    .filter_map(|t| {
+                        let p = settings.providers.get(t.provider)?;
+                        let model = t.model.as_deref().unwrap_or_default();
+                        let room = p.keys.with_current(|keys, r| {
+                            (0..keys.len())
+                                .map(|i| r.quotas.remaining_requests(i))
+                                .fold(0u64, u64::saturating_add)
+                        });
+                        let ready = p.keys.snapshot().iter().filter(|k| k.status == KeyStatus::Ready).count();
+                        Some(TargetReport {
+                            provider: p.name().to_owned(),
+                            model: model.to_owned(),
+                            tier: t.tier,
+                            weight: t.weight,
+                            room,
+                            keys_ready: ready,
+                            missing_from_catalog: self.catalogs.lacks(p.name(), model),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Each provider's models catalog: size, age, last error.
+    pub fn catalog_reports(&self) -> Vec<CatalogReport> {
+        self.catalogs.reports(&self.settings.load())
     }
 
     /// Clears the cooldown, the disabled state and what was learned from the
     /// upstream for the key named `name` (its configured name, or its masked
-    /// label such as `nvapi-…wxyz`). Its windows keep what they counted: a
-    /// reset never makes room the upstream would refuse. `false` when no key
-    /// has that name.
+    /// label such as `nvapi-…wxyz`), in whichever provider has it. Its
+    /// windows keep what they counted: a reset never makes room the upstream
+    /// would refuse. `false` when no key has that name.
     pub fn reset_key(&self, name: &str) -> bool {
-        let found = self.keys.with_current(|keys, resources| {
-            let index = keys.iter().position(|k| k.name() == Some(name) || k.label() == name)?;
-            resources.quotas.forget_learned(index);
-            Some(index)
-        });
-        found.is_some_and(|index| self.keys.enable(index))
+        for provider in self.settings.load().providers.iter() {
+            let found = provider.keys.with_current(|keys, resources| {
+                let index = keys.iter().position(|k| k.name() == Some(name) || k.label() == name)?;
+                resources.quotas.forget_learned(index);
+                Some(index)
+            });
+            if let Some(index) = found {
+                return provider.keys.enable(index);
+            }
+        }
+        false
     }
 
-    /// The quota engine of the current key set (for state saving, resets and
-    /// pool-wide sums).
+    /// The quota engine of the default provider's current key set (for
+    /// its clock and pool-wide sums); see [`Provider::quotas`] for the others.
     pub fn quotas(&self) -> Arc<crate::keyset::Engine> {
-        self.keys.with_current(|_, resources| Arc::clone(&resources.quotas))
+        let settings = self.settings.load();
+        let provider = settings.providers.get(settings.routes.default).or(settings.providers.first());
+        match provider {
+            Some(p) => p.quotas(),
+            // A gateway has at least one provider (checked when built).
+            None => Arc::new(proxypal_limiter::QuotaEngine::new([], Arc::clone(&self.clock))),
+        }
     }
 
     /// Requests waiting for a permit now.
@@ -200,28 +376,26 @@ impl Gateway {
         self.admission.in_flight()
     }
 
-    /// The default limits in effect (after the last reload).
-    pub fn default_limits(&self) -> Limits {
-        self.settings.load().limits.clone()
-    }
-
     /// Sets the gauges that describe the state now (queue depth, requests in
-    /// flight, keys by state); call it before encoding the registry.
+    /// flight, keys by provider and state); call it before encoding the registry.
     pub fn refresh_gauges(&self) {
         for report in self.key_reports() {
-            self.metrics.set_limits(&report.snapshot.label, &report.limits);
+            self.metrics.set_limits(&report.provider, &report.snapshot.label, &report.limits);
         }
-        let snapshot = self.keys.snapshot();
-        let count = |f: fn(&KeyStatus) -> bool| snapshot.iter().filter(|k| f(&k.status)).count();
-        self.metrics.set_gauges(
-            self.queue_depth(),
-            self.in_flight(),
-            [
-                ("ready", count(|s| *s == KeyStatus::Ready)),
-                ("cooling_down", count(|s| matches!(s, KeyStatus::CoolingDown { .. }))),
-                ("disabled", count(|s| *s == KeyStatus::Disabled)),
-            ],
-        );
+        let mut states = Vec::new();
+        for provider in self.settings.load().providers.iter() {
+            let snapshot = provider.keys.snapshot();
+            let count = |f: fn(&KeyStatus) -> bool| snapshot.iter().filter(|k| f(&k.status)).count();
+            states.push((
+                Arc::clone(provider.name_arc()),
+                [
+                    ("ready", count(|s| *s == KeyStatus::Ready)),
+                    ("cooling_down", count(|s| matches!(s, KeyStatus::CoolingDown { .. }))),
+                    ("disabled", count(|s| *s == KeyStatus::Disabled)),
+                ],
+            ));
+        }
+        self.metrics.set_gauges(self.queue_depth(), self.in_flight(), &states);
     }
 }
 
@@ -231,13 +405,25 @@ impl Gateway {
 #[derive(Debug, Clone)]
 pub struct Handle {
     gateway: Arc<Gateway>,
-    upstream: Upstream,
+    /// This worker's upstream clients, one per provider, made on first use.
+    clients: Arc<Clients>,
 }
 
 impl Handle {
-    /// `gateway`'s requests sent through `upstream`.
-    pub fn new(gateway: Arc<Gateway>, upstream: Upstream) -> Self {
-        Self { gateway, upstream }
+    /// A worker's way into `gateway`, with its own upstream connections
+    /// (made on first use, on the runtime that first sends to a provider:
+    /// give each runtime its own handle, and clone it within one).
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway, clients: Arc::new(Clients::default()) }
+    }
+
+    /// Fetches every models catalog that is due (never fetched, older than
+    /// `routing.models_ttl`), and waits for them. The server calls it at
+    /// start and then now and then, so that `GET /v1/models` finds them
+    /// fresh; a listing also starts a fetch of stale ones in the background.
+    pub async fn refresh_models(&self) {
+        let settings = self.gateway.settings.load_full();
+        self.gateway.catalogs.refresh(&settings, &self.clients).await;
     }
 
     /// The shared state.
@@ -266,13 +452,12 @@ impl Handle {
         let gw = &self.gateway;
         failover::forward(
             Shared {
-                keys: &gw.keys,
                 queue: &gw.queue,
                 admission: &gw.admission,
                 settings: &gw.settings,
                 metrics: &gw.metrics,
-                upstream: &self.upstream,
-                pool_headers: &gw.pool_headers,
+                clients: &self.clients,
+                catalogs: &gw.catalogs,
             },
             req,
         )

@@ -11,8 +11,9 @@ use http::HeaderValue;
 use proxypal_keypool::{Key, KeyPool, KeyPoolBuilder, ReloadReport};
 use proxypal_limiter::{BudgetSpec, KeyBudget, LimitError, Limits, QuotaClock, QuotaEngine, SystemClock};
 
-use crate::config::KeyConfig;
+use crate::config::{Auth, KeyConfig, ProviderConfig};
 use crate::metrics::{KeyMetrics, Metrics};
+use crate::preset::QuotaScope;
 
 /// The clock the gateway's quota engine runs on (the system clock, or a
 /// test's).
@@ -60,6 +61,37 @@ pub enum BuildError {
         /// The account's limit.
         shared: u64,
     },
+    /// Something wrong in one provider of several.
+    #[error("providers.{provider}.{source}")]
+    Provider {
+        /// The provider's name.
+        provider: String,
+        /// What is wrong in it.
+        source: Box<BuildError>,
+    },
+    /// A provider's upstream client cannot be built (its base URL, its CA file).
+    #[error("upstream: {0}")]
+    Upstream(#[from] proxypal_upstream::UpstreamBuildError),
+    /// Providers, aliases or routing that do not fit together.
+    #[error("{field}: {reason}")]
+    Routes {
+        /// Where, e.g. `models.llama-70b.targets[1].provider`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl BuildError {
+    /// This error as one of provider `name`'s, out of `count` providers: a
+    /// lone provider called `default` (a single-provider configuration) is
+    /// not named, so its messages stay what they were.
+    pub(crate) fn in_provider(self, name: &str, count: usize) -> Self {
+        if count == 1 && name == crate::config::DEFAULT_PROVIDER {
+            return self;
+        }
+        BuildError::Provider { provider: name.to_owned(), source: Box::new(self) }
+    }
 }
 
 /// What each key set carries besides the keys, by key index: the quota
@@ -90,42 +122,81 @@ impl KeyResources {
     }
 }
 
-/// The limits of one generation of keys, compiled and checked.
+/// The limits of one generation of one provider's keys, compiled and checked.
 pub(crate) struct Plan {
     budgets: Vec<KeyBudget>,
+    /// The keys the pool holds (for `auth: none`, one stand-in key).
+    keys: Vec<KeyConfig>,
+    auth: Auth,
+}
+
+/// The account name a provider's account has in the quota engine: as
+/// configured in the provider `default` (so saved state stays valid),
+/// `<provider>/<account>` in any other.
+fn account_id(provider: &str, account: &str) -> String {
+    if provider == crate::config::DEFAULT_PROVIDER {
+        account.to_owned()
+    } else {
+        format!("{provider}/{account}")
+    }
 }
 
 impl Plan {
     /// Compiles every key's budgets: `limits` under each account's fields,
-    /// `limits` under a lone key's own fields, a shared key's own fields alone.
-    pub(crate) fn new(
-        keys: &[KeyConfig],
-        limits: &Limits,
-        accounts: &BTreeMap<String, Limits>,
-    ) -> Result<Self, BuildError> {
+    /// `limits` under a lone key's own fields, a shared key's own fields
+    /// alone. With `quota_scope: account`, keys without an account share the
+    /// provider's one budget.
+    pub(crate) fn new(provider: &ProviderConfig) -> Result<Self, BuildError> {
+        let limits = &provider.limits;
+        let keys = match provider.auth {
+            Auth::Bearer => provider.keys.clone(),
+            // One stand-in key, so that the provider's limits still have a budget.
+            Auth::None => {
+                let mut spec = proxypal_keypool::KeySpec::new(format!("proxypal-no-auth:{}", provider.name));
+                spec.name = Some(provider.name.clone());
+                vec![KeyConfig::new(spec)]
+            }
+        };
         let compile = |limits: &Limits, scope: &dyn Fn() -> String| {
             limits.compile().map_err(|source| BuildError::Limits { scope: scope(), source })
         };
         compile(limits, &|| "limits".to_owned())?;
         let mut shared: BTreeMap<&str, (Arc<str>, BudgetSpec)> = BTreeMap::new();
-        for (name, over) in accounts {
+        for (name, over) in &provider.accounts {
             let spec = compile(&limits.overlay(over), &|| format!("accounts.{name}"))?;
-            shared.insert(name, (Arc::from(name.as_str()), spec));
+            shared.insert(name, (Arc::from(account_id(&provider.name, name)), spec));
         }
+        // The provider-wide budget of `quota_scope: account`.
+        let whole = match provider.quota_scope {
+            QuotaScope::Account => {
+                Some((Arc::<str>::from(provider.name.as_str()), compile(limits, &|| "limits".to_owned())?))
+            }
+            _ => None,
+        };
         let mut budgets = Vec::with_capacity(keys.len());
         for (index, key) in keys.iter().enumerate() {
             let own_limits = key.own_limits();
             let scope = || format!("keys[{index}]");
-            let budget = match &key.account {
+            let account = match (&key.account, &whole) {
+                (Some(name), _) => Some((
+                    name.as_str(),
+                    match shared.get(name.as_str()) {
+                        Some(account) => account.clone(),
+                        None => (
+                            Arc::from(account_id(&provider.name, name)),
+                            compile(limits, &|| "limits".to_owned())?,
+                        ),
+                    },
+                )),
+                (None, Some(whole)) => Some((provider.name.as_str(), whole.clone())),
+                (None, None) => None,
+            };
+            let budget = match account {
                 None => KeyBudget {
                     own: Some(compile(&limits.overlay(&own_limits), &scope)?),
                     ..KeyBudget::default()
                 },
-                Some(name) => {
-                    let account = match shared.get(name.as_str()) {
-                        Some(account) => account.clone(),
-                        None => (Arc::from(name.as_str()), compile(limits, &|| "limits".to_owned())?),
-                    };
+                Some((name, account)) => {
                     let own = if own_limits.is_empty() {
                         None
                     } else {
@@ -141,7 +212,8 @@ impl Plan {
             };
             budgets.push(budget);
         }
-        Ok(Self { budgets })
+        check_headers(&keys, provider.auth)?;
+        Ok(Self { budgets, keys, auth: provider.auth })
     }
 }
 
@@ -164,42 +236,57 @@ fn check_below(index: usize, account: &str, own: &BudgetSpec, shared: &BudgetSpe
     Ok(())
 }
 
+/// The `Authorization` value of a key: `Bearer <key>`, or empty (none sent)
+/// for a provider without auth.
+fn auth_header(key: &str, auth: Auth) -> Result<HeaderValue, proxypal_upstream::InvalidKey> {
+    match auth {
+        Auth::Bearer => proxypal_upstream::bearer(key),
+        Auth::None => Ok(HeaderValue::from_static("")),
+    }
+}
+
 /// Checks what [`resources`] would refuse, before anything is swapped.
-fn check_headers(keys: &[KeyConfig]) -> Result<(), BuildError> {
+fn check_headers(keys: &[KeyConfig], auth: Auth) -> Result<(), BuildError> {
     for (index, key) in keys.iter().enumerate() {
-        proxypal_upstream::bearer(key.spec.secret.expose())
+        auth_header(key.spec.secret.expose(), auth)
             .map_err(|source| BuildError::KeyHeader { index, source })?;
     }
     Ok(())
 }
 
-fn resources(metrics: &Metrics, keys: &[Arc<Key>], quotas: Arc<Engine>) -> Result<KeyResources, BuildError> {
-    let mut auth = Vec::with_capacity(keys.len());
+fn resources(
+    metrics: &Metrics,
+    provider: &str,
+    auth: Auth,
+    keys: &[Arc<Key>],
+    quotas: Arc<Engine>,
+) -> Result<KeyResources, BuildError> {
+    let mut headers = Vec::with_capacity(keys.len());
     for (index, key) in keys.iter().enumerate() {
-        auth.push(
-            proxypal_upstream::bearer(key.secret().expose())
+        headers.push(
+            auth_header(key.secret().expose(), auth)
                 .map_err(|source| BuildError::KeyHeader { index, source })?,
         );
     }
-    let key_metrics = keys.iter().map(|k| metrics.for_key(k.label())).collect();
-    Ok(KeyResources { quotas, auth: auth.into_boxed_slice(), metrics: key_metrics })
+    let key_metrics = keys.iter().map(|k| metrics.for_key(provider, k.label())).collect();
+    Ok(KeyResources { quotas, auth: headers.into_boxed_slice(), metrics: key_metrics })
 }
 
-/// Builds the pool over `keys` (with `builder`'s policy and clock) and a fresh
-/// quota engine on `clock`.
+/// Builds provider `provider`'s pool over the plan's keys (with `builder`'s
+/// policy and clock) and a fresh quota engine on `clock`.
 pub(crate) fn build(
     builder: KeyPoolBuilder,
-    keys: Vec<KeyConfig>,
+    provider: &str,
     plan: Plan,
     metrics: &Metrics,
     clock: SharedClock,
 ) -> Result<KeyPool<KeyResources>, BuildError> {
-    check_headers(&keys)?;
-    let specs = keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
+    let specs = plan.keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
     let mut built = Ok(());
     let engine = Arc::new(QuotaEngine::new(plan.budgets, clock));
+    let auth = plan.auth;
     let pool = builder.build(specs, |keys| {
-        resources(metrics, keys, engine).unwrap_or_else(|e| {
+        resources(metrics, provider, auth, keys, engine).unwrap_or_else(|e| {
             built = Err(e);
             KeyResources::unusable()
         })
@@ -209,28 +296,28 @@ pub(crate) fn build(
 }
 
 /// Swaps in a new key set: keys that stay keep their counters, cooldowns and
-/// spent windows (the engine is reshaped, not rebuilt).
+/// spent windows (the engine is reshaped, not rebuilt). The plan checked
+/// every header already: once the pool swaps, there is no going back.
 pub(crate) fn reload(
     pool: &KeyPool<KeyResources>,
-    keys: Vec<KeyConfig>,
+    provider: &str,
     plan: Plan,
     metrics: &Metrics,
 ) -> Result<ReloadReport, BuildError> {
-    // Every header first: once the pool swaps, there is no going back.
-    check_headers(&keys)?;
-    let specs = keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
+    let specs = plan.keys.into_iter().map(|k| k.spec).collect::<Vec<_>>();
     let mut built = Ok(());
     let mut budgets = plan.budgets;
+    let auth = plan.auth;
     let report = pool.reload(specs, |keys, previous| {
         for (budget, previous) in budgets.iter_mut().zip(previous) {
             budget.previous = *previous;
         }
         let engine = pool.with_current(|_, old| Arc::new(old.quotas.reshape(std::mem::take(&mut budgets))));
-        resources(metrics, keys, engine).unwrap_or_else(|e| {
+        resources(metrics, provider, auth, keys, engine).unwrap_or_else(|e| {
             built = Err(e);
             KeyResources::unusable()
         })
     })?;
-    built?; // unreachable after `check_headers`, kept so an error is never dropped
+    built?; // unreachable after the plan's header check, kept so an error is never dropped
     Ok(report)
 }

@@ -16,19 +16,15 @@ use crate::metrics::KeyMetrics;
 /// Most upstream attempts one client request may make (each on another key).
 pub const MAX_ATTEMPTS: usize = 10;
 
-/// The keys one request has tried, on the stack: no allocation per request.
+/// The keys one request has tried, each as (provider, key) positions, on
+/// the stack: no allocation per request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tried {
-    keys: [usize; MAX_ATTEMPTS],
+    keys: [(u32, u32); MAX_ATTEMPTS],
     len: usize,
 }
 
 impl Tried {
-    /// The keys tried so far, by index in the key set, in order.
-    pub fn as_slice(&self) -> &[usize] {
-        &self.keys[..self.len]
-    }
-
     /// How many keys were tried.
     pub fn len(&self) -> usize {
         self.len
@@ -39,17 +35,23 @@ impl Tried {
         self.len == 0
     }
 
-    /// Whether key `index` was tried.
-    pub fn contains(&self, index: usize) -> bool {
-        self.as_slice().contains(&index)
+    /// Whether key `index` of provider `provider` was tried.
+    pub fn contains(&self, provider: usize, index: usize) -> bool {
+        self.keys[..self.len].iter().any(|&(p, k)| p as usize == provider && k as usize == index)
     }
 
-    /// Records key `index`; `false` (and nothing recorded) when
+    /// The keys of `provider` tried so far, in order.
+    pub fn of(&self, provider: usize) -> impl Iterator<Item = usize> + '_ {
+        self.keys[..self.len].iter().filter(move |(p, _)| *p as usize == provider).map(|(_, k)| *k as usize)
+    }
+
+    /// Records key `index` of `provider`; `false` (and nothing recorded) when
     /// [`MAX_ATTEMPTS`] keys were tried already.
-    pub fn push(&mut self, index: usize) -> bool {
+    pub fn push(&mut self, provider: usize, index: usize) -> bool {
+        let (Ok(p), Ok(k)) = (u32::try_from(provider), u32::try_from(index)) else { return false };
         match self.keys.get_mut(self.len) {
             Some(slot) => {
-                *slot = index;
+                *slot = (p, k);
                 self.len += 1;
                 true
             }
@@ -63,8 +65,12 @@ impl Tried {
 pub struct Lease {
     /// The key (report its outcome to the pool).
     pub selected: Selected,
-    /// Its `Authorization` header value.
+    /// Its `Authorization` header value (empty: the provider takes none).
     pub auth: HeaderValue,
+    /// The provider, by position in the gateway's provider list.
+    pub provider: usize,
+    /// The route's target it serves, by position among the route's targets.
+    pub target: usize,
     /// Its metric handles.
     pub metrics: Arc<KeyMetrics>,
     /// The quota taken for this attempt: settle it when the answer ends
@@ -94,14 +100,15 @@ pub enum NoKey {
     NoKeys,
 }
 
-/// The next key in round-robin order that is usable, has room in every window
-/// of its budgets for a request reserving `tokens`, and was not tried — now,
-/// or `None`. Cheap checks first (cooldown and disabled inside the pool, then
-/// `tried`), the quota last: a grant counts at once.
-pub fn try_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Option<Lease> {
+/// The next key of `keys` (provider `provider`) in round-robin order that
+/// is usable, has room in every window of its budgets for a request
+/// reserving `tokens`, and was not tried — now, or `None`. Cheap checks first
+/// (cooldown and disabled inside the pool, then `tried`), the quota last: a
+/// grant counts at once.
+pub fn try_lease(keys: &KeyPool<KeyResources>, provider: usize, tried: &Tried, tokens: u64) -> Option<Lease> {
     let mut found = None;
     let selected = keys.select_with(|c| {
-        if tried.contains(c.index) {
+        if tried.contains(provider, c.index) {
             return false;
         }
         let Some(auth) = c.attachment.auth.get(c.index) else { return false };
@@ -111,17 +118,26 @@ pub fn try_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Op
         true
     })?;
     let (auth, metrics, permit, quotas) = found?;
-    Some(Lease { selected, auth, metrics, permit, quotas })
+    Some(Lease { selected, auth, provider, target: 0, metrics, permit, quotas })
 }
 
-/// How long until a key not in `tried` could be leased for a request
-/// reserving `tokens`; `Err` when none ever can.
-pub fn time_to_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> Result<Duration, NoKey> {
+/// How long until a key of `keys` (provider `provider`) not in `tried`
+/// could be leased for a request reserving `tokens`; `Err` when none ever can.
+pub fn time_to_lease(
+    keys: &KeyPool<KeyResources>,
+    provider: usize,
+    tried: &Tried,
+    tokens: u64,
+) -> Result<Duration, NoKey> {
     if keys.is_empty() {
         return Err(NoKey::NoKeys);
     }
     let wait = keys.time_to_selectable(|c| {
-        if tried.contains(c.index) { None } else { c.attachment.quotas.wait(c.index, tokens).map(|w| w.wait) }
+        if tried.contains(provider, c.index) {
+            None
+        } else {
+            c.attachment.quotas.wait(c.index, tokens).map(|w| w.wait)
+        }
     });
     match wait {
         Some(w) => Ok(w),
@@ -130,12 +146,17 @@ pub fn time_to_lease(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -
     }
 }
 
-/// Why the soonest key not in `tried` cannot take a request now (for the
-/// answer when the wait is too long): its wait and the limit behind it.
-fn holding_back(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> (Duration, Cause) {
+/// Why the soonest key of `keys` not in `tried` cannot take a request now
+/// (for the answer when the wait is too long): its wait and the limit behind it.
+pub(crate) fn holding_back(
+    keys: &KeyPool<KeyResources>,
+    provider: usize,
+    tried: &Tried,
+    tokens: u64,
+) -> (Duration, Cause) {
     let mut soonest = (Duration::MAX, Cause::None);
     keys.with_current(|all, resources| {
-        for index in (0..all.len()).filter(|i| !tried.contains(*i)) {
+        for index in (0..all.len()).filter(|i| !tried.contains(provider, *i)) {
             if let Some(w) = resources.quotas.wait(index, tokens) {
                 if w.wait < soonest.0 {
                     soonest = (w.wait, w.cause);
@@ -143,15 +164,58 @@ fn holding_back(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64) -> (Du
             }
         }
     });
-    if soonest.0 == Duration::MAX { (Duration::ZERO, Cause::None) } else { soonest }
+    soonest
+}
+
+/// Where a waiting request takes its key from: one pool, or a route's
+/// targets across providers.
+pub trait Source {
+    /// A key with a permit now, if any.
+    fn try_lease(&self) -> Option<Lease>;
+    /// How long until one could be leased; `Err` when none ever can.
+    fn time_to_lease(&self) -> Result<Duration, NoKey>;
+    /// The wait and the limit behind it, for the answer when the wait is too
+    /// long (`Duration::MAX` when nothing waits on a quota).
+    fn holding_back(&self) -> (Duration, Cause);
+}
+
+/// One pool's keys not yet tried: a [`Source`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSource<'a> {
+    /// The pool.
+    pub keys: &'a KeyPool<KeyResources>,
+    /// Its provider's position.
+    pub provider: usize,
+    /// Keys already tried.
+    pub tried: &'a Tried,
+    /// The request's token reservation.
+    pub tokens: u64,
+}
+
+impl Source for PoolSource<'_> {
+    fn try_lease(&self) -> Option<Lease> {
+        try_lease(self.keys, self.provider, self.tried, self.tokens)
+    }
+
+    fn time_to_lease(&self) -> Result<Duration, NoKey> {
+        time_to_lease(self.keys, self.provider, self.tried, self.tokens)
+    }
+
+    fn holding_back(&self) -> (Duration, Cause) {
+        holding_back(self.keys, self.provider, self.tried, self.tokens)
+    }
 }
 
 /// The queue-timeout answer: the soonest wait, and the quota cause when the
 /// pool itself (not a cooldown) holds the key back that long.
-fn timed_out(keys: &KeyPool<KeyResources>, tried: &Tried, tokens: u64, wait: Duration) -> NoKey {
-    let (quota_wait, cause) = holding_back(keys, tried, tokens);
+fn timed_out(source: &impl Source, wait: Duration) -> NoKey {
+    let (quota_wait, cause) = source.holding_back();
     // Read a moment after `wait`: allow for the time between the two reads.
-    let cause = if quota_wait + Duration::from_millis(50) >= wait { cause } else { Cause::None };
+    let cause = if quota_wait != Duration::MAX && quota_wait + Duration::from_millis(50) >= wait {
+        cause
+    } else {
+        Cause::None
+    };
     NoKey::QueueTimeout { wait, cause }
 }
 
@@ -202,44 +266,50 @@ impl LeaseQueue {
         tokens: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, NoKey> {
+        self.lease_from(&PoolSource { keys, provider: 0, tried, tokens }, deadline).await
+    }
+
+    /// [`lease`](Self::lease) from any [`Source`] (a route's targets).
+    ///
+    /// # Errors
+    /// [`NoKey`]: no key is usable at all, or none had a permit by `deadline`.
+    pub async fn lease_from(
+        &self,
+        source: &impl Source,
+        deadline: tokio::time::Instant,
+    ) -> Result<Lease, NoKey> {
         // Fast path: nobody is queued, so taking a permit now jumps no one.
         if self.waiting.load(Ordering::Acquire) == 0 {
-            if let Some(lease) = try_lease(keys, tried, tokens) {
+            if let Some(lease) = source.try_lease() {
                 return Ok(lease);
             }
         }
         // Boxed: the queue's timers and semaphore futures would otherwise make every
         // request's future larger (it is moved on each `.await` nesting), for a path taken
         // only when keys are out of permits.
-        Box::pin(self.wait(keys, tried, tokens, deadline)).await
+        Box::pin(self.wait(source, deadline)).await
     }
 
-    async fn wait(
-        &self,
-        keys: &KeyPool<KeyResources>,
-        tried: &Tried,
-        tokens: u64,
-        deadline: tokio::time::Instant,
-    ) -> Result<Lease, NoKey> {
-        let wait = time_to_lease(keys, tried, tokens)?;
+    async fn wait(&self, source: &impl Source, deadline: tokio::time::Instant) -> Result<Lease, NoKey> {
+        let wait = source.time_to_lease()?;
         // A wait past the deadline (a spent day) is answered at once, not after queueing.
         if tokio::time::Instant::now() + wait > deadline {
-            return Err(timed_out(keys, tried, tokens, wait));
+            return Err(timed_out(source, wait));
         }
         let _queued = QueueSlot::enter(&self.waiting);
         let turn = tokio::time::timeout_at(deadline, self.turnstile.acquire()).await;
         let Ok(Ok(_turn)) = turn else {
-            let wait = time_to_lease(keys, tried, tokens).unwrap_or(Duration::ZERO);
-            return Err(timed_out(keys, tried, tokens, wait));
+            let wait = source.time_to_lease().unwrap_or(Duration::ZERO);
+            return Err(timed_out(source, wait));
         };
         loop {
-            if let Some(lease) = try_lease(keys, tried, tokens) {
+            if let Some(lease) = source.try_lease() {
                 return Ok(lease);
             }
-            let wait = time_to_lease(keys, tried, tokens)?;
+            let wait = source.time_to_lease()?;
             let now = tokio::time::Instant::now();
             if now + wait > deadline {
-                return Err(timed_out(keys, tried, tokens, wait));
+                return Err(timed_out(source, wait));
             }
             // Wake at the next permit, but at least every RECHECK. Tokio's timer has a
             // 1 ms tick and rounds up, and with burst 1 a permit taken late is lost for
@@ -326,7 +396,7 @@ pub(crate) mod tests {
         let mut config = GatewayConfig::with_keys(
             (0..n).map(|i| KeySpec::new(format!("nvapi-lease-test-{i:020}"))).collect::<Vec<_>>(),
         );
-        config.limits = limits;
+        config.providers[0].limits = limits;
         let mut registry = prometheus_client::registry::Registry::default();
         let pool = KeyPool::builder().clock(TokioPoolClock(epoch));
         Gateway::build(config, &mut registry, pool, Arc::new(TokioQuotaClock(epoch))).unwrap()
@@ -349,12 +419,12 @@ pub(crate) mod tests {
         let gw = gateway(1, 60); // one permit per second
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(10);
-        assert!(gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await.is_ok(), "the burst");
+        assert!(gw.queue().lease(&gw.test_keys(), &Tried::default(), 0, deadline).await.is_ok(), "the burst");
         let served = Arc::new(std::sync::Mutex::new(Vec::new()));
         for id in 0..3 {
             let (gw, served) = (Arc::clone(&gw), Arc::clone(&served));
             tokio::spawn(async move {
-                let lease = gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await;
+                let lease = gw.queue().lease(&gw.test_keys(), &Tried::default(), 0, deadline).await;
                 assert!(lease.is_ok(), "waiter {id}: {lease:?}");
                 served.lock().unwrap().push((id, t0.elapsed()));
             });
@@ -379,9 +449,9 @@ pub(crate) mod tests {
         let tried = Tried::default();
         let t0 = Instant::now();
         for _ in 0..2 {
-            assert!(try_lease(gw.keys(), &tried, 0).is_some());
+            assert!(try_lease(&gw.test_keys(), 0, &tried, 0).is_some());
         }
-        let got = gw.queue().lease(gw.keys(), &tried, 0, t0 + Duration::from_millis(500)).await;
+        let got = gw.queue().lease(&gw.test_keys(), &tried, 0, t0 + Duration::from_millis(500)).await;
         match got {
             Err(NoKey::QueueTimeout { wait, .. }) => {
                 assert!(wait > Duration::from_millis(990) && wait <= Duration::from_secs(1), "{wait:?}")
@@ -396,11 +466,14 @@ pub(crate) mod tests {
     async fn a_waiter_that_goes_away_leaves_the_queue() {
         let gw = gateway(1, 60);
         let t0 = Instant::now();
-        assert!(try_lease(gw.keys(), &Tried::default(), 0).is_some());
+        assert!(try_lease(&gw.test_keys(), 0, &Tried::default(), 0).is_some());
         let gone = {
             let gw = Arc::clone(&gw);
             tokio::spawn(async move {
-                let _ = gw.queue().lease(gw.keys(), &Tried::default(), 0, t0 + Duration::from_secs(10)).await;
+                let _ = gw
+                    .queue()
+                    .lease(&gw.test_keys(), &Tried::default(), 0, t0 + Duration::from_secs(10))
+                    .await;
             })
         };
         tokio::task::yield_now().await;
@@ -412,7 +485,10 @@ pub(crate) mod tests {
         let next = {
             let gw = Arc::clone(&gw);
             tokio::spawn(async move {
-                gw.queue().lease(gw.keys(), &Tried::default(), 0, t0 + Duration::from_secs(10)).await.is_ok()
+                gw.queue()
+                    .lease(&gw.test_keys(), &Tried::default(), 0, t0 + Duration::from_secs(10))
+                    .await
+                    .is_ok()
             })
         };
         drive(Duration::from_secs(2), || next.is_finished()).await;
@@ -424,22 +500,22 @@ pub(crate) mod tests {
     async fn no_key_reasons_come_back_without_waiting() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let empty = gateway(0, 60);
-        let got = empty.queue().lease(empty.keys(), &Tried::default(), 0, deadline).await;
+        let got = empty.queue().lease(&empty.test_keys(), &Tried::default(), 0, deadline).await;
         assert_eq!(got.err(), Some(NoKey::NoKeys));
 
         let gw = gateway(2, 60);
         let mut tried = Tried::default();
         for _ in 0..2 {
-            let lease = try_lease(gw.keys(), &tried, 0).unwrap();
-            assert!(tried.push(lease.selected.index()));
+            let lease = try_lease(&gw.test_keys(), 0, &tried, 0).unwrap();
+            assert!(tried.push(0, lease.selected.index()));
         }
-        assert_eq!(gw.queue().lease(gw.keys(), &tried, 0, deadline).await.err(), Some(NoKey::AllTried));
+        assert_eq!(gw.queue().lease(&gw.test_keys(), &tried, 0, deadline).await.err(), Some(NoKey::AllTried));
 
         for _ in 0..2 {
-            let lease = gw.keys().select_with(|_| true).unwrap();
-            gw.keys().report(&lease, Outcome::AuthFailed);
+            let lease = &gw.test_keys().select_with(|_| true).unwrap();
+            gw.test_keys().report(lease, Outcome::AuthFailed);
         }
-        let got = gw.queue().lease(gw.keys(), &Tried::default(), 0, deadline).await;
+        let got = gw.queue().lease(&gw.test_keys(), &Tried::default(), 0, deadline).await;
         assert_eq!(got.err(), Some(NoKey::AllDisabled));
         assert_eq!(Instant::now(), deadline - Duration::from_secs(10));
     }
@@ -448,16 +524,16 @@ pub(crate) mod tests {
     async fn a_cooling_key_is_waited_for_and_tried_keys_are_skipped() {
         let gw = gateway(2, 60_000);
         let t0 = Instant::now();
-        let first = try_lease(gw.keys(), &Tried::default(), 0).unwrap();
-        gw.keys()
+        let first = try_lease(&gw.test_keys(), 0, &Tried::default(), 0).unwrap();
+        gw.test_keys()
             .report(&first.selected, Outcome::RateLimited { retry_after: Some(Duration::from_millis(300)) });
         let mut tried = Tried::default();
-        tried.push(1 - first.selected.index());
+        tried.push(0, 1 - first.selected.index());
         // The only untried key rests for 300 ms: the request waits for it.
         let (gw2, tried2) = (Arc::clone(&gw), tried);
         let waiter = tokio::spawn(async move {
             gw2.queue()
-                .lease(gw2.keys(), &tried2, 0, t0 + Duration::from_secs(5))
+                .lease(&gw2.test_keys(), &tried2, 0, t0 + Duration::from_secs(5))
                 .await
                 .map(|l| l.selected.index())
         });
@@ -472,11 +548,11 @@ pub(crate) mod tests {
         let mut tried = Tried::default();
         assert!(tried.is_empty());
         for i in 0..MAX_ATTEMPTS {
-            assert!(tried.push(i * 7));
+            assert!(tried.push(i % 2, i * 7));
         }
-        assert!(!tried.push(99), "an eleventh key is refused, not written out of bounds");
+        assert!(!tried.push(0, 99), "an eleventh key is refused, not written out of bounds");
         assert_eq!(tried.len(), MAX_ATTEMPTS);
-        assert!(tried.contains(63) && !tried.contains(99));
-        assert_eq!(tried.as_slice()[..3], [0, 7, 14]);
+        assert!(tried.contains(1, 63) && !tried.contains(0, 63) && !tried.contains(0, 99));
+        assert_eq!(tried.of(0).take(3).collect::<Vec<_>>(), [0, 14, 28]);
     }
 }

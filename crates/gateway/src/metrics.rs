@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 /// Labels of per-key request counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyStatus {
+    provider: Arc<str>,
     key: String,
     status: &'static str,
 }
@@ -28,6 +29,7 @@ struct KeyStatus {
 /// Labels of per-key upstream attempt counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyResult {
+    provider: Arc<str>,
     key: String,
     result: &'static str,
 }
@@ -41,12 +43,14 @@ struct Reason {
 /// Labels with only a state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
+    provider: Arc<str>,
     state: &'static str,
 }
 
 /// Labels of one window of one key.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Window {
+    provider: Arc<str>,
     key: String,
     kind: &'static str,
     period_seconds: u64,
@@ -219,16 +223,26 @@ impl Metrics {
             overhead,
             no_key: Arc::new(KeyMetrics { requests: Default::default(), attempts: Default::default() }),
         };
-        metrics.no_key = metrics.for_key(NO_KEY);
+        metrics.no_key = metrics.for_key(NO_KEY, NO_KEY);
         metrics
     }
 
-    /// Counters for one key (by masked label), created on first use.
-    pub(crate) fn for_key(&self, label: &str) -> Arc<KeyMetrics> {
-        let requests = CLASSES
-            .map(|status| self.requests.get_or_create_owned(&KeyStatus { key: label.to_owned(), status }));
+    /// Counters for one key of `provider` (by masked label), created on first use.
+    pub(crate) fn for_key(&self, provider: &str, label: &str) -> Arc<KeyMetrics> {
+        let provider: Arc<str> = Arc::from(provider);
+        let requests = CLASSES.map(|status| {
+            self.requests.get_or_create_owned(&KeyStatus {
+                provider: Arc::clone(&provider),
+                key: label.to_owned(),
+                status,
+            })
+        });
         let attempts = AttemptResult::ALL.map(|r| {
-            self.attempts.get_or_create_owned(&KeyResult { key: label.to_owned(), result: r.as_str() })
+            self.attempts.get_or_create_owned(&KeyResult {
+                provider: Arc::clone(&provider),
+                key: label.to_owned(),
+                result: r.as_str(),
+            })
         });
         Arc::new(KeyMetrics { requests, attempts })
     }
@@ -264,9 +278,11 @@ impl Metrics {
     }
 
     /// Sets each key's window gauges from its reports (at scrape time).
-    pub(crate) fn set_limits(&self, key: &str, limits: &[proxypal_limiter::LimitReport]) {
+    pub(crate) fn set_limits(&self, provider: &str, key: &str, limits: &[proxypal_limiter::LimitReport]) {
+        let provider: Arc<str> = Arc::from(provider);
         for l in limits {
             let labels = Window {
+                provider: Arc::clone(&provider),
                 key: key.to_owned(),
                 kind: l.kind.as_str(),
                 period_seconds: l.period.map_or(0, |p| p.as_secs()),
@@ -281,19 +297,20 @@ impl Metrics {
     }
 
     /// Sets the gauges that describe the state now (read at scrape time).
-    pub(crate) fn set_gauges(
-        &self,
-        queue_depth: usize,
-        in_flight: usize,
-        states: [(&'static str, usize); 3],
-    ) {
+    pub(crate) fn set_gauges(&self, queue_depth: usize, in_flight: usize, states: &[ProviderStates]) {
         self.queue_depth.set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
         self.in_flight.set(i64::try_from(in_flight).unwrap_or(i64::MAX));
-        for (state, n) in states {
-            self.keys.get_or_create(&State { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        for (provider, states) in states {
+            for (state, n) in states {
+                let labels = State { provider: Arc::clone(provider), state };
+                self.keys.get_or_create(&labels).set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
         }
     }
 }
+
+/// A provider's keys by state: `(provider, [(state, count); 3])`.
+pub(crate) type ProviderStates = (Arc<str>, [(&'static str, usize); 3]);
 
 /// Counts an open stream for as long as it lives.
 #[derive(Debug)]
@@ -321,20 +338,23 @@ mod tests {
     fn renders_per_key_counters_with_masked_labels() {
         let mut registry = Registry::with_prefix("proxypal");
         let m = Metrics::register(&mut registry);
-        let k = m.for_key("nvapi-…abcd");
+        let k = m.for_key("default", "nvapi-…abcd");
         k.request(http::StatusCode::OK);
         k.attempt(AttemptResult::RateLimited);
         m.retry(AttemptResult::RateLimited);
         m.upstream_latency(Duration::from_millis(3));
-        m.set_gauges(2, 1, [("ready", 3), ("cooling_down", 1), ("disabled", 0)]);
+        m.set_gauges(2, 1, &[(Arc::from("groq"), [("ready", 3), ("cooling_down", 1), ("disabled", 0)])]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        assert!(text.contains(r#"proxypal_requests_total{key="nvapi-…abcd",status="2xx"} 1"#), "{text}");
         assert!(
-            text.contains(r#"proxypal_upstream_attempts_total{key="nvapi-…abcd",result="rate_limited"} 1"#)
+            text.contains(r#"proxypal_requests_total{provider="default",key="nvapi-…abcd",status="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"proxypal_upstream_attempts_total{provider="default",key="nvapi-…abcd",result="rate_limited"} 1"#)
         );
         assert!(text.contains(r#"proxypal_retries_total{reason="rate_limited"} 1"#));
-        assert!(text.contains(r#"proxypal_keys{state="cooling_down"} 1"#));
+        assert!(text.contains(r#"proxypal_keys{provider="groq",state="cooling_down"} 1"#));
         assert!(text.contains("proxypal_queue_depth 2"));
         assert!(text.contains("proxypal_upstream_latency_seconds_count 1"));
     }

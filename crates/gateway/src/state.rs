@@ -48,19 +48,17 @@ pub struct SavedState {
 
 /// # Saving and restoring state
 impl Gateway {
-    /// The state worth keeping across a restart, now. Cheap enough to call
-    /// every second; never blocks a request for long (each budget's lock is
-    /// held only while its windows are copied).
+    /// The state worth keeping across a restart, now: every provider's.
+    /// Cheap enough to call every second; never blocks a request for long
+    /// (each budget's lock is held only while its windows are copied).
     pub fn save_state(&self) -> SavedState {
-        // The engine and the fingerprints of one generation (a reload may swap them).
-        let (quotas, ids) = self.generation();
-        let saved_at = quotas.clock().now();
-        let budgets = quotas.save(|i| ids.get(i).cloned().unwrap_or_default());
-        let keys = self
-            .keys()
-            .snapshot()
-            .into_iter()
-            .filter_map(|k| {
+        let mut state = SavedState { saved_at: self.quotas().clock().now(), ..SavedState::default() };
+        for provider in self.providers() {
+            // The engine and the fingerprints of one generation (a reload may swap them).
+            let (quotas, ids) = generation(&provider);
+            let saved_at = state.saved_at;
+            state.budgets.extend(quotas.save(|i| ids.get(i).cloned().unwrap_or_default()));
+            state.keys.extend(provider.keys().snapshot().into_iter().filter_map(|k| {
                 let id = ids.get(k.index)?.clone();
                 match k.status {
                     KeyStatus::Ready => None,
@@ -71,44 +69,46 @@ impl Gateway {
                         Some(SavedKey { id, disabled: false, cooling: Some((until, reason)) })
                     }
                 }
-            })
-            .collect();
-        SavedState { saved_at, budgets, keys }
+            }));
+        }
+        state
     }
 
     /// Puts a saved state back: windows, blocks, cooldowns and disabled keys
     /// of the keys (matched by fingerprint) and accounts (by name) that are
-    /// still configured. `crashed_at`: the state was not saved at a clean
-    /// shutdown; the latest moment the process may have granted what it
-    /// lacks. The engine errs on the safe side for that (see
+    /// still configured, in every provider. `crashed_at`: the state was not
+    /// saved at a clean shutdown; the latest moment the process may have
+    /// granted what it lacks. The engine errs on the safe side for that (see
     /// [`QuotaEngine::restore`](proxypal_limiter::QuotaEngine::restore)).
     pub fn restore_state(&self, state: &SavedState, crashed_at: Option<u64>) {
-        let (quotas, ids) = self.generation();
-        quotas.restore(&state.budgets, |i| ids.get(i).cloned().unwrap_or_default(), crashed_at);
-        let now = quotas.clock().now();
-        for (index, id) in ids.iter().enumerate() {
-            let Some(saved) = state.keys.iter().find(|k| &k.id == id) else { continue };
-            let status = match saved.cooling {
-                _ if saved.disabled => KeyStatus::Disabled,
-                Some((until, reason)) if until > now => {
-                    KeyStatus::CoolingDown { remaining: Duration::from_nanos(until - now), reason }
-                }
-                _ => continue,
-            };
-            self.keys().restore(index, status);
+        for provider in self.providers() {
+            let (quotas, ids) = generation(&provider);
+            quotas.restore(&state.budgets, |i| ids.get(i).cloned().unwrap_or_default(), crashed_at);
+            let now = quotas.clock().now();
+            for (index, id) in ids.iter().enumerate() {
+                let Some(saved) = state.keys.iter().find(|k| &k.id == id) else { continue };
+                let status = match saved.cooling {
+                    _ if saved.disabled => KeyStatus::Disabled,
+                    Some((until, reason)) if until > now => {
+                        KeyStatus::CoolingDown { remaining: Duration::from_nanos(until - now), reason }
+                    }
+                    _ => continue,
+                };
+                provider.keys().restore(index, status);
+            }
         }
     }
+}
 
-    /// The current quota engine and each key's fingerprint, in key-set
-    /// order, from one generation.
-    fn generation(&self) -> (std::sync::Arc<crate::Engine>, Vec<String>) {
-        self.keys().with_current(|keys, resources| {
-            (
-                std::sync::Arc::clone(&resources.quotas),
-                keys.iter().map(|k| fingerprint(k.secret().expose())).collect(),
-            )
-        })
-    }
+/// A provider's current quota engine and each key's fingerprint, in key-set
+/// order, from one generation.
+fn generation(provider: &crate::Provider) -> (std::sync::Arc<crate::Engine>, Vec<String>) {
+    provider.keys().with_current(|keys, resources| {
+        (
+            std::sync::Arc::clone(&resources.quotas),
+            keys.iter().map(|k| fingerprint(k.secret().expose())).collect(),
+        )
+    })
 }
 
 #[cfg(test)]

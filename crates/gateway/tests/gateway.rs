@@ -11,7 +11,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxypal_gateway::keypool::{KeySpec, Secret};
-use proxypal_gateway::upstream::{Upstream, UpstreamConfig};
+
 use proxypal_gateway::{Gateway, GatewayConfig, Handle};
 use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimHandle, SimServer, generate_test_keys};
 use serde_json::Value;
@@ -28,19 +28,15 @@ async fn rig(n: usize, tweak: impl FnOnce(&mut GatewayConfig)) -> Rig {
     let keys = generate_test_keys(n);
     let sim = SimServer::start(SimConfig::default().with_keys(keys.clone())).unwrap();
     let mut config = GatewayConfig::with_keys(keys.iter().map(|k| KeySpec::new(k.as_str())));
-    config.limits = proxypal_gateway::limiter::Limits {
+    config.providers[0].upstream.base_url = sim.base_url().parse().unwrap();
+    config.providers[0].limits = proxypal_gateway::limiter::Limits {
         requests_per_minute: Some(60_000),
         ..proxypal_gateway::limiter::Limits::default()
     };
     tweak(&mut config);
     let mut registry = prometheus_client::registry::Registry::default();
     let gateway = Gateway::new(config, &mut registry).unwrap();
-    let upstream = Upstream::new(UpstreamConfig {
-        base_url: sim.base_url().parse().unwrap(),
-        ..UpstreamConfig::default()
-    })
-    .unwrap();
-    let service = Handle::new(Arc::clone(&gateway), upstream).into_service();
+    let service = Handle::new(Arc::clone(&gateway)).into_service();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -169,7 +169,7 @@ impl KeyPool<()> {
 }
 
 /// Builds a [`KeyPool`] with a chosen policy and clock.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KeyPoolBuilder {
     policy: CooldownPolicy,
     clock: Arc<dyn Clock>,

@@ -347,7 +347,8 @@ impl Upstream {
     /// The request goes to [`target_uri`](Self::target_uri)`(parts.path_and_query)` with
     /// `parts.method`, `body` as a fixed-length body, and the client's headers minus hop-by-hop
     /// headers, the client's credentials (`Authorization`, `x-api-key`), `Host`,
-    /// `Content-Length` and `Expect`. `Authorization` is set to `authorization` (see [`bearer`]),
+    /// `Content-Length` and `Expect`. `Authorization` is set to `authorization` (see [`bearer`]; an
+    /// empty value sends no `Authorization` at all, for an upstream without auth),
     /// `User-Agent` to the configured one, and `Host` (HTTP/1) or `:authority` (HTTP/2) to the
     /// upstream's authority.
     ///

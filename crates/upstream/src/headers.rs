@@ -90,7 +90,10 @@ pub(crate) fn upstream_request_headers(
             out.append(name.clone(), value.clone());
         }
     }
-    out.insert(AUTHORIZATION, authorization.clone());
+    // An empty value stands for "no credentials" (an upstream without auth).
+    if !authorization.is_empty() {
+        out.insert(AUTHORIZATION, authorization.clone());
+    }
     out.insert(USER_AGENT, user_agent.clone());
     out
 }
@@ -202,6 +205,9 @@ mod tests {
         assert_eq!(out["user-agent"], "proxypal/test");
         let multi: Vec<_> = out.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
+        // No credentials at all for an upstream without auth: the client's are still dropped.
+        let none = upstream_request_headers(&client, &HeaderValue::from_static(""), &ua);
+        assert!(none.get("authorization").is_none() && none.get("x-api-key").is_none());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use http::{HeaderValue, Uri};
 
-use super::{Config, ConfigError, KeyEntry, KeyOrigin, Secret};
+use super::{Config, ConfigError, ProviderView, Secret};
 
 /// Most upstream attempts a client request may make: what the gateway's
 /// per-request record holds.
@@ -18,8 +18,12 @@ impl Config {
     /// after loading. Call it again after adding keys by hand.
     pub fn validate(&self, dev: bool) -> Result<(), ConfigError> {
         self.validate_upstream()?;
-        self.validate_keys(dev)?;
-        self.validate_limits()?;
+        let views = self.provider_views()?;
+        for view in &views {
+            check_base_url(&view.base_url_field, view.base_url)?;
+            self.validate_keys(view, dev && !self.has_providers())?;
+        }
+        self.validate_limits(&views)?;
         self.validate_retry()?;
         self.validate_cors()?;
         self.validate_auth()?;
@@ -41,32 +45,6 @@ impl Config {
     }
 
     fn validate_upstream(&self) -> Result<(), ConfigError> {
-        let url = &self.upstream.base_url;
-        let field = "upstream.base_url";
-        let lower = url.to_ascii_lowercase();
-        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
-            return Err(ConfigError::invalid(
-                field,
-                format!("must start with http:// or https:// (got {url:?})"),
-            ));
-        }
-        let uri: Uri =
-            url.parse().map_err(|e| ConfigError::invalid(field, format!("invalid URL {url:?}: {e}")))?;
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(ConfigError::invalid(field, format!("has no host (got {url:?})")));
-        }
-        if uri.query().is_some() {
-            return Err(ConfigError::invalid(
-                field,
-                format!("must not contain a query string (got {url:?})"),
-            ));
-        }
-        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-            return Err(ConfigError::invalid(
-                field,
-                "must not contain credentials (user:password@); keys go in `keys`",
-            ));
-        }
         positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
         positive("upstream.response_timeout", self.upstream.response_timeout)?;
         positive("upstream.idle_timeout", self.upstream.idle_timeout)?;
@@ -83,14 +61,31 @@ impl Config {
         Ok(())
     }
 
-    fn validate_keys(&self, dev: bool) -> Result<(), ConfigError> {
-        if self.keys.is_empty() && !dev {
-            return Err(ConfigError::NoKeys);
+    fn validate_keys(&self, view: &ProviderView<'_>, dev: bool) -> Result<(), ConfigError> {
+        use super::AuthMode;
+        match view.auth {
+            AuthMode::None if !view.keys.is_empty() => {
+                return Err(ConfigError::invalid(
+                    format!("{}keys", view.at),
+                    "a provider with `auth: none` sends no keys: remove them, or use `auth: bearer`",
+                ));
+            }
+            AuthMode::None => return Ok(()),
+            AuthMode::Bearer if view.keys.is_empty() && !dev => {
+                if view.at.is_empty() {
+                    return Err(ConfigError::NoKeys);
+                }
+                return Err(ConfigError::invalid(
+                    format!("{}keys", view.at),
+                    "no API keys: set keys or keys_file (or `auth: none` for a server without keys)",
+                ));
+            }
+            AuthMode::Bearer => {}
         }
         let mut seen: HashMap<&str, String> = HashMap::new();
         let mut names: HashMap<&str, String> = HashMap::new();
-        for (index, entry) in self.keys.iter().enumerate() {
-            let at = key_field(index, entry);
+        for (index, entry) in view.keys.iter().enumerate() {
+            let at = view.key_field(index, entry);
             check_secret(&at, "key", &entry.key)?;
             if let Some(first) = seen.get(entry.key.expose()) {
                 return Err(ConfigError::Duplicate {
@@ -115,12 +110,13 @@ impl Config {
                 names.insert(name, field);
             }
             if let Some(account) = &entry.account {
-                if !self.accounts.contains_key(account) {
-                    let declared: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+                if !view.accounts.contains_key(account) {
+                    let declared: Vec<&str> = view.accounts.keys().map(String::as_str).collect();
                     return Err(ConfigError::invalid(
                         format!("{at}.account"),
                         format!(
-                            "no account {account:?} in `accounts` (declared: {}); add `accounts: {{ {account}: {{}} }}` to share rate_limit's limits",
+                            "no account {account:?} in `{}accounts` (declared: {}); add `accounts: {{ {account}: {{}} }}` to share rate_limit's limits",
+                            view.at,
                             if declared.is_empty() { "none".to_owned() } else { declared.join(", ") }
                         ),
                     ));
@@ -130,59 +126,27 @@ impl Config {
         Ok(())
     }
 
-    /// `rate_limit`, every account and every key's own limits make budgets,
-    /// and no key allows more than its account. Errors name the field:
-    /// `rate_limit.burst`, `accounts.alice.requests_per_day`, `keys[2].day_reset`.
-    fn validate_limits(&self) -> Result<(), ConfigError> {
-        use proxypal_gateway::{BuildError, GatewayConfig, KeyConfig, keypool::KeySpec};
-        fn scoped(scope: &str) -> impl FnOnce((String, String)) -> ConfigError + '_ {
-            move |(field, reason)| ConfigError::invalid(format!("{scope}.{field}"), reason)
+    /// Every provider's `rate_limit`, accounts and keys' own limits make
+    /// budgets, no key allows more than its account, and the aliases and
+    /// routing name real providers. Errors name the field:
+    /// `rate_limit.burst`, `providers.groq.accounts.alice.requests_per_day`,
+    /// `keys[2].day_reset`, `models.llama-70b.targets[1].provider`.
+    fn validate_limits(&self, views: &[ProviderView<'_>]) -> Result<(), ConfigError> {
+        for name in self.accounts.keys() {
+            check_account_name("accounts", name)?;
         }
-        let mut gateway = GatewayConfig::default();
-        gateway.limits = self.default_limit_fields().to_limits().map_err(scoped("rate_limit"))?;
-        for (name, fields) in &self.accounts {
-            if name.trim().is_empty() || name.trim() != name {
-                return Err(ConfigError::invalid(
-                    "accounts",
-                    format!("account name {name:?} must be non-empty, without leading or trailing spaces"),
-                ));
+        for (provider, entry) in &self.providers {
+            for name in entry.accounts.keys() {
+                check_account_name(&format!("providers.{provider}.accounts"), name)?;
             }
-            let limits = fields.to_limits().map_err(scoped(&format!("accounts.{name}")))?;
-            gateway.accounts.insert(name.clone(), limits);
         }
-        let mut fields = Vec::with_capacity(self.keys.len());
-        for (index, entry) in self.keys.iter().enumerate() {
-            let at = key_field(index, entry);
-            let limits = entry.limits.to_limits().map_err(scoped(&at))?;
-            let mut key = KeyConfig::new(KeySpec::new(entry.key.expose())).with_limits(limits);
-            key.account.clone_from(&entry.account);
-            gateway.keys.push(key);
-            fields.push(at);
-        }
-        let scope_field = |scope: &str| -> String {
-            if scope == "limits" {
-                return "rate_limit".to_owned();
-            }
-            scope
-                .strip_prefix("keys[")
-                .and_then(|rest| rest.strip_suffix(']'))
-                .and_then(|i| i.parse::<usize>().ok())
-                .and_then(|i| fields.get(i).cloned())
-                .unwrap_or_else(|| scope.to_owned())
-        };
+        let gateway = crate::convert::gateway_config(self).map_err(|e| match e {
+            crate::convert::BuildError::Invalid { field, reason } => ConfigError::invalid(field, reason),
+            other => ConfigError::invalid("providers", other.to_string()),
+        })?;
         match gateway.check_limits() {
             Ok(()) => Ok(()),
-            Err(BuildError::Limits { scope, source }) => Err(ConfigError::invalid(
-                format!("{}.{}", scope_field(&scope), source.field()),
-                source.reason(),
-            )),
-            Err(BuildError::AboveAccount { index, account, what, own, shared }) => Err(ConfigError::invalid(
-                fields.get(index).cloned().unwrap_or_default(),
-                format!(
-                    "its {what} limit ({own}) is above account {account:?}'s ({shared}); a key cannot allow more than the account it shares"
-                ),
-            )),
-            Err(other) => Err(ConfigError::invalid("keys", other.to_string())),
+            Err(e) => Err(build_error(e, views, views.first().filter(|_| views.len() == 1))),
         }
     }
 
@@ -271,12 +235,31 @@ impl Config {
     }
 }
 
-/// How errors name a key: `keys[2]`, or `keys_file line 4` for file keys.
-fn key_field(index: usize, entry: &KeyEntry) -> String {
-    match entry.origin {
-        KeyOrigin::Config => format!("keys[{index}]"),
-        KeyOrigin::KeysFile { line } => format!("keys_file line {line}"),
+/// A base URL the upstream client takes: absolute http(s), a host, no query
+/// string, no credentials.
+fn check_base_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    let lower = url.to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must start with http:// or https:// (got {url:?})"),
+        ));
     }
+    let uri: Uri =
+        url.parse().map_err(|e| ConfigError::invalid(field, format!("invalid URL {url:?}: {e}")))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(field, format!("has no host (got {url:?})")));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::invalid(field, format!("must not contain a query string (got {url:?})")));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ConfigError::invalid(
+            field,
+            "must not contain credentials (user:password@); keys go in `keys`",
+        ));
+    }
+    Ok(())
 }
 
 /// A secret goes into an HTTP header: it must be non-empty visible ASCII.
@@ -321,4 +304,59 @@ fn is_origin(origin: &str) -> bool {
         return false;
     }
     origin.parse::<Uri>().is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
+}
+
+fn check_account_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.trim().is_empty() || name.trim() != name {
+        return Err(ConfigError::invalid(
+            field,
+            format!("account name {name:?} must be non-empty, without leading or trailing spaces"),
+        ));
+    }
+    Ok(())
+}
+
+/// A gateway build error as a config error naming the field, within `view`
+/// (the provider it is about; for a single-provider file, the only one).
+fn build_error(
+    e: proxypal_gateway::BuildError,
+    views: &[ProviderView<'_>],
+    view: Option<&ProviderView<'_>>,
+) -> ConfigError {
+    use proxypal_gateway::BuildError;
+    let at = view.map_or("", |v| v.at.as_str());
+    let key_field = |index: usize| match view.and_then(|v| v.keys.get(index).map(|k| v.key_field(index, k))) {
+        Some(field) => field,
+        None => format!("{at}keys[{index}]"),
+    };
+    match e {
+        BuildError::Provider { provider, source } => {
+            let inner = views.iter().find(|v| v.name == provider);
+            build_error(*source, views, inner)
+        }
+        BuildError::Limits { scope, source } => {
+            let scope = if scope == "limits" {
+                view.map_or("rate_limit".to_owned(), |v| v.rate_limit_field.clone())
+            } else if let Some(index) =
+                scope.strip_prefix("keys[").and_then(|r| r.strip_suffix(']')).and_then(|i| i.parse().ok())
+            {
+                key_field(index)
+            } else {
+                format!("{at}{scope}")
+            };
+            ConfigError::invalid(format!("{scope}.{}", source.field()), source.reason())
+        }
+        BuildError::AboveAccount { index, account, what, own, shared } => ConfigError::invalid(
+            key_field(index),
+            format!(
+                "its {what} limit ({own}) is above account {account:?}'s ({shared}); a key cannot allow more than the account it shares"
+            ),
+        ),
+        BuildError::Routes { field, reason } => ConfigError::invalid(field, reason),
+        BuildError::Upstream(e) => ConfigError::invalid(
+            view.map_or("upstream.base_url".to_owned(), |v| v.base_url_field.clone()),
+            e.to_string(),
+        ),
+        other => ConfigError::invalid(format!("{at}keys"), other.to_string()),
+    }
 }

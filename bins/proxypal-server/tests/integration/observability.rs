@@ -35,15 +35,15 @@ async fn metrics_count_requests_attempts_and_retries_by_masked_key() {
         assert_eq!(
             metric(
                 &text,
-                &format!(r#"proxypal_upstream_attempts_total{{key="{k0}",result="rate_limited"}}"#)
+                &format!(r#"proxypal_upstream_attempts_total{{provider="default",key="{k0}",result="rate_limited"}}"#)
             ),
             1.0
         );
         assert_eq!(metric(&text, r#"proxypal_retries_total{reason="rate_limited"}"#), 1.0);
-        let served = metric(&text, &format!(r#"proxypal_requests_total{{key="{k0}",status="2xx"}}"#))
-            + metric(&text, &format!(r#"proxypal_requests_total{{key="{k1}",status="2xx"}}"#));
+        let served = metric(&text, &format!(r#"proxypal_requests_total{{provider="default",key="{k0}",status="2xx"}}"#))
+            + metric(&text, &format!(r#"proxypal_requests_total{{provider="default",key="{k1}",status="2xx"}}"#));
         assert_eq!(served, 3.0);
-        assert_eq!(metric(&text, r#"proxypal_keys{state="cooling_down"}"#), 1.0);
+        assert_eq!(metric(&text, r#"proxypal_keys{provider="default",state="cooling_down"}"#), 1.0);
         assert_eq!(metric(&text, "proxypal_upstream_latency_seconds_count"), 4.0, "four attempts");
         assert_eq!(metric(&text, "proxypal_proxy_overhead_seconds_count"), 3.0);
         assert_eq!(metric(&text, "proxypal_open_streams"), 0.0);

@@ -174,7 +174,7 @@ async fn a_spent_day_is_answered_at_once_with_when_it_resets() {
         assert_eq!(day["source"], "configured");
         let metrics = rig.get("/metrics", &[]).await.text();
         let line = format!(
-            "proxypal_key_limit_remaining{{key=\"{}\",kind=\"requests\",period_seconds=\"86400\",scope=\"key\"}} 0",
+            "proxypal_key_limit_remaining{{provider=\"default\",key=\"{}\",kind=\"requests\",period_seconds=\"86400\",scope=\"key\"}} 0",
             crate::common::masked(&rig.keys[0])
         );
         assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
@@ -324,10 +324,10 @@ async fn token_windows_reserve_then_settle_with_the_reported_usage() {
 async fn an_operator_reset_clears_a_disabled_key() {
     bounded(async {
         let rig = Rig::start(1, |s| s, |c| c.keys[0].name = Some("k0".into())).await;
-        rig.server.app().gateway().keys().report(
-            &rig.server.app().gateway().keys().select().unwrap(),
-            proxypal_gateway::keypool::Outcome::AuthFailed,
-        );
+        let provider = rig.server.app().gateway().provider("default").unwrap();
+        provider
+            .keys()
+            .report(&provider.keys().select().unwrap(), proxypal_gateway::keypool::Outcome::AuthFailed);
         assert_eq!(rig.key_stats(0).await["state"], "disabled");
         let post = |path: &str| {
             http::Request::builder()

@@ -1,0 +1,162 @@
+//! One upstream provider as the gateway runs it: its key pool (with the
+//! quota engine's budgets), where it is, how it speaks about limits, and what
+//! its requests must not carry. A reload keeps the pool of a provider that
+//! stays (its keys keep their state) and builds the rest anew.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use proxypal_keypool::KeyPool;
+use proxypal_upstream::{Upstream, UpstreamConfig};
+
+use crate::config::{Auth, ProviderConfig};
+use crate::dialect::Dialect;
+use crate::keyset::KeyResources;
+use crate::quota::PoolHeaders;
+
+/// Identities of upstream client settings, so that a worker's cached client
+/// is rebuilt when a reload changes a provider's base URL or timeouts.
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One provider: its keys and what requests to it need.
+pub struct Provider {
+    name: Arc<str>,
+    preset: Option<&'static str>,
+    /// Shared with the next generation when a reload keeps the provider.
+    pub(crate) keys: Arc<KeyPool<KeyResources>>,
+    pub(crate) upstream: UpstreamConfig,
+    /// Which upstream settings these are (see [`NEXT_CLIENT_ID`]).
+    pub(crate) client_id: u64,
+    /// A client for work off the request path (the models catalog).
+    pub(crate) client: Upstream,
+    pub(crate) auth: Auth,
+    pub(crate) dialect: Dialect,
+    pub(crate) strip: Box<[Box<str>]>,
+    /// Its keys' `x-ratelimit-*` response headers, summed now and then.
+    pub(crate) pool_headers: Arc<ArcSwap<PoolHeaders>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("preset", &self.preset)
+            .field("base_url", &self.upstream.base_url)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provider {
+    /// A provider from `config` over `keys`; `previous`: the same provider
+    /// in the generation before (its client is kept if nothing about it changed).
+    pub(crate) fn new(
+        config: &ProviderConfig,
+        keys: Arc<KeyPool<KeyResources>>,
+        previous: Option<&Provider>,
+    ) -> Result<Self, proxypal_upstream::UpstreamBuildError> {
+        let same_client = previous.filter(|p| same_upstream(&p.upstream, &config.upstream));
+        let (client_id, client) = match same_client {
+            Some(p) => (p.client_id, p.client.clone()),
+            None => (NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed), Upstream::new(config.upstream.clone())?),
+        };
+        let pool_headers = match previous {
+            Some(p) => Arc::clone(&p.pool_headers),
+            None => Arc::new(ArcSwap::from_pointee(PoolHeaders::empty())),
+        };
+        Ok(Self {
+            name: Arc::from(config.name.as_str()),
+            preset: config.preset,
+            keys,
+            upstream: config.upstream.clone(),
+            client_id,
+            client,
+            auth: config.auth,
+            dialect: config.dialect,
+            strip: config.strip.iter().map(|s| s.as_str().into()).collect(),
+            pool_headers,
+        })
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as a shared string.
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The preset it was filled from.
+    pub fn preset(&self) -> Option<&'static str> {
+        self.preset
+    }
+
+    /// Its base URL.
+    pub fn base_url(&self) -> &http::Uri {
+        &self.upstream.base_url
+    }
+
+    /// Whether its requests carry no key.
+    pub fn without_auth(&self) -> bool {
+        self.auth == Auth::None
+    }
+
+    /// How it announces limits.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Its key pool.
+    pub fn keys(&self) -> &KeyPool<KeyResources> {
+        &self.keys
+    }
+
+    /// The quota engine of its current key set.
+    pub fn quotas(&self) -> Arc<crate::Engine> {
+        self.keys.with_current(|_, resources| Arc::clone(&resources.quotas))
+    }
+}
+
+/// Whether two upstream settings make the same client.
+fn same_upstream(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    a.base_url == b.base_url
+        && a.connect_timeout == b.connect_timeout
+        && a.response_timeout == b.response_timeout
+        && a.idle_timeout == b.idle_timeout
+        && a.user_agent == b.user_agent
+        && a.pool_idle_timeout == b.pool_idle_timeout
+        && a.pool_max_idle_per_host == b.pool_max_idle_per_host
+        && a.http2_keep_alive_interval == b.http2_keep_alive_interval
+        && a.extra_root_certificates == b.extra_root_certificates
+}
+
+/// One worker's upstream clients, one per provider (each runtime keeps its
+/// own connections), made on first use and remade when a reload changes a
+/// provider's settings.
+#[derive(Debug, Default)]
+pub(crate) struct Clients {
+    /// By client id. The lock is held for a lookup or an insert, never across
+    /// an `.await`.
+    cache: std::sync::Mutex<Vec<(u64, Upstream)>>,
+}
+
+impl Clients {
+    /// The client for `provider` on this worker.
+    pub(crate) fn get(&self, provider: &Provider) -> Upstream {
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, client)) = cache.iter().find(|(id, _)| *id == provider.client_id) {
+            return client.clone();
+        }
+        // The provider's own client was built from the same settings, so this
+        // cannot fail; if it somehow did, the shared client still works.
+        let client = Upstream::new(provider.upstream.clone()).unwrap_or_else(|_| provider.client.clone());
+        if cache.len() >= 4 * crate::config::MAX_PROVIDERS {
+            cache.clear(); // settings replaced by many reloads: start over
+        }
+        cache.push((provider.client_id, client.clone()));
+        client
+    }
+}
