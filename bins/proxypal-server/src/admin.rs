@@ -54,6 +54,7 @@ pub fn stats_json(app: &App) -> Value {
                 KeyStatus::Disabled => 2,
             }] += 1;
             json!({
+                "provider": report.provider,
                 "key": k.label,
                 "name": k.name,
                 "state": k.status.as_str(),
@@ -82,7 +83,72 @@ pub fn stats_json(app: &App) -> Value {
         "reloads": gateway.reloads(),
         "keys": keys,
         "totals": totals,
+        "providers": providers_json(&reports, gateway),
+        "aliases": gateway.alias_reports().iter().map(alias_json).collect::<Vec<_>>(),
         "history": app.history().to_json(),
+    })
+}
+
+/// Per provider: where it is, its preset, its keys by state, its totals and
+/// its models catalog.
+fn providers_json(
+    reports: &[proxypal_gateway::KeyReport],
+    gateway: &proxypal_gateway::Gateway,
+) -> Vec<Value> {
+    let catalogs = gateway.catalog_reports();
+    gateway
+        .providers()
+        .iter()
+        .map(|p| {
+            let mine = reports.iter().filter(|r| r.provider == p.name());
+            let mut totals = [0u64; 4];
+            let mut states = [0usize; 3];
+            for r in mine {
+                let c = &r.snapshot.counters;
+                for (t, n) in totals.iter_mut().zip([c.requests, c.successes, c.errors, c.rate_limited]) {
+                    *t += n;
+                }
+                states[match r.snapshot.status {
+                    KeyStatus::Ready => 0,
+                    KeyStatus::CoolingDown { .. } => 1,
+                    KeyStatus::Disabled => 2,
+                }] += 1;
+            }
+            let catalog = catalogs.iter().find(|c| c.provider == p.name());
+            json!({
+                "name": p.name(),
+                "preset": p.preset(),
+                "base_url": p.base_url().to_string(),
+                "auth": if p.without_auth() { "none" } else { "bearer" },
+                "keys": states.iter().sum::<usize>(),
+                "ready": states[0],
+                "cooling_down": states[1],
+                "disabled": states[2],
+                "requests": totals[0],
+                "successes": totals[1],
+                "errors": totals[2],
+                "rate_limited": totals[3],
+                "models_listed": catalog.map(|c| c.models),
+                "models_age_seconds": catalog.and_then(|c| c.age).map(|a| a.as_secs()),
+                "models_error": catalog.and_then(|c| c.error.clone()),
+            })
+        })
+        .collect()
+}
+
+/// An alias and its targets' state, as `/stats` shows it.
+fn alias_json(alias: &proxypal_gateway::AliasReport) -> Value {
+    json!({
+        "name": alias.name,
+        "targets": alias.targets.iter().map(|t| json!({
+            "provider": t.provider,
+            "model": t.model,
+            "tier": t.tier,
+            "weight": t.weight,
+            "room": t.room,
+            "keys_ready": t.keys_ready,
+            "missing_from_catalog": t.missing_from_catalog,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use crate::body::ProxyBody;
 use crate::config::Settings;
-use crate::lease::Tried;
 use crate::provider::{Clients, Provider};
 
 /// How long after a failed fetch the next one is tried.
@@ -244,22 +243,28 @@ impl Catalogs {
     }
 }
 
-/// `GET <base>/models` with a key of the provider that has room (the fetch
-/// counts in its budget like any request: never over quota).
+/// `GET <base>/models` with the provider's next usable key. Listing models
+/// is not inference: no permit is taken from the key's request windows
+/// (providers count chat, completion and embedding requests), so the
+/// catalog costs the quota nothing.
 async fn fetch(provider: &Provider, client: &Upstream) -> Result<Vec<Value>, String> {
-    let Some(lease) = crate::lease::try_lease(&provider.keys, 0, &Tried::default(), 0) else {
-        return Err("no key with room to fetch it now".to_owned());
+    let mut auth = None;
+    let selected = provider.keys.select_with(|c| {
+        auth = c.attachment.auth.get(c.index).cloned();
+        auth.is_some()
+    });
+    let (Some(_selected), Some(auth)) = (selected, auth) else {
+        return Err("no usable key to fetch it with now".to_owned());
     };
     let parts = RequestParts::new(Method::GET, "/models", HeaderMap::new());
     let sent = tokio::time::timeout(FETCH_TIMEOUT, async {
-        let resp = client.send(&parts, Bytes::new(), &lease.auth).await.map_err(|e| e.to_string())?;
+        let resp = client.send(&parts, Bytes::new(), &auth).await.map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_CATALOG).collect().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((status, body.to_bytes()))
     })
     .await
     .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?;
-    lease.permit.finish(Some(0));
     let (status, body) = sent?;
     if !status.is_success() {
         return Err(format!("the upstream answered {status}"));

@@ -140,9 +140,39 @@ pub struct SimConfig {
     /// On by default, off in [`SimConfig::fast`] so long benchmarks do not
     /// grow memory.
     pub record_accepts: bool,
-    /// Record a copy of the last request's headers in the stats. On by
-    /// default, off in [`SimConfig::fast`].
+    /// Record a copy of the last request's headers (and body) in the stats.
+    /// On by default, off in [`SimConfig::fast`].
     pub record_headers: bool,
+    /// Which provider it plays: how it announces limits and words its 429s.
+    pub dialect: SimDialect,
+    /// Serve requests that carry no key (a local server without auth), as
+    /// the key `anonymous`.
+    pub anonymous: bool,
+}
+
+/// Which provider the simulator plays (`shared/providers.md` §2 has the
+/// recorded originals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SimDialect {
+    /// NVIDIA: a bare 429 (`{"status":429,"title":"Too Many Requests"}`),
+    /// `x-ratelimit-*-requests`/`-tokens` only with `limit_headers`.
+    #[default]
+    Nvidia,
+    /// Groq: `x-ratelimit-*-requests`/`-tokens` on every answer, a 429 whose
+    /// OpenAI-shaped message names the window (`requests per minute (RPM)`)
+    /// and the wait (`Please try again in 2s.`), plus `retry-after`.
+    Groq,
+    /// Cerebras: `x-ratelimit-{limit,remaining,reset}-requests-minute` and
+    /// `-tokens-minute` (reset in fractional seconds), a top-level 429 body.
+    Cerebras,
+    /// OpenRouter: no limit headers; a 429 body whose `metadata.headers`
+    /// carry `X-RateLimit-Limit/Remaining/Reset` (reset in Unix ms) of the
+    /// account's daily free cap.
+    OpenRouter,
+    /// Gemini's OpenAI-compatible endpoint: no headers; a 429 body wrapped
+    /// in an array with a per-minute `QuotaFailure` and `RetryInfo.retryDelay`.
+    Gemini,
 }
 
 impl Default for SimConfig {
@@ -167,6 +197,8 @@ impl Default for SimConfig {
             strict_models: false,
             record_accepts: true,
             record_headers: true,
+            dialect: SimDialect::Nvidia,
+            anonymous: false,
         }
     }
 }
@@ -200,6 +232,18 @@ impl SimConfig {
         S: Into<String>,
     {
         self.forbidden_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Plays `dialect`'s limit headers and 429 bodies.
+    pub fn with_dialect(mut self, dialect: SimDialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// Serves requests without a key (as the key `anonymous`).
+    pub fn with_anonymous(mut self, on: bool) -> Self {
+        self.anonymous = on;
         self
     }
 

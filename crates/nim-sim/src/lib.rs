@@ -56,7 +56,7 @@ mod service;
 mod state;
 mod stats;
 
-pub use config::{DEFAULT_MODELS, SimConfig, SimRateLimit};
+pub use config::{DEFAULT_MODELS, SimConfig, SimDialect, SimRateLimit};
 pub use fault::{FORBIDDEN_BODY, Fault, FaultTarget, RATE_LIMITED_BODY, SIM_FUNCTION_ID, UNAUTHORIZED_BODY};
 pub use server::{SimError, SimHandle, SimServer};
 pub use stats::{AccountStats, KeyCounters, SimStats, max_in_window};

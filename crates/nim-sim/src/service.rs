@@ -69,7 +69,7 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Response<SimBody> {
     let (parts, body) = req.into_parts();
-    let key = bearer(&parts.headers);
+    let key = bearer(&parts.headers).or_else(|| shared.config.anonymous.then(|| "anonymous".to_owned()));
     let key = key.as_deref();
 
     // Always read the whole request body so a keep-alive connection stays
@@ -86,6 +86,9 @@ pub(crate) async fn handle(
     };
 
     let fault = shared.arrive(key, &parts.headers);
+    if !body.is_empty() {
+        shared.record_body(&body);
+    }
 
     if !shared.config.response_delay.is_zero() {
         tokio::time::sleep(shared.config.response_delay).await;
@@ -139,7 +142,7 @@ pub(crate) async fn handle(
     // Limits (POST endpoints only): concurrency, request limits, tokens.
     let mut slot = match shared.admit(key) {
         Ok(slot) => Some(slot),
-        Err(info) => return rate_limited(&shared, info),
+        Err(info) => return rate_limited(&shared, info, &body),
     };
     if !shared.config.processing_delay.is_zero() {
         tokio::time::sleep(shared.config.processing_delay).await;
@@ -151,7 +154,7 @@ pub(crate) async fn handle(
     };
     let (mut resp, tokens) = answer.unwrap_or_else(|p| (p.into_response(), 0));
     let info = shared.finish(key, tokens);
-    add_limit_headers(resp.headers_mut(), &info);
+    add_dialect_headers(&shared, resp.headers_mut(), &info);
     // A plain answer is no longer in flight once produced (a stream took the
     // slot along).
     drop(slot);
@@ -245,14 +248,100 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response<SimBody> {
     json_response(status, problem_json(status.as_u16(), title, detail))
 }
 
-fn rate_limited(shared: &Shared, info: LimitInfo) -> Response<SimBody> {
-    let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED_BODY.into());
-    if let Some(ra) = shared.config.retry_after {
+fn rate_limited(shared: &Shared, info: LimitInfo, body: &[u8]) -> Response<SimBody> {
+    use crate::SimDialect;
+    let wait = info.requests.as_ref().and_then(|r| r.reset).unwrap_or(Duration::from_secs(1));
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let model = request_model(body);
+    let text = match shared.config.dialect {
+        SimDialect::Nvidia => RATE_LIMITED_BODY.to_owned(),
+        SimDialect::Groq => {
+            let limit = info.requests.as_ref().map_or(0, |r| r.limit);
+            json!({"error": {
+                "message": format!("Rate limit reached for model `{model}` in organization `org_sim` service tier `on_demand` on requests per minute (RPM): Limit {limit}, Used {limit}, Requested 1. Please try again in {}.", go_duration(wait)),
+                "type": "requests",
+                "code": "rate_limit_exceeded",
+            }})
+            .to_string()
+        }
+        SimDialect::Cerebras => json!({
+            "message": "Requests per minute limit exceeded - too many requests sent.",
+            "type": "too_many_requests_error",
+            "param": "quota",
+            "code": "request_quota_exceeded",
+        })
+        .to_string(),
+        SimDialect::OpenRouter => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let reset_ms = now_ms + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            let limit = info.requests.as_ref().map_or(0, |r| r.limit);
+            json!({"error": {
+                "message": "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day",
+                "code": 429,
+                "metadata": {
+                    "headers": {"X-RateLimit-Limit": limit.to_string(), "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset_ms.to_string()},
+                    "limit_source": "openrouter_free_tier_daily",
+                },
+            }, "user_id": "user_sim"})
+            .to_string()
+        }
+        SimDialect::Gemini => json!([{"error": {
+            "code": 429,
+            "message": format!("You exceeded your current quota, please check your plan and billing details. Please retry in {}s.", wait.as_secs_f64()),
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                    "quotaDimensions": {"model": model, "location": "global"},
+                }]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{secs}s")},
+            ],
+        }}])
+        .to_string(),
+    };
+    let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, text);
+    let retry_after = match shared.config.dialect {
+        SimDialect::Groq => Some(Duration::from_secs(secs)),
+        _ => shared.config.retry_after,
+    };
+    if let Some(ra) = retry_after {
         let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
-    add_limit_headers(resp.headers_mut(), &info);
+    add_dialect_headers(shared, resp.headers_mut(), &info);
     resp
+}
+
+/// The limit headers of an answer, as the played provider writes them.
+fn add_dialect_headers(shared: &Shared, headers: &mut http::HeaderMap, info: &LimitInfo) {
+    use crate::SimDialect;
+    match shared.config.dialect {
+        SimDialect::Nvidia | SimDialect::Groq => add_limit_headers(headers, info),
+        SimDialect::Cerebras => {
+            let mut add = |unit: &str, status: &Option<LimitStatus>| {
+                let Some(st) = status else { return };
+                let reset = st.reset.map_or(0.0, |d| d.as_secs_f64());
+                for (field, value) in [
+                    ("limit", st.limit.to_string()),
+                    ("remaining", st.remaining.to_string()),
+                    ("reset", reset.to_string()),
+                ] {
+                    let name = format!("x-ratelimit-{field}-{unit}-minute");
+                    if let (Ok(n), Ok(v)) =
+                        (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value))
+                    {
+                        headers.insert(n, v);
+                    }
+                }
+            };
+            add("requests", &info.requests);
+            add("tokens", &info.tokens);
+        }
+        SimDialect::OpenRouter | SimDialect::Gemini => {}
+    }
 }
 
 /// Adds the `x-ratelimit-*` headers `info` describes (none if empty).

@@ -31,6 +31,8 @@ struct State {
     accounts: BTreeMap<String, AccountState>,
     total_requests: u64,
     last_request_headers: Option<http::HeaderMap>,
+    last_request_body: Option<bytes::Bytes>,
+    models: std::collections::BTreeMap<String, u64>,
     faults: VecDeque<(Fault, FaultTarget)>,
     sticky: Option<Fault>,
     /// Accepted requests in flight, all accounts together.
@@ -148,6 +150,21 @@ impl Shared {
         fault
     }
 
+    /// Records a request's body: the model it names (counted), and the body
+    /// itself when headers are recorded.
+    pub(crate) fn record_body(&self, body: &bytes::Bytes) {
+        let model = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("model").and_then(serde_json::Value::as_str).map(str::to_owned));
+        let mut st = self.lock();
+        if let Some(model) = model {
+            *st.models.entry(model).or_default() += 1;
+        }
+        if self.config.record_headers {
+            st.last_request_body = Some(body.clone());
+        }
+    }
+
     /// Counts the outcome of a request that carried `key`.
     pub(crate) fn count(&self, key: Option<&str>, outcome: Outcome) {
         let Some(k) = key else { return };
@@ -228,7 +245,7 @@ impl Shared {
     }
 
     fn limit_info(&self, acct: &mut AccountState, now: Instant, since_start: Duration) -> LimitInfo {
-        if !self.config.limit_headers {
+        if !self.config.limit_headers && self.config.dialect == crate::SimDialect::Nvidia {
             return LimitInfo::default();
         }
         let requests = match self.config.rate_limit {
@@ -278,6 +295,8 @@ impl Shared {
             open_connections: self.open_connections.load(Ordering::SeqCst),
             active_streams: self.active_streams.load(Ordering::SeqCst),
             last_request_headers: st.last_request_headers.clone(),
+            last_request_body: st.last_request_body.clone(),
+            models: st.models.clone(),
             accept_log: st
                 .per_key
                 .iter()
@@ -299,6 +318,8 @@ impl Shared {
         let mut st = self.lock();
         st.total_requests = 0;
         st.last_request_headers = None;
+        st.last_request_body = None;
+        st.models.clear();
         st.max_in_flight = st.in_flight;
         for ks in st.per_key.values_mut() {
             ks.counters = KeyCounters::default();

@@ -64,6 +64,11 @@ pub struct SimStats {
     /// Headers of the last request received (when
     /// [`SimConfig::record_headers`](crate::SimConfig::record_headers) is on).
     pub last_request_headers: Option<http::HeaderMap>,
+    /// The last request's body (when
+    /// [`SimConfig::record_headers`](crate::SimConfig::record_headers) is on).
+    pub last_request_body: Option<bytes::Bytes>,
+    /// Requests by the `model` their body named.
+    pub models: BTreeMap<String, u64>,
     /// Times (since the server started) at which each key's requests passed
     /// the rate limiter, in order (when
     /// [`SimConfig::record_accepts`](crate::SimConfig::record_accepts) is on).

@@ -23,6 +23,17 @@ impl Config {
             check_base_url(&view.base_url_field, view.base_url)?;
             self.validate_keys(view, dev && !self.has_providers())?;
         }
+        if self.providers.len() > 1 && self.routing.default_provider.is_none() {
+            let names: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+            return Err(ConfigError::invalid(
+                "routing.default_provider",
+                format!(
+                    "required with several providers: which one serves model names that are neither an alias nor provider/model? (one of {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+        positive("routing.models_ttl", self.routing.models_ttl)?;
         self.validate_limits(&views)?;
         self.validate_retry()?;
         self.validate_cors()?;

@@ -24,6 +24,7 @@ mod dashboard;
 mod hardening;
 mod observability;
 mod persistence;
+mod providers;
 mod proxy;
 mod quota;
 mod windows;
