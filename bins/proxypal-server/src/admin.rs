@@ -145,7 +145,8 @@ fn alias_json(alias: &proxypal_gateway::AliasReport) -> Value {
             "model": t.model,
             "tier": t.tier,
             "weight": t.weight,
-            "room": t.room,
+            // null: nothing limits it
+            "room": (t.room != u64::MAX).then_some(t.room),
             "keys_ready": t.keys_ready,
             "missing_from_catalog": t.missing_from_catalog,
         })).collect::<Vec<_>>(),

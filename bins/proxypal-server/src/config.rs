@@ -718,6 +718,81 @@ fn read_list_file(field: &'static str, path: &Path) -> Result<Vec<sources::ListL
 
 /// A one-line description of the fields that are set, e.g.
 /// `40/min, 1000/day (00:00 UTC), burst 10`.
+impl Config {
+    /// The `providers`, `models` and `routing` part of [`summary`](Self::summary).
+    fn summarize_providers(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "providers:  {} (default: {})",
+            self.providers.len(),
+            self.routing.default_provider.as_deref().unwrap_or("-")
+        );
+        for (name, p) in &self.providers {
+            let preset = p.preset.as_deref().and_then(proxypal_gateway::preset::Preset::get);
+            let url = p.base_url.as_deref().or(preset.as_ref().map(|p| p.base_url)).unwrap_or("-");
+            let _ = writeln!(s, "  {name}: {url}, preset {}", p.preset.as_deref().unwrap_or("none"));
+            match p.auth {
+                AuthMode::None => {
+                    let _ = writeln!(s, "    auth: none (no keys)");
+                }
+                AuthMode::Bearer => {
+                    let keys: Vec<String> = p.keys.iter().map(|k| k.label()).collect();
+                    let _ = writeln!(s, "    keys: {} [{}]", keys.len(), keys.join(", "));
+                }
+            }
+            let mut limits = preset.as_ref().map(|p| p.limits.clone()).unwrap_or_default();
+            if let Ok(over) = p.rate_limit.to_limits() {
+                limits = limits.overlay(&over);
+            }
+            let scope = match (p.quota_scope, &preset) {
+                (Some(ScopeMode::Account), _) => "for the whole provider",
+                (Some(ScopeMode::Key), _) => "per key",
+                (None, Some(preset)) if preset.scope == proxypal_gateway::preset::QuotaScope::Account => {
+                    "for the whole provider"
+                }
+                _ => "per key",
+            };
+            let _ = writeln!(s, "    limits: {} {scope}", describe(&limits));
+            if let Some(preset) = &preset {
+                let _ = writeln!(s, "    terms: {}", preset.terms);
+            }
+        }
+        for (name, alias) in &self.models {
+            let _ = writeln!(s, "model:      {name}");
+            for t in &alias.targets {
+                let _ = writeln!(s, "  tier {} weight {}: {}/{}", t.tier, t.weight, t.provider, t.model);
+            }
+        }
+        if self.routing.list_provider_models {
+            let _ = writeln!(
+                s,
+                "models list: aliases, the default provider's catalog, provider/id for the others"
+            );
+        }
+    }
+}
+
+/// A compiled set of limits in words (`30/min, 1000/day (rolling), 6000 tokens/min`).
+fn describe(l: &proxypal_gateway::limiter::Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = l.requests_per_minute {
+        parts.push(format!("{n}/min"));
+    }
+    if let Some(n) = l.requests_per_day {
+        parts.push(format!(
+            "{n}/day ({})",
+            l.day_reset.as_ref().map_or("rolling".to_owned(), ToString::to_string)
+        ));
+    }
+    if let Some(n) = l.tokens_per_minute {
+        parts.push(format!("{n} tokens/min"));
+    }
+    if let Some(n) = l.tokens_per_day {
+        parts.push(format!("{n} tokens/day"));
+    }
+    if parts.is_empty() { "none".to_owned() } else { parts.join(", ") }
+}
+
 fn describe_limits(l: &LimitFields) -> String {
     let mut parts = Vec::new();
     if let Some(n) = l.requests_per_minute {
@@ -784,7 +859,11 @@ impl Config {
         // Writing to a String cannot fail; the results are ignored.
         let _ = writeln!(s, "listen:     {}", self.listen);
         let u = &self.upstream;
-        let _ = writeln!(s, "upstream:   {}", u.base_url);
+        if self.providers.is_empty() {
+            let _ = writeln!(s, "upstream:   {}", u.base_url);
+        } else {
+            let _ = writeln!(s, "upstream:   every provider:");
+        }
         let _ = writeln!(
             s,
             "            connect {}, response {}, idle {}, user-agent {:?}",
@@ -796,27 +875,35 @@ impl Config {
         if let Some(ca_file) = &u.ca_file {
             let _ = writeln!(s, "            extra root certificates from {}", ca_file.display());
         }
-        let from_file = self.keys.iter().filter(|k| matches!(k.origin, KeyOrigin::KeysFile { .. })).count();
-        let _ = write!(s, "keys:       {}", self.keys.len());
-        if let (Some(file), true) = (&self.keys_file, from_file > 0) {
-            let _ = write!(s, " ({from_file} from {})", file.display());
-        }
-        s.push('\n');
-        for (i, key) in self.keys.iter().enumerate() {
-            let account = key.account.as_deref().map(|a| format!("account {a}")).unwrap_or_default();
-            let own = if key.limits.is_empty() { String::new() } else { describe_limits(&key.limits) };
+        if self.providers.is_empty() {
+            let from_file =
+                self.keys.iter().filter(|k| matches!(k.origin, KeyOrigin::KeysFile { .. })).count();
+            let _ = write!(s, "keys:       {}", self.keys.len());
+            if let (Some(file), true) = (&self.keys_file, from_file > 0) {
+                let _ = write!(s, " ({from_file} from {})", file.display());
+            }
+            s.push('\n');
+            for (i, key) in self.keys.iter().enumerate() {
+                let account = key.account.as_deref().map(|a| format!("account {a}")).unwrap_or_default();
+                let own = if key.limits.is_empty() { String::new() } else { describe_limits(&key.limits) };
+                let _ = writeln!(
+                    s,
+                    "  [{i}] {:<14} {:<16} {account}{}{own}",
+                    key.key.masked(),
+                    key.name.as_deref().unwrap_or("-"),
+                    if account.is_empty() || own.is_empty() { "" } else { ", " },
+                );
+            }
             let _ = writeln!(
                 s,
-                "  [{i}] {:<14} {:<16} {account}{}{own}",
-                key.key.masked(),
-                key.name.as_deref().unwrap_or("-"),
-                if account.is_empty() || own.is_empty() { "" } else { ", " },
+                "rate limit: {} per key (default)",
+                describe_limits(&self.default_limit_fields())
             );
-        }
-        let _ =
-            writeln!(s, "rate limit: {} per key (default)", describe_limits(&self.default_limit_fields()));
-        for (name, fields) in &self.accounts {
-            let _ = writeln!(s, "account:    {name}: {}", describe_limits(fields));
+            for (name, fields) in &self.accounts {
+                let _ = writeln!(s, "account:    {name}: {}", describe_limits(fields));
+            }
+        } else {
+            self.summarize_providers(&mut s);
         }
         let r = &self.retry;
         let _ = writeln!(

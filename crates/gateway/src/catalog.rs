@@ -248,12 +248,10 @@ impl Catalogs {
 /// (providers count chat, completion and embedding requests), so the
 /// catalog costs the quota nothing.
 async fn fetch(provider: &Provider, client: &Upstream) -> Result<Vec<Value>, String> {
-    let mut auth = None;
-    let selected = provider.keys.select_with(|c| {
-        auth = c.attachment.auth.get(c.index).cloned();
-        auth.is_some()
-    });
-    let (Some(_selected), Some(auth)) = (selected, auth) else {
+    // Chosen without `select` (which would count a request on the key's stats).
+    let ready = provider.keys.snapshot().into_iter().find(|k| k.status == proxypal_keypool::KeyStatus::Ready);
+    let auth = ready.and_then(|k| provider.keys.with_current(|_, r| r.auth.get(k.index).cloned()));
+    let Some(auth) = auth else {
         return Err("no usable key to fetch it with now".to_owned());
     };
     let parts = RequestParts::new(Method::GET, "/models", HeaderMap::new());

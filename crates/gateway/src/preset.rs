@@ -25,6 +25,56 @@ pub enum QuotaScope {
     Account,
 }
 
+/// The namespaces of NVIDIA's API catalog (`meta/llama-…`, `nvidia/…`):
+/// with NVIDIA as the default provider, no provider may take one of these
+/// names, or `meta/llama-…` would be pinned to it instead of reaching
+/// NVIDIA. From the catalog as listed in 2026-11; on reload the fetched
+/// catalog is checked as well.
+pub const NVIDIA_NAMESPACES: &[&str] = &[
+    "01-ai",
+    "abacusai",
+    "adept",
+    "ai21labs",
+    "aisingapore",
+    "baai",
+    "baichuan-inc",
+    "bigcode",
+    "bytedance",
+    "databricks",
+    "deepseek-ai",
+    "google",
+    "gotocompany",
+    "ibm",
+    "igenius",
+    "institute-of-science-tokyo",
+    "marin",
+    "mediatek",
+    "meta",
+    "microsoft",
+    "minimaxai",
+    "mistralai",
+    "moonshotai",
+    "nv-mistralai",
+    "nvidia",
+    "openai",
+    "qwen",
+    "rakuten",
+    "sarvamai",
+    "seallms",
+    "snowflake",
+    "speakleash",
+    "stockmark",
+    "thudm",
+    "tiiuae",
+    "tokyotech-llm",
+    "upstage",
+    "utter-project",
+    "writer",
+    "yentinglin",
+    "zai-org",
+    "zyphra",
+];
+
 /// One provider preset.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

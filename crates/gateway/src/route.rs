@@ -165,7 +165,16 @@ impl Routes {
                 invalid("routing.default_provider".into(), format!("no provider {name:?} in providers"))
             })?,
         };
+        let nvidia_default = config.providers[default].dialect == crate::dialect::Dialect::Nvidia;
         for (name, _) in providers.iter().filter(|(_, i)| **i != default) {
+            if nvidia_default && crate::preset::NVIDIA_NAMESPACES.contains(&&**name) {
+                return Err(invalid(
+                    format!("providers.{name}"),
+                    format!(
+                        "NVIDIA's catalog names models \"{name}/…\" and NVIDIA is the default provider: a provider of that name would take their requests; rename it"
+                    ),
+                ));
+            }
             let n = catalog_namespaces(name);
             if n > 0 {
                 return Err(invalid(

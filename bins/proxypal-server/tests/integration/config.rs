@@ -911,3 +911,122 @@ fn refuses_a_public_listen_address_without_client_tokens() {
     assert!(with_env(&format!("keys: [{KEY_A}]\nlisten: 127.0.0.1:8080"), &[]).is_ok());
     assert!(with_env(&format!("keys: [{KEY_A}]\nlisten: \"[::1]:8080\""), &[]).is_ok());
 }
+
+mod providers {
+    //! `providers`, `models` and `routing` (issue 12): what a file may say,
+    //! and the field named when it says something wrong.
+
+    use proxypal_server::config::{Config, ConfigError, YamlSource};
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_sources(Some(YamlSource::Text(yaml)), std::iter::empty::<(&str, &str)>(), false)
+    }
+
+    const TWO: &str = "providers:
+  nvidia:
+    preset: nvidia
+    keys: [nvapi-REPLACE-ME-000000000001]
+  groq:
+    preset: groq
+    base_url: https://api.groq.com/openai/v1
+    keys: [gsk_REPLACE_ME_00000000000001]
+    rate_limit: { requests_per_minute: 30, requests_per_day: 1000, tokens_per_minute: 6000 }
+    quota_scope: account
+  local:
+    base_url: http://127.0.0.1:11434/v1
+    auth: none
+models:
+  llama-70b:
+    targets:
+      - { provider: nvidia, model: meta/llama-3.3-70b-instruct, tier: 1 }
+      - { provider: groq, model: llama-3.3-70b-versatile, tier: 1, weight: 2 }
+      - { provider: local, model: 'llama3.3:70b', tier: 2 }
+routing:
+  default_provider: nvidia
+";
+
+    #[test]
+    fn the_issue_s_example_loads_and_converts() {
+        let config = load(TWO).unwrap();
+        assert_eq!(config.providers.len(), 3);
+        let gateway = proxypal_server::convert::gateway_config(&config).unwrap();
+        let groq = gateway.providers.iter().find(|p| p.name == "groq").unwrap();
+        assert_eq!(groq.limits.requests_per_minute, Some(30));
+        assert_eq!(groq.limits.tokens_per_minute, Some(6000));
+        assert_eq!(groq.preset, Some("groq"));
+        assert!(groq.strip.contains(&"logit_bias".to_owned()), "the preset's stripped fields");
+        let local = gateway.providers.iter().find(|p| p.name == "local").unwrap();
+        assert_eq!(local.auth, proxypal_gateway::Auth::None);
+        assert_eq!(local.upstream.base_url, "http://127.0.0.1:11434/v1");
+        assert_eq!(gateway.models["llama-70b"].targets[1].weight, 2);
+        gateway.check_limits().unwrap();
+        let summary = config.summary();
+        assert!(summary.contains("groq: https://api.groq.com/openai/v1, preset groq"), "{summary}");
+        assert!(summary.contains("tier 2 weight 1: local/llama3.3:70b"), "{summary}");
+        assert!(!summary.contains("REPLACE-ME-000000000001"), "keys are masked: {summary}");
+    }
+
+    #[test]
+    fn mistakes_name_their_field() {
+        let cases: [(&str, &str, &str); 9] = [
+            ("nvidia:\n    preset: nvidia", "nvidia:\n    preset: nvidai", "providers.nvidia.preset"),
+            (
+                "provider: groq, model: llama-3.3",
+                "provider: grok, model: llama-3.3",
+                "models.llama-70b.targets[1].provider",
+            ),
+            ("tier: 1, weight: 2", "tier: 1, weight: 0", "models.llama-70b.targets[1].weight"),
+            ("  default_provider: nvidia\n", "  default_provider: nvidai\n", "routing.default_provider"),
+            ("routing:\n  default_provider: nvidia\n", "", "routing.default_provider"),
+            ("    auth: none\n", "    auth: none\n    keys: [x-key-000000000001]\n", "providers.local.keys"),
+            ("    base_url: http://127.0.0.1:11434/v1\n", "", "providers.local.base_url"),
+            (
+                "requests_per_minute: 30,",
+                "requests_per_minute: 30, burst: 31,",
+                "providers.groq.rate_limit.burst",
+            ),
+            ("quota_scope: account", "quota_scope: organisation", ""),
+        ];
+        for (from, to, field) in cases {
+            assert!(TWO.contains(from), "{from}");
+            let yaml = TWO.replace(from, to);
+            let err = load(&yaml).expect_err(to);
+            if field.is_empty() {
+                assert!(err.to_string().contains("quota_scope"), "{err}");
+            } else {
+                assert_eq!(err.field(), Some(field), "{err}");
+            }
+        }
+        // The single-provider fields beside `providers`: a mistake, not silently ignored.
+        let err = load(&format!("keys: [nvapi-REPLACE-ME-000000000009]\n{TWO}")).unwrap_err();
+        assert_eq!(err.field(), Some("keys"), "{err}");
+        assert!(err.to_string().contains("providers.<name>.keys"), "{err}");
+        let err = load(&format!("rate_limit: {{ requests_per_minute: 5 }}\n{TWO}")).unwrap_err();
+        assert_eq!(err.field(), Some("rate_limit"), "{err}");
+        // A provider named like a namespace of NVIDIA's catalog would take its models' requests.
+        let err = load(&TWO.replace("  local:\n", "  meta:\n").replace("provider: local", "provider: meta"))
+            .unwrap_err();
+        assert_eq!(err.field(), Some("providers.meta"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_providers_file_exits_64_naming_the_field() {
+        let dir = tempfile_dir();
+        let path = dir.join("proxypal.yaml");
+        std::fs::write(&path, TWO.replace("provider: groq, model", "provider: grok, model")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxypal-server"))
+            .args(["--config", path.to_str().unwrap(), "--check"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("models.llama-70b.targets[1].provider"), "{stderr}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("proxypal-providers-{}-{}", std::process::id(), line!()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -525,3 +525,197 @@ models:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_providers_and_aliases_without_dropping_streams_or_state() {
+    bounded(async {
+        let a = Sim::start(1291, 2, |c| c.with_stream(10, Duration::from_millis(50)));
+        let b = Sim::start(1292, 1, |c| c);
+        let before = two(&a, &b, "models:\n  m:\n    targets:\n      - { provider: a, model: a-m }\n");
+        let (server, http) = start_server(&before).await;
+        for _ in 0..3 {
+            assert_eq!(header(&chat(&http, &server, "m", false).await, "x-proxypal-route"), "a/a-m");
+        }
+        // A stream of ~500 ms is open while the reload happens.
+        let streaming = {
+            let (http, addr) = (http.clone(), server.addr());
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": true});
+                let req = Request::builder()
+                    .method(Method::POST)
+                    .uri(format!("http://{addr}/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap();
+                let resp = http.request(req).await.unwrap();
+                String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // Now: m goes to b first, and a third provider c exists.
+        let c = Sim::start(1293, 1, |c| c);
+        let after = format!(
+            "providers:
+  a:
+    base_url: {}
+    keys: {}
+  b:
+    base_url: {}
+    keys: {}
+  c:
+    base_url: {}
+    keys: {}
+routing: {{ default_provider: a }}
+retry: {{ queue_timeout: 2s }}
+models:
+  m:
+    targets:
+      - {{ provider: b, model: b-m }}
+      - {{ provider: a, model: a-m, tier: 2 }}
+",
+            a.handle.base_url(),
+            a.keys_yaml(),
+            b.handle.base_url(),
+            b.keys_yaml(),
+            c.handle.base_url(),
+            c.keys_yaml()
+        );
+        let yaml = format!("listen: 127.0.0.1:0\nstate: {{ path: null }}\nshutdown_grace: 2s\n{after}");
+        let config =
+            Config::from_sources(Some(YamlSource::Text(&yaml)), std::iter::empty::<(&str, &str)>(), false)
+                .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        server.app().reload(&config).unwrap();
+
+        assert_eq!(header(&chat(&http, &server, "m", false).await, "x-proxypal-route"), "b/b-m");
+        assert_eq!(header(&chat(&http, &server, "c/x", false).await, "x-proxypal-route"), "c/x");
+        let text = streaming.await.unwrap();
+        assert!(text.contains("data: [DONE]"), "the stream finished across the reload: {text}");
+        // a's keys stayed: their counters were kept (3 plain requests and the stream).
+        let stats = send(
+            &http,
+            Request::builder()
+                .uri(format!("http://{}/stats", server.addr()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .json();
+        let on_a: u64 = stats["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["provider"] == "a")
+            .map(|k| k["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(on_a, 4, "{stats}");
+        let names: Vec<&str> =
+            stats["providers"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_provider_file_sends_the_same_upstream_request_as_before() {
+    bounded(async {
+        // Today's file: top-level upstream, keys and rate_limit, no providers.
+        let a = Sim::start(1301, 2, |c| c);
+        let yaml = format!(
+            "upstream: {{ base_url: {} }}\nkeys: {}\nrate_limit: {{ requests_per_minute: 1000 }}\n",
+            a.handle.base_url(),
+            a.keys_yaml()
+        );
+        let (server, http) = start_server(&yaml).await;
+        // Odd spacing, key order, a `default/…` model and a field a preset would strip:
+        // every byte reaches the upstream as the client sent it.
+        let body = "{ \"temperature\":0.25 ,\"model\" : \"default/x\",\n \"logit_bias\":{\"1\":2}, \"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/v1/chat/completions", server.addr()))
+            .header("content-type", "application/json")
+            .header("x-custom", "kept")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let reply = send(&http, req).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(header(&reply, "x-proxypal-route"), "default/default/x");
+        let stats = a.handle.stats();
+        assert_eq!(stats.last_request_body.as_deref(), Some(body.as_bytes()), "byte for byte");
+        let headers = stats.last_request_headers.unwrap();
+        assert_eq!(headers["x-custom"], "kept");
+        assert!(a.keys.iter().any(|k| headers["authorization"] == format!("Bearer {k}")));
+        assert!(headers.keys().all(|n| !n.as_str().starts_with("x-proxypal")), "{headers:?}");
+        // GET /v1/models of a single provider: its catalog, fetched when first listed.
+        let req = Request::builder()
+            .uri(format!("http://{}/v1/models", server.addr()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let models = send(&http, req).await.json();
+        let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert!(ids.contains(&"meta/llama-3.1-8b-instruct"), "{ids:?}");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_strips_only_the_fields_its_provider_rejects() {
+    bounded(async {
+        let a = Sim::start(1311, 1, |c| c);
+        let cerebras = Sim::start(1312, 1, |c| c);
+        let yaml = format!(
+            "providers:
+  a:
+    base_url: {}
+    keys: {}
+  cerebras:
+    preset: cerebras
+    base_url: {}
+    keys: {}
+routing: {{ default_provider: a }}
+",
+            a.handle.base_url(),
+            a.keys_yaml(),
+            cerebras.handle.base_url(),
+            cerebras.keys_yaml()
+        );
+        let (server, http) = start_server(&yaml).await;
+        let body = json!({
+            "model": "cerebras/llama-3.3-70b",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "frequency_penalty": 0.5,
+            "parallel_tool_calls": true,
+            "top_p": 0.9,
+        });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/v1/chat/completions", server.addr()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let reply = send(&http, req).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let sent: Value =
+            serde_json::from_slice(&cerebras.handle.stats().last_request_body.unwrap()).unwrap();
+        assert_eq!(
+            sent,
+            json!({"model": "llama-3.3-70b", "messages": [{"role": "user", "content": "Hi"}], "top_p": 0.9}),
+            "Cerebras rejects frequency_penalty and parallel_tool_calls; the rest is untouched"
+        );
+        // The same fields reach a provider that takes them.
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/v1/chat/completions", server.addr()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string().replace("cerebras/", "a/"))))
+            .unwrap();
+        assert_eq!(send(&http, req).await.status, StatusCode::OK);
+        let sent: Value = serde_json::from_slice(&a.handle.stats().last_request_body.unwrap()).unwrap();
+        assert_eq!(sent["frequency_penalty"], 0.5);
+        server.shutdown().await;
+    })
+    .await;
+}
