@@ -165,7 +165,8 @@ function pageRows(page) {
 function expectedRows(s) {
   return s.keys.map((k) => ({
     key: k.key,
-    name: k.name ?? "—",
+    // The name cell shows the account under the name (a Groq key in --dev shares its provider's budget).
+    name: (k.name ?? "—") + (k.account != null ? "account " + k.account : ""),
     state: k.state,
     stateLabel: k.state.replace("_", " "),
     requests: k.requests,
@@ -208,7 +209,7 @@ async function browser() {
     context = await chromium.launchPersistentContext(profile, {
       executablePath: CHROMIUM,
       headless: true,
-      viewport: { width: 1180, height: 540 },
+      viewport: { width: 1440, height: 540 },
       colorScheme: "light",
       args: [
         "--headless",
@@ -243,7 +244,8 @@ test("dashboard rows follow /stats in --dev", { timeout: 45_000 }, async () => {
     assert.equal(await page.isVisible("#token-input"), false, "no token prompt without auth.tokens");
 
     const first = await waitForMatch(page, base);
-    assert.equal(first.keys.length, 3, "--dev has three keys");
+    assert.equal(first.keys.filter((k) => k.provider === "nvidia").length, 3, "--dev has three NVIDIA keys");
+    assert.equal(first.keys.filter((k) => k.provider === "groq").length, 1, "--dev has one Groq key");
     assert.equal(first.totals.requests, 12);
     for (const k of first.keys) assert.match(k.key, /^nvapi-…\w{4}$/);
     const before = await pageRows(page);
@@ -266,7 +268,7 @@ test("dashboard rows follow /stats in --dev", { timeout: 45_000 }, async () => {
         ps.map((p) => p.getAttribute("d") || ""),
       );
       const ys = (d) => [...d.matchAll(/[ML][\d.]+,([\d.]+)/g)].map((m) => Number(m[1]));
-      const drawn = paths.length === 3 && paths.every((d) => /^M/.test(d));
+      const drawn = paths.length === first.keys.length && paths.every((d) => /^M/.test(d));
       const moving = paths.some((d) => new Set(ys(d)).size > 1);
       if ((drawn && moving) || Date.now() > deadline) {
         assert.ok(drawn, `a sparkline per key: ${JSON.stringify(paths)}`);
@@ -335,7 +337,7 @@ test("a key cooling down after an upstream 429 is shown as such (and screenshot)
 
     mkdirSync(dirname(SCREENSHOT), { recursive: true });
     const bottom = await page.evaluate(() => document.getElementById("dashboard").getBoundingClientRect().bottom);
-    await page.screenshot({ path: SCREENSHOT, clip: { x: 0, y: 0, width: 1180, height: Math.ceil(bottom) + 24 } });
+    await page.screenshot({ path: SCREENSHOT, clip: { x: 0, y: 0, width: 1440, height: Math.ceil(bottom) + 24 } });
     // The client that got the 429 (queue timeout) shows up as a failed fetch only in Node, not the page.
     assert.deepEqual(problems, [], "no console errors or CSP violations");
     await page.close();

@@ -1,47 +1,135 @@
-//! `--dev`: the proxy in front of the simulated NVIDIA upstream with
-//! generated keys, so one command shows the whole product without an account.
+//! `--dev`: the proxy in front of simulated upstreams with generated keys,
+//! so one command shows the whole product without an account.
+//!
+//! - No keys and no providers configured: two simulated providers, `nvidia`
+//!   (three keys, the default provider) and `groq` (one key, 5 requests a
+//!   minute: a free tier that runs out fast), and the alias `llama-70b`
+//!   that spends Groq's free minute first and falls back to NVIDIA.
+//! - `keys` configured (a single-provider file): one simulated NVIDIA
+//!   upstream that knows them.
+//! - `providers` configured: each one simulated, speaking its preset's
+//!   dialect and enforcing its `requests_per_minute`, with its keys (or
+//!   generated ones) — a dry run of a real multi-provider file.
 
 use std::time::Duration;
 
-use proxypal_nim_sim::{SimConfig, SimHandle, SimRateLimit, SimServer, generate_test_keys};
+use proxypal_nim_sim::{
+    SimConfig, SimDialect, SimHandle, SimRateLimit, SimServer, generate_test_keys_seeded,
+};
 
-use crate::config::{Config, KeyEntry};
+use crate::config::{AliasEntry, AuthMode, Config, KeyEntry, ProviderEntry, TargetEntry};
 
-/// How many generated keys `--dev` uses.
+/// How many generated keys `--dev`'s NVIDIA provider uses.
 pub const DEV_KEYS: usize = 3;
 
-/// Starts the simulated upstream (enforcing the same per-key limit the proxy
-/// uses, over a rolling 60 s window, as NVIDIA is reported to) and points
-/// `config` at it with generated keys, unless the config already has keys.
+/// The requests per minute of `--dev`'s simulated Groq key.
+pub const DEV_GROQ_PER_MINUTE: u64 = 5;
+
+/// The alias `--dev` makes.
+pub const DEV_ALIAS: &str = "llama-70b";
+
+/// The simulated upstreams `--dev` runs (stopped when dropped).
+#[derive(Debug)]
+pub struct Simulated {
+    /// Each simulator, with the provider it plays (`default` for a
+    /// single-provider file).
+    pub sims: Vec<(String, SimHandle)>,
+}
+
+/// Starts the simulated upstreams (each enforcing the per-key minute limit
+/// the proxy uses, over a rolling 60 s window, as the providers are reported
+/// to) and points `config` at them, generating keys where there are none.
 ///
 /// # Errors
-/// The simulator could not bind a port.
-pub fn start_simulated_upstream(config: &mut Config) -> Result<SimHandle, proxypal_nim_sim::SimError> {
-    let keys = if config.keys.is_empty() {
-        let keys = generate_test_keys(DEV_KEYS);
-        config.keys = keys.iter().map(KeyEntry::new).collect();
-        keys
-    } else {
-        config.keys.iter().map(|k| k.key.expose().to_owned()).collect()
-    };
-    let rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM);
-    let sim = SimConfig::default()
+/// A simulator could not bind a port.
+pub fn start_simulated_upstreams(config: &mut Config) -> Result<Simulated, proxypal_nim_sim::SimError> {
+    if config.providers.is_empty() && config.keys.is_empty() {
+        two_providers(config);
+    }
+    let mut sims = Vec::new();
+    if config.providers.is_empty() {
+        let keys: Vec<String> = config.keys.iter().map(|k| k.key.expose().to_owned()).collect();
+        let rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM);
+        let handle = SimServer::start(simulator(keys, rpm, SimDialect::Nvidia, false))?;
+        config.upstream.base_url = handle.base_url();
+        sims.push((proxypal_gateway::DEFAULT_PROVIDER.to_owned(), handle));
+        return Ok(Simulated { sims });
+    }
+    for (i, (name, provider)) in config.providers.iter_mut().enumerate() {
+        let preset = provider.preset.as_deref().and_then(proxypal_gateway::preset::Preset::get);
+        if provider.auth == AuthMode::Bearer && provider.keys.is_empty() {
+            provider.keys =
+                generate_test_keys_seeded(0xDE5 + i as u64, 2).iter().map(KeyEntry::new).collect();
+        }
+        let keys: Vec<String> = provider.keys.iter().map(|k| k.key.expose().to_owned()).collect();
+        let rpm = provider
+            .rate_limit
+            .requests_per_minute
+            .or(preset.as_ref().and_then(|p| p.limits.requests_per_minute))
+            .unwrap_or(DEV_FALLBACK_RPM);
+        let dialect = match provider.dialect.as_deref().or(provider.preset.as_deref()) {
+            Some("groq" | "openai") => SimDialect::Groq,
+            Some("cerebras") => SimDialect::Cerebras,
+            Some("openrouter") => SimDialect::OpenRouter,
+            Some("gemini") => SimDialect::Gemini,
+            _ => SimDialect::Nvidia,
+        };
+        let handle = SimServer::start(simulator(keys, rpm, dialect, provider.auth == AuthMode::None))?;
+        provider.base_url = Some(handle.base_url());
+        sims.push((name.clone(), handle));
+    }
+    Ok(Simulated { sims })
+}
+
+/// One simulated provider.
+fn simulator(keys: Vec<String>, rpm: u64, dialect: SimDialect, anonymous: bool) -> SimConfig {
+    SimConfig::default()
         .with_keys(keys)
         .with_rate_limit(SimRateLimit::RollingWindow {
             limit: u32::try_from(rpm).unwrap_or(u32::MAX),
             window: Duration::from_secs(60),
         })
-        .with_stream(12, Duration::from_millis(80));
-    let handle = SimServer::start(sim)?;
-    config.upstream.base_url = handle.base_url();
-    Ok(handle)
+        .with_dialect(dialect)
+        .with_anonymous(anonymous)
+        .with_limit_headers(dialect == SimDialect::Groq)
+        .with_models(["meta/llama-3.1-8b-instruct", "meta/llama-3.3-70b-instruct", "llama-3.3-70b-versatile"])
+        .with_stream(12, Duration::from_millis(80))
+}
+
+/// `--dev` without a config: NVIDIA and Groq, and an alias over both.
+fn two_providers(config: &mut Config) {
+    let rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM);
+    let mut nvidia = ProviderEntry { preset: Some("nvidia".to_owned()), ..ProviderEntry::default() };
+    nvidia.keys = generate_test_keys_seeded(0xDE5, DEV_KEYS).iter().map(KeyEntry::new).collect();
+    nvidia.rate_limit.requests_per_minute = Some(rpm);
+    let mut groq = ProviderEntry { preset: Some("groq".to_owned()), ..ProviderEntry::default() };
+    groq.keys = generate_test_keys_seeded(0xDE6, 1).iter().map(KeyEntry::new).collect();
+    groq.rate_limit.requests_per_minute = Some(DEV_GROQ_PER_MINUTE);
+    config.providers.insert("nvidia".to_owned(), nvidia);
+    config.providers.insert("groq".to_owned(), groq);
+    let target = |provider: &str, model: &str, tier: u32| TargetEntry {
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        tier,
+        weight: 1,
+    };
+    config.models.insert(
+        DEV_ALIAS.to_owned(),
+        AliasEntry {
+            targets: vec![
+                target("groq", "llama-3.3-70b-versatile", 1),
+                target("nvidia", "meta/llama-3.3-70b-instruct", 2),
+            ],
+        },
+    );
+    config.routing.default_provider = Some("nvidia".to_owned());
 }
 
 /// The simulator's per-key minute limit when the config sets none.
 const DEV_FALLBACK_RPM: u64 = 600;
 
 /// The text `--dev` prints once the proxy listens: what is running and how to use it.
-pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> String {
+pub fn banner(config: &Config, listen: std::net::SocketAddr, simulated: &Simulated) -> String {
     let base = format!("http://{listen}/v1");
     let token_hint = match config.auth.tokens.first() {
         Some(_) => "<one of your auth.tokens>",
@@ -51,10 +139,26 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> 
         Some(_) => "-H 'Authorization: Bearer <token>' ",
         None => "",
     };
-    let keys: Vec<String> = config.keys.iter().map(|k| k.key.masked()).collect();
+    let mut upstreams = String::new();
+    for (name, sim) in &simulated.sims {
+        let keys: Vec<String> = match config.providers.get(name) {
+            Some(p) => p.keys.iter().map(|k| k.key.masked()).collect(),
+            None => config.keys.iter().map(|k| k.key.masked()).collect(),
+        };
+        upstreams.push_str(&format!("\n    {name:<8} at {}, keys {}", sim.base_url(), keys.join(", ")));
+    }
+    let routing = if config.models.contains_key(DEV_ALIAS) {
+        format!(
+            "\n  Routing: `{DEV_ALIAS}` spends groq's free minute first ({DEV_GROQ_PER_MINUTE} requests), then nvidia.\n  \
+             Watch x-proxypal-route change once groq's budget runs out:\n\n    \
+             for i in 1 2 3 4 5 6 7; do curl -si {base}/chat/completions {auth_header}-H 'Content-Type: application/json' \\\n      \
+             -d '{{\"model\":\"{DEV_ALIAS}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}' | grep -i '^x-proxypal-route'; done\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "\n  ProxyPal DEV MODE — simulated NVIDIA upstream at {upstream}, generated keys {keys}\n  \
-         (no real NVIDIA account involved; every key limited to {rpm}/min by the proxy and by the simulator)\n\n  \
+        "\n  ProxyPal DEV MODE — simulated upstreams with generated keys (no real account involved):{upstreams}\n{routing}\n  \
          Try it:\n\n    \
          curl -s {base}/chat/completions {auth_header}-H 'Content-Type: application/json' \\\n      \
          -d '{{\"model\":\"meta/llama-3.1-8b-instruct\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n    \
@@ -62,9 +166,8 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, upstream: &str) -> 
          -d '{{\"model\":\"meta/llama-3.1-8b-instruct\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n    \
          python3 -c 'from openai import OpenAI; c = OpenAI(base_url=\"{base}\", api_key=\"{token_hint}\"); \
          print(c.chat.completions.create(model=\"meta/llama-3.1-8b-instruct\", messages=[{{\"role\":\"user\",\"content\":\"Hello\"}}]).choices[0].message.content)'\n\n    \
+         curl -s {base}/models {auth_header}\n    \
          curl -s http://{listen}/stats {auth_header}\n\n  \
          Dashboard: http://{listen}/dashboard\n\n  Ctrl-C stops it.\n",
-        keys = keys.join(", "),
-        rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM),
     )
 }

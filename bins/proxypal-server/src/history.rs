@@ -129,14 +129,15 @@ impl History {
 }
 
 fn sample(gateway: &Gateway) -> Vec<(String, u64)> {
-    let providers = gateway.providers();
-    let several = providers.len() > 1;
     let mut out = Vec::new();
-    for provider in providers {
-        out.extend(provider.keys().snapshot().into_iter().map(|k| {
-            let label = if several { format!("{}/{}", provider.name(), k.label) } else { k.label };
-            (label, k.counters.requests)
-        }));
+    for provider in gateway.providers() {
+        out.extend(
+            provider
+                .keys()
+                .snapshot()
+                .into_iter()
+                .map(|k| (format!("{}/{}", provider.name(), k.label), k.counters.requests)),
+        );
     }
     out
 }

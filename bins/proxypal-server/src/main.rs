@@ -84,16 +84,14 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
             return ExitCode::from(if config_error { EXIT_CONFIG } else { EXIT_START });
         }
     };
-    tracing::info!(
-        keys = config.keys.len(),
-        upstream = %config.upstream.base_url,
-        workers = config.worker_count(),
-        "listening on {}",
-        server.addr()
-    );
+    let keys = server.app().gateway().key_reports().len();
+    let providers = server.app().gateway().providers().len();
+    tracing::info!(keys, providers, workers = config.worker_count(), "listening on {}", server.addr());
     #[cfg(feature = "dev")]
     if cli.dev {
-        println!("{}", proxypal_server::dev::banner(&config, server.addr(), &config.upstream.base_url));
+        if let Some(simulated) = &_sim {
+            println!("{}", proxypal_server::dev::banner(&config, server.addr(), simulated));
+        }
     }
     let app = std::sync::Arc::clone(server.app());
     let path = cli.config.clone();
@@ -119,13 +117,15 @@ async fn run(cli: Cli, mut config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Starts the simulated upstream for `--dev` and points `config` at it.
+/// Starts the simulated upstreams for `--dev` and points `config` at them.
 #[cfg(feature = "dev")]
-fn start_dev(config: &mut Config) -> Result<Option<proxypal_nim_sim::SimHandle>, ExitCode> {
-    match proxypal_server::dev::start_simulated_upstream(config) {
-        Ok(sim) => {
-            tracing::warn!(upstream = %sim.base_url(), "DEV MODE: serving a simulated NVIDIA upstream with generated keys");
-            Ok(Some(sim))
+fn start_dev(config: &mut Config) -> Result<Option<proxypal_server::dev::Simulated>, ExitCode> {
+    match proxypal_server::dev::start_simulated_upstreams(config) {
+        Ok(simulated) => {
+            for (provider, sim) in &simulated.sims {
+                tracing::warn!(provider, upstream = %sim.base_url(), "DEV MODE: a simulated upstream with generated keys");
+            }
+            Ok(Some(simulated))
         }
         Err(e) => {
             eprintln!("proxypal-server: cannot start the simulated upstream: {e}");

@@ -101,7 +101,7 @@ async fn stats_history_holds_per_interval_deltas() {
             assert_eq!(rig.chat().await.status, StatusCode::OK);
         }
         // Wait until every request has been sampled into some interval.
-        let labels: Vec<String> = rig.keys.iter().map(|k| masked(k)).collect();
+        let labels: Vec<String> = rig.keys.iter().map(|k| format!("default/{}", masked(k))).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         let stats = loop {
             let stats = rig.stats().await;
