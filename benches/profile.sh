@@ -3,6 +3,7 @@
 #
 #   bash benches/profile.sh            # REQS_SECS=10 CONC=8 NGINX=1
 #   BASELINE_BIN=/path/to/older/proxypal-server bash benches/profile.sh
+#   ALIAS=0 bash benches/profile.sh    # skip the alias measurement
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
@@ -14,7 +15,10 @@
 # nginx (the peer harness's key-injecting config, one process) in front of the
 # same upstream, and the ratio (NGINX=0 skips it). With BASELINE_BIN, that
 # binary (e.g. a build of the previous commit, for a before/after) is measured
-# too, under the same conditions, and its ratio printed. Instruction counts do not
+# too, under the same conditions, and its ratio printed. With ALIAS=1 (the default) the
+# same binary is measured once more with two providers and the request's model an alias
+# over both (weights 1:2, so both are used), and the alias / direct ratio printed.
+# Instruction counts do not
 # depend on how busy the machine is: the steadiest proxy-vs-nginx figure here.
 # Output: $BENCH_LOCAL/profile/<time>/ (NAME.callgrind.out, NAME.exclusive.txt,
 # NAME.inclusive.txt, summary.txt).
@@ -94,7 +98,7 @@ measure() {
     BENCH_CLIENT_KEY=$KEY timeout 30 wrk -t1 -c"$CONC" -d2s -s "$ROOT/benches/peers/lua/post.lua" \
         "http://127.0.0.1:$port/v1/chat/completions" >/dev/null 2>&1 || true
     callgrind_control -i on "$pid" >/dev/null
-    BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
+    BENCH_MODEL=${BENCH_MODEL:-meta/llama-3.1-8b-instruct} BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
         -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >"$OUT/$name.wrk.txt" 2>&1 || true
     callgrind_control -i off "$pid" >/dev/null
     local reqs total
@@ -111,6 +115,36 @@ declare -A PER_REQ
 
 measure proxypal "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
 echo "top exclusive: $OUT/proxypal.exclusive.txt; inclusive: $OUT/proxypal.inclusive.txt"
+
+if [[ ${ALIAS:-1} == 1 ]]; then
+    # Two providers on the same simulator, and an alias over both: routing, the body's
+    # model rewritten per target, a worker client per provider.
+    cat >"$OUT/alias.yaml" <<YAML
+listen: "127.0.0.1:$PROXY_PORT"
+providers:
+  nvidia:
+    base_url: "http://127.0.0.1:$SIM_PORT/v1"
+    keys: [fake-key-1, fake-key-2, fake-key-3]
+    rate_limit: { requests_per_minute: 100000000, burst: 100000000 }
+  groq:
+    base_url: "http://127.0.0.1:$SIM_PORT/v1"
+    keys: [fake-key-4, fake-key-5]
+    rate_limit: { requests_per_minute: 100000000, burst: 100000000 }
+models:
+  llama-8b:
+    targets:
+      - { provider: nvidia, model: meta/llama-3.1-8b-instruct, weight: 1 }
+      - { provider: groq, model: llama-3.1-8b-instant, weight: 2 }
+routing: { default_provider: nvidia }
+auth:
+  tokens: ["$KEY"]
+log:
+  level: warn
+YAML
+    BENCH_MODEL=llama-8b measure alias "$PROXY_PORT" "$BIN" --config "$OUT/alias.yaml"
+    awk -v a="${PER_REQ[alias]}" -v p="${PER_REQ[proxypal]}" \
+        'BEGIN{printf "instructions per request: alias / direct = %.3f\n", a / p}' | tee -a "$OUT/summary.txt"
+fi
 
 if [[ -n ${BASELINE_BIN:-} ]]; then
     measure baseline "$PROXY_PORT" "$BASELINE_BIN" --config "$OUT/proxy.yaml"

@@ -346,7 +346,7 @@ where
     if let Some(route) = served {
         headers.insert(ROUTE, route);
     }
-    headers.insert(ATTEMPTS, http::HeaderValue::from(attempts.made()));
+    headers.insert(ATTEMPTS, attempts_header(attempts.made()));
     // Not for a client that failed to authenticate: the pool's size is not its business.
     if resp.status() != StatusCode::UNAUTHORIZED {
         let provider = attempts.last_target.map_or(settings.routes.default, |(p, _)| p);
@@ -360,27 +360,42 @@ where
     resp
 }
 
-/// The body as target `target` of provider `provider` takes it: its model,
-/// without the fields the provider rejects. The last one made is kept, so
-/// attempts on one target rewrite once.
+/// `x-proxypal-attempts: n`, without formatting or allocating (at most
+/// [`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS) attempts).
+fn attempts_header(n: usize) -> http::HeaderValue {
+    const VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    match VALUES.get(n) {
+        Some(v) => http::HeaderValue::from_static(v),
+        None => http::HeaderValue::from(n),
+    }
+}
+
+/// The body as target `target` (at `at` in the route) of its provider takes
+/// it: its model (spliced in where the client's was, `model_at`), without
+/// the fields the provider rejects. The last one made is kept, so attempts
+/// on one target rewrite once.
 fn body_for(
     body: &Bytes,
+    model_at: Option<&std::ops::Range<usize>>,
     target: &Target,
     provider: &Provider,
-    last: &mut Option<(usize, usize, Bytes)>,
+    last: &mut Option<(usize, Bytes)>,
     at: usize,
 ) -> Bytes {
     if target.model.is_none() && provider.strip.is_empty() {
         return body.clone();
     }
-    if let Some((p, t, made)) = last.as_ref() {
-        if (*p, *t) == (target.provider, at) {
-            return made.clone();
-        }
+    if let Some((_, made)) = last.as_ref().filter(|(t, _)| *t == at) {
+        return made.clone();
     }
-    let made =
-        crate::json::rewrite(body, target.model.as_deref(), &provider.strip).unwrap_or_else(|| body.clone());
-    *last = Some((target.provider, at, made.clone()));
+    let made = match (model_at, target.model_json.as_deref()) {
+        (Some(span), Some(json)) if provider.strip.is_empty() => {
+            crate::json::splice(body, span.clone(), json)
+        }
+        _ => crate::json::rewrite(body, target.model.as_deref(), &provider.strip)
+            .unwrap_or_else(|| body.clone()),
+    };
+    *last = Some((at, made.clone()));
     made
 }
 
@@ -413,7 +428,9 @@ where
         Err(resp) => return resp,
     };
     let providers = &settings.providers[..];
-    let route = settings.routes.resolve(crate::json::model(&body).as_deref(), providers);
+    let named = crate::json::model_span(&body);
+    let route = settings.routes.resolve(named.as_ref().map(|(_, m)| &**m), providers);
+    let model_at = named.map(|(span, _)| span);
     // Only token windows need the estimate, a look into the body, and the
     // answer's `usage` uncompressed.
     let counts_tokens = route
@@ -463,7 +480,11 @@ where
         let sent_at = tokio::time::Instant::now();
         let upstream = clients.get(provider);
         let answer = upstream
-            .send(&parts, body_for(&body, target, provider, &mut rewritten, lease.target), &lease.auth)
+            .send(
+                &parts,
+                body_for(&body, model_at.as_ref(), target, provider, &mut rewritten, lease.target),
+                &lease.auth,
+            )
             .await;
         let took = sent_at.elapsed();
         attempts.waited(took);

@@ -24,51 +24,52 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The end of the string starting at `b[i] == '"'` (just past its closing quote).
+/// The end of the string starting at `b[i] == '"'` (just past its closing
+/// quote). Jumps from quote or backslash to the next with SIMD search.
 fn skip_string(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
-    while j < b.len() {
-        match b[j] {
-            b'\\' => j += 2,
-            b'"' => return Some(j + 1),
-            _ => j += 1,
+    loop {
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[j] == b'"' {
+            return Some(j + 1);
         }
+        j += 2; // an escape: skip the escaped byte
     }
-    None
 }
 
-/// The end of the value starting at `b[i]`.
+/// The end of the value starting at `b[i]`. An array (or object) ends at the
+/// bracket (or brace) that balances its own kind outside strings: in valid
+/// JSON the other kind nests within, so only three bytes are searched for.
 fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => skip_string(b, i),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            while j < b.len() {
-                match b[j] {
-                    b'"' => {
-                        j = skip_string(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            None
-        }
+    let (open, close) = match *b.get(i)? {
+        b'"' => return skip_string(b, i),
+        b'{' => (b'{', b'}'),
+        b'[' => (b'[', b']'),
         _ => {
             let mut j = i;
             while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
                 j += 1;
             }
-            (j > i).then_some(j)
+            return (j > i).then_some(j);
+        }
+    };
+    let mut depth = 0usize;
+    let mut j = i;
+    loop {
+        j += memchr::memchr3(b'"', open, close, b.get(j..)?)?;
+        match b[j] {
+            b'"' => j = skip_string(b, j)?,
+            c if c == open => {
+                depth += 1;
+                j += 1;
+            }
+            _ => {
+                depth -= 1; // a close before any open cannot happen: b[i] is an open
+                if depth == 0 {
+                    return Some(j + 1);
+                }
+                j += 1;
+            }
         }
     }
 }
@@ -111,7 +112,15 @@ pub(crate) fn visit_members(body: &[u8], mut visit: impl FnMut(&Member) -> bool)
 
 /// The top-level `model` of a JSON request body, decoded; `None` when the
 /// body is not a JSON object or has no string `model`.
+#[cfg(test)]
 pub(crate) fn model(body: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    model_span(body).map(|(_, model)| model)
+}
+
+/// The top-level `model` of a JSON request body, decoded, with where its
+/// value (quotes included) is in the body; `None` when the body is not a
+/// JSON object or has no string `model`.
+pub(crate) fn model_span(body: &[u8]) -> Option<(Range<usize>, std::borrow::Cow<'_, str>)> {
     let mut found = None;
     visit_members(body, |m| {
         if &body[m.key.clone()] == b"model" {
@@ -120,12 +129,25 @@ pub(crate) fn model(body: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
         }
         true
     })?;
-    let raw = &body[found?];
+    let span = found?;
+    let raw = &body[span.clone()];
     let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-    if !inner.contains(&b'\\') {
-        return std::str::from_utf8(inner).ok().map(std::borrow::Cow::Borrowed);
-    }
-    serde_json::from_slice::<String>(raw).ok().map(std::borrow::Cow::Owned)
+    let model = if inner.contains(&b'\\') {
+        std::borrow::Cow::Owned(serde_json::from_slice::<String>(raw).ok()?)
+    } else {
+        std::borrow::Cow::Borrowed(std::str::from_utf8(inner).ok()?)
+    };
+    Some((span, model))
+}
+
+/// `body` with the bytes at `span` (a value) replaced by `json`: one
+/// allocation of the final size, two copies.
+pub(crate) fn splice(body: &[u8], span: Range<usize>, json: &str) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() - span.len() + json.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    Bytes::from(out)
 }
 
 /// `body` with its top-level `model` set to `model` (when given) and the
@@ -203,10 +225,26 @@ mod tests {
     }
 
     #[test]
+    fn values_of_the_other_bracket_kind_nest_inside() {
+        let body = br#"{"messages":[{"content":"a ] } [ {","x":[1,{"y":"]"}]},"\\"],"tools":{"a":[{"b":"}"}]},"model":"m"}"#;
+        assert_eq!(model(body).as_deref(), Some("m"));
+        let big = format!(
+            r#"{{"messages":[{}{{"role":"user","content":"x"}}],"model":"late"}}"#,
+            r#"{"role":"user","content":"hello \"there\" [ { "},"#.repeat(2000)
+        );
+        assert_eq!(model(big.as_bytes()).as_deref(), Some("late"));
+        let out = rewrite(big.as_bytes(), Some("other"), &[]).unwrap();
+        assert_eq!(out.len(), big.len() + 1);
+        assert!(out.ends_with(br#""model":"other"}"#));
+    }
+
+    #[test]
     fn rewriting_the_model_keeps_every_other_byte() {
         let body = br#"{ "messages": [{"role":"user","content":"hi \"model\""}],
   "model" : "llama-70b", "stream": true }"#;
         let out = rewrite(body, Some("meta/llama-3.3-70b-instruct"), &[]).unwrap();
+        let (span, _) = model_span(body).unwrap();
+        assert_eq!(splice(body, span, r#""meta/llama-3.3-70b-instruct""#), out, "the same bytes");
         let want = br#"{ "messages": [{"role":"user","content":"hi \"model\""}],
   "model" : "meta/llama-3.3-70b-instruct", "stream": true }"#;
         assert_eq!(&out[..], &want[..]);

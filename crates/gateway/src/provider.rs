@@ -35,6 +35,11 @@ pub struct Provider {
     pub(crate) strip: Box<[Box<str>]>,
     /// Its keys' `x-ratelimit-*` response headers, summed now and then.
     pub(crate) pool_headers: Arc<ArcSwap<PoolHeaders>>,
+    /// The last model sent here as it was named and its `x-proxypal-route`
+    /// value: clients name one model nearly always, so a repeat costs a lock
+    /// and a comparison, not a format and a header validation. Held for that
+    /// only, never across an `.await`.
+    last_route: std::sync::Mutex<Option<(Box<str>, http::HeaderValue)>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -76,7 +81,25 @@ impl Provider {
             dialect: config.dialect,
             strip: config.strip.iter().map(|s| s.as_str().into()).collect(),
             pool_headers,
+            last_route: std::sync::Mutex::new(None),
         })
+    }
+
+    /// `x-proxypal-route` for `model` sent to this provider:
+    /// `<provider>/<model>`, or `<provider>` for a request naming none.
+    pub(crate) fn route_header(&self, model: &str) -> http::HeaderValue {
+        let mut last = self.last_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, value)) = last.as_ref().filter(|(m, _)| **m == *model) {
+            return value.clone();
+        }
+        let value = if model.is_empty() {
+            http::HeaderValue::from_str(&self.name)
+        } else {
+            http::HeaderValue::from_str(&format!("{}/{model}", self.name))
+        }
+        .unwrap_or_else(|_| http::HeaderValue::from_static("-"));
+        *last = Some((model.into(), value.clone()));
+        value
     }
 
     /// Its name.

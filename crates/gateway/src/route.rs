@@ -22,6 +22,8 @@ pub(crate) struct Target {
     pub(crate) provider: usize,
     /// The model id to send (`None`: the client's `model` as it is).
     pub(crate) model: Option<Arc<str>>,
+    /// `model` as a JSON string (quotes and escapes), made once.
+    pub(crate) model_json: Option<Box<str>>,
     pub(crate) tier: u32,
     pub(crate) weight: u32,
     /// `x-proxypal-route`: `<provider>/<model>`.
@@ -123,6 +125,11 @@ fn schedule(weights: &[u32]) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// `model` as a JSON string.
+fn json_string(model: &str) -> Box<str> {
+    serde_json::Value::String(model.to_owned()).to_string().into_boxed_str()
+}
+
 fn route_header(provider: &str, model: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("{provider}/{model}"))
         .or_else(|_| HeaderValue::from_str(provider))
@@ -214,6 +221,7 @@ impl Routes {
                 targets.push(Target {
                     provider,
                     model: Some(Arc::from(t.model.as_str())),
+                    model_json: Some(json_string(&t.model)),
                     tier: t.tier,
                     weight: t.weight,
                     route: route_header(&t.provider, &t.model),
@@ -245,18 +253,15 @@ impl Routes {
     /// The route of a request naming `model` (`None`: the body names none),
     /// with `names` the providers' names by position.
     pub(crate) fn resolve(&self, model: Option<&str>, names: &[Arc<crate::provider::Provider>]) -> Route {
-        let header = |provider: usize, model: &str| {
-            let name = names.get(provider).map_or("-", |p| p.name());
-            if model.is_empty() {
-                HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("-"))
-            } else {
-                route_header(name, model)
-            }
+        let header = |provider: usize, model: &str| match names.get(provider) {
+            Some(p) => p.route_header(model),
+            None => HeaderValue::from_static("-"),
         };
         let Some(model) = model else {
             return Route::Direct(Target {
                 provider: self.default,
                 model: None,
+                model_json: None,
                 tier: 1,
                 weight: 1,
                 route: header(self.default, ""),
@@ -271,6 +276,7 @@ impl Routes {
                     return Route::Direct(Target {
                         provider: index,
                         model: Some(Arc::from(rest)),
+                        model_json: Some(json_string(rest)),
                         tier: 1,
                         weight: 1,
                         route: header(index, rest),
@@ -281,6 +287,7 @@ impl Routes {
         Route::Direct(Target {
             provider: self.default,
             model: None,
+            model_json: None,
             tier: 1,
             weight: 1,
             route: header(self.default, model),

@@ -200,3 +200,44 @@ async fn the_mounted_service_serves_fails_over_and_refuses_what_it_should() {
     assert_eq!(rig.gateway.in_flight(), 0, "every slot is back once the bodies are read");
     rig.sim.shutdown().await;
 }
+
+/// Two providers whose accounts share a name keep apart in the saved state,
+/// and a restored gateway counts what each spent.
+#[test]
+fn saved_state_keeps_each_providers_budgets_apart() {
+    use proxypal_gateway::lease::{Tried, try_lease};
+    use proxypal_gateway::limiter::Limits;
+    use proxypal_gateway::{KeyConfig, ProviderConfig};
+
+    let limits = Limits { requests_per_minute: Some(10), ..Limits::nvidia_free_tier() };
+    let provider = |name: &str, key: &str| {
+        let mut p = ProviderConfig::new(name).with_limits(limits.clone());
+        p.keys = vec![KeyConfig::new(KeySpec::new(key)).in_account("alice")];
+        p.accounts.insert("alice".into(), Limits::default());
+        p
+    };
+    let config = || {
+        let mut c = GatewayConfig::with_providers([
+            provider("default", "nvapi-state-test-000000000001"),
+            provider("groq", "gsk_state_test_000000000002"),
+        ]);
+        c.routing.default_provider = Some("default".into());
+        c
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let before = Gateway::new(config(), &mut registry).unwrap();
+    let groq = before.provider("groq").unwrap();
+    for _ in 0..4 {
+        drop(try_lease(groq.keys(), 1, &Tried::default(), 0).unwrap());
+    }
+    let saved = before.save_state();
+    let ids: Vec<&str> = saved.budgets.iter().map(|b| b.id.as_str()).collect();
+    assert!(ids.contains(&"account:alice") && ids.contains(&"account:groq/alice"), "{ids:?}");
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let after = Gateway::new(config(), &mut registry).unwrap();
+    after.restore_state(&saved, None);
+    let remaining = |gw: &Gateway, name: &str| gw.provider(name).unwrap().quotas().remaining_requests(0);
+    assert_eq!(remaining(&after, "groq"), 6, "groq's spent 4 came back");
+    assert_eq!(remaining(&after, "default"), 10, "the other alice spent nothing");
+}

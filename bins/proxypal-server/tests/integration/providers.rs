@@ -719,3 +719,48 @@ routing: {{ default_provider: a }}
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_out_of_budget_is_answered_with_the_earliest_that_frees() {
+    bounded(async {
+        let (a, b) = (Sim::start(1321, 1, |c| c), Sim::start(1322, 1, |c| c));
+        let yaml = format!(
+            "providers:
+  a:
+    base_url: {}
+    keys: {}
+    rate_limit: {{ requests_per_minute: 1 }}
+  b:
+    base_url: {}
+    keys: {}
+    rate_limit: {{ requests_per_day: 1 }}
+routing: {{ default_provider: a }}
+retry: {{ queue_timeout: 2s }}
+models:
+  m:
+    targets:
+      - {{ provider: a, model: a-m }}
+      - {{ provider: b, model: b-m }}
+",
+            a.handle.base_url(),
+            a.keys_yaml(),
+            b.handle.base_url(),
+            b.keys_yaml()
+        );
+        let (server, http) = start_server(&yaml).await;
+        for _ in 0..2 {
+            assert_eq!(chat(&http, &server, "m", false).await.status, StatusCode::OK);
+        }
+        // a frees in about a minute, b in a day: the answer is a's minute, at once.
+        let started = std::time::Instant::now();
+        let reply = chat(&http, &server, "m", false).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "no point queueing past the deadline");
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
+        let retry: u64 = header(&reply, "retry-after").parse().unwrap();
+        assert!((55..=61).contains(&retry), "the earliest target frees in ~60 s: {retry}");
+        assert_eq!(header(&reply, "x-proxypal-attempts"), "0");
+        assert_eq!((a.chats(), b.chats()), (1, 1));
+        server.shutdown().await;
+    })
+    .await;
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use proxypal_nim_sim::{SimConfig, SimRateLimit, SimServer};
+use proxypal_nim_sim::{SimConfig, SimDialect, SimRateLimit, SimServer};
 
 /// A simulated NVIDIA NIM (build.nvidia.com) OpenAI-compatible API server.
 #[derive(Debug, Parser)]
@@ -78,6 +78,26 @@ struct Args {
     /// Milliseconds before response headers.
     #[arg(long)]
     response_delay_ms: Option<u64>,
+    /// Which provider to play: how limits are announced and 429s worded
+    /// (nvidia, groq, cerebras, openrouter, gemini).
+    #[arg(long, default_value = "nvidia", value_parser = parse_dialect)]
+    dialect: SimDialect,
+    /// Serve requests without a key (a local server without auth).
+    #[arg(long)]
+    anonymous: bool,
+}
+
+fn parse_dialect(s: &str) -> Result<SimDialect, String> {
+    Ok(match s {
+        "nvidia" => SimDialect::Nvidia,
+        "groq" => SimDialect::Groq,
+        "cerebras" => SimDialect::Cerebras,
+        "openrouter" => SimDialect::OpenRouter,
+        "gemini" => SimDialect::Gemini,
+        other => {
+            return Err(format!("unknown dialect {other:?}: nvidia, groq, cerebras, openrouter or gemini"));
+        }
+    })
 }
 
 /// Parses `150ms`, `2s`, `1m`, or a bare number of seconds.
@@ -112,6 +132,8 @@ fn config(args: &Args) -> SimConfig {
     cfg.completion_tokens = args.completion_tokens;
     cfg.max_concurrent = args.max_concurrent;
     cfg.limit_headers = args.limit_headers;
+    cfg.dialect = args.dialect;
+    cfg.anonymous = args.anonymous;
     if let Some(ms) = args.processing_delay_ms {
         cfg.processing_delay = Duration::from_millis(ms);
     }
@@ -210,7 +232,11 @@ mod tests {
             Some(SimRateLimit::RollingWindow { limit: 40, window: Duration::from_secs(61) })
         );
         assert_eq!(cfg.stream_chunks, 3);
-        let args = Args::parse_from(["nim-sim", "--fast", "--rpm", "40"]);
+        let args =
+            Args::parse_from(["nim-sim", "--fast", "--rpm", "40", "--dialect", "gemini", "--anonymous"]);
+        assert_eq!(config(&args).dialect, SimDialect::Gemini);
+        assert!(config(&args).anonymous);
+        assert!(Args::try_parse_from(["nim-sim", "--dialect", "bedrock"]).is_err());
         let cfg = config(&args);
         assert_eq!(cfg.rate_limit, Some(SimRateLimit::TokenBucket { per_minute: 40, burst: 40 }));
         assert!(!cfg.record_accepts);
