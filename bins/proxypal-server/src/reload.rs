@@ -49,6 +49,7 @@ pub fn log_warnings(config: &Config) {
 pub fn watched_files(path: Option<&Path>, config: &Config) -> Vec<PathBuf> {
     [path.map(Path::to_owned), config.keys_file.clone(), config.auth.tokens_file.clone()]
         .into_iter()
+        .chain(config.providers.values().map(|p| p.keys_file.clone()))
         .flatten()
         .collect()
 }

@@ -1011,7 +1011,7 @@ routing:
 
     #[test]
     fn a_bad_providers_file_exits_64_naming_the_field() {
-        let dir = tempfile_dir();
+        let dir = tempfile_dir("exit-64");
         let path = dir.join("proxypal.yaml");
         std::fs::write(&path, TWO.replace("provider: groq, model", "provider: grok, model")).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxypal-server"))
@@ -1024,8 +1024,34 @@ routing:
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("proxypal-providers-{}-{}", std::process::id(), line!()));
+    #[test]
+    fn a_providers_keys_file_is_read_beside_the_config_and_watched_for_reload() {
+        let dir = tempfile_dir("keys-file");
+        std::fs::write(dir.join("groq.keys"), "# groq\ngsk_FILE_KEY_000000000001\n").unwrap();
+        let path = dir.join("proxypal.yaml");
+        std::fs::write(&path, TWO.replace("keys: [gsk_REPLACE_ME_00000000000001]", "keys_file: groq.keys"))
+            .unwrap();
+        let config =
+            Config::from_sources(Some(YamlSource::File(&path)), std::iter::empty::<(&str, &str)>(), false)
+                .unwrap();
+        let groq = &config.providers["groq"];
+        assert_eq!(groq.keys.len(), 1);
+        assert_eq!(groq.keys[0].key.expose(), "gsk_FILE_KEY_000000000001");
+        let watched = proxypal_server::reload::watched_files(Some(&path), &config);
+        assert!(watched.contains(&dir.join("groq.keys")), "{watched:?}");
+        // A key file line names the provider's file in errors.
+        std::fs::write(dir.join("groq.keys"), "gsk_FILE_KEY_000000000001\ngsk_FILE_KEY_000000000001\n")
+            .unwrap();
+        let err =
+            Config::from_sources(Some(YamlSource::File(&path)), std::iter::empty::<(&str, &str)>(), false)
+                .unwrap_err();
+        assert_eq!(err.field(), Some("providers.groq.keys_file line 2"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A directory of this test process for the test `tag`.
+    fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("proxypal-providers-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -3,6 +3,7 @@
 //! would, aliases with tiers and weights, failover across providers, and the
 //! models list.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,15 +48,56 @@ impl Sim {
     fn model_count(&self, model: &str) -> u64 {
         self.handle.stats().models.get(model).copied().unwrap_or(0)
     }
+
+    /// Its YAML entry under `providers:` as `name`, with `extra` lines after the keys.
+    fn provider(&self, name: &str, extra: &str) -> String {
+        provider_entry(name, &self.handle.base_url(), &self.keys_yaml(), extra)
+    }
+}
+
+/// The YAML entry of provider `name` under `providers:`: its `url` and `keys`, then
+/// `extra` (further lines, already indented by 4 spaces).
+fn provider_entry(name: &str, url: &str, keys: &str, extra: &str) -> String {
+    format!("  {name}:\n    base_url: {url}\n    keys: {keys}\n{extra}")
+}
+
+/// The config from `yaml` (listen, state and timeouts added).
+fn config(yaml: &str) -> Config {
+    let yaml = format!("listen: 127.0.0.1:0\nstate: {{ path: null }}\nshutdown_grace: 2s\n{yaml}");
+    Config::from_sources(Some(YamlSource::Text(&yaml)), std::iter::empty::<(&str, &str)>(), false)
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
 /// The server from `yaml` (listen, state and timeouts added).
 async fn start_server(yaml: &str) -> (proxypal_server::Running, HttpClient) {
-    let yaml = format!("listen: 127.0.0.1:0\nstate: {{ path: null }}\nshutdown_grace: 2s\n{yaml}");
-    let config =
-        Config::from_sources(Some(YamlSource::Text(&yaml)), std::iter::empty::<(&str, &str)>(), false)
-            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    (proxypal_server::start(&config, false).await.unwrap(), http_client())
+    (proxypal_server::start(&config(yaml), false).await.unwrap(), http_client())
+}
+
+/// A POST to `/v1/chat/completions` at `addr` as JSON, its body still to be set.
+fn chat_builder(addr: SocketAddr) -> http::request::Builder {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+}
+
+/// A POST of `body` to `/v1/chat/completions` at `addr`.
+fn chat_request(addr: SocketAddr, body: &Value) -> Request<Full<Bytes>> {
+    chat_builder(addr).body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+/// POSTs `body` to the server's `/v1/chat/completions`.
+async fn post_json(http: &HttpClient, server: &proxypal_server::Running, body: &Value) -> Reply {
+    send(http, chat_request(server.addr(), body)).await
+}
+
+/// GETs `path` of the server.
+async fn get(http: &HttpClient, server: &proxypal_server::Running, path: &str) -> Reply {
+    let req = Request::builder()
+        .uri(format!("http://{}{path}", server.addr()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(http, req).await
 }
 
 async fn chat(http: &HttpClient, server: &proxypal_server::Running, model: &str, stream: bool) -> Reply {
@@ -65,13 +107,7 @@ async fn chat(http: &HttpClient, server: &proxypal_server::Running, model: &str,
         "stream": stream,
         "temperature": 0.5,
     });
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("http://{}/v1/chat/completions", server.addr()))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    send(http, req).await
+    post_json(http, server, &body).await
 }
 
 fn header<'a>(reply: &'a Reply, name: &str) -> &'a str {
@@ -81,20 +117,9 @@ fn header<'a>(reply: &'a Reply, name: &str) -> &'a str {
 /// Two providers `a` (default) and `b`, unlimited here, and `yaml` after them.
 fn two(a: &Sim, b: &Sim, models: &str) -> String {
     format!(
-        "providers:
-  a:
-    base_url: {a_url}
-    keys: {a_keys}
-  b:
-    base_url: {b_url}
-    keys: {b_keys}
-routing: {{ default_provider: a }}
-retry: {{ queue_timeout: 2s }}
-{models}",
-        a_url = a.handle.base_url(),
-        a_keys = a.keys_yaml(),
-        b_url = b.handle.base_url(),
-        b_keys = b.keys_yaml(),
+        "providers:\n{}{}routing: {{ default_provider: a }}\nretry: {{ queue_timeout: 2s }}\n{models}",
+        a.provider("a", ""),
+        b.provider("b", ""),
     )
 }
 
@@ -175,15 +200,7 @@ async fn tier_two_serves_only_when_tier_one_has_no_room_and_tier_one_sees_no_429
         let b = Sim::start(1222, 1, |c| c);
         let yaml = format!(
             "providers:
-  free:
-    base_url: {}
-    keys: {}
-    rate_limit: {{ requests_per_minute: 5 }}
-  paid:
-    base_url: {}
-    keys: {}
-    rate_limit: {{ requests_per_minute: 1000 }}
-routing: {{ default_provider: free }}
+{}{}routing: {{ default_provider: free }}
 retry: {{ queue_timeout: 2s }}
 models:
   llama:
@@ -191,10 +208,8 @@ models:
       - {{ provider: free, model: free-llama, tier: 1 }}
       - {{ provider: paid, model: paid-llama, tier: 2 }}
 ",
-            a.handle.base_url(),
-            a.keys_yaml(),
-            b.handle.base_url(),
-            b.keys_yaml()
+            a.provider("free", "    rate_limit: { requests_per_minute: 5 }\n"),
+            b.provider("paid", "    rate_limit: { requests_per_minute: 1000 }\n"),
         );
         let (server, http) = start_server(&yaml).await;
         let mut routes = Vec::new();
@@ -218,13 +233,7 @@ models:
 fn first_then(a_url: &str, a_keys: &str, b: &Sim) -> String {
     format!(
         "providers:
-  a:
-    base_url: {a_url}
-    keys: {a_keys}
-  b:
-    base_url: {}
-    keys: {}
-routing: {{ default_provider: a }}
+{}{}routing: {{ default_provider: a }}
 retry: {{ max_attempts: 4, queue_timeout: 2s }}
 models:
   llama:
@@ -232,8 +241,8 @@ models:
       - {{ provider: a, model: a-llama, tier: 1 }}
       - {{ provider: b, model: b-llama, tier: 2 }}
 ",
-        b.handle.base_url(),
-        b.keys_yaml()
+        provider_entry("a", a_url, a_keys, ""),
+        b.provider("b", ""),
     )
 }
 
@@ -333,13 +342,7 @@ async fn no_failover_after_the_first_stream_byte() {
         }
         a.handle.push_fault(Fault::BreakMidStream { after_chunks: 2 }, FaultTarget::Any);
         let body = json!({"model": "llama", "messages": [{"role": "user", "content": "Hi"}], "stream": true});
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/v1/chat/completions", server.addr()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let resp = http.request(req).await.unwrap();
+        let resp = http.request(chat_request(server.addr(), &body)).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["x-proxypal-route"], "a/a-llama");
         let (_, body) = resp.into_parts();
@@ -378,11 +381,7 @@ async fn models_are_merged_and_each_catalog_fetched_once_per_ttl() {
         let (server, http) = start_server(&yaml).await;
         let mut lists = Vec::new();
         for _ in 0..10 {
-            let req = Request::builder()
-                .uri(format!("http://{}/v1/models", server.addr()))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let reply = send(&http, req).await;
+            let reply = get(&http, &server, "/v1/models").await;
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
             lists.push(reply.json());
         }
@@ -405,15 +404,7 @@ async fn models_are_merged_and_each_catalog_fetched_once_per_ttl() {
         // However often clients list, each upstream catalog was fetched once (TTL 10 min).
         assert_eq!((a.requests(), b.requests()), (1, 1));
         // The target missing from b's catalog is reported in /stats.
-        let stats = send(
-            &http,
-            Request::builder()
-                .uri(format!("http://{}/stats", server.addr()))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .json();
+        let stats = get(&http, &server, "/stats").await.json();
         let targets = &stats["aliases"][0]["targets"];
         assert_eq!(targets[2]["model"], "not-in-the-catalog");
         assert_eq!(targets[2]["missing_from_catalog"], true, "{stats}");
@@ -430,16 +421,12 @@ async fn a_provider_without_auth_gets_no_authorization_header() {
         let a = Sim::start(1272, 1, |c| c);
         let yaml = format!(
             "providers:
-  a:
-    base_url: {}
-    keys: {}
-  local:
+{}  local:
     base_url: {}
     auth: none
 routing: {{ default_provider: a }}
 ",
-            a.handle.base_url(),
-            a.keys_yaml(),
+            a.provider("a", ""),
             local.handle.base_url()
         );
         let (server, http) = start_server(&yaml).await;
@@ -470,15 +457,7 @@ async fn provider_dialects_from_the_simulator_are_understood() {
             let b = Sim::start(1282, 1, |c| c);
             let yaml = format!(
                 "providers:
-  a:
-    preset: {preset}
-    base_url: {}
-    keys: {}
-    rate_limit: {{ requests_per_minute: 1000 }}
-  b:
-    base_url: {}
-    keys: {}
-routing: {{ default_provider: a }}
+{}{}routing: {{ default_provider: a }}
 # A bare 429 would rest the key 5 s: a longer rest comes from what the provider said.
 retry: {{ rate_limit_cooldown: 5s, queue_timeout: 2s }}
 models:
@@ -487,10 +466,11 @@ models:
       - {{ provider: a, model: a-m, tier: 1 }}
       - {{ provider: b, model: b-m, tier: 2 }}
 ",
-                a.handle.base_url(),
-                a.keys_yaml(),
-                b.handle.base_url(),
-                b.keys_yaml()
+                a.provider(
+                    "a",
+                    &format!("    preset: {preset}\n    rate_limit: {{ requests_per_minute: 1000 }}\n")
+                ),
+                b.provider("b", ""),
             );
             let (server, http) = start_server(&yaml).await;
             let mut routes = Vec::new();
@@ -504,15 +484,7 @@ models:
             // At most one 429 (none when the headers announced the limit first): the key
             // rests instead of earning one per request.
             assert!(a.handle.stats().total_rate_limited() <= 1, "{preset}");
-            let stats = send(
-                &http,
-                Request::builder()
-                    .uri(format!("http://{}/stats", server.addr()))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .json();
+            let stats = get(&http, &server, "/stats").await.json();
             let key =
                 stats["keys"].as_array().unwrap().iter().find(|k| k["provider"] == "a").unwrap().clone();
             let rest = key["cooldown_remaining_ms"]
@@ -542,13 +514,7 @@ async fn a_reload_applies_providers_and_aliases_without_dropping_streams_or_stat
             tokio::spawn(async move {
                 let body =
                     json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": true});
-                let req = Request::builder()
-                    .method(Method::POST)
-                    .uri(format!("http://{addr}/v1/chat/completions"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap();
-                let resp = http.request(req).await.unwrap();
+                let resp = http.request(chat_request(addr, &body)).await.unwrap();
                 String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
             })
         };
@@ -558,16 +524,7 @@ async fn a_reload_applies_providers_and_aliases_without_dropping_streams_or_stat
         let c = Sim::start(1293, 1, |c| c);
         let after = format!(
             "providers:
-  a:
-    base_url: {}
-    keys: {}
-  b:
-    base_url: {}
-    keys: {}
-  c:
-    base_url: {}
-    keys: {}
-routing: {{ default_provider: a }}
+{}{}{}routing: {{ default_provider: a }}
 retry: {{ queue_timeout: 2s }}
 models:
   m:
@@ -575,33 +532,18 @@ models:
       - {{ provider: b, model: b-m }}
       - {{ provider: a, model: a-m, tier: 2 }}
 ",
-            a.handle.base_url(),
-            a.keys_yaml(),
-            b.handle.base_url(),
-            b.keys_yaml(),
-            c.handle.base_url(),
-            c.keys_yaml()
+            a.provider("a", ""),
+            b.provider("b", ""),
+            c.provider("c", ""),
         );
-        let yaml = format!("listen: 127.0.0.1:0\nstate: {{ path: null }}\nshutdown_grace: 2s\n{after}");
-        let config =
-            Config::from_sources(Some(YamlSource::Text(&yaml)), std::iter::empty::<(&str, &str)>(), false)
-                .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        server.app().reload(&config).unwrap();
+        server.app().reload(&config(&after)).unwrap();
 
         assert_eq!(header(&chat(&http, &server, "m", false).await, "x-proxypal-route"), "b/b-m");
         assert_eq!(header(&chat(&http, &server, "c/x", false).await, "x-proxypal-route"), "c/x");
         let text = streaming.await.unwrap();
         assert!(text.contains("data: [DONE]"), "the stream finished across the reload: {text}");
         // a's keys stayed: their counters were kept (3 plain requests and the stream).
-        let stats = send(
-            &http,
-            Request::builder()
-                .uri(format!("http://{}/stats", server.addr()))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .json();
+        let stats = get(&http, &server, "/stats").await.json();
         let on_a: u64 = stats["keys"]
             .as_array()
             .unwrap()
@@ -632,13 +574,7 @@ async fn a_single_provider_file_sends_the_same_upstream_request_as_before() {
         // Odd spacing, key order, a `default/…` model and a field a preset would strip:
         // every byte reaches the upstream as the client sent it.
         let body = "{ \"temperature\":0.25 ,\"model\" : \"default/x\",\n \"logit_bias\":{\"1\":2}, \"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/v1/chat/completions", server.addr()))
-            .header("content-type", "application/json")
-            .header("x-custom", "kept")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
+        let req = chat_builder(server.addr()).header("x-custom", "kept").body(Full::new(Bytes::from(body))).unwrap();
         let reply = send(&http, req).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(header(&reply, "x-proxypal-route"), "default/default/x");
@@ -649,11 +585,7 @@ async fn a_single_provider_file_sends_the_same_upstream_request_as_before() {
         assert!(a.keys.iter().any(|k| headers["authorization"] == format!("Bearer {k}")));
         assert!(headers.keys().all(|n| !n.as_str().starts_with("x-proxypal")), "{headers:?}");
         // GET /v1/models of a single provider: its catalog, fetched when first listed.
-        let req = Request::builder()
-            .uri(format!("http://{}/v1/models", server.addr()))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let models = send(&http, req).await.json();
+        let models = get(&http, &server, "/v1/models").await.json();
         let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
         assert!(ids.contains(&"meta/llama-3.1-8b-instruct"), "{ids:?}");
         server.shutdown().await;
@@ -667,20 +599,9 @@ async fn a_preset_strips_only_the_fields_its_provider_rejects() {
         let a = Sim::start(1311, 1, |c| c);
         let cerebras = Sim::start(1312, 1, |c| c);
         let yaml = format!(
-            "providers:
-  a:
-    base_url: {}
-    keys: {}
-  cerebras:
-    preset: cerebras
-    base_url: {}
-    keys: {}
-routing: {{ default_provider: a }}
-",
-            a.handle.base_url(),
-            a.keys_yaml(),
-            cerebras.handle.base_url(),
-            cerebras.keys_yaml()
+            "providers:\n{}{}routing: {{ default_provider: a }}\n",
+            a.provider("a", ""),
+            cerebras.provider("cerebras", "    preset: cerebras\n"),
         );
         let (server, http) = start_server(&yaml).await;
         let body = json!({
@@ -690,13 +611,7 @@ routing: {{ default_provider: a }}
             "parallel_tool_calls": true,
             "top_p": 0.9,
         });
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/v1/chat/completions", server.addr()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let reply = send(&http, req).await;
+        let reply = post_json(&http, &server, &body).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         let sent: Value =
             serde_json::from_slice(&cerebras.handle.stats().last_request_body.unwrap()).unwrap();
@@ -706,13 +621,9 @@ routing: {{ default_provider: a }}
             "Cerebras rejects frequency_penalty and parallel_tool_calls; the rest is untouched"
         );
         // The same fields reach a provider that takes them.
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/v1/chat/completions", server.addr()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string().replace("cerebras/", "a/"))))
-            .unwrap();
-        assert_eq!(send(&http, req).await.status, StatusCode::OK);
+        let mut to_a = body.clone();
+        to_a["model"] = json!("a/llama-3.3-70b");
+        assert_eq!(post_json(&http, &server, &to_a).await.status, StatusCode::OK);
         let sent: Value = serde_json::from_slice(&a.handle.stats().last_request_body.unwrap()).unwrap();
         assert_eq!(sent["frequency_penalty"], 0.5);
         server.shutdown().await;
@@ -726,15 +637,7 @@ async fn every_target_out_of_budget_is_answered_with_the_earliest_that_frees() {
         let (a, b) = (Sim::start(1321, 1, |c| c), Sim::start(1322, 1, |c| c));
         let yaml = format!(
             "providers:
-  a:
-    base_url: {}
-    keys: {}
-    rate_limit: {{ requests_per_minute: 1 }}
-  b:
-    base_url: {}
-    keys: {}
-    rate_limit: {{ requests_per_day: 1 }}
-routing: {{ default_provider: a }}
+{}{}routing: {{ default_provider: a }}
 retry: {{ queue_timeout: 2s }}
 models:
   m:
@@ -742,10 +645,8 @@ models:
       - {{ provider: a, model: a-m }}
       - {{ provider: b, model: b-m }}
 ",
-            a.handle.base_url(),
-            a.keys_yaml(),
-            b.handle.base_url(),
-            b.keys_yaml()
+            a.provider("a", "    rate_limit: { requests_per_minute: 1 }\n"),
+            b.provider("b", "    rate_limit: { requests_per_day: 1 }\n"),
         );
         let (server, http) = start_server(&yaml).await;
         for _ in 0..2 {
