@@ -27,6 +27,13 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// fetch (later listings never wait: they get the cached catalog).
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(2);
 
+/// Whether a fetch that started at `tried` may still be running: a task that
+/// was cancelled or panicked never clears `refreshing`, so a mark older than
+/// any fetch can take does not count.
+fn fetching(e: &Entry, now: tokio::time::Instant) -> bool {
+    e.refreshing && e.tried.is_some_and(|at| now.duration_since(at) < FETCH_TIMEOUT + Duration::from_secs(5))
+}
+
 /// One provider's catalog.
 #[derive(Debug, Default, Clone)]
 struct Entry {
@@ -92,7 +99,7 @@ impl Catalogs {
             loop {
                 let stored = self.stored.notified();
                 let entry = self.entry(default.name());
-                if entry.fetched.is_some() || !entry.refreshing {
+                if entry.fetched.is_some() || !fetching(&entry, tokio::time::Instant::now()) {
                     break;
                 }
                 if tokio::time::timeout_at(deadline, stored).await.is_err() {
@@ -140,7 +147,7 @@ impl Catalogs {
             let fresh = entry.fetched.is_some_and(|at| now.duration_since(at) < settings.models_ttl);
             let backing_off = entry.error.is_some()
                 && entry.tried.is_some_and(|at| now.duration_since(at) < RETRY_AFTER_FAILURE);
-            if !fresh && !backing_off && !entry.refreshing {
+            if !fresh && !backing_off && !fetching(entry, now) {
                 entry.refreshing = true;
                 entry.tried = Some(now);
                 due.push(Arc::clone(provider));
@@ -202,8 +209,34 @@ impl Catalogs {
         }
         drop(entries);
         self.stored.notify_waiters();
+        let default =
+            settings.providers.get(settings.routes.default).is_some_and(|p| p.name() == provider.name());
+        if default {
+            self.warn_about_namespaces(provider, settings);
+        }
         for target in missing {
             tracing::warn!(target = %target, "an alias target is not in its provider's models catalog");
+        }
+    }
+
+    /// Logs a provider named like a namespace of the default provider's
+    /// catalog: `<name>/…` then pins that provider instead of reaching the
+    /// default (refused at load for NVIDIA's known namespaces; a warning for
+    /// the rest, so that a running configuration is never refused on reload
+    /// by what a catalog happens to list).
+    fn warn_about_namespaces(&self, default: &Provider, settings: &Settings) {
+        for other in settings.providers.iter().filter(|p| p.name() != default.name()) {
+            let n = self.namespace_size(default, other.name());
+            if n > 0 {
+                tracing::warn!(
+                    provider = other.name(),
+                    default = default.name(),
+                    models = n,
+                    "the default provider lists models named \"{}/…\": requests for them go to provider {:?} instead; rename it",
+                    other.name(),
+                    other.name()
+                );
+            }
         }
     }
 
@@ -226,14 +259,21 @@ impl Catalogs {
     }
 
     /// How many models of `provider`'s catalog are named `<namespace>/…`.
-    pub(crate) fn namespace_size(&self, provider: Option<&Arc<Provider>>, namespace: &str) -> usize {
-        let Some(provider) = provider else { return 0 };
+    fn namespace_size(&self, provider: &Provider, namespace: &str) -> usize {
         let e = self.entry(provider.name());
         e.models
             .iter()
             .filter_map(|m| m.get("id").and_then(Value::as_str))
             .filter(|id| id.split_once('/').is_some_and(|(ns, _)| ns == namespace))
             .count()
+    }
+
+    /// Whether `provider`'s cached catalog lists `model`.
+    pub(crate) fn lists(&self, provider: &str, model: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(provider)
+            .is_some_and(|e| e.models.iter().any(|m| m.get("id").and_then(Value::as_str) == Some(model)))
     }
 
     /// Whether `provider`'s catalog was fetched and lacks `model`.
@@ -248,9 +288,15 @@ impl Catalogs {
 /// (providers count chat, completion and embedding requests), so the
 /// catalog costs the quota nothing.
 async fn fetch(provider: &Provider, client: &Upstream) -> Result<Vec<Value>, String> {
-    // Chosen without `select` (which would count a request on the key's stats).
-    let ready = provider.keys.snapshot().into_iter().find(|k| k.status == proxypal_keypool::KeyStatus::Ready);
-    let auth = ready.and_then(|k| provider.keys.with_current(|_, r| r.auth.get(k.index).cloned()));
+    // Chosen without `select` (which would count a request on the key's stats),
+    // and not a key the upstream blocked (a spent day).
+    let auth = provider.keys.with_current(|_, r| {
+        let snapshot = provider.keys.snapshot();
+        let ready = snapshot.iter().find(|k| {
+            k.status == proxypal_keypool::KeyStatus::Ready && r.quotas.blocked_for(k.index).is_zero()
+        })?;
+        r.auth.get(ready.index).cloned()
+    });
     let Some(auth) = auth else {
         return Err("no usable key to fetch it with now".to_owned());
     };

@@ -127,21 +127,28 @@ impl Attempts {
         self.tried.len()
     }
 
-    /// Skips `provider` for the rest of the request.
-    fn skip_provider(&mut self, provider: usize) {
-        self.skip_providers |= 1u64.checked_shl(provider as u32).unwrap_or(0);
+    /// Skips `provider` for the rest of the request — only while another
+    /// provider of `route` is still in play: when it is the last, its other
+    /// keys are all there is (as with a single provider).
+    fn skip_provider(&mut self, route: &Route, provider: usize) {
+        let bit = |p: usize| 1u64 << p; // p < MAX_PROVIDERS <= 64 (asserted in `route`)
+        let others = route
+            .targets()
+            .iter()
+            .any(|t| t.provider != provider && self.skip_providers & bit(t.provider) == 0);
+        if others {
+            self.skip_providers |= bit(provider);
+        }
     }
 
     /// Counts a server error or timeout of `provider`; after
-    /// [`PROVIDER_FAULTS`] of them the provider is skipped. `true` if it is now.
-    fn provider_fault(&mut self, provider: usize) -> bool {
-        let Some(n) = self.provider_faults.get_mut(provider) else { return false };
+    /// [`PROVIDER_FAULTS`] of them the provider is skipped (see [`skip_provider`](Self::skip_provider)).
+    fn provider_fault(&mut self, route: &Route, provider: usize) {
+        let Some(n) = self.provider_faults.get_mut(provider) else { return };
         *n = n.saturating_add(1);
         if *n >= PROVIDER_FAULTS {
-            self.skip_provider(provider);
-            return true;
+            self.skip_provider(route, provider);
         }
-        false
     }
 
     /// Sets how many attempts the request may make (1..=[`MAX_ATTEMPTS`](crate::lease::MAX_ATTEMPTS)).
@@ -429,7 +436,8 @@ where
     };
     let providers = &settings.providers[..];
     let named = crate::json::model_span(&body);
-    let route = settings.routes.resolve(named.as_ref().map(|(_, m)| &**m), providers);
+    let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
+    let route = settings.routes.resolve(named.as_ref().map(|(_, m)| &**m), providers, &listed);
     let model_at = named.map(|(span, _)| span);
     // Only token windows need the estimate, a look into the body, and the
     // answer's `usage` uncompressed.
@@ -449,13 +457,17 @@ where
     let deadline = deadline_after(settings.queue_timeout);
     attempts.limit(settings.max_attempts);
 
-    let Shared { queue, metrics, clients, .. } = gw;
+    let Shared { metrics, clients, .. } = gw;
+    // An alias waits in its own queue, a provider's requests in the provider's.
+    let queue = match &route {
+        Route::Alias(alias) => &alias.queue,
+        Route::Direct(target) => match providers.get(target.provider) {
+            Some(p) => &*p.queue,
+            None => gw.queue,
+        },
+    };
     let tokens = if counts_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
     let mut rewritten = None;
-    // A provider failing as a whole is skipped only when another one can
-    // serve: with one provider, its other keys are all there is (as before).
-    let first_provider = route.targets().first().map(|t| t.provider);
-    let several_providers = route.targets().iter().any(|t| Some(t.provider) != first_provider);
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
         let source = RouteSource { route: &route, providers, attempts, tokens };
@@ -494,11 +506,10 @@ where
             Err(e) => {
                 let verdict = classify_transport(&e);
                 // Refused or unreachable: the provider is down, not the key.
-                let down = matches!(e, UpstreamError::Connect { .. });
-                if several_providers && down {
-                    attempts.skip_provider(lease.provider);
-                } else if several_providers {
-                    attempts.provider_fault(lease.provider);
+                if matches!(e, UpstreamError::Connect { .. }) {
+                    attempts.skip_provider(&route, lease.provider);
+                } else {
+                    attempts.provider_fault(&route, lease.provider);
                 }
                 tracing::warn!(id, provider = provider.name(), key = label, error = %e, "upstream attempt failed; failing over");
                 judged(&provider.keys, &lease, verdict);
@@ -544,8 +555,8 @@ where
             }
             Action::Deliver => return reply::upstream_error(answer),
             Action::FailOver => {
-                if verdict.result == AttemptResult::ServerError && several_providers {
-                    attempts.provider_fault(lease.provider);
+                if verdict.result == AttemptResult::ServerError {
+                    attempts.provider_fault(&route, lease.provider);
                 }
                 attempts.failed(Failure::Upstream { answer, result: verdict.result });
             }

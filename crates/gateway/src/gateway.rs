@@ -138,18 +138,18 @@ impl Gateway {
         pool: KeyPoolBuilder,
         clock: SharedClock,
     ) -> Result<Arc<Self>, BuildError> {
-        let routes = Routes::new(&config, &|_| 0)?;
+        let routes = Routes::new(&config)?;
         let plans = plans(&config)?;
         let metrics = Metrics::register(registry);
         let pools = pool.policy(config.cooldowns);
         let count = config.providers.len();
         let mut providers = Vec::with_capacity(count);
         for (p, plan) in config.providers.iter().zip(plans) {
+            let client =
+                Provider::client(p, None).map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
             let keys = keyset::build(pools.clone(), &p.name, plan, &metrics, Arc::clone(&clock))
                 .map_err(|e| e.in_provider(&p.name, count))?;
-            let provider = Provider::new(p, Arc::new(keys), None)
-                .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
-            providers.push(Arc::new(provider));
+            providers.push(Arc::new(Provider::new(p, Arc::new(keys), None, client)));
         }
         let settings = Settings::new(&config, providers.into(), routes);
         Ok(Arc::new(Self {
@@ -176,22 +176,23 @@ impl Gateway {
         // Held only for this synchronous swap, never across an `.await`.
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = self.settings.load_full();
-        let namespaces =
-            |name: &str| self.catalogs.namespace_size(old.providers.get(old.routes.default), name);
-        let routes = Routes::new(&config, &namespaces)?;
+        let routes = Routes::new(&config)?;
         let plans = plans(&config)?;
         let count = config.providers.len();
-        // Every client first: once a pool reloads, there is no going back.
+        let previous = |name: &str| old.providers.iter().find(|o| o.name() == name);
+        // Every fallible step first (plans checked the keys as the pools will):
+        // once a pool reloads, there is no going back.
+        let mut clients = Vec::with_capacity(count);
         for p in &config.providers {
-            if !old.providers.iter().any(|o| o.name() == p.name) {
-                proxypal_upstream::Upstream::new(p.upstream.clone())
-                    .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
-            }
+            clients.push(
+                Provider::client(p, previous(&p.name).map(|p| &**p))
+                    .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?,
+            );
         }
         let mut report = ReloadReport { previous_index: Vec::new(), added: 0, kept: 0, removed: 0 };
         let mut providers = Vec::with_capacity(count);
-        for (p, plan) in config.providers.iter().zip(plans) {
-            let previous = old.providers.iter().find(|o| o.name() == p.name);
+        for ((p, plan), client) in config.providers.iter().zip(plans).zip(clients) {
+            let previous = previous(&p.name);
             let keys = match previous {
                 Some(prev) => {
                     let r = keyset::reload(&prev.keys, &p.name, plan, &self.metrics)
@@ -216,9 +217,7 @@ impl Gateway {
                     Arc::new(keys)
                 }
             };
-            let provider = Provider::new(p, keys, previous.map(|p| &**p))
-                .map_err(|e| BuildError::from(e).in_provider(&p.name, count))?;
-            providers.push(Arc::new(provider));
+            providers.push(Arc::new(Provider::new(p, keys, previous.map(|p| &**p), client)));
         }
         for gone in old.providers.iter().filter(|o| !config.providers.iter().any(|p| p.name == o.name())) {
             report.removed += gone.keys.len();
@@ -252,7 +251,8 @@ impl Gateway {
         self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The lease queue.
+    /// A lease queue of the gateway's own, for embedders leasing keys
+    /// themselves (requests wait in their provider's or alias's queue).
     pub fn queue(&self) -> &LeaseQueue {
         &self.queue
     }
@@ -366,9 +366,13 @@ impl Gateway {
         }
     }
 
-    /// Requests waiting for a permit now.
+    /// Requests waiting for a permit now, in every queue (each provider's,
+    /// each alias's, and [`queue`](Self::queue)).
     pub fn queue_depth(&self) -> usize {
-        self.queue.depth()
+        let settings = self.settings.load();
+        let providers: usize = settings.providers.iter().map(|p| p.queue.depth()).sum();
+        let aliases: usize = settings.routes.aliases().map(|a| a.queue.depth()).sum();
+        self.queue.depth() + providers + aliases
     }
 
     /// Requests being served now (streams count until they end).

@@ -97,7 +97,7 @@ impl BuildError {
 /// What each key set carries besides the keys, by key index: the quota
 /// engine, the prebuilt `Authorization` value and metric handles (private to
 /// the gateway: the pool's attachment, opaque to readers of
-/// [`Gateway::keys`](crate::Gateway::keys)).
+/// [`Provider::keys`](crate::Provider::keys)).
 pub struct KeyResources {
     /// Budgets per key (and account).
     pub(crate) quotas: Arc<Engine>,
@@ -168,9 +168,11 @@ impl Plan {
         }
         // The provider-wide budget of `quota_scope: account`.
         let whole = match provider.quota_scope {
-            QuotaScope::Account => {
-                Some((Arc::<str>::from(provider.name.as_str()), compile(limits, &|| "limits".to_owned())?))
-            }
+            // `<provider>/*`: apart from any configured account's name.
+            QuotaScope::Account => Some((
+                Arc::<str>::from(format!("{}/*", provider.name)),
+                compile(limits, &|| "limits".to_owned())?,
+            )),
             _ => None,
         };
         let mut budgets = Vec::with_capacity(keys.len());
@@ -213,6 +215,9 @@ impl Plan {
             budgets.push(budget);
         }
         check_headers(&keys, provider.auth)?;
+        // What the pool would refuse, refused now: a reload of several providers
+        // must not swap some pools and then fail on another.
+        proxypal_keypool::check_keys(keys.iter().map(|k| &k.spec))?;
         Ok(Self { budgets, keys, auth: provider.auth })
     }
 }

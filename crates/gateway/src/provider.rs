@@ -13,6 +13,7 @@ use proxypal_upstream::{Upstream, UpstreamConfig};
 use crate::config::{Auth, ProviderConfig};
 use crate::dialect::Dialect;
 use crate::keyset::KeyResources;
+use crate::lease::LeaseQueue;
 use crate::quota::PoolHeaders;
 
 /// Identities of upstream client settings, so that a worker's cached client
@@ -35,6 +36,10 @@ pub struct Provider {
     pub(crate) strip: Box<[Box<str>]>,
     /// Its keys' `x-ratelimit-*` response headers, summed now and then.
     pub(crate) pool_headers: Arc<ArcSwap<PoolHeaders>>,
+    /// Requests for this provider alone wait here, first come first served
+    /// (an alias waits in its own queue): a full provider never holds back
+    /// requests for another that has room.
+    pub(crate) queue: Arc<LeaseQueue>,
     /// The last model sent here as it was named and its `x-proxypal-route`
     /// value: clients name one model nearly always, so a repeat costs a lock
     /// and a comparison, not a format and a header validation. Held for that
@@ -53,24 +58,43 @@ impl std::fmt::Debug for Provider {
     }
 }
 
+/// A provider's upstream client and its identity (see [`NEXT_CLIENT_ID`]).
+pub(crate) type Client = (u64, Upstream);
+
 impl Provider {
-    /// A provider from `config` over `keys`; `previous`: the same provider
-    /// in the generation before (its client is kept if nothing about it changed).
+    /// The client of a provider configured as `config`: `previous`'s when
+    /// nothing about it changed, else a new one (the only fallible step of
+    /// making a provider, so a reload does it for every provider first).
+    pub(crate) fn client(
+        config: &ProviderConfig,
+        previous: Option<&Provider>,
+    ) -> Result<Client, proxypal_upstream::UpstreamBuildError> {
+        match previous.filter(|p| same_upstream(&p.upstream, &config.upstream)) {
+            Some(p) => Ok((p.client_id, p.client.clone())),
+            None => {
+                Ok((NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed), Upstream::new(config.upstream.clone())?))
+            }
+        }
+    }
+
+    /// A provider from `config` over `keys` with `client`; `previous`: the
+    /// same provider in the generation before (its queue and pool headers
+    /// carry over, like its keys).
     pub(crate) fn new(
         config: &ProviderConfig,
         keys: Arc<KeyPool<KeyResources>>,
         previous: Option<&Provider>,
-    ) -> Result<Self, proxypal_upstream::UpstreamBuildError> {
-        let same_client = previous.filter(|p| same_upstream(&p.upstream, &config.upstream));
-        let (client_id, client) = match same_client {
-            Some(p) => (p.client_id, p.client.clone()),
-            None => (NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed), Upstream::new(config.upstream.clone())?),
-        };
+        (client_id, client): Client,
+    ) -> Self {
         let pool_headers = match previous {
             Some(p) => Arc::clone(&p.pool_headers),
             None => Arc::new(ArcSwap::from_pointee(PoolHeaders::empty())),
         };
-        Ok(Self {
+        let queue = match previous {
+            Some(p) => Arc::clone(&p.queue),
+            None => Arc::new(LeaseQueue::new()),
+        };
+        Self {
             name: Arc::from(config.name.as_str()),
             preset: config.preset,
             keys,
@@ -81,8 +105,9 @@ impl Provider {
             dialect: config.dialect,
             strip: config.strip.iter().map(|s| s.as_str().into()).collect(),
             pool_headers,
+            queue,
             last_route: std::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// `x-proxypal-route` for `model` sent to this provider:

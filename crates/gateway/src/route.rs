@@ -15,6 +15,9 @@ use crate::keyset::BuildError;
 /// Largest weight of one target (keeps a tier's schedule short).
 pub const MAX_WEIGHT: u32 = 1000;
 
+// A request's skipped providers and targets are bits of a `u64`.
+const _: () = assert!(MAX_PROVIDERS <= 64 && MAX_TARGETS <= 64);
+
 /// One provider model that serves a route.
 #[derive(Debug)]
 pub(crate) struct Target {
@@ -47,6 +50,8 @@ pub(crate) struct Alias {
     pub(crate) name: Arc<str>,
     pub(crate) targets: Box<[Target]>,
     tiers: Box<[Tier]>,
+    /// Requests for this alias wait here when no target has room.
+    pub(crate) queue: crate::lease::LeaseQueue,
 }
 
 /// Every alias, and where other names go.
@@ -59,6 +64,9 @@ pub(crate) struct Routes {
     /// Whether `provider/model` pins a provider (off for a single-provider
     /// configuration: every name goes to it as it is).
     pin: bool,
+    /// The default provider speaks NVIDIA's dialect: `nvidia/…`, `meta/…`
+    /// are its own model ids, never a pin.
+    nvidia_default: bool,
 }
 
 /// A request's route.
@@ -87,17 +95,32 @@ impl Route {
             Route::Direct(target) => f(0, target),
             Route::Alias(alias) => {
                 for tier in alias.tiers.iter() {
-                    let len = tier.targets.len();
-                    let first = if len == 1 {
-                        0
-                    } else {
-                        let slot = tier.next.fetch_add(1, Ordering::Relaxed) % tier.schedule.len();
-                        usize::from(tier.schedule[slot])
-                    };
-                    for k in 0..len {
-                        let at = tier.targets.start + (first + k) % len;
+                    if tier.targets.len() == 1 {
+                        let at = tier.targets.start;
                         if let Some(found) = f(at, &alias.targets[at]) {
                             return Some(found);
+                        }
+                        continue;
+                    }
+                    // Slot by slot: a target without room gives up its slot (the slot is
+                    // spent, not passed to a neighbour), so the targets with room keep
+                    // their weights' shares among themselves. Each target is tried once.
+                    let len = tier.schedule.len();
+                    let mut tried = 0u64;
+                    for _ in 0..len {
+                        let slot = tier.next.fetch_add(1, Ordering::Relaxed) % len;
+                        let i = usize::from(tier.schedule[slot]);
+                        let bit = 1u64 << i; // i < MAX_TARGETS <= 64
+                        if tried & bit != 0 {
+                            continue;
+                        }
+                        tried |= bit;
+                        let at = tier.targets.start + i;
+                        if let Some(found) = f(at, &alias.targets[at]) {
+                            return Some(found);
+                        }
+                        if tried.count_ones() as usize == tier.targets.len() {
+                            break;
                         }
                     }
                 }
@@ -137,16 +160,13 @@ fn route_header(provider: &str, model: &str) -> HeaderValue {
 }
 
 impl Routes {
-    /// The routes of `config`. `catalog_namespaces` gives how many models of
-    /// the default provider's catalog live under a namespace (`meta` of
-    /// `meta/llama-…`), when known: a provider may not take such a name.
+    /// The routes of `config`. While the default provider speaks NVIDIA's
+    /// dialect, no other provider may take a namespace of its catalog
+    /// ([`NVIDIA_NAMESPACES`](crate::preset::NVIDIA_NAMESPACES)).
     ///
     /// # Errors
     /// [`BuildError::Routes`] naming the field.
-    pub(crate) fn new(
-        config: &GatewayConfig,
-        catalog_namespaces: &dyn Fn(&str) -> usize,
-    ) -> Result<Self, BuildError> {
+    pub(crate) fn new(config: &GatewayConfig) -> Result<Self, BuildError> {
         let invalid = |field: String, reason: String| BuildError::Routes { field, reason };
         if config.providers.is_empty() {
             return Err(invalid("providers".into(), "at least one provider is needed".into()));
@@ -156,10 +176,12 @@ impl Routes {
         }
         let mut providers = HashMap::new();
         for (i, p) in config.providers.iter().enumerate() {
-            if p.name.is_empty() || p.name.contains('/') || p.name.trim() != p.name {
+            // It goes into routes, metric labels, headers and saved state ids.
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if p.name.is_empty() || !p.name.chars().all(fine) {
                 return Err(invalid(
                     format!("providers.{}", p.name),
-                    "a provider's name must be non-empty, without '/' or surrounding spaces".into(),
+                    "a provider's name is letters, digits, '-', '_' and '.' (no '/', no spaces)".into(),
                 ));
             }
             if providers.insert(Box::<str>::from(p.name.as_str()), i).is_some() {
@@ -179,15 +201,6 @@ impl Routes {
                     format!("providers.{name}"),
                     format!(
                         "NVIDIA's catalog names models \"{name}/…\" and NVIDIA is the default provider: a provider of that name would take their requests; rename it"
-                    ),
-                ));
-            }
-            let n = catalog_namespaces(name);
-            if n > 0 {
-                return Err(invalid(
-                    format!("providers.{name}"),
-                    format!(
-                        "the default provider lists {n} models under \"{name}/\": a provider of that name would take their requests; rename it"
                     ),
                 ));
             }
@@ -242,17 +255,32 @@ impl Routes {
                 });
                 start = end;
             }
-            let alias =
-                Alias { name: Arc::from(name.as_str()), targets: targets.into(), tiers: tiers.into() };
+            let alias = Alias {
+                name: Arc::from(name.as_str()),
+                targets: targets.into(),
+                tiers: tiers.into(),
+                queue: crate::lease::LeaseQueue::new(),
+            };
             aliases.insert(Box::<str>::from(name.as_str()), Arc::new(alias));
         }
         let pin = config.providers.len() > 1 || !config.models.is_empty();
-        Ok(Self { aliases, providers, default, pin })
+        Ok(Self { aliases, providers, default, pin, nvidia_default })
     }
 
     /// The route of a request naming `model` (`None`: the body names none),
-    /// with `names` the providers' names by position.
-    pub(crate) fn resolve(&self, model: Option<&str>, names: &[Arc<crate::provider::Provider>]) -> Route {
+    /// with `names` the providers by position and `listed` telling whether a
+    /// provider's cached catalog lists a model id.
+    ///
+    /// `<default provider>/<rest>` is the default provider's own id, sent
+    /// whole, when its catalog lists it or it is one of NVIDIA's namespaces
+    /// (`nvidia/…` with a default provider named `nvidia`); otherwise the
+    /// prefix pins, like any provider's.
+    pub(crate) fn resolve(
+        &self,
+        model: Option<&str>,
+        names: &[Arc<crate::provider::Provider>],
+        listed: &dyn Fn(&str, &str) -> bool,
+    ) -> Route {
         let header = |provider: usize, model: &str| match names.get(provider) {
             Some(p) => p.route_header(model),
             None => HeaderValue::from_static("-"),
@@ -272,7 +300,14 @@ impl Routes {
         }
         if self.pin {
             if let Some((provider, rest)) = model.split_once('/') {
-                if let Some(&index) = self.providers.get(provider).filter(|_| !rest.is_empty()) {
+                let own_id = |index: usize| {
+                    index == self.default
+                        && ((self.nvidia_default && crate::preset::NVIDIA_NAMESPACES.contains(&provider))
+                            || names.get(index).is_some_and(|p| listed(p.name(), model)))
+                };
+                if let Some(&index) =
+                    self.providers.get(provider).filter(|i| !rest.is_empty() && !own_id(**i))
+                {
                     return Route::Direct(Target {
                         provider: index,
                         model: Some(Arc::from(rest)),
@@ -303,6 +338,42 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::{AliasConfig, ProviderConfig, TargetConfig};
+
+    fn routes(weights: &[u32]) -> Routes {
+        let names = ["p0", "p1", "p2", "p3"];
+        let mut config = GatewayConfig::with_providers(names.iter().map(|n| ProviderConfig::new(*n)));
+        let targets = weights.iter().enumerate().map(|(i, w)| TargetConfig::new(names[i], "m").weight(*w));
+        config.models.insert("alias".into(), AliasConfig::new(targets));
+        Routes::new(&config).unwrap()
+    }
+
+    /// Which target each of `n` leases picks when `full` targets have no room.
+    fn picks(routes: &Routes, n: usize, full: &[usize]) -> Vec<usize> {
+        let Route::Alias(alias) = routes.resolve(Some("alias"), &[], &|_, _| false) else {
+            panic!("an alias")
+        };
+        let route = Route::Alias(alias);
+        let mut counts = vec![0; route.targets().len()];
+        for _ in 0..n {
+            let at = route.find(|at, t| (!full.contains(&t.provider)).then_some(at)).unwrap();
+            counts[at] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn a_target_without_room_passes_its_turn_along_the_schedule() {
+        let r = routes(&[1, 2, 1]);
+        assert_eq!(picks(&r, 400, &[]), [100, 200, 100]);
+        // p1 (weight 2) full: the other two keep 1:1 between them.
+        assert_eq!(picks(&r, 400, &[1]), [200, 0, 200]);
+        let r = routes(&[1, 2, 3]);
+        assert_eq!(picks(&r, 600, &[]), [100, 200, 300]);
+        assert_eq!(picks(&r, 600, &[0]), [0, 240, 360], "2:3 kept without p0");
+        assert_eq!(picks(&r, 600, &[0, 2]), [0, 600, 0]);
+    }
 
     #[test]
     fn smooth_weighted_round_robin_spreads_picks_by_weight() {

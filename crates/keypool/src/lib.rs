@@ -70,5 +70,7 @@ mod secret;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use key::{CooldownReason, Key, KeyCounters, KeySnapshot, KeySpec, KeyStatus, Outcome, RateOverride};
-pub use pool::{Candidate, CooldownPolicy, KeyPool, KeyPoolBuilder, PoolError, ReloadReport, Selected};
+pub use pool::{
+    Candidate, CooldownPolicy, KeyPool, KeyPoolBuilder, PoolError, ReloadReport, Selected, check_keys,
+};
 pub use secret::{Secret, mask};

@@ -212,6 +212,16 @@ impl KeyPoolBuilder {
     }
 }
 
+/// Checks a key set as [`KeyPoolBuilder::build`] and [`KeyPool::reload`]
+/// would (no empty, whitespace or duplicate secret), without building
+/// anything: to refuse a reload of several pools before any of them swaps.
+///
+/// # Errors
+/// The first key that would be refused.
+pub fn check_keys<'a>(keys: impl IntoIterator<Item = &'a KeySpec>) -> Result<(), PoolError> {
+    validate(keys.into_iter().cloned()).map(drop)
+}
+
 fn validate(keys: impl IntoIterator<Item = KeySpec>) -> Result<Vec<KeySpec>, PoolError> {
     let specs: Vec<KeySpec> = keys.into_iter().collect();
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(specs.len());

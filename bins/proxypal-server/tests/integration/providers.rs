@@ -658,9 +658,97 @@ models:
         assert!(started.elapsed() < Duration::from_secs(1), "no point queueing past the deadline");
         assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{}", reply.text());
         let retry: u64 = header(&reply, "retry-after").parse().unwrap();
-        assert!((55..=61).contains(&retry), "the earliest target frees in ~60 s: {retry}");
+        assert!((55..=61).contains(&retry), "the earliest target frees in ~60 s: {retry} {}", reply.text());
         assert_eq!(header(&reply, "x-proxypal-attempts"), "0");
         assert_eq!((a.chats(), b.chats()), (1, 1));
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nvidia_ids_in_nvidia_s_own_namespace_reach_a_default_provider_named_nvidia() {
+    bounded(async {
+        let (nvidia, b) = (Sim::start(1331, 1, |c| c), Sim::start(1332, 1, |c| c));
+        let yaml = format!(
+            "providers:\n{}{}routing: {{ default_provider: nvidia }}\n",
+            nvidia.provider("nvidia", "    preset: nvidia\n"),
+            b.provider("b", "")
+        );
+        let (server, http) = start_server(&yaml).await;
+        // `nvidia/…` is one of NVIDIA's own ids, not a pin that strips the prefix.
+        let reply = chat(&http, &server, "nvidia/llama-3.1-nemotron-70b-instruct", false).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(header(&reply, "x-proxypal-route"), "nvidia/nvidia/llama-3.1-nemotron-70b-instruct");
+        assert_eq!(nvidia.model_count("nvidia/llama-3.1-nemotron-70b-instruct"), 1);
+        // Another provider's prefix still pins.
+        assert_eq!(header(&chat(&http, &server, "b/x", false).await, "x-proxypal-route"), "b/x");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_provider_never_holds_back_requests_for_one_with_room() {
+    bounded(async {
+        let (a, b) = (Sim::start(1341, 1, |c| c), Sim::start(1342, 1, |c| c));
+        let yaml = format!(
+            "providers:\n{}{}routing: {{ default_provider: a }}\nretry: {{ queue_timeout: 5s }}\n",
+            a.provider("a", "    rate_limit: { requests_per_minute: 30, burst: 1 }\n"),
+            b.provider("b", "")
+        );
+        let (server, http) = start_server(&yaml).await;
+        assert_eq!(chat(&http, &server, "a/m", false).await.status, StatusCode::OK);
+        // a's next permit is 2 s away: this one waits in a's queue ...
+        let waiting = {
+            let (http, addr) = (http.clone(), server.addr());
+            tokio::spawn(async move {
+                let body = json!({"model": "a/m", "messages": [{"role": "user", "content": "Hi"}]});
+                send(&http, chat_request(addr, &body)).await.status
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // ... while b's requests go at once, not behind it.
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let reply = chat(&http, &server, "b/m", false).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        assert!(started.elapsed() < Duration::from_millis(800), "b waited: {:?}", started.elapsed());
+        assert!(!waiting.is_finished(), "a's request is still queued");
+        assert_eq!(waiting.await.unwrap(), StatusCode::OK, "and is served when a's permit falls due");
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_provider_standing_is_never_skipped() {
+    bounded(async {
+        // a refuses connections (skipped); b then fails twice and serves on its third key.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", closed.local_addr().unwrap());
+        drop(closed);
+        let a = Sim::start(1351, 1, |c| c);
+        let b = Sim::start(1352, 3, |c| c);
+        let yaml = first_then(&url, &a.keys_yaml(), &b).replace("max_attempts: 4", "max_attempts: 5");
+        let (server, http) = start_server(&yaml).await;
+        for _ in 0..2 {
+            b.handle.push_fault(Fault::problem(500, "Internal Server Error", "boom"), FaultTarget::Any);
+        }
+        // The catalog fetch at start may take one fault; wait for it first.
+        for _ in 0..200 {
+            if b.requests() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pending = b.handle.pending_faults();
+        let reply = chat(&http, &server, "llama", false).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(header(&reply, "x-proxypal-route"), "b/b-llama");
+        let attempts: usize = header(&reply, "x-proxypal-attempts").parse().unwrap();
+        assert_eq!(attempts, 2 + pending, "one refusal, {pending} server errors, then b's next key");
         server.shutdown().await;
     })
     .await;
