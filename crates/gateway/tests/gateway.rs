@@ -241,3 +241,39 @@ fn saved_state_keeps_each_providers_budgets_apart() {
     assert_eq!(remaining(&after, "groq"), 6, "groq's spent 4 came back");
     assert_eq!(remaining(&after, "default"), 10, "the other alice spent nothing");
 }
+
+/// A reload refused because of one provider leaves every provider as it was.
+#[test]
+fn a_refused_reload_changes_no_provider() {
+    use proxypal_gateway::ProviderConfig;
+
+    let config = |a_keys: &[&str], b_keys: &[&str]| {
+        let mut c = GatewayConfig::with_providers([
+            ProviderConfig::new("a").with_keys(a_keys.iter().map(|k| KeySpec::new(*k))),
+            ProviderConfig::new("b").with_keys(b_keys.iter().map(|k| KeySpec::new(*k))),
+        ]);
+        c.routing.default_provider = Some("a".into());
+        c
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let gw =
+        Gateway::new(config(&["nvapi-reload-a-0000000001"], &["nvapi-reload-b-0000000001"]), &mut registry)
+            .unwrap();
+    // a would gain a key; b's new set repeats a key: refused as a whole.
+    let refused = gw.reload(config(
+        &["nvapi-reload-a-0000000001", "nvapi-reload-a-0000000002"],
+        &["nvapi-reload-b-0000000002", "nvapi-reload-b-0000000002"],
+    ));
+    assert!(refused.is_err());
+    assert!(refused.unwrap_err().to_string().starts_with("providers.b."), "the provider is named");
+    assert_eq!(gw.provider("a").unwrap().keys().len(), 1, "a kept its old key set");
+    assert_eq!(gw.reloads(), 0);
+    // A good one applies to both.
+    gw.reload(config(
+        &["nvapi-reload-a-0000000001", "nvapi-reload-a-0000000002"],
+        &["nvapi-reload-b-0000000002"],
+    ))
+    .unwrap();
+    assert_eq!(gw.provider("a").unwrap().keys().len(), 2);
+    assert_eq!(gw.reloads(), 1);
+}
