@@ -1,0 +1,455 @@
+//! Budgets and key health shared by several ProxyPal replicas through Redis.
+//!
+//! N replicas that each count their own windows send N times the quota.
+//! Here every admission is decided in Redis, atomically, by one Lua script
+//! per attempt on Redis's own clock (`TIME`), so replicas on hosts with
+//! skewed clocks still count one window:
+//!
+//! - **Rolling windows** are exact sliding logs (a sorted set per key and
+//!   window, scored by Redis microseconds): at most `limit` admissions in
+//!   any interval of the window, bursts included — what NVIDIA's rolling
+//!   minute allows, where fixed-minute counters let twice the limit through
+//!   at an edge and GCRA with burst 1 serves a burst of 40 over a minute.
+//! - **Key health** (a cooldown's end, a disabled key) is read in the same
+//!   script, so a key one replica found rate limited or rejected is skipped
+//!   by the others with no propagation delay. Cooldowns only grow.
+//! - **State loss** (Redis restarted empty, `FLUSHALL`, failover to an
+//!   empty replica) is detected by an epoch key created with `SET NX`: the
+//!   caller learns that the shared windows forgot what the upstream still
+//!   counts.
+//! - **Keys** in Redis hold fingerprints only, never an API key. Every key
+//!   of one pool shares the hash tag `{pool}`, so one script's keys live in
+//!   one Redis Cluster slot.
+//! - **One round trip per attempt**, bounded by a deadline; the script is
+//!   cached (`EVALSHA`) and reloaded by redis-rs when Redis answers
+//!   `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//!
+//! This crate is the Redis side only: what the gateway does when Redis is
+//! slow or gone (a local share of each window that can never push the total
+//! over the quota) is built on top of it.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), proxypal_shared::SharedError> {
+//! use std::time::Duration;
+//! use proxypal_shared::{Candidate, SharedBudgets, SharedConfig, Window};
+//!
+//! let shared = SharedBudgets::connect(SharedConfig::new("redis://127.0.0.1:6379/0")).await?;
+//! let minute = [Window::new("m", Duration::from_millis(60_500), 40)];
+//! let candidates = [
+//!     Candidate::new("sha256:0f1e…", &minute), // key fingerprints, in round-robin order
+//!     Candidate::new("sha256:9a8b…", &minute),
+//! ];
+//! match shared.admit("nvidia", &candidates).await?.admitted {
+//!     Some(index) => println!("send with key {index}"),
+//!     None => println!("nothing has room"),
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+/// How to reach Redis and name what this deployment keeps there.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SharedConfig {
+    /// `redis://host:port/db` (or `rediss://` with a TLS-enabled build).
+    pub url: String,
+    /// Namespace of every key, so several deployments can share one Redis
+    /// (default `proxypal`). No `{` or `}`: the hash tag is the pool's.
+    pub key_prefix: String,
+    /// Deadline of each call on the request path (default 50 ms).
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A URL may carry a password: show only where it points.
+        f.debug_struct("SharedConfig")
+            .field("url", &redacted(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `url` without a password (`redis://user:…@host:port/0`).
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:…{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl SharedConfig {
+    /// The defaults at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), key_prefix: "proxypal".to_owned(), timeout: Duration::from_millis(50) }
+    }
+}
+
+/// Why a call to Redis gave no answer to act on. The caller treats every one
+/// of them alike: the shared state cannot be read now.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharedError {
+    /// The URL is not a Redis URL (the message never contains a password).
+    #[error("shared.redis_url: {reason}")]
+    Url {
+        /// What is wrong.
+        reason: String,
+    },
+    /// No answer within the deadline (a call that timed out may have been
+    /// carried out: count it as used).
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something this version does not expect.
+    #[error("redis: unexpected answer from the admit script: {0}")]
+    Reply(String),
+    /// A pool name or id that cannot be used in a key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One window of a budget as Redis counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window<'a> {
+    /// Its name within the budget (`m` for the minute, `d` for the day, …),
+    /// part of its Redis key.
+    pub name: &'a str,
+    /// Its period, margin included.
+    pub period: Duration,
+    /// Admissions allowed in any interval of `period`.
+    pub limit: u64,
+}
+
+impl<'a> Window<'a> {
+    /// At most `limit` admissions in any interval of `period`.
+    pub fn new(name: &'a str, period: Duration, limit: u64) -> Self {
+        Self { name, period, limit }
+    }
+}
+
+/// One key a request may be sent with: its fingerprint and every window of
+/// its budget (all must have room; all are charged together).
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// The key's fingerprint (never the key).
+    pub id: &'a str,
+    /// Its windows.
+    pub windows: &'a [Window<'a>],
+}
+
+impl<'a> Candidate<'a> {
+    /// Key `id` with `windows`.
+    pub fn new(id: &'a str, windows: &'a [Window<'a>]) -> Self {
+        Self { id, windows }
+    }
+}
+
+/// What an admission attempt decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Admission {
+    /// The candidate admitted (its position), charged in every window; `None`
+    /// when none had room.
+    pub admitted: Option<usize>,
+    /// When none had room: how long until the first might (a cooldown's end
+    /// or the oldest entry leaving a full window); `None` when every
+    /// candidate is disabled.
+    pub wait: Option<Duration>,
+    /// Redis's clock at the decision, microseconds since the Unix epoch.
+    pub now_us: u64,
+    /// The pool's epoch was just created: Redis had lost (or never had) this
+    /// pool's state, so its windows forgot what the upstream still counts.
+    pub state_lost: bool,
+}
+
+/// The admit script. KEYS: 1 cooldowns (HASH id → until µs), 2 disabled
+/// (HASH id → since µs), 3 epoch (STRING), then one log (ZSET) per window of
+/// each candidate in order. ARGV: 1 request id, 2 log TTL slack (ms), then
+/// per candidate: id, window count, and per window: period µs, limit.
+/// Returns {admitted (1-based, 0 = none), wait µs (-1 = all disabled), now µs, lost}.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function s(x) return string.format('%.0f', x) end
+local lost = 0
+if redis.call('SET', KEYS[3], s(now), 'NX') then lost = 1 end
+local rid, slack = ARGV[1], tonumber(ARGV[2])
+local a, k, j, wait = 3, 4, 0, -1
+while a <= #ARGV do
+  j = j + 1
+  local id, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local w = nil
+  if redis.call('HEXISTS', KEYS[2], id) == 0 then
+    local until_us = tonumber(redis.call('HGET', KEYS[1], id) or '0')
+    if until_us > now then
+      w = until_us - now
+    else
+      local need = 0
+      for i = 0, n - 1 do
+        local period, limit, log = tonumber(ARGV[a + 2 * i]), tonumber(ARGV[a + 2 * i + 1]), KEYS[k + i]
+        redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - period))
+        local count = redis.call('ZCARD', log)
+        if count >= limit then
+          if limit < 1 then
+            need = math.max(need, period)
+          else
+            local e = redis.call('ZRANGE', log, count - limit, count - limit, 'WITHSCORES')
+            need = math.max(need, tonumber(e[2]) + period - now)
+          end
+        end
+      end
+      if need == 0 then
+        for i = 0, n - 1 do
+          local period, log = tonumber(ARGV[a + 2 * i]), KEYS[k + i]
+          redis.call('ZADD', log, s(now), rid)
+          redis.call('PEXPIRE', log, math.floor(period / 1000) + slack)
+        end
+        return {j, 0, now, lost}
+      end
+      w = need
+    end
+  end
+  if w ~= nil and (wait < 0 or w < wait) then wait = w end
+  a = a + 2 * n
+  k = k + n
+end
+return {0, wait, now, lost}
+";
+
+/// Sets a cooldown's end, never shortening one: KEYS 1 cooldowns; ARGV id,
+/// duration µs, hash TTL ms. Returns the end in force.
+const COOL: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local target = now + tonumber(ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if old > target then target = old end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', target))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return target
+";
+
+/// How long the cooldown hash lives after its last write (Redis 7.0 has no
+/// per-field expiry; a day covers any cooldown).
+const HEALTH_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Budgets of one deployment in one Redis.
+#[derive(Clone)]
+pub struct SharedBudgets {
+    conn: ConnectionManager,
+    admit: Script,
+    cool: Script,
+    config: SharedConfig,
+    /// Makes request ids unique across replicas and calls.
+    replica: String,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for SharedBudgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBudgets")
+            .field("config", &self.config)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedBudgets {
+    /// Connects (one multiplexed connection that reconnects by itself,
+    /// calls bounded by `config.timeout`).
+    ///
+    /// # Errors
+    /// A URL that is not Redis's, or no connection within a second.
+    pub async fn connect(config: SharedConfig) -> Result<Self, SharedError> {
+        if config.key_prefix.contains(['{', '}']) || config.key_prefix.is_empty() {
+            return Err(SharedError::Invalid(format!(
+                "shared.key_prefix: {:?} must be non-empty, without '{{' or '}}' (the hash tag is the pool's)",
+                config.key_prefix
+            )));
+        }
+        let client = Client::open(config.url.as_str()).map_err(|e| SharedError::Url {
+            reason: format!("{} is not a usable Redis URL ({})", redacted(&config.url), e.category()),
+        })?;
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1);
+        let conn =
+            tokio::time::timeout(Duration::from_secs(2), ConnectionManager::new_with_config(client, manager))
+                .await
+                .map_err(|_| SharedError::Timeout(Duration::from_secs(2)))??;
+        let replica = format!("{:x}-{:x}", std::process::id(), now_nanos());
+        Ok(Self {
+            conn,
+            admit: Script::new(ADMIT),
+            cool: Script::new(COOL),
+            config,
+            replica,
+            counter: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    /// The Redis key of `what` in `pool`: `<prefix>:{<pool>}:<what>`.
+    fn key(&self, pool: &str, what: &str) -> String {
+        format!("{}:{{{pool}}}:{what}", self.config.key_prefix)
+    }
+
+    /// Admits a request on the first candidate (in the given order: the
+    /// replica's round robin) that is not disabled, not cooling down and
+    /// has room in every window, charging each of its windows; or says how
+    /// long until one might. One round trip.
+    ///
+    /// # Errors
+    /// No answer within the deadline, or a Redis error; the caller decides
+    /// what to do without Redis.
+    pub async fn admit(&self, pool: &str, candidates: &[Candidate<'_>]) -> Result<Admission, SharedError> {
+        check_name("pool", pool)?;
+        let mut invocation = self.admit.prepare_invoke();
+        invocation.key(self.key(pool, "cool")).key(self.key(pool, "dis")).key(self.key(pool, "epoch"));
+        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        invocation.arg(format!("{}-{n:x}", self.replica)).arg(1_000u64);
+        for c in candidates {
+            check_name("id", c.id)?;
+            invocation.arg(c.id).arg(c.windows.len());
+            for w in c.windows {
+                check_name("window", w.name)?;
+                invocation.key(self.key(pool, &format!("log:{}:{}", c.id, w.name)));
+                invocation.arg(u64::try_from(w.period.as_micros()).unwrap_or(u64::MAX)).arg(w.limit);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let [admitted, wait, now, lost] = reply[..] else {
+            return Err(SharedError::Reply(format!("{reply:?}")));
+        };
+        let admitted = usize::try_from(admitted).ok().and_then(|j| j.checked_sub(1));
+        let wait = match (admitted, wait) {
+            (Some(_), _) => Some(Duration::ZERO),
+            (None, w) if w < 0 => None,
+            (None, w) => Some(Duration::from_micros(w.unsigned_abs())),
+        };
+        Ok(Admission { admitted, wait, now_us: now.unsigned_abs(), state_lost: lost == 1 })
+    }
+
+    /// Key `id` of `pool` rests `duration` from now (Redis's clock), or
+    /// longer if it already does: every replica skips it until then.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn cool_down(&self, pool: &str, id: &str, duration: Duration) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        check_name("id", id)?;
+        let mut invocation = self.cool.prepare_invoke();
+        invocation
+            .key(self.key(pool, "cool"))
+            .arg(id)
+            .arg(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
+            .arg(u64::try_from(HEALTH_TTL.as_millis()).unwrap_or(u64::MAX));
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Key `id` of `pool` is disabled (the upstream rejected it) for every
+    /// replica, until [`enable`](Self::enable).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn disable(&self, pool: &str, id: &str) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        check_name("id", id)?;
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("HSET").arg(self.key(pool, "dis")).arg(id).arg(now_nanos() / 1_000).to_owned();
+        let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Clears key `id`'s disabled state and cooldown in `pool` (an
+    /// operator's reset).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn enable(&self, pool: &str, id: &str) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        check_name("id", id)?;
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic().hdel(self.key(pool, "dis"), id).hdel(self.key(pool, "cool"), id);
+        let _: (i64, i64) = self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Redis's memory for one key's log in `pool` (`MEMORY USAGE`), in bytes.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn memory_usage(&self, pool: &str, id: &str, window: &str) -> Result<Option<u64>, SharedError> {
+        let mut conn = self.conn.clone();
+        let cmd =
+            redis::cmd("MEMORY").arg("USAGE").arg(self.key(pool, &format!("log:{id}:{window}"))).to_owned();
+        self.bounded(cmd.query_async(&mut conn)).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.config.timeout, call).await {
+            // The connection manager's own response timeout (the same deadline).
+            Ok(Err(e)) if e.is_timeout() => Err(SharedError::Timeout(self.config.timeout)),
+            Ok(answer) => Ok(answer?),
+            Err(_) => Err(SharedError::Timeout(self.config.timeout)),
+        }
+    }
+}
+
+/// Names that go into Redis keys: no hash-tag braces, no separators, no
+/// spaces (fingerprints such as `sha256:…` keep their colon).
+fn check_name(what: &str, name: &str) -> Result<(), SharedError> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '*');
+    if name.is_empty() || !name.chars().all(fine) {
+        return Err(SharedError::Invalid(format!("{what} {name:?} cannot be part of a Redis key")));
+    }
+    Ok(())
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_never_shows() {
+        assert_eq!(redacted("redis://:s3cret@10.0.0.1:6379/0"), "redis://:…@10.0.0.1:6379/0");
+        assert_eq!(redacted("rediss://app:s3cret@host/1"), "rediss://app:…@host/1");
+        assert_eq!(redacted("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        let config = SharedConfig::new("redis://:s3cret@host:6379");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn names_that_would_break_a_key_are_refused() {
+        assert!(check_name("id", "sha256:0123abcd").is_ok());
+        assert!(check_name("pool", "groq/*").is_ok());
+        for bad in ["", "a b", "{tag}", "x\n"] {
+            assert!(check_name("id", bad).is_err(), "{bad:?}");
+        }
+    }
+}

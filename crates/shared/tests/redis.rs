@@ -1,0 +1,259 @@
+//! Against a real `redis-server`, started by each test on a free loopback
+//! port (never the machine's own Redis, which other tests may use): two
+//! "replicas" (two connections) share one window, key health, NOSCRIPT and
+//! state loss, a frozen Redis. Without `redis-server` the tests say they are
+//! skipped and why; under `CI=true` that is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proxypal_shared::{Admission, Candidate, SharedBudgets, SharedConfig, SharedError, Window};
+
+/// A `redis-server` of this test: killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    /// Starts one, or `None` (skipped, said why) without `redis-server`.
+    fn start(test: &str) -> Option<Self> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: redis-server is not installed, and CI must run the Redis tests"
+            );
+            eprintln!("SKIPPED {test}: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let dir = std::env::temp_dir().join(format!("proxypal-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut redis = Self { child, port, dir };
+            if redis.wait_ready() {
+                return Some(redis);
+            }
+            let _ = redis.child.kill(); // the port was taken meanwhile: another one
+        }
+        panic!("{test}: redis-server did not start");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).is_some_and(|out| out.trim() == "PONG") {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal("-CONT"); // a frozen one cannot die otherwise
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn replica(redis: &Redis) -> SharedBudgets {
+    let mut config = SharedConfig::new(redis.url());
+    config.timeout = Duration::from_millis(200); // a loaded CI box; the product's default is 50 ms
+    SharedBudgets::connect(config).await.unwrap()
+}
+
+const KEY_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const KEY_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_together_admit_exactly_the_window() {
+    let Some(redis) = Redis::start("two_replicas_together_admit_exactly_the_window") else { return };
+    let (r1, r2) = (replica(&redis).await, replica(&redis).await);
+    let window = [Window::new("m", Duration::from_millis(1_500), 5)];
+    let candidates = [Candidate::new(KEY_A, &window)];
+    // 12 attempts at once from two replicas: 5 admitted, whoever asks.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let r = if i % 2 == 0 { r1.clone() } else { r2.clone() };
+        tasks.push(tokio::spawn(async move {
+            let window = [Window::new("m", Duration::from_millis(1_500), 5)];
+            r.admit("pool", &[Candidate::new(KEY_A, &window)]).await.unwrap()
+        }));
+    }
+    let mut answers: Vec<Admission> = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert_eq!(answers.iter().filter(|a| a.admitted == Some(0)).count(), 5, "{answers:?}");
+    let first = answers.iter().filter(|a| a.admitted.is_some()).map(|a| a.now_us).min().unwrap();
+    for a in answers.iter().filter(|a| a.admitted.is_none()) {
+        let wait = a.wait.unwrap();
+        // Room comes back when the oldest admission leaves the window.
+        let frees_at = first + 1_500_000;
+        assert!(wait <= Duration::from_micros(frees_at - a.now_us) + Duration::from_millis(5), "{a:?}");
+        assert!(wait > Duration::from_millis(1_000), "{a:?}");
+    }
+    // Still full a moment later; free once the window has passed (Redis's clock).
+    assert_eq!(r2.admit("pool", &candidates).await.unwrap().admitted, None);
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    assert_eq!(r1.admit("pool", &candidates).await.unwrap().admitted, Some(0));
+    // The log holds fingerprints and request ids, never a key.
+    let keys = redis.cli(&["--scan"]).unwrap();
+    assert!(keys.lines().all(|k| k.starts_with("proxypal:{pool}:")), "{keys}");
+    let bytes = r1.memory_usage("pool", KEY_A, "m").await.unwrap().unwrap();
+    assert!(bytes < 1_000, "a small log is a few hundred bytes: {bytes}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_window_must_have_room_and_the_next_candidate_serves() {
+    let Some(redis) = Redis::start("every_window_must_have_room_and_the_next_candidate_serves") else {
+        return;
+    };
+    let r = replica(&redis).await;
+    // 3 per second and 4 per 10 s: the tighter one decides.
+    let windows = [Window::new("s", Duration::from_secs(1), 3), Window::new("t", Duration::from_secs(10), 4)];
+    let both = [Candidate::new(KEY_A, &windows), Candidate::new(KEY_B, &windows)];
+    let mut on = [0, 0];
+    for _ in 0..6 {
+        let a = r.admit("pool", &both).await.unwrap();
+        on[a.admitted.unwrap()] += 1;
+    }
+    assert_eq!(on, [3, 3], "A's second is full after 3: B serves");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(r.admit("pool", &both).await.unwrap().admitted, Some(0));
+    assert_eq!(r.admit("pool", &both).await.unwrap().admitted, Some(1));
+    // A and B have 4 each in the last 10 s: nothing, and the wait is the 10 s window's.
+    let none = r.admit("pool", &both).await.unwrap();
+    assert_eq!(none.admitted, None);
+    assert!(none.wait.unwrap() > Duration::from_secs(8), "{none:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooldown_or_disabled_key_set_by_one_replica_is_skipped_by_the_other() {
+    let Some(redis) = Redis::start("a_cooldown_or_disabled_key_set_by_one_replica") else { return };
+    let (r1, r2) = (replica(&redis).await, replica(&redis).await);
+    let window = [Window::new("m", Duration::from_secs(60), 100)];
+    let both = [Candidate::new(KEY_A, &window), Candidate::new(KEY_B, &window)];
+    r1.cool_down("pool", KEY_A, Duration::from_secs(30)).await.unwrap();
+    // A shorter cooldown later never shortens it.
+    r2.cool_down("pool", KEY_A, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(r2.admit("pool", &both).await.unwrap().admitted, Some(1), "A rests: B");
+    let only_a = [Candidate::new(KEY_A, &window)];
+    let wait = r2.admit("pool", &only_a).await.unwrap().wait.unwrap();
+    assert!(wait > Duration::from_secs(29) && wait <= Duration::from_secs(30), "{wait:?}");
+    r1.disable("pool", KEY_B).await.unwrap();
+    let none = r2.admit("pool", &[Candidate::new(KEY_B, &window)]).await.unwrap();
+    assert_eq!((none.admitted, none.wait), (None, None), "every candidate disabled: no wait to give");
+    r1.enable("pool", KEY_A).await.unwrap();
+    r1.enable("pool", KEY_B).await.unwrap();
+    assert_eq!(r2.admit("pool", &both).await.unwrap().admitted, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_and_an_empty_restart_are_survived_and_noticed() {
+    let Some(mut redis) = Redis::start("script_flush_and_an_empty_restart_are_survived_and_noticed") else {
+        return;
+    };
+    let r = replica(&redis).await;
+    let window = [Window::new("m", Duration::from_secs(60), 10)];
+    let a = [Candidate::new(KEY_A, &window)];
+    assert!(r.admit("pool", &a).await.unwrap().state_lost, "a new pool has no state yet");
+    assert!(!r.admit("pool", &a).await.unwrap().state_lost);
+    // The script cache emptied: reloaded on NOSCRIPT, no error.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).unwrap().trim(), "OK");
+    let after = r.admit("pool", &a).await.unwrap();
+    assert_eq!((after.admitted, after.state_lost), (Some(0), false));
+    // Redis restarted empty on the same port: the connection comes back by
+    // itself, and the epoch says the windows forgot what they counted.
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    let port = redis.port;
+    redis.child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&redis.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(redis.wait_ready());
+    let mut seen = None;
+    for _ in 0..50 {
+        match r.admit("pool", &a).await {
+            Ok(answer) => {
+                seen = Some(answer);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let answer = seen.expect("reconnected within 5 s");
+    assert!(answer.state_lost, "{answer:?}");
+    assert_eq!(answer.admitted, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_a_call_its_deadline_not_more() {
+    let Some(redis) = Redis::start("a_frozen_redis_costs_a_call_its_deadline_not_more") else { return };
+    let r = replica(&redis).await;
+    let window = [Window::new("m", Duration::from_secs(60), 10)];
+    let a = [Candidate::new(KEY_A, &window)];
+    assert!(r.admit("pool", &a).await.is_ok());
+    redis.signal("-STOP");
+    let started = Instant::now();
+    let frozen = r.admit("pool", &a).await;
+    let took = started.elapsed();
+    assert!(matches!(frozen, Err(SharedError::Timeout(_))), "{frozen:?}");
+    assert!(took < Duration::from_millis(600), "bounded by the deadline: {took:?}");
+    redis.signal("-CONT");
+    let mut back = false;
+    for _ in 0..50 {
+        if r.admit("pool", &a).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "answers again once Redis runs");
+}
