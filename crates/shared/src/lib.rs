@@ -173,21 +173,43 @@ pub struct Admission {
     /// The pool's epoch was just created: Redis had lost (or never had) this
     /// pool's state, so its windows forgot what the upstream still counts.
     pub state_lost: bool,
+    /// Replicas whose lease lapsed and whose shares were kept back.
+    pub suspects: u64,
+}
+
+/// Who serves a pool, as its heartbeats say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Membership {
+    /// Replicas whose lease runs (this one included).
+    pub live: u64,
+    /// Replicas whose lease lapsed within the reservation: possibly serving
+    /// from their local share without Redis.
+    pub suspects: u64,
 }
 
 /// The admit script. KEYS: 1 cooldowns (HASH id → until µs), 2 disabled
-/// (HASH id → since µs), 3 epoch (STRING), then one log (ZSET) per window of
-/// each candidate in order. ARGV: 1 request id, 2 log TTL slack (ms), then
-/// per candidate: id, window count, and per window: period µs, limit.
-/// Returns {admitted (1-based, 0 = none), wait µs (-1 = all disabled), now µs, lost}.
+/// (HASH id → since µs), 3 epoch (STRING), 4 members (ZSET replica → lease
+/// end µs), then one log (ZSET) per window of each candidate in order. ARGV:
+/// 1 request id, 2 log TTL slack (ms), 3 the most replicas that may serve
+/// (0: no shares kept back), then per candidate: id, window count, and per
+/// window: period µs, limit.
+///
+/// A member whose lease lapsed may be serving from its local share without
+/// Redis: its share, ⌊limit / replicas⌋ of every window, is kept back from
+/// the shared log until its reservation ends (see [`SharedBudgets::heartbeat`]).
+/// Returns {admitted (1-based, 0 = none), wait µs (-1 = all disabled), now µs,
+/// lost, suspects}.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function s(x) return string.format('%.0f', x) end
 local lost = 0
 if redis.call('SET', KEYS[3], s(now), 'NX') then lost = 1 end
-local rid, slack = ARGV[1], tonumber(ARGV[2])
-local a, k, j, wait = 3, 4, 0, -1
+local rid, slack, replicas = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local suspects = 0
+if replicas > 0 then suspects = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. s(now)) end
+local a, k, j, wait = 4, 5, 0, -1
 while a <= #ARGV do
   j = j + 1
   local id, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -201,6 +223,7 @@ while a <= #ARGV do
       local need = 0
       for i = 0, n - 1 do
         local period, limit, log = tonumber(ARGV[a + 2 * i]), tonumber(ARGV[a + 2 * i + 1]), KEYS[k + i]
+        if replicas > 0 then limit = limit - suspects * math.floor(limit / replicas) end
         redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - period))
         local count = redis.call('ZCARD', log)
         if count >= limit then
@@ -218,7 +241,7 @@ while a <= #ARGV do
           redis.call('ZADD', log, s(now), rid)
           redis.call('PEXPIRE', log, math.floor(period / 1000) + slack)
         end
-        return {j, 0, now, lost}
+        return {j, 0, now, lost, suspects}
       end
       w = need
     end
@@ -227,7 +250,33 @@ while a <= #ARGV do
   a = a + 2 * n
   k = k + n
 end
-return {0, wait, now, lost}
+return {0, wait, now, lost, suspects}
+";
+
+/// Heartbeat. KEYS 1 members; ARGV 1 replica, 2 lease µs, 3 reservation µs
+/// (how long after its lease lapsed a vanished replica's share stays kept
+/// back). Returns {live members, suspects}.
+const BEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function s(x) return string.format('%.0f', x) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. s(now - tonumber(ARGV[3])))
+redis.call('ZADD', KEYS[1], s(now + tonumber(ARGV[2])), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.floor((tonumber(ARGV[2]) + tonumber(ARGV[3])) / 1000) + 1000)
+local live = redis.call('ZCOUNT', KEYS[1], s(now), '+inf')
+local suspects = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. s(now))
+return {live, suspects}
+";
+
+/// Records admissions made elsewhere (a replica's local share while Redis
+/// was away) in a log, at their times: KEYS 1 log; ARGV period µs, then
+/// member, score µs pairs. Returns the log's size.
+const REPLAY: &str = r"
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+return redis.call('ZCARD', KEYS[1])
 ";
 
 /// Sets a cooldown's end, never shortening one: KEYS 1 cooldowns; ARGV id,
@@ -253,7 +302,11 @@ pub struct SharedBudgets {
     conn: ConnectionManager,
     admit: Script,
     cool: Script,
+    beat: Script,
+    replay: Script,
     config: SharedConfig,
+    /// The most replicas that may serve (0: no shares kept back).
+    replicas: u64,
     /// Makes request ids unique across replicas and calls.
     replica: String,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -297,10 +350,89 @@ impl SharedBudgets {
             conn,
             admit: Script::new(ADMIT),
             cool: Script::new(COOL),
+            beat: Script::new(BEAT),
+            replay: Script::new(REPLAY),
             config,
+            replicas: 0,
             replica,
             counter: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
+    }
+
+    /// The same connection, keeping back the share of every suspect replica
+    /// (one whose heartbeat lapsed) out of `replicas` at most:
+    /// ⌊limit / replicas⌋ of each window per suspect.
+    pub fn with_replicas(mut self, replicas: u64) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// This replica's name in the pool's membership.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Renews this replica's lease in `pool` for `lease`, forgets members
+    /// whose lease lapsed more than `reservation` ago, and says who serves.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn heartbeat(
+        &self,
+        pool: &str,
+        lease: Duration,
+        reservation: Duration,
+    ) -> Result<Membership, SharedError> {
+        check_name("pool", pool)?;
+        let mut invocation = self.beat.prepare_invoke();
+        invocation
+            .key(self.key(pool, "mem"))
+            .arg(&self.replica)
+            .arg(u64::try_from(lease.as_micros()).unwrap_or(u64::MAX))
+            .arg(u64::try_from(reservation.as_micros()).unwrap_or(u64::MAX));
+        let mut conn = self.conn.clone();
+        let reply: Vec<u64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let [live, suspects] = reply[..] else { return Err(SharedError::Reply(format!("{reply:?}"))) };
+        Ok(Membership { live, suspects })
+    }
+
+    /// Leaves `pool` gracefully (at shutdown): no share is kept back for it.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn leave(&self, pool: &str) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("ZREM").arg(self.key(pool, "mem")).arg(&self.replica).to_owned();
+        let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Writes admissions this replica made without Redis (at `times_us`,
+    /// Redis's clock) into key `id`'s `window` log of `pool`, so that the
+    /// shared window counts them once it is back.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn replay(
+        &self,
+        pool: &str,
+        id: &str,
+        window: Window<'_>,
+        times_us: &[u64],
+    ) -> Result<u64, SharedError> {
+        check_name("pool", pool)?;
+        check_name("id", id)?;
+        check_name("window", window.name)?;
+        let mut invocation = self.replay.prepare_invoke();
+        invocation
+            .key(self.key(pool, &format!("log:{id}:{}", window.name)))
+            .arg(u64::try_from(window.period.as_micros()).unwrap_or(u64::MAX));
+        for (i, t) in times_us.iter().enumerate() {
+            invocation.arg(format!("{}-replay-{i}-{t}", self.replica)).arg(*t);
+        }
+        let mut conn = self.conn.clone();
+        self.bounded(invocation.invoke_async(&mut conn)).await
     }
 
     /// The Redis key of `what` in `pool`: `<prefix>:{<pool>}:<what>`.
@@ -319,9 +451,13 @@ impl SharedBudgets {
     pub async fn admit(&self, pool: &str, candidates: &[Candidate<'_>]) -> Result<Admission, SharedError> {
         check_name("pool", pool)?;
         let mut invocation = self.admit.prepare_invoke();
-        invocation.key(self.key(pool, "cool")).key(self.key(pool, "dis")).key(self.key(pool, "epoch"));
+        invocation
+            .key(self.key(pool, "cool"))
+            .key(self.key(pool, "dis"))
+            .key(self.key(pool, "epoch"))
+            .key(self.key(pool, "mem"));
         let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        invocation.arg(format!("{}-{n:x}", self.replica)).arg(1_000u64);
+        invocation.arg(format!("{}-{n:x}", self.replica)).arg(1_000u64).arg(self.replicas);
         for c in candidates {
             check_name("id", c.id)?;
             invocation.arg(c.id).arg(c.windows.len());
@@ -333,7 +469,7 @@ impl SharedBudgets {
         }
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let [admitted, wait, now, lost] = reply[..] else {
+        let [admitted, wait, now, lost, suspects] = reply[..] else {
             return Err(SharedError::Reply(format!("{reply:?}")));
         };
         let admitted = usize::try_from(admitted).ok().and_then(|j| j.checked_sub(1));
@@ -342,7 +478,13 @@ impl SharedBudgets {
             (None, w) if w < 0 => None,
             (None, w) => Some(Duration::from_micros(w.unsigned_abs())),
         };
-        Ok(Admission { admitted, wait, now_us: now.unsigned_abs(), state_lost: lost == 1 })
+        Ok(Admission {
+            admitted,
+            wait,
+            now_us: now.unsigned_abs(),
+            state_lost: lost == 1,
+            suspects: suspects.unsigned_abs(),
+        })
     }
 
     /// Key `id` of `pool` rests `duration` from now (Redis's clock), or

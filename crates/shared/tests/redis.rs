@@ -257,3 +257,49 @@ async fn a_frozen_redis_costs_a_call_its_deadline_not_more() {
     }
     assert!(back, "answers again once Redis runs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_heartbeat_lapsed_keeps_its_share_and_a_graceful_leave_frees_it() {
+    let Some(redis) = Redis::start("a_replica_whose_heartbeat_lapsed_keeps_its_share") else { return };
+    // Three replicas at most; a window of 30: each one's share is 10.
+    let r1 = replica(&redis).await.with_replicas(3);
+    let r2 = replica(&redis).await.with_replicas(3);
+    let r3 = replica(&redis).await.with_replicas(3);
+    let (lease, reservation) = (Duration::from_millis(1_000), Duration::from_secs(30));
+    for r in [&r1, &r2, &r3] {
+        r.heartbeat("pool", lease, reservation).await.unwrap();
+    }
+    let m = r1.heartbeat("pool", lease, reservation).await.unwrap();
+    assert_eq!((m.live, m.suspects), (3, 0));
+    // r3 goes quiet (lost Redis, maybe serving its share alone); r1 and r2 keep beating.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    r2.heartbeat("pool", lease, reservation).await.unwrap();
+    let m = r1.heartbeat("pool", lease, reservation).await.unwrap();
+    assert_eq!((m.live, m.suspects), (2, 1));
+    let window = [Window::new("m", Duration::from_secs(60), 30)];
+    let a = [Candidate::new(KEY_A, &window)];
+    let mut admitted = 0;
+    for i in 0..30 {
+        let r = if i % 2 == 0 { &r1 } else { &r2 };
+        let answer = r.admit("pool", &a).await.unwrap();
+        assert_eq!(answer.suspects, 1);
+        admitted += usize::from(answer.admitted.is_some());
+    }
+    assert_eq!(admitted, 20, "30 less the suspect's share of 10");
+    // r3 comes back: it replays the 10 it sent alone, then beats again — nothing more is free.
+    let now = r3.admit("pool", &[]).await.unwrap().now_us;
+    let sent: Vec<u64> = (0..10).map(|i| now - 300_000 + i * 1_000).collect();
+    assert_eq!(r3.replay("pool", KEY_A, window[0], &sent).await.unwrap(), 30);
+    r3.heartbeat("pool", lease, reservation).await.unwrap();
+    assert_eq!(r1.admit("pool", &a).await.unwrap().admitted, None, "20 shared + 10 replayed = 30");
+    // A replica that leaves gracefully keeps nothing back.
+    let b = [Candidate::new(KEY_B, &window)];
+    r3.leave("pool").await.unwrap();
+    r1.heartbeat("pool", lease, reservation).await.unwrap();
+    r2.heartbeat("pool", lease, reservation).await.unwrap();
+    let mut free = 0;
+    for _ in 0..31 {
+        free += usize::from(r1.admit("pool", &b).await.unwrap().admitted.is_some());
+    }
+    assert_eq!(free, 30, "no suspect: the whole window");
+}
