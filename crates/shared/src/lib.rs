@@ -119,6 +119,13 @@ pub enum SharedError {
     /// A pool name or id that cannot be used in a key.
     #[error("{0}")]
     Invalid(String),
+    /// A calendar window does not hold Redis's clock: recompute it for
+    /// `now_us` and ask again (nothing was charged).
+    #[error("a calendar window does not hold Redis's clock ({now_us} us): recompute it")]
+    StaleCalendar {
+        /// Redis's clock, Unix microseconds.
+        now_us: u64,
+    },
 }
 
 /// One window of a budget as Redis counts it.
@@ -129,14 +136,26 @@ pub struct Window<'a> {
     pub name: &'a str,
     /// Its period, margin included.
     pub period: Duration,
-    /// Admissions allowed in any interval of `period`.
+    /// Admissions allowed in any interval of `period` (or in the calendar
+    /// window).
     pub limit: u64,
+    /// A calendar window instead of a rolling one: `[start, end)` in Unix
+    /// microseconds of Redis's clock (a day from `00:00` in the provider's
+    /// zone, resolved by the caller: Redis has no time zones).
+    pub calendar: Option<(u64, u64)>,
 }
 
 impl<'a> Window<'a> {
     /// At most `limit` admissions in any interval of `period`.
     pub fn new(name: &'a str, period: Duration, limit: u64) -> Self {
-        Self { name, period, limit }
+        Self { name, period, limit, calendar: None }
+    }
+
+    /// At most `limit` admissions from `start_us` to `end_us` (Unix
+    /// microseconds, Redis's clock): a day that resets at a fixed time.
+    pub fn calendar(name: &'a str, start_us: u64, end_us: u64, limit: u64) -> Self {
+        let period = Duration::from_micros(end_us.saturating_sub(start_us));
+        Self { name, period, limit, calendar: Some((start_us, end_us)) }
     }
 }
 
@@ -193,13 +212,15 @@ pub struct Membership {
 /// end µs), then one log (ZSET) per window of each candidate in order. ARGV:
 /// 1 request id, 2 log TTL slack (ms), 3 the most replicas that may serve
 /// (0: no shares kept back), then per candidate: id, window count, and per
-/// window: period µs, limit.
+/// window: period µs, 0, limit (a rolling window, a ZSET log) or start µs,
+/// end µs, limit (a calendar window, a counter named by its start).
 ///
 /// A member whose lease lapsed may be serving from its local share without
 /// Redis: its share, ⌊limit / replicas⌋ of every window, is kept back from
 /// the shared log until its reservation ends (see [`SharedBudgets::heartbeat`]).
-/// Returns {admitted (1-based, 0 = none), wait µs (-1 = all disabled), now µs,
-/// lost, suspects}.
+/// Returns {admitted (1-based, 0 = none, -1 = a calendar window does not
+/// hold Redis's now: recompute), wait µs (-1 = all disabled), now µs, lost,
+/// suspects}.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -222,24 +243,35 @@ while a <= #ARGV do
     else
       local need = 0
       for i = 0, n - 1 do
-        local period, limit, log = tonumber(ARGV[a + 2 * i]), tonumber(ARGV[a + 2 * i + 1]), KEYS[k + i]
+        local p1, p2, limit, log = tonumber(ARGV[a + 3 * i]), tonumber(ARGV[a + 3 * i + 1]), tonumber(ARGV[a + 3 * i + 2]), KEYS[k + i]
         if replicas > 0 then limit = limit - suspects * math.floor(limit / replicas) end
-        redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - period))
-        local count = redis.call('ZCARD', log)
-        if count >= limit then
-          if limit < 1 then
-            need = math.max(need, period)
-          else
-            local e = redis.call('ZRANGE', log, count - limit, count - limit, 'WITHSCORES')
-            need = math.max(need, tonumber(e[2]) + period - now)
+        if p2 > 0 then
+          -- A calendar window [p1, p2): a counter named by its start.
+          if now < p1 or now >= p2 then return {-1, 0, now, lost, suspects} end
+          if tonumber(redis.call('GET', log) or '0') >= limit then need = math.max(need, p2 - now) end
+        else
+          redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
+          local count = redis.call('ZCARD', log)
+          if count >= limit then
+            if limit < 1 then
+              need = math.max(need, p1)
+            else
+              local e = redis.call('ZRANGE', log, count - limit, count - limit, 'WITHSCORES')
+              need = math.max(need, tonumber(e[2]) + p1 - now)
+            end
           end
         end
       end
       if need == 0 then
         for i = 0, n - 1 do
-          local period, log = tonumber(ARGV[a + 2 * i]), KEYS[k + i]
-          redis.call('ZADD', log, s(now), rid)
-          redis.call('PEXPIRE', log, math.floor(period / 1000) + slack)
+          local p1, p2, log = tonumber(ARGV[a + 3 * i]), tonumber(ARGV[a + 3 * i + 1]), KEYS[k + i]
+          if p2 > 0 then
+            redis.call('INCR', log)
+            redis.call('PEXPIREAT', log, math.floor(p2 / 1000) + slack)
+          else
+            redis.call('ZADD', log, s(now), rid)
+            redis.call('PEXPIRE', log, math.floor(p1 / 1000) + slack)
+          end
         end
         return {j, 0, now, lost, suspects}
       end
@@ -247,7 +279,7 @@ while a <= #ARGV do
     end
   end
   if w ~= nil and (wait < 0 or w < wait) then wait = w end
-  a = a + 2 * n
+  a = a + 3 * n
   k = k + n
 end
 return {0, wait, now, lost, suspects}
@@ -409,8 +441,8 @@ impl SharedBudgets {
     }
 
     /// Writes admissions this replica made without Redis (at `times_us`,
-    /// Redis's clock) into key `id`'s `window` log of `pool`, so that the
-    /// shared window counts them once it is back.
+    /// Redis's clock) into key `id`'s rolling `window` log of `pool`, so that
+    /// the shared window counts them once it is back.
     ///
     /// # Errors
     /// As [`admit`](Self::admit).
@@ -424,6 +456,12 @@ impl SharedBudgets {
         check_name("pool", pool)?;
         check_name("id", id)?;
         check_name("window", window.name)?;
+        if window.calendar.is_some() {
+            return Err(SharedError::Invalid(format!(
+                "window {:?}: replay writes rolling logs; add a calendar window's count with its own counter",
+                window.name
+            )));
+        }
         let mut invocation = self.replay.prepare_invoke();
         invocation
             .key(self.key(pool, &format!("log:{id}:{}", window.name)))
@@ -463,8 +501,17 @@ impl SharedBudgets {
             invocation.arg(c.id).arg(c.windows.len());
             for w in c.windows {
                 check_name("window", w.name)?;
-                invocation.key(self.key(pool, &format!("log:{}:{}", c.id, w.name)));
-                invocation.arg(u64::try_from(w.period.as_micros()).unwrap_or(u64::MAX)).arg(w.limit);
+                match w.calendar {
+                    None => {
+                        invocation.key(self.key(pool, &format!("log:{}:{}", c.id, w.name)));
+                        invocation.arg(u64::try_from(w.period.as_micros()).unwrap_or(u64::MAX)).arg(0u64);
+                    }
+                    Some((start, end)) => {
+                        invocation.key(self.key(pool, &format!("log:{}:{}:{start}", c.id, w.name)));
+                        invocation.arg(start).arg(end.max(start + 1));
+                    }
+                }
+                invocation.arg(w.limit);
             }
         }
         let mut conn = self.conn.clone();
@@ -472,6 +519,9 @@ impl SharedBudgets {
         let [admitted, wait, now, lost, suspects] = reply[..] else {
             return Err(SharedError::Reply(format!("{reply:?}")));
         };
+        if admitted < 0 {
+            return Err(SharedError::StaleCalendar { now_us: now.unsigned_abs() });
+        }
         let admitted = usize::try_from(admitted).ok().and_then(|j| j.checked_sub(1));
         let wait = match (admitted, wait) {
             (Some(_), _) => Some(Duration::ZERO),

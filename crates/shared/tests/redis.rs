@@ -303,3 +303,38 @@ async fn a_replica_whose_heartbeat_lapsed_keeps_its_share_and_a_graceful_leave_f
     }
     assert_eq!(free, 30, "no suspect: the whole window");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calendar_window_counts_until_its_end_and_a_stale_one_is_refused() {
+    let Some(redis) = Redis::start("a_calendar_window_counts_until_its_end") else { return };
+    let (r1, r2) = (replica(&redis).await, replica(&redis).await);
+    // Redis's now, from an admission with no candidate.
+    let now = r1.admit("pool", &[]).await.unwrap().now_us;
+    let (start, end) = (now - 1_000_000, now + 3_000_000);
+    let day = [Window::calendar("d", start, end, 3)];
+    let a = [Candidate::new(KEY_A, &day)];
+    let mut admitted = 0;
+    for r in [&r1, &r2, &r1, &r2] {
+        admitted += usize::from(r.admit("pool", &a).await.unwrap().admitted.is_some());
+    }
+    assert_eq!(admitted, 3, "three in the calendar window, from both replicas");
+    let full = r2.admit("pool", &a).await.unwrap();
+    let wait = full.wait.unwrap();
+    assert!(
+        wait <= Duration::from_micros(end - full.now_us) && wait > Duration::from_secs(2),
+        "until its end: {wait:?}"
+    );
+    // Another window (another start: a counter of its own) has room; one that
+    // does not hold Redis's now is refused, uncharged.
+    let next = [Window::calendar("d", start + 1, end + 100_000_000, 3)];
+    assert_eq!(r1.admit("pool", &[Candidate::new(KEY_A, &next)]).await.unwrap().admitted, Some(0));
+    let past = [Window::calendar("d", start - 10_000_000, start, 3)];
+    match r1.admit("pool", &[Candidate::new(KEY_A, &past)]).await {
+        Err(SharedError::StaleCalendar { now_us }) => assert!(now_us >= now),
+        other => panic!("a stale calendar window: {other:?}"),
+    }
+    // Rolling and calendar windows of one key together: both must have room.
+    let both = [Window::new("m", Duration::from_secs(60), 10), Window::calendar("d", start, end, 3)];
+    assert_eq!(r1.admit("pool", &[Candidate::new(KEY_B, &both)]).await.unwrap().admitted, Some(0));
+    assert!(r1.replay("pool", KEY_A, day[0], &[now]).await.is_err(), "replay writes rolling logs only");
+}
