@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on bad setup
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -258,26 +258,39 @@ fn concurrent_selection_is_fair_within_the_thread_count() {
 fn reload_under_concurrent_selection_never_stalls_or_serves_removed_keys() {
     let pool = Arc::new(KeyPool::new(keys(4)).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
+    // Selections so far, so that the reloads overlap selections even on a
+    // machine too busy to schedule the workers at once (CI builds alongside).
+    let selected = Arc::new(AtomicU64::new(0));
     let all = keys(8);
     let workers: Vec<_> = (0..2)
         .map(|_| {
-            let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+            let (pool, stop, selected) = (Arc::clone(&pool), Arc::clone(&stop), Arc::clone(&selected));
             thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let k = pool.select().expect("never empty");
                     pool.report(&k, Outcome::Success);
+                    selected.fetch_add(1, Ordering::Relaxed);
                     n += 1;
                 }
                 n
             })
         })
         .collect();
+    let wait_for = |at_least: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while selected.load(Ordering::Relaxed) < at_least && std::time::Instant::now() < deadline {
+            thread::yield_now();
+        }
+    };
+    wait_for(100);
     for round in 0..200 {
         let set = if round % 2 == 0 { &all[2..6] } else { &all[4..8] };
         thread::yield_now();
         pool.reload(set.iter().cloned(), |_, _| ()).unwrap();
     }
+    // Some selections on the last generation too (keys 4 and 5 are in it).
+    wait_for(selected.load(Ordering::Relaxed) + 100);
     stop.store(true, Ordering::Relaxed);
     let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert!(total > 0);
