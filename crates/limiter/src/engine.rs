@@ -174,17 +174,29 @@ impl State {
 
     /// Nanoseconds until this budget admits a request (0 = now), with the
     /// cause when it does not.
-    fn wait(&self, now: u64, max_concurrent: Option<NonZeroU32>, running: &Running) -> (u64, Cause) {
+    fn wait(
+        &self,
+        now: u64,
+        max_concurrent: Option<NonZeroU32>,
+        running: &Running,
+        share: ShareNow,
+    ) -> (u64, Cause) {
         let mut worst = (0, Cause::None);
         if self.blocked_until > now {
             worst = (self.blocked_until - now, Cause::Announced);
+        }
+        if share.not_before > now {
+            worst = worst.max_by_wait((share.not_before - now, Cause::Share));
         }
         if max_concurrent.is_some_and(|m| running.in_flight.load(Ordering::Acquire) >= m.get()) {
             worst = worst.max_by_wait((nanos(POLL), Cause::Concurrency));
         }
         for w in self.windows.iter() {
+            if share.skip_requests && w.window.unit == Unit::Requests {
+                continue;
+            }
             let reserved = running.reserved.load(Ordering::Acquire);
-            let wait = w.wait_for_room(now, reserved).unwrap_or(nanos(POLL));
+            let wait = w.wait_for_room(now, reserved, share.divisor).unwrap_or(nanos(POLL));
             if wait > 0 {
                 let cause = Cause::Window {
                     unit: w.window.unit,
@@ -248,6 +260,58 @@ pub enum Cause {
     Concurrency,
     /// The upstream announced that nothing more is allowed until a reset.
     Announced,
+    /// This replica's [`Share`] of a quota it shares with others: spent, or
+    /// not free yet (a replica that lost the shared state waits before it
+    /// spends its share).
+    Share,
+}
+
+/// The part of every window this engine may use while it cannot reach the
+/// state it shares with other replicas: ⌊limit / divisor⌋ of each window,
+/// and nothing before `not_before`. Set by whoever coordinates the replicas
+/// (the gateway's Redis link); a fresh engine uses its whole budget.
+/// Carried across [`QuotaEngine::reshape`], so a reload keeps it.
+#[derive(Debug, Default)]
+pub struct Share {
+    divisor: AtomicU64,
+    not_before: AtomicU64,
+}
+
+impl Share {
+    /// Use ⌊limit / `divisor`⌋ of every window (0 or 1: the whole), and
+    /// nothing before `not_before` (the engine clock's nanoseconds).
+    pub fn set(&self, divisor: u64, not_before: u64) {
+        self.not_before.store(not_before, Ordering::Release);
+        self.divisor.store(divisor, Ordering::Release);
+    }
+
+    /// The whole budget again.
+    pub fn whole(&self) {
+        self.set(1, 0);
+    }
+
+    /// The divisor (1: the whole budget) and the engine instant before which
+    /// nothing is admitted.
+    pub fn get(&self) -> (u64, u64) {
+        (self.divisor.load(Ordering::Acquire).max(1), self.not_before.load(Ordering::Acquire))
+    }
+}
+
+/// How one check applies the share.
+#[derive(Debug, Clone, Copy)]
+struct ShareNow {
+    divisor: u64,
+    not_before: u64,
+    /// Request windows are decided elsewhere (the shared state admitted the
+    /// request): check everything else.
+    skip_requests: bool,
+}
+
+impl ShareNow {
+    fn of(share: &Share, skip_requests: bool) -> Self {
+        let (divisor, not_before) = if skip_requests { (1, 0) } else { share.get() };
+        Self { divisor, not_before, skip_requests }
+    }
 }
 
 /// How long until a key can take a request, and why not now.
@@ -315,6 +379,26 @@ pub struct QuotaEngine<C: QuotaClock + Clone = SystemClock> {
     keys: Box<[KeySlot<C>]>,
     clock: C,
     counts_tokens: bool,
+    share: Arc<Share>,
+}
+
+/// One request window of a key's budget, for a store shared by replicas
+/// (see [`QuotaEngine::request_windows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WindowView<'a> {
+    /// The account whose budget it is; `None` for the key's own.
+    pub account: Option<&'a str>,
+    /// The configured period.
+    pub period: Duration,
+    /// What a grant counts for: the period plus the margin (rolling), or the
+    /// period (a daily reset).
+    pub span: Duration,
+    /// Its limit now (a learned lower one included).
+    pub limit: u64,
+    /// A calendar window: its next reset, on the engine's clock
+    /// (nanoseconds); `None` for a rolling window.
+    pub resets_at: Option<u64>,
 }
 
 /// One kind of window summed over a pool (see [`QuotaEngine::pool_window`]).
@@ -391,12 +475,44 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                 slot
             })
             .collect();
-        Self { keys, clock, counts_tokens }
+        let share = old.map_or_else(Arc::default, |o| Arc::clone(&o.share));
+        Self { keys, clock, counts_tokens, share }
     }
 
     /// Whether any budget has a token window (so requests need a token estimate).
     pub fn counts_tokens(&self) -> bool {
         self.counts_tokens
+    }
+
+    /// The part of its windows this engine may use (see [`Share`]); the same
+    /// `Arc` across reloads.
+    pub fn share(&self) -> &Arc<Share> {
+        &self.share
+    }
+
+    /// Calls `f` with each request window of key `index`'s budgets as they
+    /// count now (its own, then its account's): what a shared store must
+    /// enforce for the key.
+    pub fn request_windows(&self, index: usize, mut f: impl FnMut(WindowView<'_>)) {
+        let Some(slot) = self.keys.get(index) else { return };
+        let now = self.clock.now();
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.refresh(now);
+            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
+                let resets_at = match &w.window.reset {
+                    crate::Reset::Rolling => None,
+                    crate::Reset::Daily(daily) => Some(daily.next_after(now)),
+                };
+                f(WindowView {
+                    account: budget.account.as_deref(),
+                    period: w.window.period,
+                    span: Duration::from_nanos(w.window.span),
+                    limit: w.limit(),
+                    resets_at,
+                });
+            }
+        }
     }
 
     /// The `unit` windows of `period` summed over the keys `include` accepts
@@ -455,6 +571,19 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// for an unknown index). The grant counts at once in request windows; the
     /// returned [`Permit`] settles tokens and the concurrency slot.
     pub fn try_acquire(&self, index: usize, tokens: u64) -> Option<Permit<C>> {
+        self.acquire(index, tokens, ShareNow::of(&self.share, false))
+    }
+
+    /// [`try_acquire`](Self::try_acquire) for a request the shared state
+    /// (another replica's view included) already admitted: request windows
+    /// are charged without being checked; everything only this replica
+    /// knows — the shaper, concurrency, token windows, announced blocks — is
+    /// checked as usual.
+    pub fn try_acquire_admitted(&self, index: usize, tokens: u64) -> Option<Permit<C>> {
+        self.acquire(index, tokens, ShareNow::of(&self.share, true))
+    }
+
+    fn acquire(&self, index: usize, tokens: u64, share: ShareNow) -> Option<Permit<C>> {
         let slot = self.keys.get(index)?;
         let now = self.clock.now();
         // A budget replaced by a reload forwards to its successor (one atomic
@@ -463,7 +592,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
         let mut account = slot.account.as_ref().map(Budget::latest).map(|b| (b, b.lock()));
         for (budget, state) in own.iter_mut().chain(account.iter_mut()) {
             state.refresh(now);
-            if state.wait(now, budget.spec.max_concurrent, &budget.running).0 > 0 {
+            if state.wait(now, budget.spec.max_concurrent, &budget.running, share).0 > 0 {
                 return None;
             }
             if budget.shaper.as_ref().is_some_and(|s| s.time_to_permit(0) != Some(Duration::ZERO)) {
@@ -497,6 +626,16 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// How long until key `index` could take a request reserving `tokens`,
     /// and what holds it back; `None` for an unknown index.
     pub fn wait(&self, index: usize, tokens: u64) -> Option<Wait> {
+        self.wait_with(index, tokens, ShareNow::of(&self.share, false))
+    }
+
+    /// [`wait`](Self::wait) leaving request windows out: what only this
+    /// replica knows holds key `index` back (for a shared admission).
+    pub fn local_wait(&self, index: usize, tokens: u64) -> Option<Wait> {
+        self.wait_with(index, tokens, ShareNow::of(&self.share, true))
+    }
+
+    fn wait_with(&self, index: usize, tokens: u64, share: ShareNow) -> Option<Wait> {
         let _ = tokens; // a request is admitted while a token window has any room
         let slot = self.keys.get(index)?;
         let now = self.clock.now();
@@ -504,7 +643,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
         for budget in slot.budgets() {
             let mut state = budget.lock();
             state.refresh(now);
-            worst = worst.max_by_wait(state.wait(now, budget.spec.max_concurrent, &budget.running));
+            worst = worst.max_by_wait(state.wait(now, budget.spec.max_concurrent, &budget.running, share));
             drop(state);
             if let Some(shaper) = &budget.shaper {
                 let w = shaper.time_to_permit(0).map_or(0, nanos);
@@ -526,7 +665,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
             let mut state = budget.lock();
             state.refresh(now);
             for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
-                worst = worst.max(w.wait_for_room(now, 0).unwrap_or(0));
+                worst = worst.max(w.wait_for_room(now, 0, 1).unwrap_or(0));
             }
         }
         Duration::from_nanos(worst)
@@ -1350,5 +1489,47 @@ mod tests {
         permit.finish(Some(40));
         let tokens = r.report(0).into_iter().find(|l| l.kind == LimitKind::Tokens).unwrap();
         assert_eq!(tokens.used, 40);
+    }
+
+    #[test]
+    fn a_share_takes_its_part_of_every_window_and_waits_until_it_is_free() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits::nvidia_free_tier()], &clock);
+        for _ in 0..5 {
+            e.try_acquire(0, 0).unwrap();
+        }
+        // A third of 40 is 13, and not before two seconds from now.
+        e.share().set(3, clock.now() + 2 * SEC);
+        let w = e.wait(0, 0).unwrap();
+        assert_eq!((w.wait, w.cause), (Duration::from_secs(2), Cause::Share));
+        assert!(e.try_acquire(0, 0).is_none());
+        clock.advance(Duration::from_secs(2));
+        // The five taken before count against the share too.
+        for i in 0..8 {
+            assert!(e.try_acquire(0, 0).is_some(), "grant {i} of the share's 13");
+        }
+        assert!(e.try_acquire(0, 0).is_none(), "13 taken");
+        // What the shared state admitted is charged without a check.
+        assert!(e.try_acquire_admitted(0, 0).is_some());
+        assert_eq!(e.local_wait(0, 0).unwrap().wait, Duration::ZERO);
+        // A reload keeps the share; the whole budget comes back when told.
+        let r = e.reshape([KeyBudget {
+            own: Some(Limits::nvidia_free_tier().compile().unwrap()),
+            previous: Some(0),
+            ..KeyBudget::default()
+        }]);
+        assert!(Arc::ptr_eq(r.share(), e.share()));
+        assert!(r.try_acquire(0, 0).is_none());
+        r.share().whole();
+        assert!(r.try_acquire(0, 0).is_some(), "15 of 40 used");
+        // A share of zero never admits.
+        r.share().set(41, 0);
+        assert_eq!(
+            r.wait(0, 0).unwrap().cause,
+            Cause::Window { unit: Unit::Requests, limit: 40, period: Duration::from_secs(60), daily: false }
+        );
+        let mut seen = Vec::new();
+        r.request_windows(0, |w| seen.push((w.account.is_some(), w.limit, w.span, w.resets_at)));
+        assert_eq!(seen, [(false, 40, Duration::from_millis(60_500), None)]);
     }
 }

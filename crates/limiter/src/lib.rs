@@ -94,7 +94,7 @@ mod window;
 pub use clock::{ManualClock, QuotaClock, SystemClock};
 pub use engine::{
     Announced, Cause, KeyBudget, LimitKind, LimitReport, POLL, Permit, PoolWindow, QuotaEngine, SavedBudget,
-    SavedWindow, Scope, Wait,
+    SavedWindow, Scope, Share, Wait, WindowView,
 };
 pub use governor_limiter::GovernorLimiter;
 pub use limits::{BudgetSpec, DailyReset, LimitError, Limits, Reset, ResetError, Unit, WindowSpec};

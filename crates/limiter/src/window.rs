@@ -225,8 +225,15 @@ impl WindowState {
     /// Nanoseconds until this window admits one more request (0 = now), given
     /// `reserved` tokens outstanding; `None` when only finishing requests can
     /// make room (reservations alone fill a token window).
-    pub(crate) fn wait_for_room(&self, now: u64, reserved: u64) -> Option<u64> {
-        let limit = self.limit();
+    /// With `divisor` above 1 only ⌊limit / divisor⌋ is available (a
+    /// replica's share of a window it shares with others).
+    pub(crate) fn wait_for_room(&self, now: u64, reserved: u64, divisor: u64) -> Option<u64> {
+        let limit = self.limit() / divisor.max(1);
+        if limit == 0 {
+            // No share of this window at all: it never has room; look again
+            // after a span (the share may change).
+            return Some(self.window.span.max(1));
+        }
         // Requests: used + 1 ≤ limit. Tokens: used + reserved < limit.
         let room_at = match self.window.unit {
             Unit::Requests => limit - 1,
