@@ -318,6 +318,34 @@ impl<A> KeyPool<A> {
         None
     }
 
+    /// Selects the key at `index` if it is usable and `accept` agrees,
+    /// without moving the round-robin cursor: for a choice made elsewhere
+    /// among candidates offered in round-robin order (a shared admission).
+    /// The key's `requests` counter is incremented.
+    pub fn select_at(
+        &self,
+        index: usize,
+        accept: impl FnOnce(&Candidate<'_, A>) -> bool,
+    ) -> Option<Selected> {
+        let generation = self.current.load();
+        let key = generation.keys.get(index)?;
+        let now = self.now_ns();
+        if !key.state.usable(&mut || now) {
+            return None;
+        }
+        if !accept(&Candidate { index, key, attachment: &generation.attachment }) {
+            return None;
+        }
+        key.state.requests.fetch_add(1, Ordering::Relaxed);
+        Some(Selected { index, key: Arc::clone(key) })
+    }
+
+    /// The state of a selected key now (after [`report`](Self::report): the
+    /// cooldown or disable the outcome caused).
+    pub fn status_of(&self, key: &Selected) -> crate::KeyStatus {
+        key.key.state.status(self.now_ns())
+    }
+
     /// [`select_with`](Self::select_with) with a predicate that accepts every usable key.
     pub fn select(&self) -> Option<Selected> {
         self.select_with(|_| true)

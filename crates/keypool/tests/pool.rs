@@ -379,3 +379,27 @@ fn a_saved_state_comes_back_after_a_restart() {
     assert_eq!(snap[2].status, KeyStatus::Ready);
     assert_eq!(pool.select().map(|k| k.index()), Some(2), "only the restored-ready key is selectable");
 }
+
+#[test]
+fn a_key_chosen_elsewhere_is_selected_without_moving_the_cursor() {
+    let (pool, _clock) = pool_with_clock(3);
+    // Offer the candidates in round-robin order without taking one…
+    let mut offered = Vec::new();
+    assert!(
+        pool.select_with(|c| {
+            offered.push(c.index);
+            false
+        })
+        .is_none()
+    );
+    assert_eq!(offered, [0, 1, 2]);
+    // …then take the one an outside decision picked.
+    let chosen = pool.select_at(2, |_| true).unwrap();
+    assert_eq!(chosen.index(), 2);
+    assert_eq!(picks(&pool, 2), [1, 2], "the cursor moved once, by the offer");
+    pool.report(&chosen, Outcome::AuthFailed);
+    assert_eq!(pool.status_of(&chosen), KeyStatus::Disabled);
+    assert!(pool.select_at(2, |_| true).is_none(), "a disabled key is not selected");
+    assert!(pool.select_at(0, |_| false).is_none());
+    assert!(pool.select_at(7, |_| true).is_none());
+}

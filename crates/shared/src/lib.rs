@@ -49,6 +49,9 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
@@ -131,6 +134,9 @@ pub enum SharedError {
 /// One window of a budget as Redis counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window<'a> {
+    /// Whose budget it is: a key's fingerprint, or an account's id shared by
+    /// several keys (`None`: the candidate's own). Part of its Redis key.
+    pub budget: Option<&'a str>,
     /// Its name within the budget (`m` for the minute, `d` for the day, …),
     /// part of its Redis key.
     pub name: &'a str,
@@ -141,26 +147,34 @@ pub struct Window<'a> {
     pub limit: u64,
     /// A calendar window instead of a rolling one: `[start, end)` in Unix
     /// microseconds of Redis's clock (a day from `00:00` in the provider's
-    /// zone, resolved by the caller: Redis has no time zones).
+    /// zone, resolved by the caller: Redis has no time zones). Its counter
+    /// is named by its end.
     pub calendar: Option<(u64, u64)>,
 }
 
 impl<'a> Window<'a> {
     /// At most `limit` admissions in any interval of `period`.
     pub fn new(name: &'a str, period: Duration, limit: u64) -> Self {
-        Self { name, period, limit, calendar: None }
+        Self { budget: None, name, period, limit, calendar: None }
     }
 
     /// At most `limit` admissions from `start_us` to `end_us` (Unix
     /// microseconds, Redis's clock): a day that resets at a fixed time.
     pub fn calendar(name: &'a str, start_us: u64, end_us: u64, limit: u64) -> Self {
         let period = Duration::from_micros(end_us.saturating_sub(start_us));
-        Self { name, period, limit, calendar: Some((start_us, end_us)) }
+        Self { budget: None, name, period, limit, calendar: Some((start_us, end_us)) }
+    }
+
+    /// The same window of `budget` (an account several candidates share)
+    /// rather than of the candidate.
+    pub fn of(mut self, budget: &'a str) -> Self {
+        self.budget = Some(budget);
+        self
     }
 }
 
 /// One key a request may be sent with: its fingerprint and every window of
-/// its budget (all must have room; all are charged together).
+/// its budgets (all must have room; all are charged together).
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'a> {
     /// The key's fingerprint (never the key).
@@ -194,6 +208,13 @@ pub struct Admission {
     pub state_lost: bool,
     /// Replicas whose lease lapsed and whose shares were kept back.
     pub suspects: u64,
+    /// The pool's epoch (when its state was created, Redis microseconds): a
+    /// different value than last seen means the state was lost meanwhile.
+    pub epoch: u64,
+    /// Nothing was admitted because the pool's state was lost recently and
+    /// not every replica has replayed what it sent (see
+    /// [`SharedBudgets::replayed`]).
+    pub recovering: bool,
 }
 
 /// Who serves a pool, as its heartbeats say.
@@ -205,32 +226,61 @@ pub struct Membership {
     /// Replicas whose lease lapsed within the reservation: possibly serving
     /// from their local share without Redis.
     pub suspects: u64,
+    /// The pool's epoch (see [`Admission::epoch`]).
+    pub epoch: u64,
+    /// Redis's clock, Unix microseconds.
+    pub now_us: u64,
+    /// This replica has replayed its admissions into this epoch.
+    pub replayed: bool,
 }
 
-/// The admit script. KEYS: 1 cooldowns (HASH id → until µs), 2 disabled
-/// (HASH id → since µs), 3 epoch (STRING), 4 members (ZSET replica → lease
-/// end µs), then one log (ZSET) per window of each candidate in order. ARGV:
-/// 1 request id, 2 log TTL slack (ms), 3 the most replicas that may serve
-/// (0: no shares kept back), then per candidate: id, window count, and per
-/// window: period µs, 0, limit (a rolling window, a ZSET log) or start µs,
-/// end µs, limit (a calendar window, a counter named by its start).
-///
-/// A member whose lease lapsed may be serving from its local share without
-/// Redis: its share, ⌊limit / replicas⌋ of every window, is kept back from
-/// the shared log until its reservation ends (see [`SharedBudgets::heartbeat`]).
-/// Returns {admitted (1-based, 0 = none, -1 = a calendar window does not
-/// hold Redis's now: recompute), wait µs (-1 = all disabled), now µs, lost,
-/// suspects}.
-const ADMIT: &str = r"
+/// Creates the pool's epoch when missing (its state was lost: forget who
+/// replayed). Shared head of the admit and heartbeat scripts: KEYS[3] epoch,
+/// KEYS[6] replayed set.
+const EPOCH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function s(x) return string.format('%.0f', x) end
 local lost = 0
-if redis.call('SET', KEYS[3], s(now), 'NX') then lost = 1 end
-local rid, slack, replicas = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local suspects = 0
-if replicas > 0 then suspects = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. s(now)) end
-local a, k, j, wait = 4, 5, 0, -1
+if redis.call('SET', KEYS[3], s(now), 'NX') then
+  lost = 1
+  redis.call('DEL', KEYS[6])
+end
+local epoch = tonumber(redis.call('GET', KEYS[3]))
+";
+
+/// The admit script (after [`EPOCH`]). KEYS: 1 cooldowns (HASH id → until
+/// µs), 2 disabled (HASH id → since µs), 3 epoch (STRING), 4 members (ZSET
+/// replica → lease end µs), 5 member shares (HASH replica → N), 6 replicas
+/// that replayed into this epoch (SET), then one log per window of each
+/// candidate in order. ARGV: 1 request id, 2 log TTL slack (ms), 3 the N of
+/// a suspect that recorded none (0: keep no shares back), 4 how long after
+/// an epoch's creation missing replays hold admissions (µs), 5 replays
+/// expected, then per candidate: id, window count, and per window: period
+/// µs, 0, limit (a rolling window, a ZSET log) or start µs, end µs, limit
+/// (a calendar window, a counter named by its end).
+///
+/// A member whose lease lapsed may be serving from its local share without
+/// Redis: its share, ⌊limit / N⌋ of every window with its own N, is kept
+/// back from the shared log until its reservation ends (see
+/// [`SharedBudgets::heartbeat`]). Returns {admitted (1-based, 0 = none, -1 =
+/// a calendar window ended: recompute), wait µs (-1 = all disabled), now µs,
+/// lost, suspects, epoch, recovering}.
+const ADMIT: &str = r"
+local rid, slack, defn, hold, expected = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if now < epoch + hold and redis.call('SCARD', KEYS[6]) < expected then
+  return {0, math.min(epoch + hold - now, 25000), now, lost, 0, epoch, 1}
+end
+local shares = {}
+if defn > 0 then
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. s(now))
+  for i, m in ipairs(lapsed) do
+    local n = tonumber(redis.call('HGET', KEYS[5], m) or '0') or 0
+    if n < 1 then n = defn end
+    shares[i] = n
+  end
+end
+local a, k, j, wait = 6, 7, 0, -1
 while a <= #ARGV do
   j = j + 1
   local id, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -244,19 +294,20 @@ while a <= #ARGV do
       local need = 0
       for i = 0, n - 1 do
         local p1, p2, limit, log = tonumber(ARGV[a + 3 * i]), tonumber(ARGV[a + 3 * i + 1]), tonumber(ARGV[a + 3 * i + 2]), KEYS[k + i]
-        if replicas > 0 then limit = limit - suspects * math.floor(limit / replicas) end
+        local room = limit
+        for _, sn in ipairs(shares) do room = room - math.floor(limit / sn) end
         if p2 > 0 then
-          -- A calendar window [p1, p2): a counter named by its start.
-          if now < p1 or now >= p2 then return {-1, 0, now, lost, suspects} end
-          if tonumber(redis.call('GET', log) or '0') >= limit then need = math.max(need, p2 - now) end
+          -- A calendar window [p1, p2): a counter named by its end.
+          if now >= p2 then return {-1, 0, now, lost, #shares, epoch, 0} end
+          if tonumber(redis.call('GET', log) or '0') >= room then need = math.max(need, p2 - now) end
         else
           redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
           local count = redis.call('ZCARD', log)
-          if count >= limit then
-            if limit < 1 then
+          if count >= room then
+            if room < 1 then
               need = math.max(need, p1)
             else
-              local e = redis.call('ZRANGE', log, count - limit, count - limit, 'WITHSCORES')
+              local e = redis.call('ZRANGE', log, count - room, count - room, 'WITHSCORES')
               need = math.max(need, tonumber(e[2]) + p1 - now)
             end
           end
@@ -273,7 +324,7 @@ while a <= #ARGV do
             redis.call('PEXPIRE', log, math.floor(p1 / 1000) + slack)
           end
         end
-        return {j, 0, now, lost, suspects}
+        return {j, 0, now, lost, #shares, epoch, 0}
       end
       w = need
     end
@@ -282,32 +333,55 @@ while a <= #ARGV do
   a = a + 3 * n
   k = k + n
 end
-return {0, wait, now, lost, suspects}
+return {0, wait, now, lost, #shares, epoch, 0}
 ";
 
-/// Heartbeat. KEYS 1 members; ARGV 1 replica, 2 lease µs, 3 reservation µs
-/// (how long after its lease lapsed a vanished replica's share stays kept
-/// back). Returns {live members, suspects}.
+/// Heartbeat (after [`EPOCH`]). KEYS 1 (unused), 2 (unused), 3 epoch, 4
+/// members, 5 member shares, 6 replayed; ARGV 1 replica, 2 lease µs, 3
+/// reservation µs (how long after its lease lapsed a vanished replica's
+/// share stays kept back), 4 this replica's N. Returns {live members,
+/// suspects, epoch, now, replayed}.
 const BEAT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function s(x) return string.format('%.0f', x) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. s(now - tonumber(ARGV[3])))
-redis.call('ZADD', KEYS[1], s(now + tonumber(ARGV[2])), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.floor((tonumber(ARGV[2]) + tonumber(ARGV[3])) / 1000) + 1000)
-local live = redis.call('ZCOUNT', KEYS[1], s(now), '+inf')
-local suspects = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. s(now))
-return {live, suspects}
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. s(now - tonumber(ARGV[3])))
+for _, m in ipairs(gone) do
+  redis.call('ZREM', KEYS[4], m)
+  redis.call('HDEL', KEYS[5], m)
+end
+local ttl = math.floor((tonumber(ARGV[2]) + tonumber(ARGV[3])) / 1000) + 1000
+redis.call('ZADD', KEYS[4], s(now + tonumber(ARGV[2])), ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ttl)
+redis.call('PEXPIRE', KEYS[5], ttl)
+local live = redis.call('ZCOUNT', KEYS[4], s(now), '+inf')
+local suspects = redis.call('ZCOUNT', KEYS[4], '-inf', '(' .. s(now))
+return {live, suspects, epoch, now, redis.call('SISMEMBER', KEYS[6], ARGV[1])}
+";
+
+/// Marks a replica as having replayed into an epoch (only if it is still
+/// the pool's): KEYS 3 epoch, 6 replayed; ARGV 1 replica, 2 epoch, 3 TTL ms.
+const REPLAYED: &str = r"
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
+redis.call('SADD', KEYS[6], ARGV[1])
+redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[3]))
+return 1
 ";
 
 /// Records admissions made elsewhere (a replica's local share while Redis
-/// was away) in a log, at their times: KEYS 1 log; ARGV period µs, then
-/// member, score µs pairs. Returns the log's size.
+/// was away, or every admission of the last window after Redis lost its
+/// state): KEYS 1 log; ARGV period µs, calendar end µs (0: rolling), then
+/// for a rolling log member, score µs pairs, for a calendar counter the
+/// count. Returns the log's size (or the counter).
 const REPLAY: &str = r"
-for i = 2, #ARGV, 2 do
+local p, e = tonumber(ARGV[1]), tonumber(ARGV[2])
+if e > 0 then
+  local c = redis.call('INCRBY', KEYS[1], tonumber(ARGV[3]))
+  redis.call('PEXPIREAT', KEYS[1], math.floor(e / 1000) + 1000)
+  return c
+end
+for i = 3, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
 end
-redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.floor(p / 1000) + 1000)
 return redis.call('ZCARD', KEYS[1])
 ";
 
@@ -336,12 +410,19 @@ pub struct SharedBudgets {
     cool: Script,
     beat: Script,
     replay: Script,
+    replayed: Script,
     config: SharedConfig,
-    /// The most replicas that may serve (0: no shares kept back).
-    replicas: u64,
+    /// This replica's N: the replicas it counts (its share is ⌊limit / N⌋),
+    /// also assumed for a suspect that recorded none. 0: no shares kept back.
+    replicas: Arc<AtomicU64>,
+    /// How long after a pool's state was lost admissions wait for every
+    /// expected replica's replay (µs).
+    hold_us: Arc<AtomicU64>,
+    /// Replays expected after a state loss (the replicas last seen).
+    expected: Arc<AtomicU64>,
     /// Makes request ids unique across replicas and calls.
     replica: String,
-    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    counter: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SharedBudgets {
@@ -351,6 +432,10 @@ impl std::fmt::Debug for SharedBudgets {
             .field("replica", &self.replica)
             .finish_non_exhaustive()
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl SharedBudgets {
@@ -380,23 +465,49 @@ impl SharedBudgets {
         let replica = format!("{:x}-{:x}", std::process::id(), now_nanos());
         Ok(Self {
             conn,
-            admit: Script::new(ADMIT),
+            admit: Script::new(&format!("{EPOCH}{ADMIT}")),
             cool: Script::new(COOL),
-            beat: Script::new(BEAT),
+            beat: Script::new(&format!("{EPOCH}{BEAT}")),
             replay: Script::new(REPLAY),
+            replayed: Script::new(REPLAYED),
             config,
-            replicas: 0,
+            replicas: Arc::new(AtomicU64::new(0)),
+            hold_us: Arc::new(AtomicU64::new(0)),
+            expected: Arc::new(AtomicU64::new(0)),
             replica,
-            counter: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            counter: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    /// The same connection, keeping back the share of every suspect replica
-    /// (one whose heartbeat lapsed) out of `replicas` at most:
-    /// ⌊limit / replicas⌋ of each window per suspect.
-    pub fn with_replicas(mut self, replicas: u64) -> Self {
-        self.replicas = replicas;
+    /// The same connection, counting `replicas` replicas (see
+    /// [`set_replicas`](Self::set_replicas)).
+    pub fn with_replicas(self, replicas: u64) -> Self {
+        self.set_replicas(replicas);
         self
+    }
+
+    /// This replica counts `replicas` replicas: the share it takes without
+    /// Redis is ⌊limit / replicas⌋, which [`heartbeat`](Self::heartbeat)
+    /// records, so that the others keep exactly that back while its lease
+    /// lapsed; also the number of replays expected after a state loss (see
+    /// [`set_expected_replays`](Self::set_expected_replays)). 0: keep nothing
+    /// back (a lone replica).
+    pub fn set_replicas(&self, replicas: u64) {
+        self.replicas.store(replicas, Ordering::Relaxed);
+        self.expected.store(replicas, Ordering::Relaxed);
+    }
+
+    /// After a state loss, admissions wait (up to the recovery hold) until
+    /// `replicas` replicas replayed: the replicas that were serving before.
+    pub fn set_expected_replays(&self, replicas: u64) {
+        self.expected.store(replicas, Ordering::Relaxed);
+    }
+
+    /// After a pool's state was lost, admissions wait up to `hold` for every
+    /// expected replica to replay what it sent (the longest window: after
+    /// it, nothing sent before the loss counts any more).
+    pub fn set_recovery_hold(&self, hold: Duration) {
+        self.hold_us.store(micros(hold), Ordering::Relaxed);
     }
 
     /// This replica's name in the pool's membership.
@@ -404,8 +515,25 @@ impl SharedBudgets {
         &self.replica
     }
 
-    /// Renews this replica's lease in `pool` for `lease`, forgets members
-    /// whose lease lapsed more than `reservation` ago, and says who serves.
+    /// The deadline of each call.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    /// The six keys every admit and heartbeat script of `pool` reads.
+    fn pool_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, pool: &str) {
+        invocation
+            .key(self.key(pool, "cool"))
+            .key(self.key(pool, "dis"))
+            .key(self.key(pool, "epoch"))
+            .key(self.key(pool, "mem"))
+            .key(self.key(pool, "memn"))
+            .key(self.key(pool, "rep"));
+    }
+
+    /// Renews this replica's lease in `pool` for `lease` (recording its N),
+    /// forgets members whose lease lapsed more than `reservation` ago, and
+    /// says who serves and which epoch the pool's state is in.
     ///
     /// # Errors
     /// As [`admit`](Self::admit).
@@ -417,15 +545,37 @@ impl SharedBudgets {
     ) -> Result<Membership, SharedError> {
         check_name("pool", pool)?;
         let mut invocation = self.beat.prepare_invoke();
+        self.pool_keys(&mut invocation, pool);
         invocation
-            .key(self.key(pool, "mem"))
             .arg(&self.replica)
-            .arg(u64::try_from(lease.as_micros()).unwrap_or(u64::MAX))
-            .arg(u64::try_from(reservation.as_micros()).unwrap_or(u64::MAX));
+            .arg(micros(lease))
+            .arg(micros(reservation))
+            .arg(self.replicas.load(Ordering::Relaxed));
         let mut conn = self.conn.clone();
         let reply: Vec<u64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let [live, suspects] = reply[..] else { return Err(SharedError::Reply(format!("{reply:?}"))) };
-        Ok(Membership { live, suspects })
+        let [live, suspects, epoch, now_us, replayed] = reply[..] else {
+            return Err(SharedError::Reply(format!("{reply:?}")));
+        };
+        Ok(Membership { live, suspects, epoch, now_us, replayed: replayed == 1 })
+    }
+
+    /// Records that this replica replayed what it sent into `pool`'s state
+    /// of `epoch`; `false` when the pool is in another epoch by now (replay
+    /// into that one).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn replayed(&self, pool: &str, epoch: u64) -> Result<bool, SharedError> {
+        check_name("pool", pool)?;
+        let mut invocation = self.replayed.prepare_invoke();
+        self.pool_keys(&mut invocation, pool);
+        invocation
+            .arg(&self.replica)
+            .arg(epoch)
+            .arg(u64::try_from(HEALTH_TTL.as_millis()).unwrap_or(u64::MAX));
+        let mut conn = self.conn.clone();
+        let done: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(done == 1)
     }
 
     /// Leaves `pool` gracefully (at shutdown): no share is kept back for it.
@@ -435,14 +585,16 @@ impl SharedBudgets {
     pub async fn leave(&self, pool: &str) -> Result<(), SharedError> {
         check_name("pool", pool)?;
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("ZREM").arg(self.key(pool, "mem")).arg(&self.replica).to_owned();
-        let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().zrem(self.key(pool, "mem"), &self.replica).hdel(self.key(pool, "memn"), &self.replica);
+        let _: (i64, i64) = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(())
     }
 
     /// Writes admissions this replica made without Redis (at `times_us`,
-    /// Redis's clock) into key `id`'s rolling `window` log of `pool`, so that
-    /// the shared window counts them once it is back.
+    /// Redis's clock) into `window` of candidate `id` in `pool`, so that the
+    /// shared window counts them: members of a rolling log, or their number
+    /// added to a calendar counter.
     ///
     /// # Errors
     /// As [`admit`](Self::admit).
@@ -456,18 +608,18 @@ impl SharedBudgets {
         check_name("pool", pool)?;
         check_name("id", id)?;
         check_name("window", window.name)?;
-        if window.calendar.is_some() {
-            return Err(SharedError::Invalid(format!(
-                "window {:?}: replay writes rolling logs; add a calendar window's count with its own counter",
-                window.name
-            )));
-        }
         let mut invocation = self.replay.prepare_invoke();
-        invocation
-            .key(self.key(pool, &format!("log:{id}:{}", window.name)))
-            .arg(u64::try_from(window.period.as_micros()).unwrap_or(u64::MAX));
-        for (i, t) in times_us.iter().enumerate() {
-            invocation.arg(format!("{}-replay-{i}-{t}", self.replica)).arg(*t);
+        invocation.key(self.log_key(pool, id, &window)).arg(micros(window.period));
+        match window.calendar {
+            Some((_, end)) => {
+                invocation.arg(end).arg(times_us.len());
+            }
+            None => {
+                invocation.arg(0u64);
+                for (i, t) in times_us.iter().enumerate() {
+                    invocation.arg(format!("{}-replay-{i}-{t}", self.replica)).arg(*t);
+                }
+            }
         }
         let mut conn = self.conn.clone();
         self.bounded(invocation.invoke_async(&mut conn)).await
@@ -476,6 +628,16 @@ impl SharedBudgets {
     /// The Redis key of `what` in `pool`: `<prefix>:{<pool>}:<what>`.
     fn key(&self, pool: &str, what: &str) -> String {
         format!("{}:{{{pool}}}:{what}", self.config.key_prefix)
+    }
+
+    /// The Redis key of candidate `id`'s `window`: `log:<budget>:<name>`, and
+    /// `:<end>` for a calendar window.
+    fn log_key(&self, pool: &str, id: &str, window: &Window<'_>) -> String {
+        let budget = window.budget.unwrap_or(id);
+        match window.calendar {
+            None => self.key(pool, &format!("log:{budget}:{}", window.name)),
+            Some((_, end)) => self.key(pool, &format!("log:{budget}:{}:{end}", window.name)),
+        }
     }
 
     /// Admits a request on the first candidate (in the given order: the
@@ -489,34 +651,34 @@ impl SharedBudgets {
     pub async fn admit(&self, pool: &str, candidates: &[Candidate<'_>]) -> Result<Admission, SharedError> {
         check_name("pool", pool)?;
         let mut invocation = self.admit.prepare_invoke();
+        self.pool_keys(&mut invocation, pool);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let replicas = self.replicas.load(Ordering::Relaxed);
         invocation
-            .key(self.key(pool, "cool"))
-            .key(self.key(pool, "dis"))
-            .key(self.key(pool, "epoch"))
-            .key(self.key(pool, "mem"));
-        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        invocation.arg(format!("{}-{n:x}", self.replica)).arg(1_000u64).arg(self.replicas);
+            .arg(format!("{}-{n:x}", self.replica))
+            .arg(1_000u64)
+            .arg(replicas)
+            .arg(self.hold_us.load(Ordering::Relaxed))
+            .arg(self.expected.load(Ordering::Relaxed));
         for c in candidates {
             check_name("id", c.id)?;
             invocation.arg(c.id).arg(c.windows.len());
             for w in c.windows {
                 check_name("window", w.name)?;
-                match w.calendar {
-                    None => {
-                        invocation.key(self.key(pool, &format!("log:{}:{}", c.id, w.name)));
-                        invocation.arg(u64::try_from(w.period.as_micros()).unwrap_or(u64::MAX)).arg(0u64);
-                    }
-                    Some((start, end)) => {
-                        invocation.key(self.key(pool, &format!("log:{}:{}:{start}", c.id, w.name)));
-                        invocation.arg(start).arg(end.max(start + 1));
-                    }
+                if let Some(budget) = w.budget {
+                    check_name("budget", budget)?;
                 }
+                invocation.key(self.log_key(pool, c.id, w));
+                match w.calendar {
+                    None => invocation.arg(micros(w.period)).arg(0u64),
+                    Some((start, end)) => invocation.arg(start).arg(end.max(start + 1)),
+                };
                 invocation.arg(w.limit);
             }
         }
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let [admitted, wait, now, lost, suspects] = reply[..] else {
+        let [admitted, wait, now, lost, suspects, epoch, recovering] = reply[..] else {
             return Err(SharedError::Reply(format!("{reply:?}")));
         };
         if admitted < 0 {
@@ -534,6 +696,8 @@ impl SharedBudgets {
             now_us: now.unsigned_abs(),
             state_lost: lost == 1,
             suspects: suspects.unsigned_abs(),
+            epoch: epoch.unsigned_abs(),
+            recovering: recovering == 1,
         })
     }
 

@@ -336,5 +336,67 @@ async fn a_calendar_window_counts_until_its_end_and_a_stale_one_is_refused() {
     // Rolling and calendar windows of one key together: both must have room.
     let both = [Window::new("m", Duration::from_secs(60), 10), Window::calendar("d", start, end, 3)];
     assert_eq!(r1.admit("pool", &[Candidate::new(KEY_B, &both)]).await.unwrap().admitted, Some(0));
-    assert!(r1.replay("pool", KEY_A, day[0], &[now]).await.is_err(), "replay writes rolling logs only");
+    // Admissions made without Redis are added to a calendar counter.
+    assert_eq!(r1.replay("pool", KEY_A, day[0], &[now, now]).await.unwrap(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_window_is_one_log_for_all_of_its_keys() {
+    let Some(redis) = Redis::start("an_account_window_is_one_log_for_all_of_its_keys") else { return };
+    let r = replica(&redis).await;
+    let account = [Window::new("m", Duration::from_secs(60), 3).of("acct:team")];
+    let own_and_account = [
+        Window::new("m", Duration::from_secs(60), 2),
+        Window::new("m", Duration::from_secs(60), 3).of("acct:team"),
+    ];
+    let a = [Candidate::new(KEY_A, &account)];
+    let b = [Candidate::new(KEY_B, &own_and_account)];
+    assert_eq!(r.admit("pool", &b).await.unwrap().admitted, Some(0));
+    assert_eq!(r.admit("pool", &a).await.unwrap().admitted, Some(0));
+    assert_eq!(r.admit("pool", &a).await.unwrap().admitted, Some(0));
+    assert_eq!(r.admit("pool", &a).await.unwrap().admitted, None, "the account's 3 are spent by both keys");
+    assert_eq!(
+        r.admit("pool", &b).await.unwrap().admitted,
+        None,
+        "B has room of its own, the account has none"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_state_loss_admissions_wait_for_every_replica_to_replay() {
+    let Some(redis) = Redis::start("after_a_state_loss_admissions_wait_for_every_replica_to_replay") else {
+        return;
+    };
+    let r1 = replica(&redis).await.with_replicas(2);
+    let r2 = replica(&redis).await.with_replicas(2);
+    r1.set_recovery_hold(Duration::from_secs(5));
+    let (lease, reservation) = (Duration::from_secs(1), Duration::from_secs(30));
+    let window = [Window::new("m", Duration::from_secs(60), 10)];
+    let a = [Candidate::new(KEY_A, &window)];
+    // The first contact creates the epoch: nobody has replayed into it yet.
+    let m1 = r1.heartbeat("pool", lease, reservation).await.unwrap();
+    assert!(!m1.replayed);
+    let held = r1.admit("pool", &a).await.unwrap();
+    assert!(held.recovering && held.admitted.is_none(), "{held:?}");
+    assert!(held.wait.unwrap() <= Duration::from_millis(25), "looks again soon: {held:?}");
+    assert!(r1.replayed("pool", m1.epoch).await.unwrap());
+    assert!(r1.admit("pool", &a).await.unwrap().recovering, "one of two replayed");
+    assert!(r2.replayed("pool", m1.epoch).await.unwrap());
+    for _ in 0..4 {
+        assert_eq!(r1.admit("pool", &a).await.unwrap().admitted, Some(0));
+    }
+    // Redis loses everything: the epoch changes; r1 replays its four, r2 its none.
+    redis.cli(&["FLUSHALL"]).unwrap();
+    let m = r2.heartbeat("pool", lease, reservation).await.unwrap();
+    assert!(m.epoch != m1.epoch && !m.replayed);
+    assert!(r1.admit("pool", &a).await.unwrap().recovering);
+    assert!(!r1.replayed("pool", m1.epoch).await.unwrap(), "the old epoch is gone");
+    let now = m.now_us;
+    assert_eq!(r1.replay("pool", KEY_A, window[0], &[now - 4, now - 3, now - 2, now - 1]).await.unwrap(), 4);
+    assert!(r1.replayed("pool", m.epoch).await.unwrap() && r2.replayed("pool", m.epoch).await.unwrap());
+    let mut admitted = 0;
+    for _ in 0..10 {
+        admitted += usize::from(r1.admit("pool", &a).await.unwrap().admitted.is_some());
+    }
+    assert_eq!(admitted, 6, "what was sent before the loss still counts");
 }
