@@ -20,7 +20,25 @@ pub fn health(app: &App) -> Response<ProxyBody> {
         (u, t) if u < t => "degraded",
         _ => "ok",
     };
-    json_response(StatusCode::OK, &json!({"status": status, "keys_usable": usable, "keys_total": total}))
+    let mut body = json!({"status": status, "keys_usable": usable, "keys_total": total});
+    if let Some(link) = app.gateway().shared_quota() {
+        body["quota"] = shared_json(&link.report());
+        if link.mode() != proxypal_gateway::replicas::Mode::Shared && status == "ok" {
+            body["status"] = json!("degraded");
+        }
+    }
+    json_response(StatusCode::OK, &body)
+}
+
+/// The shared quota's state: `{"mode": "shared"|"degraded"|"local", …}`.
+fn shared_json(report: &proxypal_gateway::replicas::SharedReport) -> Value {
+    json!({
+        "mode": report.mode.as_str(),
+        "replicas": report.replicas,
+        "degraded_seconds": report.degraded_for.as_secs_f64(),
+        "transitions": report.transitions,
+        "redis": report.redis,
+    })
 }
 
 /// The `/stats` document.
@@ -80,6 +98,7 @@ pub fn stats_json(app: &App) -> Value {
         "dev_mode": app.dev(),
         "queue_depth": gateway.queue_depth(),
         "in_flight": gateway.in_flight(),
+        "quota": gateway.shared_quota().map_or_else(|| json!({"mode": "local"}), |l| shared_json(&l.report())),
         "reloads": gateway.reloads(),
         "keys": keys,
         "totals": totals,

@@ -105,6 +105,9 @@ pub struct Config {
     pub log: LogConfig,
     /// Where quota state is kept across restarts.
     pub state: StateConfig,
+    /// Quotas shared by several replicas through Redis (absent: this process
+    /// counts alone).
+    pub shared: Option<SharedConfig>,
     /// How long shutdown waits for in-flight requests (streams included)
     /// before closing them. Default 30 s.
     #[serde(deserialize_with = "parse::duration")]
@@ -361,6 +364,69 @@ pub struct LimitsConfig {
     pub max_inflight: usize,
 }
 
+/// Quotas shared by several replicas through Redis: every request window,
+/// cooldown and disabled key decided there; a local share of each window
+/// while Redis is out of reach. See `docs/replicas.md`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SharedConfig {
+    /// `redis://host:port/db` or `rediss://…` (TLS). Required.
+    pub redis_url: String,
+    /// Namespace of every Redis key. Default `proxypal`.
+    pub key_prefix: String,
+    /// Deadline of each Redis call on the request path. Default 50 ms.
+    #[serde(deserialize_with = "parse::duration")]
+    pub timeout: Duration,
+    /// Refuse to start until Redis answers. Default false (start degraded).
+    pub require_on_start: bool,
+    /// The replicas of the deployment, at least: a replica that never reached
+    /// Redis takes ⌊limit / replicas⌋ of each window. Default 0 (count them
+    /// from heartbeats).
+    pub replicas: u64,
+    /// How long one heartbeat keeps a replica counted as live. Default 3 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub lease: Duration,
+    /// How often heartbeats go out. Default 1 s.
+    #[serde(deserialize_with = "parse::duration")]
+    pub heartbeat: Duration,
+    /// The longest a replica serves from its local share without Redis;
+    /// after it, it serves nothing until Redis is back. Default 15 min.
+    #[serde(deserialize_with = "parse::duration")]
+    pub max_degraded: Duration,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        let d = proxypal_gateway::replicas::SharedQuotaConfig::new("");
+        Self {
+            redis_url: String::new(),
+            key_prefix: d.key_prefix,
+            timeout: d.timeout,
+            require_on_start: d.require_on_start,
+            replicas: d.replicas,
+            lease: d.lease,
+            heartbeat: d.heartbeat,
+            max_degraded: d.max_degraded,
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("redis_url", &proxypal_gateway::replicas::redacted(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("require_on_start", &self.require_on_start)
+            .field("replicas", &self.replicas)
+            .field("lease", &self.lease)
+            .field("heartbeat", &self.heartbeat)
+            .field("max_degraded", &self.max_degraded)
+            .finish()
+    }
+}
+
 /// Where quota state (windows, cooldowns, disabled keys) is kept across
 /// restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -421,6 +487,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             state: StateConfig::default(),
+            shared: None,
             shutdown_grace: Duration::from_secs(30),
             workers: None,
             warnings: Vec::new(),

@@ -121,6 +121,17 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     gateway.max_body_bytes = config.limits.max_body_bytes;
     gateway.max_inflight = config.limits.max_inflight;
     gateway.client_tokens = config.auth.tokens.clone();
+    gateway.shared = config.shared.as_ref().map(|s| {
+        let mut shared = proxypal_gateway::replicas::SharedQuotaConfig::new(s.redis_url.trim());
+        shared.key_prefix.clone_from(&s.key_prefix);
+        shared.timeout = s.timeout;
+        shared.require_on_start = s.require_on_start;
+        shared.replicas = s.replicas;
+        shared.lease = s.lease;
+        shared.heartbeat = s.heartbeat;
+        shared.max_degraded = s.max_degraded;
+        shared
+    });
     Ok(gateway)
 }
 

@@ -56,6 +56,12 @@ pub enum StartError {
     /// The quota state store cannot be used (it names the file and what to do).
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// Redis did not answer and the config requires it at start.
+    #[error("shared.redis_url: {redis} does not answer, and shared.require_on_start is true")]
+    Shared {
+        /// Where Redis was looked for (without a password).
+        redis: String,
+    },
     /// The listen address could not be bound.
     #[error("listen: cannot bind {addr}: {source}")]
     Bind {
@@ -189,8 +195,30 @@ pub async fn start_with(
         }
         None => None,
     };
-    let bind_error = |source| StartError::Bind { addr: config.listen, source };
     let (stop, stopped) = watch::channel(false);
+    // Redis before listening: a replica that serves before its first
+    // heartbeat would start degraded (and wait a window to spend its share).
+    if let Some(link) = app.gateway().shared_quota() {
+        let link = Arc::clone(link);
+        let shared =
+            tokio::time::timeout(std::time::Duration::from_secs(3), link.first_contact(app.gateway()))
+                .await
+                .unwrap_or(false);
+        if !shared && link.config().require_on_start {
+            return Err(StartError::Shared {
+                redis: proxypal_gateway::replicas::redacted(&link.config().redis_url),
+            });
+        }
+        if !shared {
+            tracing::error!(
+                redis = %proxypal_gateway::replicas::redacted(&link.config().redis_url),
+                replicas = link.replicas(),
+                "shared quota: Redis does not answer; starting degraded, on this replica's share of every window"
+            );
+        }
+        tokio::spawn(link.run(Arc::downgrade(app.gateway()), until_stopped(stopped.clone())));
+    }
+    let bind_error = |source| StartError::Bind { addr: config.listen, source };
     let grace = config.shutdown_grace;
     let (addr, done) = match options.workers {
         None => {

@@ -41,6 +41,9 @@ pub struct GatewayConfig {
     /// Tokens clients must present as `Authorization: Bearer <token>`; none
     /// means every client is served.
     pub client_tokens: Vec<Secret>,
+    /// Quotas shared with other replicas through Redis (`None`: this
+    /// process counts alone). Read at build; a reload keeps the first.
+    pub shared: Option<crate::replicas::SharedQuotaConfig>,
 }
 
 /// Most providers one gateway routes to.
@@ -61,6 +64,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_inflight: 1024,
             client_tokens: Vec::new(),
+            shared: None,
         }
     }
 }

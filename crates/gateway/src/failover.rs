@@ -27,6 +27,7 @@ use crate::keyset::{KeyResources, SharedClock};
 use crate::lease::{Lease, LeaseQueue, NoKey, Source, Tried};
 use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
 use crate::provider::{Clients, Provider};
+use crate::replicas::{Refused, SharedQuota};
 use crate::reply::{self, UpstreamAnswer};
 use crate::route::{Route, Target};
 
@@ -233,6 +234,8 @@ pub(crate) struct Shared<'a> {
     /// The worker's upstream clients.
     pub(crate) clients: &'a Clients,
     pub(crate) catalogs: &'a Arc<crate::catalog::Catalogs>,
+    /// The quota shared with other replicas, if configured.
+    pub(crate) replicas: Option<&'a SharedQuota>,
 }
 
 /// A route's targets not skipped, with the keys not yet tried: where a
@@ -263,6 +266,78 @@ impl RouteSource<'_> {
                 }
             }
         }
+    }
+}
+
+impl RouteSource<'_> {
+    /// One shared admission per eligible provider of the route, in target
+    /// order, until one admits.
+    async fn admit_shared(&self, link: &SharedQuota) -> Result<Lease, Refused> {
+        let mut seen = 0u64;
+        let mut refused = Refused::Nothing;
+        for (at, t) in self.route.targets().iter().enumerate() {
+            let bit = 1u64.checked_shl(t.provider as u32).unwrap_or(0);
+            if !self.eligible(at, t.provider) || seen & bit != 0 {
+                continue;
+            }
+            seen |= bit;
+            let Some(provider) = self.providers.get(t.provider) else { continue };
+            match link.admit(provider, t.provider, &self.attempts.tried, self.tokens).await {
+                Ok(mut lease) => {
+                    lease.target = at;
+                    return Ok(lease);
+                }
+                Err(Refused::Unavailable) => return Err(Refused::Unavailable),
+                Err(Refused::Wait(w)) => {
+                    refused = match refused {
+                        Refused::Wait(v) => Refused::Wait(v.min(w)),
+                        _ => Refused::Wait(w),
+                    }
+                }
+                Err(Refused::Disabled) if refused == Refused::Nothing => refused = Refused::Disabled,
+                Err(_) => {}
+            }
+        }
+        Err(refused)
+    }
+}
+
+/// Leases through the shared quota, first come first served in `queue`
+/// until `deadline`; `None` when Redis cannot be asked (lease locally).
+async fn shared_lease(
+    queue: &LeaseQueue,
+    link: &SharedQuota,
+    source: &RouteSource<'_>,
+    deadline: tokio::time::Instant,
+) -> Option<Result<Lease, NoKey>> {
+    if queue.depth() == 0 {
+        match source.admit_shared(link).await {
+            Ok(lease) => return Some(Ok(lease)),
+            Err(Refused::Unavailable) => return None,
+            Err(_) => {}
+        }
+    }
+    let _queued = queue.enter();
+    let Some(_turn) = queue.turn(deadline).await else {
+        return Some(Err(NoKey::QueueTimeout { wait: Duration::ZERO, cause: proxypal_limiter::Cause::None }));
+    };
+    loop {
+        let wait = match source.admit_shared(link).await {
+            Ok(lease) => return Some(Ok(lease)),
+            Err(Refused::Unavailable) => return None,
+            Err(Refused::Wait(w)) => w,
+            Err(Refused::Disabled) => return Some(Err(NoKey::AllDisabled)),
+            // Only this replica's limits (or tries) hold every key back.
+            Err(Refused::Nothing) => match source.time_to_lease() {
+                Err(no_key) => return Some(Err(no_key)),
+                Ok(w) => w.max(proxypal_limiter::POLL),
+            },
+        };
+        if tokio::time::Instant::now() + wait > deadline {
+            let cause = proxypal_limiter::Cause::None;
+            return Some(Err(NoKey::QueueTimeout { wait, cause }));
+        }
+        tokio::time::sleep(wait.min(crate::lease::RECHECK)).await;
     }
 }
 
@@ -471,7 +546,17 @@ where
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
         let source = RouteSource { route: &route, providers, attempts, tokens };
-        let leased = queue.lease_from(&source, deadline).await;
+        let shared = match gw.replicas {
+            Some(link) if link.mode() == crate::replicas::Mode::Shared => {
+                shared_lease(queue, link, &source, deadline).await
+            }
+            _ => None,
+        };
+        let local = shared.is_none();
+        let leased = match shared {
+            Some(leased) => leased,
+            None => queue.lease_from(&source, deadline).await,
+        };
         let queued = queued_at.elapsed();
         attempts.waited(queued);
         metrics.queue_wait(queued);
@@ -485,6 +570,9 @@ where
             // A lease names a provider and target of this route: it came from them.
             return attempts.exhausted(std::iter::empty()).into_response();
         };
+        if let (true, Some(link)) = (local, gw.replicas) {
+            link.sent_locally(provider, &lease);
+        }
         attempts.begin(&lease, metrics);
         *served = Some(target.route.clone());
         let label = lease.selected.key().label();
@@ -512,7 +600,7 @@ where
                     attempts.provider_fault(&route, lease.provider);
                 }
                 tracing::warn!(id, provider = provider.name(), key = label, error = %e, "upstream attempt failed; failing over");
-                judged(&provider.keys, &lease, verdict);
+                judged(provider, gw.replicas, &lease, verdict);
                 attempts.failed(Failure::Transport(e));
                 // Dropped: the reservation counts (the upstream may have done the work).
                 drop(lease.permit);
@@ -522,7 +610,7 @@ where
         let status = resp.status();
         learn(&lease, provider.dialect, resp.headers());
         if !needs_body(status) {
-            judged(&provider.keys, &lease, classify(status, resp.headers(), &[]));
+            judged(provider, gw.replicas, &lease, classify(status, resp.headers(), &[]));
             return stream(metrics, resp, slot, lease.permit, counts_tokens);
         }
         // A verdict that does not depend on the body is reported before the body is read.
@@ -530,7 +618,7 @@ where
             || (status == StatusCode::TOO_MANY_REQUESTS && provider.dialect.explains_429());
         let early = (!by_body).then(|| classify(status, resp.headers(), &[]));
         if let Some(verdict) = early {
-            judged(&provider.keys, &lease, verdict);
+            judged(provider, gw.replicas, &lease, verdict);
             if verdict.action == Action::FailOver {
                 log_failover(id, provider.name(), label, status, verdict);
             }
@@ -538,7 +626,7 @@ where
         let answer = Box::pin(read_answer(resp)).await;
         let verdict = early.unwrap_or_else(|| {
             let verdict = classify_with(provider.dialect, &lease, status, &answer);
-            judged(&provider.keys, &lease, verdict);
+            judged(provider, gw.replicas, &lease, verdict);
             if verdict.action == Action::FailOver {
                 log_failover(id, provider.name(), label, status, verdict);
             }
@@ -614,7 +702,8 @@ fn deadline_after(timeout: Duration) -> tokio::time::Instant {
 /// A bare 429 (no `Retry-After`) rests the key for the configured cooldown,
 /// unless the key's own request windows are full and say when they free up:
 /// then for that long, within the cooldown.
-fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
+fn judged(provider: &Provider, replicas: Option<&SharedQuota>, lease: &Lease, verdict: Verdict) {
+    let keys = &provider.keys;
     let mut outcome = verdict.outcome;
     if let proxypal_keypool::Outcome::RateLimited { retry_after: None } = outcome {
         // The request windows only: not the shaper's next slot, nor a
@@ -627,6 +716,11 @@ fn judged(keys: &KeyPool<KeyResources>, lease: &Lease, verdict: Verdict) {
     }
     keys.report(&lease.selected, outcome);
     lease.metrics.attempt(verdict.result);
+    if let Some(link) = replicas {
+        if !matches!(outcome, proxypal_keypool::Outcome::Success) {
+            link.judged(provider, lease);
+        }
+    }
 }
 
 fn log_failover(id: &str, provider: &str, key: &str, status: StatusCode, verdict: Verdict) {

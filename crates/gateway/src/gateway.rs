@@ -23,6 +23,7 @@ use crate::keyset::{self, BuildError, Plan, SharedClock};
 use crate::lease::LeaseQueue;
 use crate::metrics::Metrics;
 use crate::provider::{Clients, Provider};
+use crate::replicas::SharedQuota;
 use crate::route::Routes;
 
 /// One key as `/stats` shows it: its snapshot, provider, account and limits now.
@@ -105,6 +106,8 @@ pub struct Gateway {
     clock: SharedClock,
     catalogs: Arc<Catalogs>,
     reloads: std::sync::atomic::AtomicU64,
+    /// The link to the quota shared with other replicas, if configured.
+    replicas: Option<Arc<SharedQuota>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -152,7 +155,10 @@ impl Gateway {
             providers.push(Arc::new(Provider::new(p, Arc::new(keys), None, client)));
         }
         let settings = Settings::new(&config, providers.into(), routes);
+        let replicas =
+            config.shared.clone().map(|c| Arc::new(SharedQuota::new(c, Arc::clone(&clock), registry)));
         Ok(Arc::new(Self {
+            replicas,
             queue: LeaseQueue::new(),
             admission: Admission::new(config.max_inflight),
             settings: ArcSwap::from_pointee(settings),
@@ -244,6 +250,12 @@ impl Gateway {
     /// The provider called `name`.
     pub fn provider(&self, name: &str) -> Option<Arc<Provider>> {
         self.settings.load().providers.iter().find(|p| p.name() == name).cloned()
+    }
+
+    /// The link to the quota shared with other replicas (`shared:`), if
+    /// configured: spawn its [`run`](SharedQuota::run) to keep it going.
+    pub fn shared_quota(&self) -> Option<&Arc<SharedQuota>> {
+        self.replicas.as_ref()
     }
 
     /// Reloads applied since the gateway was built.
@@ -383,6 +395,9 @@ impl Gateway {
     /// Sets the gauges that describe the state now (queue depth, requests in
     /// flight, keys by provider and state); call it before encoding the registry.
     pub fn refresh_gauges(&self) {
+        if let Some(link) = &self.replicas {
+            link.report();
+        }
         for report in self.key_reports() {
             self.metrics.set_limits(&report.provider, &report.snapshot.label, &report.limits);
         }
@@ -462,6 +477,7 @@ impl Handle {
                 metrics: &gw.metrics,
                 clients: &self.clients,
                 catalogs: &gw.catalogs,
+                replicas: gw.replicas.as_deref(),
             },
             req,
         )

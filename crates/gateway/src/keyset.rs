@@ -105,6 +105,16 @@ pub struct KeyResources {
     pub(crate) auth: Box<[HeaderValue]>,
     /// Metric handles per key, resolved once per key set.
     pub(crate) metrics: Box<[Arc<KeyMetrics>]>,
+    /// Each key's [`fingerprint`](crate::state::fingerprint): its name in
+    /// Redis and in saved state.
+    pub(crate) fingerprints: Box<[Arc<str>]>,
+}
+
+impl KeyResources {
+    /// Key `index`'s fingerprint (empty for an unknown index).
+    pub(crate) fn fingerprint(&self, index: usize) -> Arc<str> {
+        self.fingerprints.get(index).cloned().unwrap_or_else(|| Arc::from(""))
+    }
 }
 
 impl std::fmt::Debug for KeyResources {
@@ -118,7 +128,12 @@ impl KeyResources {
     /// pool is dropped (on build) or never swapped in (reload checks first).
     fn unusable() -> Self {
         let clock: SharedClock = Arc::new(SystemClock::new());
-        Self { quotas: Arc::new(QuotaEngine::new([], clock)), auth: Box::new([]), metrics: Box::new([]) }
+        Self {
+            quotas: Arc::new(QuotaEngine::new([], clock)),
+            auth: Box::new([]),
+            metrics: Box::new([]),
+            fingerprints: Box::new([]),
+        }
     }
 }
 
@@ -274,7 +289,9 @@ fn resources(
         );
     }
     let key_metrics = keys.iter().map(|k| metrics.for_key(provider, k.label())).collect();
-    Ok(KeyResources { quotas, auth: headers.into_boxed_slice(), metrics: key_metrics })
+    let fingerprints =
+        keys.iter().map(|k| Arc::from(crate::state::fingerprint(k.secret().expose()))).collect();
+    Ok(KeyResources { quotas, auth: headers.into_boxed_slice(), metrics: key_metrics, fingerprints })
 }
 
 /// Builds provider `provider`'s pool over the plan's keys (with `builder`'s

@@ -240,7 +240,7 @@ const EARLY_WAKE: Duration = Duration::from_millis(2);
 
 /// The longest the head of the queue sleeps without looking again, so that a
 /// reload, a re-enabled key or a permit freed elsewhere is noticed.
-const RECHECK: Duration = Duration::from_millis(250);
+pub(crate) const RECHECK: Duration = Duration::from_millis(250);
 
 impl LeaseQueue {
     /// An empty queue.
@@ -288,6 +288,20 @@ impl LeaseQueue {
         // request's future larger (it is moved on each `.await` nesting), for a path taken
         // only when keys are out of permits.
         Box::pin(self.wait(source, deadline)).await
+    }
+
+    /// Joins the queue (counted until the slot is dropped).
+    pub(crate) fn enter(&self) -> impl Drop + '_ {
+        QueueSlot::enter(&self.waiting)
+    }
+
+    /// Waits for this request's turn at the head of the queue, until
+    /// `deadline` (`None`: past it).
+    pub(crate) async fn turn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout_at(deadline, self.turnstile.acquire()).await.ok()?.ok()
     }
 
     async fn wait(&self, source: &impl Source, deadline: tokio::time::Instant) -> Result<Lease, NoKey> {

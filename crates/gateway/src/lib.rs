@@ -67,6 +67,7 @@ pub mod openai;
 pub mod preset;
 mod provider;
 pub mod quota;
+pub mod replicas;
 mod reply;
 mod route;
 pub mod state;

@@ -725,6 +725,34 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
         }
     }
 
+    /// [`request_windows`](Self::request_windows) with what each window
+    /// counts: `(at, amount)` per grant of a rolling log (engine clock
+    /// nanoseconds), or one `(reset, used)` for a daily window. To replay
+    /// into a shared store that lost them.
+    pub fn request_entries(&self, index: usize, mut f: impl FnMut(WindowView<'_>, Vec<(u64, u64)>)) {
+        let Some(slot) = self.keys.get(index) else { return };
+        let now = self.clock.now();
+        for budget in slot.budgets() {
+            let mut state = budget.lock();
+            state.refresh(now);
+            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
+                let resets_at = match &w.window.reset {
+                    crate::Reset::Rolling => None,
+                    crate::Reset::Daily(daily) => Some(daily.next_after(now)),
+                };
+                let view = WindowView {
+                    account: budget.account.as_deref(),
+                    period: w.window.period,
+                    span: Duration::from_nanos(w.window.span),
+                    limit: w.limit(),
+                    resets_at,
+                };
+                let entries = w.saved().0.into_iter().map(|e| (e.at, e.amount)).collect();
+                f(view, entries);
+            }
+        }
+    }
+
     /// The account key `index` belongs to.
     pub fn account(&self, index: usize) -> Option<&str> {
         self.keys.get(index)?.account.as_ref()?.account.as_deref()

@@ -47,6 +47,9 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::time::Duration;
 
 use std::sync::Arc;

@@ -5,97 +5,10 @@
 //! skipped and why; under `CI=true` that is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use proxypal_shared::testing::Redis;
 use proxypal_shared::{Admission, Candidate, SharedBudgets, SharedConfig, SharedError, Window};
-
-/// A `redis-server` of this test: killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Redis {
-    /// Starts one, or `None` (skipped, said why) without `redis-server`.
-    fn start(test: &str) -> Option<Self> {
-        if Command::new("redis-server").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{test}: redis-server is not installed, and CI must run the Redis tests"
-            );
-            eprintln!("SKIPPED {test}: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let dir = std::env::temp_dir().join(format!("proxypal-redis-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut redis = Self { child, port, dir };
-            if redis.wait_ready() {
-                return Some(redis);
-            }
-            let _ = redis.child.kill(); // the port was taken meanwhile: another one
-        }
-        panic!("{test}: redis-server did not start");
-    }
-
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.cli(&["PING"]).is_some_and(|out| out.trim() == "PONG") {
-                return true;
-            }
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.signal("-CONT"); // a frozen one cannot die otherwise
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 async fn replica(redis: &Redis) -> SharedBudgets {
     let mut config = SharedConfig::new(redis.url());
@@ -206,18 +119,8 @@ async fn script_flush_and_an_empty_restart_are_survived_and_noticed() {
     assert_eq!((after.admitted, after.state_lost), (Some(0), false));
     // Redis restarted empty on the same port: the connection comes back by
     // itself, and the epoch says the windows forgot what they counted.
-    redis.child.kill().unwrap();
-    redis.child.wait().unwrap();
-    let port = redis.port;
-    redis.child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&redis.dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(redis.wait_ready());
+    redis.kill();
+    redis.restart_empty();
     let mut seen = None;
     for _ in 0..50 {
         match r.admit("pool", &a).await {

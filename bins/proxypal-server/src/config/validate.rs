@@ -38,6 +38,7 @@ impl Config {
         self.validate_retry()?;
         self.validate_cors()?;
         self.validate_auth()?;
+        self.validate_shared()?;
         at_least_one("limits.max_body_bytes", self.limits.max_body_bytes)?;
         at_least_one("limits.max_inflight", self.limits.max_inflight)?;
         if let Some(n) = self.workers.filter(|n| !(1..=super::MAX_WORKERS).contains(n)) {
@@ -159,6 +160,35 @@ impl Config {
             Ok(()) => Ok(()),
             Err(e) => Err(build_error(e, views, views.first().filter(|_| views.len() == 1))),
         }
+    }
+
+    fn validate_shared(&self) -> Result<(), ConfigError> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        let url = shared.redis_url.trim();
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(ConfigError::invalid(
+                "shared.redis_url",
+                format!(
+                    "must be a redis:// or rediss:// URL, such as redis://127.0.0.1:6379/0 (got {:?})",
+                    proxypal_gateway::replicas::redacted(url)
+                ),
+            ));
+        }
+        if shared.key_prefix.is_empty() || shared.key_prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::invalid(
+                "shared.key_prefix",
+                "must be non-empty, without spaces, '{' or '}' (the hash tag is the pool's)",
+            ));
+        }
+        positive("shared.timeout", shared.timeout)?;
+        positive("shared.heartbeat", shared.heartbeat)?;
+        if shared.lease < shared.heartbeat * 2 {
+            return Err(ConfigError::invalid(
+                "shared.lease",
+                "must be at least twice shared.heartbeat (one lost heartbeat must not make a replica a suspect)",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_retry(&self) -> Result<(), ConfigError> {

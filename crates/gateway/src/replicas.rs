@@ -1,0 +1,805 @@
+//! One quota for several replicas: every request window, cooldown and
+//! disabled key decided in Redis (see [`proxypal_shared`]), and a local
+//! share of each window while Redis cannot be reached.
+//!
+//! # Modes
+//! - **shared**: each attempt asks Redis once, offering the keys this replica
+//!   would try in its round-robin order; Redis admits the first with room in
+//!   every window of its budgets (its own and its account's) that no replica
+//!   found cooling down or disabled. The local quota engine is charged too,
+//!   unchecked, so it always holds what this replica sent.
+//! - **degraded** (Redis unreachable, slower than `timeout`, or never
+//!   reached): the local engine serves ⌊limit / N⌋ of every window, N the
+//!   replicas counted from heartbeats (at least `replicas`), and only from
+//!   one lease plus the longest window after the last heartbeat that Redis
+//!   took: by then the others keep this replica's share back, and every
+//!   window that holds one of its local sends began after they did. What it
+//!   sends is written to Redis when it returns, with the cooldowns and
+//!   disables it saw meanwhile.
+//!
+//! After a state loss (Redis restarted empty, `FLUSHALL`, `SCRIPT FLUSH` is
+//! only a reload) each replica replays what its local engine holds, and
+//! admissions wait until the replicas seen before have done so, or one
+//! window has passed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proxypal_keypool::{KeyPool, KeyStatus};
+use proxypal_limiter::WindowView;
+use proxypal_shared::{Candidate, SharedBudgets, SharedError, Window};
+
+use crate::keyset::{KeyResources, SharedClock};
+use crate::lease::{Lease, Tried};
+use crate::provider::Provider;
+
+pub use proxypal_shared::redacted;
+
+/// How replicas share quotas through Redis (`shared:` in the server's config).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SharedQuotaConfig {
+    /// `redis://host:port/db` or `rediss://…`.
+    pub redis_url: String,
+    /// The namespace of every Redis key (several deployments, one Redis).
+    pub key_prefix: String,
+    /// Deadline of each Redis call on the request path.
+    pub timeout: Duration,
+    /// Refuse to start until Redis answers (else start degraded).
+    pub require_on_start: bool,
+    /// The least number of replicas to count (0: from heartbeats alone). Set
+    /// it to the deployment's replica count, so that a replica that starts
+    /// while Redis is away takes no more than its share.
+    pub replicas: u64,
+    /// How long one heartbeat keeps a replica counted as live.
+    pub lease: Duration,
+    /// How often heartbeats are sent (and Redis is retried while degraded).
+    pub heartbeat: Duration,
+    /// The longest a replica serves its local share without Redis; the
+    /// others keep its share back that long (plus a lease and a window).
+    pub max_degraded: Duration,
+}
+
+impl std::fmt::Debug for SharedQuotaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedQuotaConfig")
+            .field("redis_url", &proxypal_shared::redacted(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("require_on_start", &self.require_on_start)
+            .field("replicas", &self.replicas)
+            .field("lease", &self.lease)
+            .field("heartbeat", &self.heartbeat)
+            .field("max_degraded", &self.max_degraded)
+            .finish()
+    }
+}
+
+impl SharedQuotaConfig {
+    /// The defaults for Redis at `redis_url`: prefix `proxypal`, 50 ms
+    /// deadline, a 3 s lease renewed every second, 15 minutes at most
+    /// degraded.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            key_prefix: "proxypal".to_owned(),
+            timeout: Duration::from_millis(50),
+            require_on_start: false,
+            replicas: 0,
+            lease: Duration::from_secs(3),
+            heartbeat: Duration::from_secs(1),
+            max_degraded: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Where a replica's quota decisions come from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Redis decides.
+    Shared,
+    /// Redis is out of reach: the local share decides.
+    Degraded,
+}
+
+impl Mode {
+    /// `shared` or `degraded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Degraded => "degraded",
+        }
+    }
+}
+
+const SHARED: u8 = 1;
+const DEGRADED: u8 = 2;
+
+/// A send made from the local share, to be written to Redis on return.
+struct Grant {
+    pool: Arc<str>,
+    id: Arc<str>,
+    windows: Vec<OwnedWindow>,
+    /// The engine clock's nanoseconds.
+    at: u64,
+}
+
+/// A [`Window`] with owned names (for a grant kept until Redis returns).
+#[derive(Clone)]
+struct OwnedWindow {
+    budget: Option<String>,
+    name: String,
+    span: Duration,
+    limit: u64,
+    /// A calendar window's end, Unix microseconds.
+    end_us: Option<u64>,
+}
+
+impl OwnedWindow {
+    fn of(view: &WindowView<'_>) -> Self {
+        let budget = view.account.map(account_id);
+        let (name, end_us) = match view.resets_at {
+            None => (format!("r{}", view.period.as_millis()), None),
+            Some(at) => (format!("d{}", view.period.as_secs()), Some(at / 1_000)),
+        };
+        Self { budget, name, span: view.span, limit: view.limit, end_us }
+    }
+
+    fn window(&self) -> Window<'_> {
+        let w = match self.end_us {
+            None => Window::new(&self.name, self.span, self.limit),
+            Some(end) => Window::calendar(&self.name, end.saturating_sub(micros(self.span)), end, self.limit),
+        };
+        match &self.budget {
+            Some(b) => w.of(b),
+            None => w,
+        }
+    }
+}
+
+/// An account's name as it goes into Redis keys: hashed (names are free text).
+fn account_id(name: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut out = String::from("acct:");
+    for byte in digest.as_ref().iter().take(8) {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A health change to write to Redis (now, or when it returns).
+#[derive(Debug, Clone)]
+enum Health {
+    Cool { pool: Arc<str>, id: Arc<str>, for_: Duration },
+    Disable { pool: Arc<str>, id: Arc<str> },
+    Enable { pool: Arc<str>, id: Arc<str> },
+}
+
+#[derive(Default)]
+struct Pending {
+    health: Vec<Health>,
+    grants: Vec<Grant>,
+    /// The epoch each pool was last seen in.
+    epochs: HashMap<Arc<str>, u64>,
+    /// When the last "still degraded" warning was logged (engine ns).
+    warned_at: u64,
+}
+
+/// Why a shared admission gave no lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Nothing has room now; look again after this long.
+    Wait(Duration),
+    /// Every candidate is disabled (by some replica).
+    Disabled,
+    /// No key was offered: every one is tried, cooling down here, disabled
+    /// here, or held back by a limit only this replica counts.
+    Nothing,
+    /// Redis cannot be asked now: lease locally.
+    Unavailable,
+}
+
+/// One replica's link to the quota it shares with others. Built by the
+/// gateway from [`SharedQuotaConfig`]; [`run`](Self::run) keeps it going.
+pub struct SharedQuota {
+    config: SharedQuotaConfig,
+    budgets: ArcSwapOption<SharedBudgets>,
+    mode: AtomicU8,
+    /// N: the replicas counted, whose ⌊limit / N⌋ this replica takes alone.
+    replicas: AtomicU64,
+    /// Engine clock (ns) just before the last heartbeat round Redis took.
+    renewed_at: AtomicU64,
+    degraded_since: AtomicU64,
+    transitions: AtomicU64,
+    /// Redis's clock minus the engine's, in microseconds, at the last contact.
+    offset_us: AtomicI64,
+    pending: Mutex<Pending>,
+    /// Every provider's [`Share`](proxypal_limiter::Share) with its longest
+    /// request window, as of the last round: set at once when a call fails.
+    shares: Mutex<Vec<(Arc<proxypal_limiter::Share>, Duration)>>,
+    wake: tokio::sync::Notify,
+    clock: SharedClock,
+    gauges: Gauges,
+}
+
+/// `proxypal_shared_*` in `/metrics`.
+#[derive(Debug, Default)]
+struct Gauges {
+    /// 1 while shared, 0 while degraded.
+    shared: Gauge,
+    replicas: Gauge,
+    transitions: Counter,
+    degraded_seconds: Gauge,
+}
+
+impl Gauges {
+    fn register(registry: &mut Registry) -> Self {
+        let g = Self::default();
+        registry.register(
+            "shared_up",
+            "1 while quotas are shared through Redis, 0 while this replica serves its local share",
+            g.shared.clone(),
+        );
+        registry.register("shared_replicas", "Replicas counted for the local share (N)", g.replicas.clone());
+        registry.register(
+            "shared_transitions",
+            "Switches between shared and degraded mode",
+            g.transitions.clone(),
+        );
+        registry.register(
+            "shared_degraded_seconds",
+            "How long this replica has been degraded (0 while shared)",
+            g.degraded_seconds.clone(),
+        );
+        g
+    }
+}
+
+impl std::fmt::Debug for SharedQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedQuota")
+            .field("config", &self.config)
+            .field("mode", &self.mode())
+            .field("replicas", &self.replicas())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot for `/stats` and `/health`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SharedReport {
+    /// `shared` or `degraded`.
+    pub mode: Mode,
+    /// The replicas counted (N).
+    pub replicas: u64,
+    /// How long it has been degraded (zero when shared).
+    pub degraded_for: Duration,
+    /// Switches between the modes since start.
+    pub transitions: u64,
+    /// Where Redis is (without a password).
+    pub redis: String,
+}
+
+impl SharedQuota {
+    /// A link that starts degraded (nothing reached yet) on `clock`.
+    pub(crate) fn new(config: SharedQuotaConfig, clock: SharedClock, registry: &mut Registry) -> Self {
+        let now = clock.now();
+        let replicas = config.replicas.max(1);
+        Self {
+            config,
+            budgets: ArcSwapOption::empty(),
+            mode: AtomicU8::new(DEGRADED),
+            replicas: AtomicU64::new(replicas),
+            // Never renewed: the cautious wait counts from start.
+            renewed_at: AtomicU64::new(now),
+            degraded_since: AtomicU64::new(now),
+            transitions: AtomicU64::new(0),
+            offset_us: AtomicI64::new(0),
+            pending: Mutex::new(Pending::default()),
+            shares: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            clock,
+            gauges: Gauges::register(registry),
+        }
+    }
+
+    /// The mode now.
+    pub fn mode(&self) -> Mode {
+        if self.mode.load(Ordering::Acquire) == SHARED { Mode::Shared } else { Mode::Degraded }
+    }
+
+    /// The replicas counted (N).
+    pub fn replicas(&self) -> u64 {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// The state for `/stats`, `/health` and metrics (updates the gauges).
+    pub fn report(&self) -> SharedReport {
+        let mode = self.mode();
+        let degraded_for = match mode {
+            Mode::Shared => Duration::ZERO,
+            Mode::Degraded => Duration::from_nanos(
+                self.clock.now().saturating_sub(self.degraded_since.load(Ordering::Relaxed)),
+            ),
+        };
+        let transitions = self.transitions.load(Ordering::Relaxed);
+        self.gauges.shared.set(i64::from(mode == Mode::Shared));
+        self.gauges.replicas.set(i64::try_from(self.replicas()).unwrap_or(i64::MAX));
+        self.gauges.degraded_seconds.set(i64::try_from(degraded_for.as_secs()).unwrap_or(i64::MAX));
+        let counted = self.gauges.transitions.get();
+        self.gauges.transitions.inc_by(transitions.saturating_sub(counted));
+        SharedReport {
+            mode,
+            replicas: self.replicas(),
+            degraded_for,
+            transitions,
+            redis: proxypal_shared::redacted(&self.config.redis_url),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SharedQuotaConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Plain data, every update a push or an insert: usable after a panic.
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The connection, when shared.
+    fn budgets(&self) -> Option<Arc<SharedBudgets>> {
+        if self.mode() == Mode::Shared { self.budgets.load_full() } else { None }
+    }
+
+    /// Asks Redis once for one of the candidate keys of `provider` (those
+    /// this replica would try, in round-robin order, that only local limits
+    /// do not hold back) and leases the one admitted.
+    pub(crate) async fn admit(
+        &self,
+        provider: &Provider,
+        index: usize,
+        tried: &Tried,
+        tokens: u64,
+    ) -> Result<Lease, Refused> {
+        let Some(budgets) = self.budgets() else { return Err(Refused::Unavailable) };
+        let keys: &KeyPool<KeyResources> = &provider.keys;
+        let mut offered: Vec<usize> = Vec::new();
+        // The key set's identity, not the engine itself: nothing generic over
+        // the clock may live across the `.await` (the future must be `Send`
+        // for every lifetime, which `dyn QuotaClock` only is for `'static`).
+        let mut generation: Option<usize> = None;
+        let mut windows: Vec<Vec<OwnedWindow>> = Vec::new();
+        let _ = keys.select_with(|c| {
+            let quotas = &c.attachment.quotas;
+            if !tried.contains(index, c.index)
+                && quotas.local_wait(c.index, tokens).is_some_and(|w| w.wait.is_zero())
+            {
+                offered.push(c.index);
+                windows.push(windows_of(quotas, c.index));
+                generation.get_or_insert(Arc::as_ptr(quotas) as usize);
+            }
+            false
+        });
+        let Some(generation) = generation else { return Err(Refused::Nothing) };
+        let ids: Vec<Arc<str>> =
+            keys.with_current(|_, r| offered.iter().map(|&i| r.fingerprint(i)).collect());
+        let views: Vec<Vec<Window<'_>>> =
+            windows.iter().map(|ws| ws.iter().map(OwnedWindow::window).collect()).collect();
+        let candidates: Vec<Candidate<'_>> =
+            ids.iter().zip(&views).map(|(id, ws)| Candidate::new(id, ws)).collect();
+        let admission = match budgets.admit(provider.name(), &candidates).await {
+            Ok(a) => a,
+            Err(SharedError::StaleCalendar { .. }) => return Err(Refused::Wait(Duration::from_millis(1))),
+            Err(e) => {
+                self.lost(&e);
+                return Err(Refused::Unavailable);
+            }
+        };
+        self.saw_epoch(provider.name(), admission.epoch);
+        let Some(j) = admission.admitted else {
+            return Err(admission.wait.map_or(Refused::Disabled, Refused::Wait));
+        };
+        let Some(&chosen) = offered.get(j) else { return Err(Refused::Nothing) };
+        let mut found = None;
+        let selected = keys.select_at(chosen, |c| {
+            let quotas = &c.attachment.quotas;
+            if Arc::as_ptr(quotas) as usize != generation {
+                return false; // a reload swapped the key set meanwhile
+            }
+            let Some(auth) = c.attachment.auth.get(c.index) else { return false };
+            let Some(metrics) = c.attachment.metrics.get(c.index) else { return false };
+            let Some(permit) = quotas.try_acquire_admitted(c.index, tokens) else { return false };
+            found = Some((auth.clone(), Arc::clone(metrics), permit, Arc::clone(quotas)));
+            true
+        });
+        // Admitted but not leasable here (a reload, a cooldown noticed since):
+        // the admission is spent, look again at once.
+        let (Some(selected), Some((auth, metrics, permit, engine))) = (selected, found) else {
+            return Err(Refused::Wait(Duration::ZERO));
+        };
+        Ok(Lease { selected, auth, provider: index, target: 0, metrics, permit, quotas: engine })
+    }
+
+    /// Records a send made from the local share (degraded), to be written to
+    /// Redis when it returns.
+    pub(crate) fn sent_locally(&self, provider: &Provider, lease: &Lease) {
+        if self.mode() == Mode::Shared {
+            return;
+        }
+        let index = lease.selected.index();
+        let id = provider.keys.with_current(|_, r| r.fingerprint(index));
+        let grant = Grant {
+            pool: Arc::from(provider.name()),
+            id,
+            windows: windows_of(&lease.quotas, index),
+            at: self.clock.now(),
+        };
+        self.lock().grants.push(grant);
+    }
+
+    /// What an attempt did to a key's health, for every replica: a cooldown
+    /// or a disable the pool just applied.
+    pub(crate) fn judged(&self, provider: &Provider, lease: &Lease) {
+        let pool = Arc::<str>::from(provider.name());
+        let id = || provider.keys.with_current(|_, r| r.fingerprint(lease.selected.index()));
+        let change = match provider.keys.status_of(&lease.selected) {
+            KeyStatus::CoolingDown { remaining, .. } => Health::Cool { pool, id: id(), for_: remaining },
+            KeyStatus::Disabled => Health::Disable { pool, id: id() },
+            _ => return,
+        };
+        self.lock().health.push(change);
+        self.wake.notify_one();
+    }
+
+    /// An operator re-enabled key `index` of `provider`: for every replica.
+    pub fn enabled(&self, provider: &Provider, index: usize) {
+        let id = provider.keys.with_current(|_, r| r.fingerprint(index));
+        self.lock().health.push(Health::Enable { pool: Arc::from(provider.name()), id });
+        self.wake.notify_one();
+    }
+
+    /// A call failed: degraded from now on (until a heartbeat gets through).
+    fn lost(&self, error: &SharedError) {
+        if self.mode() == Mode::Shared {
+            // The local shares first, so no request leases locally from a
+            // whole budget in between.
+            self.degraded_since.store(self.clock.now(), Ordering::Relaxed);
+            self.set_shares(false);
+        }
+        if self.mode.swap(DEGRADED, Ordering::AcqRel) == SHARED {
+            let now = self.clock.now();
+            self.transitions.fetch_add(1, Ordering::Relaxed);
+            self.lock().warned_at = now;
+            tracing::error!(
+                redis = %proxypal_shared::redacted(&self.config.redis_url),
+                error = %error,
+                replicas = self.replicas(),
+                "shared quota: Redis is out of reach; serving this replica's share of every window \
+                 (1/{} of it) once the others have set it aside",
+                self.replicas()
+            );
+        }
+        self.wake.notify_one();
+    }
+
+    fn saw_epoch(&self, pool: &str, epoch: u64) {
+        let known = self.lock().epochs.get(pool).copied();
+        if known != Some(epoch) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Notes every provider's share and longest window, and sets the shares
+    /// for the mode now.
+    fn apply_shares(&self, providers: &[Arc<Provider>]) {
+        let shares = providers
+            .iter()
+            .map(|p| (p.keys.with_current(|_, r| Arc::clone(r.quotas.share())), longest_span(&p.keys)))
+            .collect();
+        *self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = shares;
+        self.set_shares(self.mode() == Mode::Shared);
+    }
+
+    /// The whole budget when shared; when degraded ⌊limit / N⌋ of every
+    /// window from one lease and one window after the last renewal, and
+    /// nothing past `max_degraded`.
+    fn set_shares(&self, shared: bool) {
+        let n = self.replicas();
+        let renewed = self.renewed_at.load(Ordering::Relaxed);
+        let since = self.degraded_since.load(Ordering::Relaxed);
+        let fenced = self.clock.now() >= since.saturating_add(nanos(self.config.max_degraded));
+        for (share, longest) in self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            if shared {
+                share.whole();
+            } else if fenced {
+                share.set(n, u64::MAX);
+            } else {
+                share.set(n, renewed.saturating_add(nanos(self.config.lease + *longest)));
+            }
+        }
+    }
+
+    /// The first round, before serving: connects, renews, replays, and sets
+    /// every share for the mode it ends in. `true` when shared.
+    pub async fn first_contact(&self, gateway: &crate::Gateway) -> bool {
+        let providers = gateway.providers();
+        self.apply_shares(&providers);
+        self.tick(&providers).await;
+        self.apply_shares(&providers);
+        self.mode() == Mode::Shared
+    }
+
+    /// How long a lapsed replica's share stays kept back.
+    fn reservation(&self, longest: Duration) -> Duration {
+        self.config.lease + self.config.max_degraded + longest
+    }
+
+    /// Keeps the link going until `stop` resolves: connects (and reconnects),
+    /// renews this replica's lease in every provider's pool, writes health
+    /// changes, replays after a state loss or a degraded spell, switches
+    /// modes and logs each switch. Leaves every pool on the way out.
+    pub async fn run(
+        self: Arc<Self>,
+        gateway: std::sync::Weak<crate::Gateway>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            let Some(gw) = gateway.upgrade() else { return };
+            let providers = gw.providers();
+            drop(gw);
+            self.tick(&providers).await;
+            self.apply_shares(&providers);
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(self.config.heartbeat) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+        if let (Some(budgets), Some(gw)) = (self.budgets.load_full(), gateway.upgrade()) {
+            for p in gw.providers() {
+                let _ = budgets.leave(p.name()).await;
+            }
+        }
+    }
+
+    /// Connects once (for `require_on_start`).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn connect(&self) -> Result<(), SharedError> {
+        if self.budgets.load().is_some() {
+            return Ok(());
+        }
+        let mut config = proxypal_shared::SharedConfig::new(self.config.redis_url.clone());
+        config.key_prefix = self.config.key_prefix.clone();
+        config.timeout = self.config.timeout;
+        let budgets = SharedBudgets::connect(config).await?;
+        self.budgets.store(Some(Arc::new(budgets)));
+        Ok(())
+    }
+
+    async fn tick(&self, providers: &[Arc<Provider>]) {
+        if let Err(e) = self.connect().await {
+            self.still_degraded(&e);
+            return;
+        }
+        let Some(budgets) = self.budgets.load_full() else { return };
+        match self.beat(&budgets, providers).await {
+            Ok(()) => {
+                if self.mode.swap(SHARED, Ordering::AcqRel) != SHARED {
+                    let since = self.degraded_since.load(Ordering::Relaxed);
+                    if self.transitions.fetch_add(1, Ordering::Relaxed) > 0 || since > 0 {
+                        tracing::warn!(
+                            replicas = self.replicas(),
+                            degraded_for = ?Duration::from_nanos(self.clock.now().saturating_sub(since)),
+                            "shared quota: Redis answers again; quotas are shared again"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                if self.mode() == Mode::Shared {
+                    self.lost(&e);
+                } else {
+                    self.still_degraded(&e);
+                }
+            }
+        }
+    }
+
+    fn still_degraded(&self, error: &SharedError) {
+        let now = self.clock.now();
+        let mut pending = self.lock();
+        if pending.warned_at == 0 || now.saturating_sub(pending.warned_at) >= nanos(Duration::from_secs(30)) {
+            pending.warned_at = now;
+            drop(pending);
+            tracing::warn!(
+                redis = %proxypal_shared::redacted(&self.config.redis_url),
+                error = %error,
+                replicas = self.replicas(),
+                degraded_for = ?Duration::from_nanos(now.saturating_sub(self.degraded_since.load(Ordering::Relaxed))),
+                "shared quota: still degraded, serving this replica's share"
+            );
+        }
+    }
+
+    /// One heartbeat round: every pool's lease, then what is owed to Redis.
+    async fn beat(&self, budgets: &SharedBudgets, providers: &[Arc<Provider>]) -> Result<(), SharedError> {
+        let before = self.clock.now();
+        let longest = providers.iter().map(|p| longest_span(&p.keys)).max().unwrap_or_default();
+        budgets.set_recovery_hold(longest);
+        let mut counted = self.config.replicas.max(1);
+        let mut seen = 0;
+        for p in providers {
+            let m = budgets.heartbeat(p.name(), self.config.lease, self.reservation(longest)).await?;
+            counted = counted.max(m.live + m.suspects);
+            seen = seen.max(m.live + m.suspects);
+            self.offset_us.store(
+                i64::try_from(m.now_us).unwrap_or(i64::MAX) - i64::try_from(before / 1_000).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+            let known = self.lock().epochs.get(p.name()).copied();
+            if known != Some(m.epoch) || !m.replayed {
+                self.replay_all(budgets, p, m.epoch).await?;
+            }
+        }
+        // N only grows while serving (a replica that left gracefully is not a
+        // suspect, so the count falls back after a restart).
+        self.replicas.store(counted, Ordering::Relaxed);
+        budgets.set_replicas(counted);
+        budgets.set_expected_replays(seen.max(1));
+        self.replay_grants(budgets).await?;
+        self.write_health(budgets).await?;
+        self.renewed_at.store(before, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After a state loss (or on first contact): every send the local engine
+    /// still counts, made before the epoch began, goes into the new state.
+    async fn replay_all(
+        &self,
+        budgets: &SharedBudgets,
+        provider: &Provider,
+        epoch: u64,
+    ) -> Result<(), SharedError> {
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        let epoch_local_ns = u64::try_from((i64::try_from(epoch).unwrap_or(i64::MAX) - offset).max(0))
+            .unwrap_or(0)
+            .saturating_mul(1_000);
+        let mut logs: Vec<(Arc<str>, OwnedWindow, Vec<u64>)> = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        provider.keys.with_current(|keys, r| {
+            for i in 0..keys.len() {
+                let id = r.fingerprint(i);
+                r.quotas.request_entries(i, |view, entries| {
+                    let w = OwnedWindow::of(&view);
+                    let owner = w.budget.clone().unwrap_or_else(|| id.to_string());
+                    if !done.insert((owner, w.name.clone())) {
+                        return; // an account's window, replayed through its first key
+                    }
+                    let times: Vec<u64> = entries
+                        .iter()
+                        .filter(|(at, _)| w.end_us.is_some() || *at < epoch_local_ns)
+                        .flat_map(|&(at, amount)| {
+                            let us = i64::try_from(at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
+                            std::iter::repeat_n(u64::try_from(us).unwrap_or(0), amount as usize)
+                        })
+                        .collect();
+                    if !times.is_empty() {
+                        logs.push((Arc::clone(&id), w, times));
+                    }
+                });
+            }
+        });
+        for (id, w, times) in &logs {
+            budgets.replay(provider.name(), id, w.window(), times).await?;
+        }
+        // The sends of a degraded spell are in the engine too: replayed now.
+        self.lock().grants.retain(|g| &*g.pool != provider.name());
+        budgets.replayed(provider.name(), epoch).await?;
+        self.lock().epochs.insert(Arc::from(provider.name()), epoch);
+        tracing::info!(
+            pool = provider.name(),
+            windows = logs.len(),
+            "shared quota: replayed this replica's sends"
+        );
+        Ok(())
+    }
+
+    async fn replay_grants(&self, budgets: &SharedBudgets) -> Result<(), SharedError> {
+        let grants = std::mem::take(&mut self.lock().grants);
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        let result = async {
+            for g in &grants {
+                let us = i64::try_from(g.at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
+                let at = u64::try_from(us).unwrap_or(0);
+                for w in &g.windows {
+                    budgets.replay(&g.pool, &g.id, w.window(), &[at]).await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // Not written (or not all): keep them for the next try. A window
+            // written twice counts twice: the safe side.
+            let mut pending = self.lock();
+            let newer = std::mem::take(&mut pending.grants);
+            pending.grants = grants;
+            pending.grants.extend(newer);
+        }
+        result
+    }
+
+    async fn write_health(&self, budgets: &SharedBudgets) -> Result<(), SharedError> {
+        let changes = std::mem::take(&mut self.lock().health);
+        for (i, change) in changes.iter().enumerate() {
+            let written = match change {
+                Health::Cool { pool, id, for_ } => budgets.cool_down(pool, id, *for_).await,
+                Health::Disable { pool, id } => budgets.disable(pool, id).await,
+                Health::Enable { pool, id } => budgets.enable(pool, id).await,
+            };
+            if let Err(e) = written {
+                let mut pending = self.lock();
+                let newer = std::mem::take(&mut pending.health);
+                pending.health = changes[i..].to_vec();
+                pending.health.extend(newer);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Key `index`'s request windows as Redis counts them.
+fn windows_of(engine: &crate::Engine, index: usize) -> Vec<OwnedWindow> {
+    let mut out = Vec::new();
+    engine.request_windows(index, |w| out.push(OwnedWindow::of(&w)));
+    out
+}
+
+/// The longest request window of a pool's keys.
+fn longest_span(keys: &KeyPool<KeyResources>) -> Duration {
+    keys.with_current(|all, r| {
+        let mut longest = Duration::ZERO;
+        for i in 0..all.len() {
+            r.quotas.request_windows(i, |w| longest = longest.max(w.span));
+        }
+        longest
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_names_become_key_safe_ids_and_urls_hide_passwords() {
+        let id = account_id("team a/{x}");
+        assert!(id.starts_with("acct:") && id.len() == 21, "{id}");
+        assert!(id[5..].chars().all(|c| c.is_ascii_hexdigit()));
+        let config = SharedQuotaConfig::new("redis://:hunter2@10.0.0.5:6379/0");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}
