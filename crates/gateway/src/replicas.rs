@@ -656,6 +656,7 @@ impl SharedQuota {
             if known != Some(m.epoch) || !m.replayed {
                 self.replay_all(budgets, p, m.epoch).await?;
             }
+            mirror(p, &budgets.health(p.name()).await?);
         }
         // N only grows while serving (a replica that left gracefully is not a
         // suspect, so the count falls back after a restart).
@@ -708,6 +709,30 @@ impl SharedQuota {
         for (id, w, times) in &logs {
             budgets.replay(provider.name(), id, w.window(), times).await?;
         }
+        // Key health the state lost: what this replica knows goes back in.
+        let pool = Arc::<str>::from(provider.name());
+        let health: Vec<Health> = provider.keys.with_current(|_, r| {
+            provider
+                .keys
+                .snapshot()
+                .into_iter()
+                .filter_map(|k| match k.status {
+                    KeyStatus::Disabled => {
+                        Some(Health::Disable { pool: Arc::clone(&pool), id: r.fingerprint(k.index) })
+                    }
+                    KeyStatus::CoolingDown { remaining, .. } => Some(Health::Cool {
+                        pool: Arc::clone(&pool),
+                        id: r.fingerprint(k.index),
+                        for_: remaining,
+                    }),
+                    _ => None,
+                })
+                .collect()
+        });
+        self.lock().health.extend(health);
+        // Written before this replica counts as replayed: no admission in the
+        // new epoch can pick a key it knows is disabled.
+        self.write_health(budgets).await?;
         // The sends of a degraded spell are in the engine too: replayed now.
         self.lock().grants.retain(|g| &*g.pool != provider.name());
         budgets.replayed(provider.name(), epoch).await?;
@@ -768,6 +793,29 @@ impl SharedQuota {
     }
 }
 
+/// Applies the health every replica sees to this replica's pool, so it
+/// keeps skipping those keys when Redis goes away. Never shortens a
+/// cooldown, never re-enables a key.
+fn mirror(provider: &Provider, health: &proxypal_shared::Health) {
+    if health.cooling.is_empty() && health.disabled.is_empty() {
+        return;
+    }
+    let by_id: HashMap<Arc<str>, usize> =
+        provider.keys.with_current(|keys, r| (0..keys.len()).map(|i| (r.fingerprint(i), i)).collect());
+    for id in &health.disabled {
+        if let Some(&i) = by_id.get(id.as_str()) {
+            provider.keys.restore(i, KeyStatus::Disabled);
+        }
+    }
+    for (id, until) in &health.cooling {
+        let remaining = Duration::from_micros(until.saturating_sub(health.now_us));
+        if let (Some(&i), false) = (by_id.get(id.as_str()), remaining.is_zero()) {
+            let reason = proxypal_keypool::CooldownReason::RateLimited;
+            provider.keys.restore(i, KeyStatus::CoolingDown { remaining, reason });
+        }
+    }
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -779,14 +827,33 @@ fn windows_of(engine: &crate::Engine, index: usize) -> Vec<OwnedWindow> {
     out
 }
 
-/// The longest request window of a pool's keys.
+/// The longest request window of a pool's keys that can bind: one whose
+/// limit the shorter windows of the same key cannot let the shared log
+/// reach (a minute of a million behind 60 per 6 s never fills) is left out,
+/// so it does not stretch the cautious start.
 fn longest_span(keys: &KeyPool<KeyResources>) -> Duration {
     keys.with_current(|all, r| {
         let mut longest = Duration::ZERO;
         for i in 0..all.len() {
-            r.quotas.request_windows(i, |w| longest = longest.max(w.span));
+            let mut windows: Vec<(Duration, u64)> = Vec::new();
+            r.quotas.request_windows(i, |w| windows.push((w.span, w.limit)));
+            for &(span, limit) in &windows {
+                if binds(span, limit, &windows) {
+                    longest = longest.max(span);
+                }
+            }
         }
         longest
+    })
+}
+
+/// Whether a window of `span` and `limit` can be reached, given the key's
+/// other `windows`: a shorter one of limit `l` and span `s` lets at most
+/// `l · (⌈span / s⌉ + 1)` through in `span`.
+fn binds(span: Duration, limit: u64, windows: &[(Duration, u64)]) -> bool {
+    windows.iter().filter(|(s, _)| *s < span && !s.is_zero()).all(|&(s, l)| {
+        let spans = span.as_nanos().div_ceil(s.as_nanos()) + 1;
+        u128::from(l).saturating_mul(spans) >= u128::from(limit)
     })
 }
 
@@ -801,5 +868,15 @@ mod tests {
         assert!(id[5..].chars().all(|c| c.is_ascii_hexdigit()));
         let config = SharedQuotaConfig::new("redis://:hunter2@10.0.0.5:6379/0");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_window_the_shorter_ones_never_let_fill_does_not_stretch_the_cautious_start() {
+        let six = (Duration::from_secs(6), 60);
+        let minute = (Duration::from_secs(60), 1_000_000);
+        assert!(!binds(minute.0, minute.1, &[six, minute]));
+        assert!(binds(six.0, six.1, &[six, minute]));
+        // 60 per 6 s can put 660 in a minute: a minute of 600 binds.
+        assert!(binds(minute.0, 600, &[six, (minute.0, 600)]));
     }
 }

@@ -220,6 +220,18 @@ pub struct Admission {
     pub recovering: bool,
 }
 
+/// Key health as Redis holds it (see [`SharedBudgets::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Keys cooling down: (id, until µs on Redis's clock).
+    pub cooling: Vec<(String, u64)>,
+    /// Disabled keys.
+    pub disabled: Vec<String>,
+    /// Redis's clock, Unix microseconds.
+    pub now_us: u64,
+}
+
 /// Who serves a pool, as its heartbeats say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -735,6 +747,22 @@ impl SharedBudgets {
         let cmd = redis::cmd("HSET").arg(self.key(pool, "dis")).arg(id).arg(now_nanos() / 1_000).to_owned();
         let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
         Ok(())
+    }
+
+    /// Every key health `pool` holds: cooldowns as (id, until µs) and the
+    /// disabled ids, with Redis's clock; so a replica's own pool can mirror
+    /// them (and keep them while Redis is away).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn health(&self, pool: &str) -> Result<Health, SharedError> {
+        check_name("pool", pool)?;
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.key(pool, "cool")).cmd("HKEYS").arg(self.key(pool, "dis")).cmd("TIME");
+        let (cool, disabled, time): (Vec<(String, u64)>, Vec<String>, (u64, u64)) =
+            self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(Health { cooling: cool, disabled, now_us: time.0 * 1_000_000 + time.1 })
     }
 
     /// Clears key `id`'s disabled state and cooldown in `pool` (an

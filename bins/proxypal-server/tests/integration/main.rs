@@ -27,5 +27,6 @@ mod persistence;
 mod providers;
 mod proxy;
 mod quota;
+mod replicas;
 mod windows;
 mod workers;

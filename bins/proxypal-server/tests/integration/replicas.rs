@@ -1,0 +1,251 @@
+//! Three real `proxypal-server` processes sharing one quota through a real
+//! `redis-server` of the test's own, in front of the simulated upstream in
+//! rolling-window mode (60 per 6 s per key: NVIDIA's minute scaled by 10).
+//! Checked from the upstream's own log: no 429, never more than 60 in any
+//! 6 s of any key, through steady load, `SCRIPT FLUSH`, Redis killed and
+//! restarted empty, and Redis frozen; a key one replica saw rejected is not
+//! tried by the others. A control run without `shared` must overshoot.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use proxypal_nim_sim::{SimConfig, SimHandle, SimRateLimit, SimServer};
+use proxypal_shared::testing::Redis;
+
+use crate::common::{chat_request, http_client, send};
+use crate::hardening_support::{Binary, TempDir, get_request};
+
+const WINDOW: Duration = Duration::from_secs(6);
+const LIMIT: u32 = 60;
+const KEYS: usize = 4;
+const FORBIDDEN: &str = "nvapi-replicas-test-forbidden-000000000000";
+
+fn keys() -> Vec<String> {
+    (0..KEYS).map(|i| format!("nvapi-replicas-test-{i:024}")).collect()
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// One replica's config: the sim's four keys and one it rejects, 60 per 6 s
+/// (+ 50 ms margin) per key, a 3 s queue, Redis when given.
+fn config(addr: SocketAddr, sim: &SimHandle, redis: Option<&Redis>) -> String {
+    let mut keys: Vec<String> = keys();
+    keys.push(FORBIDDEN.to_owned());
+    let keys: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
+    let mut yaml = format!(
+        "listen: {addr}\nworkers: 1\nupstream:\n  base_url: {}\nkeys: [{}]\nrate_limit:\n  requests_per_minute: 1000000\n  margin: 50ms\n  windows: [{{requests: {LIMIT}, per: 6s}}]\nretry:\n  queue_timeout: 3s\nstate:\n  path: null\nlog:\n  level: info\n",
+        sim.base_url(),
+        keys.join(", ")
+    );
+    if let Some(redis) = redis {
+        yaml.push_str(&format!(
+            "shared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n  replicas: 3\n",
+            redis.url()
+        ));
+    }
+    yaml
+}
+
+async fn replicas(dir: &Path, sim: &SimHandle, redis: Option<&Redis>) -> Vec<Binary> {
+    let mut out = Vec::new();
+    for i in 0..3 {
+        let addr = free_addr();
+        let path = dir.join(format!("replica-{i}.yaml"));
+        std::fs::write(&path, config(addr, sim, redis)).unwrap();
+        out.push(Binary::start(&path, addr).await);
+    }
+    out
+}
+
+/// Clients sending chat requests to every replica, back to back, for `for_`:
+/// the statuses they saw.
+async fn load(replicas: &[Binary], per_replica: usize, for_: Duration) -> BTreeMap<u16, usize> {
+    let end = Instant::now() + for_;
+    let mut tasks = Vec::new();
+    for r in replicas {
+        for _ in 0..per_replica {
+            let addr = r.addr;
+            tasks.push(tokio::spawn(async move {
+                let http = http_client();
+                let mut seen = Vec::new();
+                while Instant::now() < end {
+                    let reply = send(&http, chat_request(addr, false, &[])).await;
+                    seen.push(reply.status.as_u16());
+                }
+                seen
+            }));
+        }
+    }
+    let mut statuses = BTreeMap::new();
+    for t in tasks {
+        for s in t.await.unwrap() {
+            *statuses.entry(s).or_insert(0) += 1;
+        }
+    }
+    statuses
+}
+
+fn accepted(sim: &SimHandle) -> BTreeMap<String, usize> {
+    sim.stats().accept_log.iter().map(|(k, log)| (k.clone(), log.len())).collect()
+}
+
+fn rate_limited(sim: &SimHandle) -> u64 {
+    sim.stats().per_key.values().map(|k| k.rate_limited).sum()
+}
+
+/// What the upstream saw in the worst 6 s of each key.
+fn worst_windows(sim: &SimHandle) -> Vec<usize> {
+    let stats = sim.stats();
+    keys().iter().map(|k| stats.max_in_any_window(k, WINDOW)).collect()
+}
+
+fn sim() -> SimHandle {
+    let config = SimConfig::fast()
+        .with_keys(keys())
+        .with_forbidden_keys([FORBIDDEN])
+        .with_rate_limit(SimRateLimit::RollingWindow { limit: LIMIT, window: WINDOW });
+    SimServer::start(SimConfig { record_accepts: true, ..config }).unwrap()
+}
+
+async fn quota_mode(replica: &Binary) -> String {
+    let reply = send(&http_client(), get_request(replica.addr, "/health")).await;
+    reply.json()["quota"]["mode"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
+    let Some(mut redis) = Redis::start("three_replicas_share_one_quota_through_redis_and_its_outages") else {
+        return;
+    };
+    let dir = TempDir::new("replicas");
+
+    // Control: without `shared`, three replicas send three times the quota.
+    let control_sim = sim();
+    let control = replicas(&dir.0, &control_sim, None).await;
+    load(&control, 4, Duration::from_secs(3)).await;
+    let overshoot = rate_limited(&control_sim);
+    assert!(overshoot > 0, "the control run must show the overshoot the shared quota prevents");
+    drop(control);
+
+    let sim = sim();
+    let shared = replicas(&dir.0, &sim, Some(&redis)).await;
+    for r in &shared {
+        assert_eq!(quota_mode(r).await, "shared", "{}", r.log());
+    }
+
+    // Health: replica 0 meets the rejected key once; the others never try it.
+    let http = http_client();
+    for _ in 0..=KEYS {
+        assert_eq!(send(&http, chat_request(shared[0].addr, false, &[])).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Steady: two windows of saturating load from the start of fresh windows.
+    let before = accepted(&sim);
+    let statuses = load(&shared, 4, 2 * WINDOW).await;
+    let after = accepted(&sim);
+    let per_key: Vec<usize> =
+        keys().iter().map(|k| after.get(k).unwrap_or(&0) - before.get(k).unwrap_or(&0)).collect();
+    let used: usize = per_key.iter().sum();
+    let ideal = KEYS * LIMIT as usize * 2;
+    assert!(
+        used * 100 >= ideal * 98,
+        "≥ 98 % of the quota used: {used} of {ideal} ({per_key:?}, {statuses:?})"
+    );
+    let mean = used as f64 / KEYS as f64;
+    for n in &per_key {
+        assert!((*n as f64 - mean).abs() <= mean * 0.02, "per-key spread within ±2 %: {per_key:?}");
+    }
+    assert_eq!(rate_limited(&sim), 0, "no upstream 429 in the steady phase");
+    assert_eq!(sim.stats().key(FORBIDDEN).requests, 1, "the rejected key was tried once, by one replica");
+
+    // SCRIPT FLUSH under load: reloaded on NOSCRIPT, no client sees an error.
+    let flushing = {
+        let port = redis.port;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "SCRIPT", "FLUSH"])
+                .output()
+        })
+    };
+    let statuses = load(&shared, 3, Duration::from_secs(3)).await;
+    assert!(flushing.await.unwrap().unwrap().status.success());
+    assert!(statuses.keys().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+
+    // Redis killed: every replica degrades to its share, after a cautious start.
+    redis.kill();
+    let degraded = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (addr, degraded) = (shared[0].addr, Arc::clone(&degraded));
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let reply = send(&http_client(), get_request(addr, "/health")).await;
+                if reply.json()["quota"]["mode"] == "degraded" {
+                    degraded.store(true, Ordering::Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let outage = load(&shared, 3, Duration::from_secs(10)).await;
+    watcher.await.unwrap();
+    assert!(degraded.load(Ordering::Relaxed), "/health says degraded while Redis is away");
+    assert!(outage.get(&200).copied().unwrap_or(0) > 0, "shares are served without Redis: {outage:?}");
+    // Restarted empty: the replicas replay what they sent and share again.
+    redis.restart_empty();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for r in &shared {
+        while quota_mode(r).await != "shared" {
+            assert!(Instant::now() < deadline, "back to shared after Redis returned: {}", r.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    load(&shared, 3, Duration::from_secs(6)).await;
+
+    // Redis frozen past the deadline, then thawed.
+    let freezing = {
+        let port = redis.port;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let pid = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "INFO", "server"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&pid.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:").map(|p| p.trim().to_owned()))
+                .unwrap()
+        })
+    };
+    let pid = freezing.await.unwrap();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let frozen = tokio::spawn({
+        let pid = pid.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        }
+    });
+    load(&shared, 3, Duration::from_secs(6)).await;
+    frozen.await.unwrap();
+
+    // Through every phase: the upstream never refused, no key ever over its window.
+    assert_eq!(rate_limited(&sim), 0, "no upstream 429 in any phase");
+    let worst = worst_windows(&sim);
+    assert!(worst.iter().all(|n| *n <= LIMIT as usize), "never more than {LIMIT} in any 6 s: {worst:?}");
+    assert_eq!(sim.stats().key(FORBIDDEN).requests, 1, "the rejected key stayed untried by the others");
+    let logs: Vec<String> = shared.iter().map(Binary::log).collect();
+    assert!(logs.iter().all(|l| l.contains("Redis is out of reach")), "an error on each switch: {logs:?}");
+    assert!(logs.iter().all(|l| l.contains("Redis answers again")), "and a line on each return");
+    for l in &logs {
+        assert!(!l.contains(&keys()[0]), "no key in the logs");
+    }
+}
