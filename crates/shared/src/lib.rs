@@ -760,8 +760,8 @@ impl SharedBudgets {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(self.key(pool, "cool")).cmd("HKEYS").arg(self.key(pool, "dis")).cmd("TIME");
-        let (cool, disabled, time): (Vec<(String, u64)>, Vec<String>, (u64, u64)) =
-            self.bounded(pipe.query_async(&mut conn)).await?;
+        type Reply = (Vec<(String, u64)>, Vec<String>, (u64, u64));
+        let (cool, disabled, time): Reply = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(Health { cooling: cool, disabled, now_us: time.0 * 1_000_000 + time.1 })
     }
 
