@@ -34,7 +34,7 @@ fn free_addr() -> SocketAddr {
 
 /// One replica's config: the sim's four keys and one it rejects, 60 per 6 s
 /// (+ 50 ms margin) per key, a 3 s queue, Redis when given.
-fn config(addr: SocketAddr, sim: &SimHandle, redis: Option<&Redis>) -> String {
+fn config(addr: SocketAddr, sim: &SimHandle, redis: Option<&str>) -> String {
     let mut keys: Vec<String> = keys();
     keys.push(FORBIDDEN.to_owned());
     let keys: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
@@ -45,19 +45,19 @@ fn config(addr: SocketAddr, sim: &SimHandle, redis: Option<&Redis>) -> String {
     );
     if let Some(redis) = redis {
         yaml.push_str(&format!(
-            "shared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n  replicas: 3\n",
-            redis.url()
+            "shared:\n  redis_url: {redis}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n  replicas: 3\n"
         ));
     }
     yaml
 }
 
-async fn replicas(dir: &Path, sim: &SimHandle, redis: Option<&Redis>) -> Vec<Binary> {
+/// Three replicas; replica `i` reaches Redis at `redis[i]` (none: no `shared`).
+async fn replicas(dir: &Path, sim: &SimHandle, redis: &[String]) -> Vec<Binary> {
     let mut out = Vec::new();
     for i in 0..3 {
         let addr = free_addr();
         let path = dir.join(format!("replica-{i}.yaml"));
-        std::fs::write(&path, config(addr, sim, redis)).unwrap();
+        std::fs::write(&path, config(addr, sim, redis.get(i).map(String::as_str))).unwrap();
         out.push(Binary::start(&path, addr).await);
     }
     out
@@ -91,6 +91,7 @@ async fn load(replicas: &[Binary], per_replica: usize, for_: Duration) -> BTreeM
     statuses
 }
 
+/// How many accepts each key's log holds now.
 fn accepted(sim: &SimHandle) -> BTreeMap<String, usize> {
     sim.stats().accept_log.iter().map(|(k, log)| (k.clone(), log.len())).collect()
 }
@@ -127,14 +128,17 @@ async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
 
     // Control: without `shared`, three replicas send three times the quota.
     let control_sim = sim();
-    let control = replicas(&dir.0, &control_sim, None).await;
+    let control = replicas(&dir.0, &control_sim, &[]).await;
     load(&control, 4, Duration::from_secs(3)).await;
     let overshoot = rate_limited(&control_sim);
     assert!(overshoot > 0, "the control run must show the overshoot the shared quota prevents");
     drop(control);
 
     let sim = sim();
-    let shared = replicas(&dir.0, &sim, Some(&redis)).await;
+    // Replica 0 reaches Redis through a relay the test can pause or cut.
+    let relay = Relay::start(redis.port).await;
+    let urls = [format!("redis://127.0.0.1:{}/0", relay.port), redis.url(), redis.url()];
+    let shared = replicas(&dir.0, &sim, &urls).await;
     for r in &shared {
         assert_eq!(quota_mode(r).await, "shared", "{}", r.log());
     }
@@ -149,9 +153,16 @@ async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
     // Steady: two windows of saturating load from the start of fresh windows.
     let before = accepted(&sim);
     let statuses = load(&shared, 4, 2 * WINDOW).await;
-    let after = accepted(&sim);
+    // Counted on the upstream's clock, from the phase's first accept, over two
+    // windows less a tenth of a second: both bursts, not the third (which the
+    // clients still queued at the end would add unevenly).
+    let stats = sim.stats();
+    let fresh =
+        |k: &String| stats.accept_log.get(k).map_or(&[][..], |log| &log[*before.get(k).unwrap_or(&0)..]);
+    let t0 = keys().iter().filter_map(|k| fresh(k).first().copied()).min().unwrap();
+    let span = 2 * WINDOW - Duration::from_millis(100);
     let per_key: Vec<usize> =
-        keys().iter().map(|k| after.get(k).unwrap_or(&0) - before.get(k).unwrap_or(&0)).collect();
+        keys().iter().map(|k| fresh(k).iter().filter(|t| **t >= t0 && **t < t0 + span).count()).collect();
     let used: usize = per_key.iter().sum();
     let ideal = KEYS * LIMIT as usize * 2;
     assert!(
@@ -237,6 +248,23 @@ async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
     load(&shared, 3, Duration::from_secs(6)).await;
     frozen.await.unwrap();
 
+    // Replica 0 cut off from Redis (bytes held, then connections dropped)
+    // while the others keep it: they shrink to the rest before it spends.
+    relay.set(HOLD);
+    let cut = load(&shared, 3, Duration::from_secs(5)).await;
+    assert_eq!(quota_mode(&shared[0]).await, "degraded");
+    assert_eq!(quota_mode(&shared[1]).await, "shared");
+    relay.set(DROP);
+    let cut_more = load(&shared, 3, Duration::from_secs(5)).await;
+    relay.set(PASS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while quota_mode(&shared[0]).await != "shared" {
+        assert!(Instant::now() < deadline, "replica 0 rejoins: {}", shared[0].log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load(&shared, 3, Duration::from_secs(3)).await;
+    assert!(cut.get(&200).is_some() && cut_more.get(&200).is_some(), "{cut:?} {cut_more:?}");
+
     // Through every phase: the upstream never refused, no key ever over its window.
     assert_eq!(rate_limited(&sim), 0, "no upstream 429 in any phase");
     let worst = worst_windows(&sim);
@@ -247,5 +275,85 @@ async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
     assert!(logs.iter().all(|l| l.contains("Redis answers again")), "and a line on each return");
     for l in &logs {
         assert!(!l.contains(&keys()[0]), "no key in the logs");
+    }
+}
+
+const PASS: u8 = 0;
+const HOLD: u8 = 1;
+const DROP: u8 = 2;
+
+/// A TCP relay to Redis on a port of its own: passes bytes, holds them (a
+/// partition that swallows packets), or drops every connection and refuses
+/// new ones (a partition that resets them).
+struct Relay {
+    port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let task = tokio::spawn({
+            let mode = Arc::clone(&mode);
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else { return };
+                    if mode.load(Ordering::Relaxed) == DROP {
+                        continue; // closed at once
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                        continue;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(pump(cr, sw, Arc::clone(&mode)));
+                    tokio::spawn(pump(sr, cw, Arc::clone(&mode)));
+                }
+            }
+        });
+        Self { port, mode, task }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` while passing; holds the bytes while held; ends
+/// (closing both) when dropped.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match mode.load(Ordering::Relaxed) {
+            DROP => return,
+            HOLD => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            _ => {}
+        }
+        let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await;
+        let n = match read {
+            Err(_) => continue, // look at the mode again
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
