@@ -119,6 +119,15 @@ impl Mode {
     }
 }
 
+/// Keys offered to Redis per call: the next few in round-robin order (a
+/// call with every key of a large pool would cost Redis its whole list each
+/// time; a full chunk is skipped on the next call by its hints).
+const CANDIDATES: usize = 4;
+
+/// Keys looked at per attempt, at most (the rest wait for the next one:
+/// the cursor moves on, and full keys are skipped by their hints).
+const OFFERED: usize = 4 * CANDIDATES;
+
 const SHARED: u8 = 1;
 const DEGRADED: u8 = 2;
 
@@ -225,6 +234,9 @@ pub struct SharedQuota {
     /// Redis's clock minus the engine's, in microseconds, at the last contact.
     offset_us: AtomicI64,
     pending: Mutex<Pending>,
+    /// Per pool, per key fingerprint: the engine instant before which Redis
+    /// said the key has no room.
+    hints: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u64>>>,
     /// Every provider's [`Share`](proxypal_limiter::Share) with its longest
     /// request window, as of the last round: set at once when a call fails.
     shares: Mutex<Vec<(Arc<proxypal_limiter::Share>, Duration)>>,
@@ -309,6 +321,7 @@ impl SharedQuota {
             offset_us: AtomicI64::new(0),
             pending: Mutex::new(Pending::default()),
             shares: Mutex::new(Vec::new()),
+            hints: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             clock,
             gauges: Gauges::register(registry),
@@ -376,61 +389,109 @@ impl SharedQuota {
     ) -> Result<Lease, Refused> {
         let Some(budgets) = self.budgets() else { return Err(Refused::Unavailable) };
         let keys: &KeyPool<KeyResources> = &provider.keys;
+        let now = self.clock.now();
         let mut offered: Vec<usize> = Vec::new();
+        // Keys Redis said are full stay out until then (room only comes back
+        // as entries expire, on Redis's schedule): at saturation, only the
+        // head of the queue asks, and only when a key's hint runs out.
+        let mut soonest_hint = u64::MAX;
         // The key set's identity, not the engine itself: nothing generic over
         // the clock may live across the `.await` (the future must be `Send`
         // for every lifetime, which `dyn QuotaClock` only is for `'static`).
         let mut generation: Option<usize> = None;
-        let mut windows: Vec<Vec<OwnedWindow>> = Vec::new();
-        let _ = keys.select_with(|c| {
-            let quotas = &c.attachment.quotas;
-            if !tried.contains(index, c.index)
-                && quotas.local_wait(c.index, tokens).is_some_and(|w| w.wait.is_zero())
-            {
-                offered.push(c.index);
-                windows.push(windows_of(quotas, c.index));
-                generation.get_or_insert(Arc::as_ptr(quotas) as usize);
-            }
-            false
-        });
-        let Some(generation) = generation else { return Err(Refused::Nothing) };
-        let ids: Vec<Arc<str>> =
-            keys.with_current(|_, r| offered.iter().map(|&i| r.fingerprint(i)).collect());
-        let views: Vec<Vec<Window<'_>>> =
-            windows.iter().map(|ws| ws.iter().map(OwnedWindow::window).collect()).collect();
-        let candidates: Vec<Candidate<'_>> =
-            ids.iter().zip(&views).map(|(id, ws)| Candidate::new(id, ws)).collect();
-        let admission = match budgets.admit(provider.name(), &candidates).await {
-            Ok(a) => a,
-            Err(SharedError::StaleCalendar { .. }) => return Err(Refused::Wait(Duration::from_millis(1))),
-            Err(e) => {
-                self.lost(&e);
-                return Err(Refused::Unavailable);
-            }
+        {
+            let hints = self.hints.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pool_hints = hints.get(provider.name());
+            let _ = keys.select_with(|c| {
+                let quotas = &c.attachment.quotas;
+                if offered.len() >= OFFERED || tried.contains(index, c.index) {
+                    return false;
+                }
+                let hint = pool_hints
+                    .and_then(|h| c.attachment.fingerprints.get(c.index).and_then(|id| h.get(id)))
+                    .copied()
+                    .unwrap_or(0);
+                if hint > now {
+                    soonest_hint = soonest_hint.min(hint);
+                    return false;
+                }
+                if quotas.local_wait(c.index, tokens).is_some_and(|w| w.wait.is_zero()) {
+                    offered.push(c.index);
+                    generation.get_or_insert(Arc::as_ptr(quotas) as usize);
+                }
+                false
+            });
+        }
+        let Some(generation) = generation else {
+            return Err(if soonest_hint == u64::MAX {
+                Refused::Nothing
+            } else {
+                Refused::Wait(Duration::from_nanos(soonest_hint - now))
+            });
         };
-        self.saw_epoch(provider.name(), admission.epoch);
-        let Some(j) = admission.admitted else {
-            return Err(admission.wait.map_or(Refused::Disabled, Refused::Wait));
-        };
-        let Some(&chosen) = offered.get(j) else { return Err(Refused::Nothing) };
-        let mut found = None;
-        let selected = keys.select_at(chosen, |c| {
-            let quotas = &c.attachment.quotas;
-            if Arc::as_ptr(quotas) as usize != generation {
-                return false; // a reload swapped the key set meanwhile
-            }
-            let Some(auth) = c.attachment.auth.get(c.index) else { return false };
-            let Some(metrics) = c.attachment.metrics.get(c.index) else { return false };
-            let Some(permit) = quotas.try_acquire_admitted(c.index, tokens) else { return false };
-            found = Some((auth.clone(), Arc::clone(metrics), permit, Arc::clone(quotas)));
-            true
-        });
-        // Admitted but not leasable here (a reload, a cooldown noticed since):
-        // the admission is spent, look again at once.
-        let (Some(selected), Some((auth, metrics, permit, engine))) = (selected, found) else {
-            return Err(Refused::Wait(Duration::ZERO));
-        };
-        Ok(Lease { selected, auth, provider: index, target: 0, metrics, permit, quotas: engine })
+        let mut refused = Refused::Disabled;
+        for chunk in offered.chunks(CANDIDATES) {
+            let picked = keys.with_current(|_, r| {
+                (Arc::as_ptr(&r.quotas) as usize == generation).then(|| {
+                    chunk.iter().map(|&i| (r.fingerprint(i), windows_of(&r.quotas, i))).collect::<Vec<_>>()
+                })
+            });
+            let Some(picked) = picked else { return Err(Refused::Wait(Duration::ZERO)) };
+            let views: Vec<Vec<Window<'_>>> =
+                picked.iter().map(|(_, ws)| ws.iter().map(OwnedWindow::window).collect()).collect();
+            let candidates: Vec<Candidate<'_>> =
+                picked.iter().zip(&views).map(|((id, _), ws)| Candidate::new(id, ws)).collect();
+            let admission = match budgets.admit(provider.name(), &candidates).await {
+                Ok(a) => a,
+                Err(SharedError::StaleCalendar { .. }) => {
+                    return Err(Refused::Wait(Duration::from_millis(1)));
+                }
+                Err(e) => {
+                    self.lost(&e);
+                    return Err(Refused::Unavailable);
+                }
+            };
+            self.saw_epoch(provider.name(), admission.epoch);
+            let Some(j) = admission.admitted else {
+                if let Some(wait) = admission.wait {
+                    // Each candidate's own wait is at least the shortest.
+                    let until = self.clock.now().saturating_add(nanos(wait));
+                    let mut hints = self.hints.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let pool = hints.entry(Arc::from(provider.name())).or_default();
+                    for (id, _) in &picked {
+                        pool.insert(Arc::clone(id), until);
+                    }
+                    refused = match refused {
+                        Refused::Wait(w) => Refused::Wait(w.min(wait)),
+                        _ => Refused::Wait(wait),
+                    };
+                }
+                continue;
+            };
+            let Some(&chosen) = chunk.get(j) else { return Err(Refused::Nothing) };
+            let mut found = None;
+            let selected = keys.select_at(chosen, |c| {
+                let quotas = &c.attachment.quotas;
+                if Arc::as_ptr(quotas) as usize != generation {
+                    return false; // a reload swapped the key set meanwhile
+                }
+                let Some(auth) = c.attachment.auth.get(c.index) else { return false };
+                let Some(metrics) = c.attachment.metrics.get(c.index) else { return false };
+                let Some(permit) = quotas.try_acquire_admitted(c.index, tokens) else { return false };
+                found = Some((auth.clone(), Arc::clone(metrics), permit, Arc::clone(quotas)));
+                true
+            });
+            // Admitted but not leasable here (a reload, a cooldown noticed since):
+            // the admission is spent, look again at once.
+            let (Some(selected), Some((auth, metrics, permit, engine))) = (selected, found) else {
+                return Err(Refused::Wait(Duration::ZERO));
+            };
+            return Ok(Lease { selected, auth, provider: index, target: 0, metrics, permit, quotas: engine });
+        }
+        if let (Refused::Wait(w), true) = (refused, soonest_hint != u64::MAX) {
+            refused = Refused::Wait(w.min(Duration::from_nanos(soonest_hint.saturating_sub(now))));
+        }
+        Err(refused)
     }
 
     /// Records a send made from the local share (degraded), to be written to
@@ -498,6 +559,8 @@ impl SharedQuota {
     fn saw_epoch(&self, pool: &str, epoch: u64) {
         let known = self.lock().epochs.get(pool).copied();
         if known != Some(epoch) {
+            // The state was lost: what was full may have room.
+            self.hints.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(pool);
             self.wake.notify_one();
         }
     }
