@@ -119,6 +119,9 @@ impl Mode {
     }
 }
 
+/// Per pool, per key fingerprint: not before this engine instant.
+type Hints = HashMap<Arc<str>, HashMap<Arc<str>, u64>>;
+
 /// Keys offered to Redis per call: the next few in round-robin order (a
 /// call with every key of a large pool would cost Redis its whole list each
 /// time; a full chunk is skipped on the next call by its hints).
@@ -236,7 +239,7 @@ pub struct SharedQuota {
     pending: Mutex<Pending>,
     /// Per pool, per key fingerprint: the engine instant before which Redis
     /// said the key has no room.
-    hints: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u64>>>,
+    hints: Mutex<Hints>,
     /// Every provider's [`Share`](proxypal_limiter::Share) with its longest
     /// request window, as of the last round: set at once when a call fails.
     shares: Mutex<Vec<(Arc<proxypal_limiter::Share>, Duration)>>,
