@@ -97,4 +97,6 @@ for f in ("p50_us", "p99_us"):
 l, s = med("local", "c=32", "rps"), med("shared", "c=32", "rps")
 print(f"c=32 rps: local {l:.0f}, shared {s:.0f}, shared/local {s / l:.3f}")
 PY
+redis-cli -p "$REDIS_PORT" INFO commandstats | grep -E "cmdstat_(evalsha|eval):" | tr -d '\r' | tee -a "$OUT/summary.txt"
+echo "redis used_memory: $(redis-cli -p "$REDIS_PORT" INFO memory | sed -n 's/^used_memory_human://p' | tr -d '\r')" | tee -a "$OUT/summary.txt"
 log "output in $OUT"
