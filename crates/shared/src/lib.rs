@@ -134,9 +134,26 @@ pub enum SharedError {
     },
 }
 
+/// What a window counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Kind {
+    /// Requests admitted.
+    #[default]
+    Requests,
+    /// Tokens: each request reserves its estimate, replaced by its use when
+    /// it [settles](SharedBudgets::settle).
+    Tokens,
+    /// Requests in flight (`period`: how long a slot is held at most, so a
+    /// crashed replica's slots expire).
+    Concurrency,
+}
+
 /// One window of a budget as Redis counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window<'a> {
+    /// What it counts.
+    pub kind: Kind,
     /// Whose budget it is: a key's fingerprint, or an account's id shared by
     /// several keys (`None`: the candidate's own). Part of its Redis key.
     pub budget: Option<&'a str>,
@@ -158,14 +175,30 @@ pub struct Window<'a> {
 impl<'a> Window<'a> {
     /// At most `limit` admissions in any interval of `period`.
     pub fn new(name: &'a str, period: Duration, limit: u64) -> Self {
-        Self { budget: None, name, period, limit, calendar: None }
+        Self { kind: Kind::Requests, budget: None, name, period, limit, calendar: None }
+    }
+
+    /// At most `limit` tokens (reserved or used) in any interval of `period`.
+    pub fn tokens(name: &'a str, period: Duration, limit: u64) -> Self {
+        Self { kind: Kind::Tokens, ..Self::new(name, period, limit) }
+    }
+
+    /// At most `limit` requests in flight, each slot held at most `lease`.
+    pub fn concurrency(name: &'a str, lease: Duration, limit: u64) -> Self {
+        Self { kind: Kind::Concurrency, ..Self::new(name, lease, limit) }
+    }
+
+    /// The same window counting `kind`.
+    pub fn counting(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// At most `limit` admissions from `start_us` to `end_us` (Unix
     /// microseconds, Redis's clock): a day that resets at a fixed time.
     pub fn calendar(name: &'a str, start_us: u64, end_us: u64, limit: u64) -> Self {
         let period = Duration::from_micros(end_us.saturating_sub(start_us));
-        Self { budget: None, name, period, limit, calendar: Some((start_us, end_us)) }
+        Self { kind: Kind::Requests, budget: None, name, period, limit, calendar: Some((start_us, end_us)) }
     }
 
     /// The same window of `budget` (an account several candidates share)
@@ -218,6 +251,8 @@ pub struct Admission {
     /// not every replica has replayed what it sent (see
     /// [`SharedBudgets::replayed`]).
     pub recovering: bool,
+    /// The admission's number, to [`settle`](SharedBudgets::settle) it.
+    pub request: u64,
 }
 
 /// Key health as Redis holds it (see [`SharedBudgets::health`]).
@@ -267,22 +302,33 @@ local epoch = tonumber(redis.call('GET', KEYS[3]))
 /// The admit script (after [`EPOCH`]). KEYS: 1 cooldowns (HASH id → until
 /// µs), 2 disabled (HASH id → since µs), 3 epoch (STRING), 4 members (ZSET
 /// replica → lease end µs), 5 member shares (HASH replica → N), 6 replicas
-/// that replayed into this epoch (SET), then one log per window of each
-/// candidate in order. ARGV: 1 request id, 2 log TTL slack (ms), 3 the N of
-/// a suspect that recorded none (0: keep no shares back), 4 how long after
-/// an epoch's creation missing replays hold admissions (µs), 5 replays
-/// expected, then per candidate: id, window count, and per window: period
-/// µs, 0, limit (a rolling window, a ZSET log) or start µs, end µs, limit
-/// (a calendar window, a counter named by its end).
+/// that replayed into this epoch (SET), 7 learned limits (HASH log key →
+/// limit), then one key per window of each candidate in order. ARGV: 1
+/// request id, 2 log TTL slack (ms), 3 the N of a suspect that recorded none
+/// (0: keep no shares back), 4 how long after an epoch's creation missing
+/// replays hold admissions (µs), 5 replays expected, 6 the request's token
+/// reservation, then per candidate: id, window count, and per window: kind
+/// (0 requests, 1 tokens, 2 concurrency), period µs (a concurrency slot's
+/// lease), calendar end µs (0: rolling), limit.
+///
+/// - Requests: a rolling log (ZSET, one member per admission) or a calendar
+///   counter named by its end.
+/// - Tokens: a rolling log whose members are `<request>:<tokens>` (a request
+///   is admitted while the window holds less than its limit; it reserves
+///   min(reservation, limit), replaced by its use when it settles), or a
+///   calendar counter.
+/// - Concurrency: a ZSET of requests in flight scored by their lease's end,
+///   so a crashed replica's slots expire.
 ///
 /// A member whose lease lapsed may be serving from its local share without
 /// Redis: its share, ⌊limit / N⌋ of every window with its own N, is kept
-/// back from the shared log until its reservation ends (see
-/// [`SharedBudgets::heartbeat`]). Returns {admitted (1-based, 0 = none, -1 =
-/// a calendar window ended: recompute), wait µs (-1 = all disabled), now µs,
-/// lost, suspects, epoch, recovering}.
+/// back until its reservation ends (see [`SharedBudgets::heartbeat`]). A
+/// learned limit below the given one replaces it. Returns {admitted
+/// (1-based, 0 = none, -1 = a calendar window ended: recompute), wait µs
+/// (-1 = all disabled), now µs, lost, suspects, epoch, recovering}.
 const ADMIT: &str = r"
 local rid, slack, defn, hold, expected = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tokens = tonumber(ARGV[6])
 if now < epoch + hold and redis.call('SCARD', KEYS[6]) < expected then
   return {0, math.min(epoch + hold - now, 25000), now, lost, 0, epoch, 1}
 end
@@ -295,7 +341,10 @@ if defn > 0 then
     shares[i] = n
   end
 end
-local a, k, j, wait = 6, 7, 0, -1
+local function amount(member)
+  return tonumber(string.match(member, ':(%d+)$') or '0')
+end
+local a, k, j, wait = 7, 8, 0, -1
 while a <= #ARGV do
   j = j + 1
   local id, n = ARGV[a], tonumber(ARGV[a + 1])
@@ -307,14 +356,40 @@ while a <= #ARGV do
       w = until_us - now
     else
       local need = 0
+      local limits = {}
       for i = 0, n - 1 do
-        local p1, p2, limit, log = tonumber(ARGV[a + 3 * i]), tonumber(ARGV[a + 3 * i + 1]), tonumber(ARGV[a + 3 * i + 2]), KEYS[k + i]
+        local kind, p1, p2, limit = tonumber(ARGV[a + 4 * i]), tonumber(ARGV[a + 4 * i + 1]), tonumber(ARGV[a + 4 * i + 2]), tonumber(ARGV[a + 4 * i + 3])
+        local log = KEYS[k + i]
+        local learned = tonumber(redis.call('HGET', KEYS[7], log) or '0') or 0
+        if learned > 0 and learned < limit then limit = learned end
+        limits[i] = limit
         local room = limit
         for _, sn in ipairs(shares) do room = room - math.floor(limit / sn) end
-        if p2 > 0 then
-          -- A calendar window [p1, p2): a counter named by its end.
+        if kind == 2 then
+          redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now))
+          if redis.call('ZCARD', log) >= room then need = math.max(need, 20000) end
+        elseif p2 > 0 then
+          -- A calendar window ending at p2: a counter named by its end.
           if now >= p2 then return {-1, 0, now, lost, #shares, epoch, 0} end
           if tonumber(redis.call('GET', log) or '0') >= room then need = math.max(need, p2 - now) end
+        elseif kind == 1 then
+          redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
+          local e = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+          local sum = 0
+          for x = 1, #e, 2 do sum = sum + amount(e[x]) end
+          if sum >= room then
+            if room < 1 then
+              need = math.max(need, p1)
+            else
+              for x = 1, #e, 2 do
+                sum = sum - amount(e[x])
+                if sum < room then
+                  need = math.max(need, tonumber(e[x + 1]) + p1 - now)
+                  break
+                end
+              end
+            end
+          end
         else
           redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
           local count = redis.call('ZCARD', log)
@@ -330,12 +405,20 @@ while a <= #ARGV do
       end
       if need == 0 then
         for i = 0, n - 1 do
-          local p1, p2, log = tonumber(ARGV[a + 3 * i]), tonumber(ARGV[a + 3 * i + 1]), KEYS[k + i]
-          if p2 > 0 then
-            redis.call('INCR', log)
+          local kind, p1, p2, log = tonumber(ARGV[a + 4 * i]), tonumber(ARGV[a + 4 * i + 1]), tonumber(ARGV[a + 4 * i + 2]), KEYS[k + i]
+          local reserve = math.min(tokens, limits[i])
+          if kind == 2 then
+            redis.call('ZADD', log, s(now + p1), rid)
+            redis.call('PEXPIRE', log, math.floor(p1 / 1000) + slack)
+          elseif p2 > 0 then
+            if kind == 1 then redis.call('INCRBY', log, reserve) else redis.call('INCR', log) end
             redis.call('PEXPIREAT', log, math.floor(p2 / 1000) + slack)
           else
-            redis.call('ZADD', log, s(now), rid)
+            if kind == 1 then
+              redis.call('ZADD', log, s(now), rid .. ':' .. reserve)
+            else
+              redis.call('ZADD', log, s(now), rid)
+            end
             redis.call('PEXPIRE', log, math.floor(p1 / 1000) + slack)
           end
         end
@@ -345,10 +428,37 @@ while a <= #ARGV do
     end
   end
   if w ~= nil and (wait < 0 or w < wait) then wait = w end
-  a = a + 3 * n
+  a = a + 4 * n
   k = k + n
 end
 return {0, wait, now, lost, #shares, epoch, 0}
+";
+
+/// Settles an admitted request: KEYS 1 learned limits, then its token and
+/// concurrency windows; ARGV request id, reserved, used, then per window:
+/// kind, calendar end (0: rolling), limit. A token reservation becomes the
+/// use (at the admission's time), a concurrency slot is freed.
+const SETTLE: &str = r"
+local rid, reserved, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local b = 4 + (i - 2) * 3
+  local kind, p2, limit = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local learned = tonumber(redis.call('HGET', KEYS[1], KEYS[i]) or '0') or 0
+  if learned > 0 and learned < limit then limit = learned end
+  local r = math.min(reserved, limit)
+  if kind == 2 then
+    redis.call('ZREM', KEYS[i], rid)
+  elseif p2 > 0 then
+    if redis.call('EXISTS', KEYS[i]) == 1 and used ~= r then redis.call('INCRBY', KEYS[i], used - r) end
+  else
+    local score = redis.call('ZSCORE', KEYS[i], rid .. ':' .. r)
+    if score then
+      redis.call('ZREM', KEYS[i], rid .. ':' .. r)
+      redis.call('ZADD', KEYS[i], score, rid .. ':' .. used)
+    end
+  end
+end
+return 1
 ";
 
 /// Heartbeat (after [`EPOCH`]). KEYS 1 (unused), 2 (unused), 3 epoch, 4
@@ -426,6 +536,7 @@ pub struct SharedBudgets {
     beat: Script,
     replay: Script,
     replayed: Script,
+    settle: Script,
     config: SharedConfig,
     /// This replica's N: the replicas it counts (its share is ⌊limit / N⌋),
     /// also assumed for a suspect that recorded none. 0: no shares kept back.
@@ -485,6 +596,7 @@ impl SharedBudgets {
             beat: Script::new(&format!("{EPOCH}{BEAT}")),
             replay: Script::new(REPLAY),
             replayed: Script::new(REPLAYED),
+            settle: Script::new(SETTLE),
             config,
             replicas: Arc::new(AtomicU64::new(0)),
             hold_us: Arc::new(AtomicU64::new(0)),
@@ -543,7 +655,8 @@ impl SharedBudgets {
             .key(self.key(pool, "epoch"))
             .key(self.key(pool, "mem"))
             .key(self.key(pool, "memn"))
-            .key(self.key(pool, "rep"));
+            .key(self.key(pool, "rep"))
+            .key(self.key(pool, "lim"));
     }
 
     /// Renews this replica's lease in `pool` for `lease` (recording its N),
@@ -620,6 +733,22 @@ impl SharedBudgets {
         window: Window<'_>,
         times_us: &[u64],
     ) -> Result<u64, SharedError> {
+        let entries: Vec<(u64, u64)> = times_us.iter().map(|t| (*t, 1)).collect();
+        self.replay_entries(pool, id, window, &entries).await
+    }
+
+    /// [`replay`](Self::replay) of `(time µs, amount)` entries: an amount of
+    /// requests (one member each) or of tokens (one member carrying them).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn replay_entries(
+        &self,
+        pool: &str,
+        id: &str,
+        window: Window<'_>,
+        entries: &[(u64, u64)],
+    ) -> Result<u64, SharedError> {
         check_name("pool", pool)?;
         check_name("id", id)?;
         check_name("window", window.name)?;
@@ -627,12 +756,24 @@ impl SharedBudgets {
         invocation.key(self.log_key(pool, id, &window)).arg(micros(window.period));
         match window.calendar {
             Some((_, end)) => {
-                invocation.arg(end).arg(times_us.len());
+                invocation.arg(end).arg(entries.iter().map(|(_, n)| *n).sum::<u64>());
             }
             None => {
                 invocation.arg(0u64);
-                for (i, t) in times_us.iter().enumerate() {
-                    invocation.arg(format!("{}-replay-{i}-{t}", self.replica)).arg(*t);
+                let mut i = 0usize;
+                for &(t, amount) in entries {
+                    match window.kind {
+                        Kind::Tokens => {
+                            invocation.arg(format!("{}-replay-{i}-{t}:{amount}", self.replica)).arg(t);
+                            i += 1;
+                        }
+                        _ => {
+                            for _ in 0..amount {
+                                invocation.arg(format!("{}-replay-{i}-{t}", self.replica)).arg(t);
+                                i += 1;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -664,6 +805,20 @@ impl SharedBudgets {
     /// No answer within the deadline, or a Redis error; the caller decides
     /// what to do without Redis.
     pub async fn admit(&self, pool: &str, candidates: &[Candidate<'_>]) -> Result<Admission, SharedError> {
+        self.admit_reserving(pool, candidates, 0).await
+    }
+
+    /// [`admit`](Self::admit) for a request that reserves `tokens` in the
+    /// token windows of the key it gets (at most each window's limit).
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn admit_reserving(
+        &self,
+        pool: &str,
+        candidates: &[Candidate<'_>],
+        tokens: u64,
+    ) -> Result<Admission, SharedError> {
         check_name("pool", pool)?;
         let mut invocation = self.admit.prepare_invoke();
         self.pool_keys(&mut invocation, pool);
@@ -674,7 +829,8 @@ impl SharedBudgets {
             .arg(1_000u64)
             .arg(replicas)
             .arg(self.hold_us.load(Ordering::Relaxed))
-            .arg(self.expected.load(Ordering::Relaxed));
+            .arg(self.expected.load(Ordering::Relaxed))
+            .arg(tokens);
         for c in candidates {
             check_name("id", c.id)?;
             invocation.arg(c.id).arg(c.windows.len());
@@ -684,9 +840,10 @@ impl SharedBudgets {
                     check_name("budget", budget)?;
                 }
                 invocation.key(self.log_key(pool, c.id, w));
+                invocation.arg(kind_code(w.kind)).arg(micros(w.period));
                 match w.calendar {
-                    None => invocation.arg(micros(w.period)).arg(0u64),
-                    Some((start, end)) => invocation.arg(start).arg(end.max(start + 1)),
+                    None => invocation.arg(0u64),
+                    Some((start, end)) => invocation.arg(end.max(start + 1)),
                 };
                 invocation.arg(w.limit);
             }
@@ -713,7 +870,70 @@ impl SharedBudgets {
             suspects: suspects.unsigned_abs(),
             epoch: epoch.unsigned_abs(),
             recovering: recovering == 1,
+            request: n,
         })
+    }
+
+    /// Settles admission `request` of candidate `id`, whose token and
+    /// concurrency `windows` it charged: its reservation of `reserved`
+    /// tokens becomes `used`, its concurrency slot is freed. Windows of other
+    /// kinds are ignored.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn settle(
+        &self,
+        pool: &str,
+        id: &str,
+        windows: &[Window<'_>],
+        request: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(self.key(pool, "lim"))
+            .arg(format!("{}-{request:x}", self.replica))
+            .arg(reserved)
+            .arg(used);
+        let mut any = false;
+        for w in windows.iter().filter(|w| w.kind != Kind::Requests) {
+            invocation.key(self.log_key(pool, id, w));
+            invocation.arg(kind_code(w.kind)).arg(w.calendar.map_or(0, |(_, end)| end)).arg(w.limit);
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// A limit the upstream announced for `window` of candidate `id` (lower
+    /// than the configured one): every replica's admissions use it.
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn learn(
+        &self,
+        pool: &str,
+        id: &str,
+        window: &Window<'_>,
+        limit: u64,
+    ) -> Result<(), SharedError> {
+        check_name("pool", pool)?;
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        let lim = self.key(pool, "lim");
+        pipe.atomic()
+            .hset(&lim, self.log_key(pool, id, window), limit)
+            .ignore()
+            .pexpire(&lim, i64::try_from(HEALTH_TTL.as_millis()).unwrap_or(i64::MAX))
+            .ignore();
+        let _: () = self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// Key `id` of `pool` rests `duration` from now (Redis's clock), or
@@ -812,6 +1032,14 @@ fn check_name(what: &str, name: &str) -> Result<(), SharedError> {
         return Err(SharedError::Invalid(format!("{what} {name:?} cannot be part of a Redis key")));
     }
     Ok(())
+}
+
+fn kind_code(kind: Kind) -> u8 {
+    match kind {
+        Kind::Requests => 0,
+        Kind::Tokens => 1,
+        Kind::Concurrency => 2,
+    }
 }
 
 fn now_nanos() -> u128 {

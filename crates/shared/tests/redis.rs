@@ -303,3 +303,43 @@ async fn after_a_state_loss_admissions_wait_for_every_replica_to_replay() {
     }
     assert_eq!(admitted, 6, "what was sent before the loss still counts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_reserved_then_settled_and_concurrency_slots_come_back() {
+    let Some(redis) = Redis::start("tokens_are_reserved_then_settled_and_concurrency_slots_come_back") else {
+        return;
+    };
+    let (r1, r2) = (replica(&redis).await, replica(&redis).await);
+    let tokens = [Window::tokens("t", Duration::from_secs(60), 1_000)];
+    let a = [Candidate::new(KEY_A, &tokens)];
+    let first = r1.admit_reserving("pool", &a, 600).await.unwrap();
+    assert_eq!(first.admitted, Some(0));
+    assert_eq!(r2.admit_reserving("pool", &a, 300).await.unwrap().admitted, Some(0), "900 < 1000");
+    assert_eq!(r1.admit_reserving("pool", &a, 5_000).await.unwrap().admitted, Some(0), "clamped to 1000");
+    let full = r2.admit_reserving("pool", &a, 1).await.unwrap();
+    assert_eq!(full.admitted, None, "1900 reserved");
+    assert!(full.wait.unwrap() > Duration::from_secs(59), "{full:?}");
+    // The first used 100 of its 600; the third 50 of its (clamped) 1000: 450 in all.
+    r1.settle("pool", KEY_A, &tokens, first.request, 600, 100).await.unwrap();
+    assert_eq!(r2.admit_reserving("pool", &a, 1).await.unwrap().admitted, None, "1400 still");
+    let third = first.request + 1;
+    r1.settle("pool", KEY_A, &tokens, third, 5_000, 50).await.unwrap();
+    assert_eq!(r2.admit_reserving("pool", &a, 1).await.unwrap().admitted, Some(0), "451 < 1000");
+
+    let slots = [Window::concurrency("c", Duration::from_secs(30), 2)];
+    let b = [Candidate::new(KEY_B, &slots)];
+    let one = r1.admit("pool", &b).await.unwrap();
+    assert_eq!(r2.admit("pool", &b).await.unwrap().admitted, Some(0));
+    let third = r1.admit("pool", &b).await.unwrap();
+    assert_eq!(third.admitted, None, "two in flight");
+    assert_eq!(third.wait, Some(Duration::from_millis(20)), "looks again soon");
+    r1.settle("pool", KEY_B, &slots, one.request, 0, 0).await.unwrap();
+    assert_eq!(r2.admit("pool", &b).await.unwrap().admitted, Some(0), "a slot came back");
+
+    // A limit one replica learned holds for the other.
+    let minute = [Window::new("m", Duration::from_secs(60), 5)];
+    let c = [Candidate::new("sha256:cccccccccccccccccccccccccccccccc", &minute)];
+    r1.learn("pool", c[0].id, &minute[0], 1).await.unwrap();
+    assert_eq!(r2.admit("pool", &c).await.unwrap().admitted, Some(0));
+    assert_eq!(r2.admit("pool", &c).await.unwrap().admitted, None, "learned: 1, not 5");
+}
