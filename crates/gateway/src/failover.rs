@@ -608,7 +608,11 @@ where
             }
         };
         let status = resp.status();
-        learn(&lease, provider.dialect, resp.headers());
+        if learn(&lease, provider.dialect, resp.headers()) {
+            if let Some(link) = gw.replicas {
+                link.learned(provider, &lease);
+            }
+        }
         if !needs_body(status) {
             judged(provider, gw.replicas, &lease, classify(status, resp.headers(), &[]));
             return stream(metrics, resp, slot, lease.permit, counts_tokens);
@@ -626,6 +630,9 @@ where
         let answer = Box::pin(read_answer(resp)).await;
         let verdict = early.unwrap_or_else(|| {
             let verdict = classify_with(provider.dialect, &lease, status, &answer);
+            if let (Some(link), StatusCode::TOO_MANY_REQUESTS) = (gw.replicas, status) {
+                link.learned(provider, &lease);
+            }
             judged(provider, gw.replicas, &lease, verdict);
             if verdict.action == Action::FailOver {
                 log_failover(id, provider.name(), label, status, verdict);
@@ -679,15 +686,18 @@ fn classify_with(dialect: Dialect, lease: &Lease, status: StatusCode, answer: &U
 
 /// Feeds what the upstream announced about its limits (`x-ratelimit-*`) to
 /// the key's budget. Free when the answer announces nothing.
-fn learn(lease: &Lease, dialect: Dialect, headers: &http::HeaderMap) {
+fn learn(lease: &Lease, dialect: Dialect, headers: &http::HeaderMap) -> bool {
     if !headers.keys().any(|name| name.as_str().starts_with("x-ratelimit-")) {
-        return;
+        return false;
     }
     let index = lease.selected.index();
     let now_ms = lease.quotas.clock().now() / 1_000_000;
+    let mut any = false;
     for announced in dialect.announced(headers, now_ms) {
         lease.quotas.learn(index, &announced);
+        any = true;
     }
+    any
 }
 
 /// The instant `timeout` from now; a timeout too large for the clock (a

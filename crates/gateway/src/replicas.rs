@@ -33,7 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use proxypal_keypool::{KeyPool, KeyStatus};
 use proxypal_limiter::WindowView;
-use proxypal_shared::{Candidate, SharedBudgets, SharedError, Window};
+use proxypal_shared::{Candidate, Kind, SharedBudgets, SharedError, Window};
 
 use crate::keyset::{KeyResources, SharedClock};
 use crate::lease::{Lease, Tried};
@@ -141,11 +141,18 @@ struct Grant {
     windows: Vec<OwnedWindow>,
     /// The engine clock's nanoseconds.
     at: u64,
+    /// Tokens it reserved (counted as used: its use is not known here).
+    tokens: u64,
 }
 
+/// How long a request holds a concurrency slot in Redis at most: a slot of
+/// a replica that crashed mid-request comes back after this.
+pub const CONCURRENCY_LEASE: Duration = Duration::from_secs(10 * 60);
+
 /// A [`Window`] with owned names (for a grant kept until Redis returns).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct OwnedWindow {
+    kind: Kind,
     budget: Option<String>,
     name: String,
     span: Duration,
@@ -155,13 +162,32 @@ struct OwnedWindow {
 }
 
 impl OwnedWindow {
+    /// Named by what it counts and its period: `r60000` (requests per
+    /// rolling minute), `d86400` (requests per calendar day), `t…`/`td…`
+    /// (tokens), so every replica names it alike.
     fn of(view: &WindowView<'_>) -> Self {
         let budget = view.account.map(account_id);
-        let (name, end_us) = match view.resets_at {
-            None => (format!("r{}", view.period.as_millis()), None),
-            Some(at) => (format!("d{}", view.period.as_secs()), Some(at / 1_000)),
+        let (kind, prefix) = match view.unit {
+            proxypal_limiter::Unit::Tokens => (Kind::Tokens, "t"),
+            _ => (Kind::Requests, ""),
         };
-        Self { budget, name, span: view.span, limit: view.limit, end_us }
+        let (name, end_us) = match view.resets_at {
+            None => (format!("{prefix}r{}", view.period.as_millis()), None),
+            Some(at) => (format!("{prefix}d{}", view.period.as_secs()), Some(at / 1_000)),
+        };
+        Self { kind, budget, name, span: view.span, limit: view.limit, end_us }
+    }
+
+    /// A concurrency cap of `max` (of `account`'s budget, or the key's).
+    fn concurrency(account: Option<&str>, max: u32) -> Self {
+        Self {
+            kind: Kind::Concurrency,
+            budget: account.map(account_id),
+            name: "c".to_owned(),
+            span: CONCURRENCY_LEASE,
+            limit: u64::from(max),
+            end_us: None,
+        }
     }
 
     fn window(&self) -> Window<'_> {
@@ -169,6 +195,7 @@ impl OwnedWindow {
             None => Window::new(&self.name, self.span, self.limit),
             Some(end) => Window::calendar(&self.name, end.saturating_sub(micros(self.span)), end, self.limit),
         };
+        let w = w.counting(self.kind);
         match &self.budget {
             Some(b) => w.of(b),
             None => w,
@@ -196,6 +223,7 @@ enum Health {
     Cool { pool: Arc<str>, id: Arc<str>, for_: Duration },
     Disable { pool: Arc<str>, id: Arc<str> },
     Enable { pool: Arc<str>, id: Arc<str> },
+    Learn { pool: Arc<str>, id: Arc<str>, window: OwnedWindow, limit: u64 },
 }
 
 #[derive(Default)]
@@ -444,7 +472,7 @@ impl SharedQuota {
                 picked.iter().map(|(_, ws)| ws.iter().map(OwnedWindow::window).collect()).collect();
             let candidates: Vec<Candidate<'_>> =
                 picked.iter().zip(&views).map(|((id, _), ws)| Candidate::new(id, ws)).collect();
-            let admission = match budgets.admit(provider.name(), &candidates).await {
+            let admission = match budgets.admit_reserving(provider.name(), &candidates, tokens).await {
                 Ok(a) => a,
                 Err(SharedError::StaleCalendar { .. }) => {
                     return Err(Refused::Wait(Duration::from_millis(1)));
@@ -486,9 +514,31 @@ impl SharedQuota {
             });
             // Admitted but not leasable here (a reload, a cooldown noticed since):
             // the admission is spent, look again at once.
-            let (Some(selected), Some((auth, metrics, permit, engine))) = (selected, found) else {
+            let (Some(selected), Some((auth, metrics, mut permit, engine))) = (selected, found) else {
                 return Err(Refused::Wait(Duration::ZERO));
             };
+            // Token reservations and concurrency slots are settled in Redis
+            // too, when the answer ends (off the request's path).
+            if let Some((id, windows)) = picked.get(j) {
+                let settled: Vec<OwnedWindow> =
+                    windows.iter().filter(|w| w.kind != Kind::Requests).cloned().collect();
+                if !settled.is_empty() {
+                    let (budgets, pool, id) =
+                        (Arc::clone(&budgets), Arc::<str>::from(provider.name()), Arc::clone(id));
+                    let request = admission.request;
+                    permit.on_settle(move |used| {
+                        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+                        runtime.spawn(async move {
+                            let views: Vec<Window<'_>> = settled.iter().map(OwnedWindow::window).collect();
+                            let used = used.unwrap_or(tokens);
+                            if let Err(e) = budgets.settle(&pool, &id, &views, request, tokens, used).await {
+                                // The reservation stays counted as used, the slot expires: the safe side.
+                                tracing::debug!(error = %e, "shared quota: a settlement did not reach Redis");
+                            }
+                        });
+                    });
+                }
+            }
             return Ok(Lease { selected, auth, provider: index, target: 0, metrics, permit, quotas: engine });
         }
         if let (Refused::Wait(w), true) = (refused, soonest_hint != u64::MAX) {
@@ -510,6 +560,7 @@ impl SharedQuota {
             id,
             windows: windows_of(&lease.quotas, index),
             at: self.clock.now(),
+            tokens: lease.permit.reserved(),
         };
         self.lock().grants.push(grant);
     }
@@ -526,6 +577,53 @@ impl SharedQuota {
         };
         self.lock().health.push(change);
         self.wake.notify_one();
+    }
+
+    /// What an answer taught the leased key's budget (`x-ratelimit-*`, a
+    /// spent day): lower limits and announced blocks, for every replica. A
+    /// block rests every key of the budget.
+    pub(crate) fn learned(&self, provider: &Provider, lease: &Lease) {
+        let index = lease.selected.index();
+        let pool = Arc::<str>::from(provider.name());
+        let mut changes = Vec::new();
+        provider.keys.with_current(|keys, r| {
+            if !Arc::ptr_eq(&r.quotas, &lease.quotas) {
+                return; // a reload since: the next answer teaches again
+            }
+            let id = r.fingerprint(index);
+            let reports = r.quotas.report(index);
+            let mut windows = Vec::new();
+            r.quotas.windows(index, |w| windows.push(OwnedWindow::of(&w)));
+            let reports = reports.iter().filter(|l| l.kind != proxypal_limiter::LimitKind::Concurrent);
+            for (w, report) in windows.into_iter().zip(reports) {
+                if report.source == proxypal_limiter::Source::Learned {
+                    let limit = report.limit;
+                    changes.push(Health::Learn {
+                        pool: Arc::clone(&pool),
+                        id: Arc::clone(&id),
+                        window: w,
+                        limit,
+                    });
+                }
+            }
+            let blocked = r.quotas.blocked_for(index);
+            if !blocked.is_zero() {
+                let account = r.quotas.account(index);
+                for i in (0..keys.len())
+                    .filter(|&i| i == index || (account.is_some() && r.quotas.account(i) == account))
+                {
+                    changes.push(Health::Cool {
+                        pool: Arc::clone(&pool),
+                        id: r.fingerprint(i),
+                        for_: blocked,
+                    });
+                }
+            }
+        });
+        if !changes.is_empty() {
+            self.lock().health.extend(changes);
+            self.wake.notify_one();
+        }
     }
 
     /// An operator re-enabled key `index` of `provider`: for every replica.
@@ -668,7 +766,11 @@ impl SharedQuota {
             Ok(()) => {
                 if self.mode.swap(SHARED, Ordering::AcqRel) != SHARED {
                     let since = self.degraded_since.load(Ordering::Relaxed);
-                    if self.transitions.fetch_add(1, Ordering::Relaxed) > 0 || since > 0 {
+                    // Said only after a degraded spell that was announced (not
+                    // at a start that reached Redis at once).
+                    let announced = self.lock().warned_at != 0;
+                    self.transitions.fetch_add(1, Ordering::Relaxed);
+                    if announced {
                         tracing::warn!(
                             replicas = self.replicas(),
                             degraded_for = ?Duration::from_nanos(self.clock.now().saturating_sub(since)),
@@ -747,23 +849,25 @@ impl SharedQuota {
         let epoch_local_ns = u64::try_from((i64::try_from(epoch).unwrap_or(i64::MAX) - offset).max(0))
             .unwrap_or(0)
             .saturating_mul(1_000);
-        let mut logs: Vec<(Arc<str>, OwnedWindow, Vec<u64>)> = Vec::new();
+        // (key, window, (Redis µs, amount) per entry)
+        type Log = (Arc<str>, OwnedWindow, Vec<(u64, u64)>);
+        let mut logs: Vec<Log> = Vec::new();
         let mut done = std::collections::HashSet::new();
         provider.keys.with_current(|keys, r| {
             for i in 0..keys.len() {
                 let id = r.fingerprint(i);
-                r.quotas.request_entries(i, |view, entries| {
+                r.quotas.entries(i, |view, entries| {
                     let w = OwnedWindow::of(&view);
                     let owner = w.budget.clone().unwrap_or_else(|| id.to_string());
                     if !done.insert((owner, w.name.clone())) {
                         return; // an account's window, replayed through its first key
                     }
-                    let times: Vec<u64> = entries
+                    let times: Vec<(u64, u64)> = entries
                         .iter()
                         .filter(|(at, _)| w.end_us.is_some() || *at < epoch_local_ns)
-                        .flat_map(|&(at, amount)| {
+                        .map(|&(at, amount)| {
                             let us = i64::try_from(at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
-                            std::iter::repeat_n(u64::try_from(us).unwrap_or(0), amount as usize)
+                            (u64::try_from(us).unwrap_or(0), amount)
                         })
                         .collect();
                     if !times.is_empty() {
@@ -772,8 +876,8 @@ impl SharedQuota {
                 });
             }
         });
-        for (id, w, times) in &logs {
-            budgets.replay(provider.name(), id, w.window(), times).await?;
+        for (id, w, entries) in &logs {
+            budgets.replay_entries(provider.name(), id, w.window(), entries).await?;
         }
         // Key health the state lost: what this replica knows goes back in.
         let pool = Arc::<str>::from(provider.name());
@@ -822,7 +926,12 @@ impl SharedQuota {
                 let us = i64::try_from(g.at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
                 let at = u64::try_from(us).unwrap_or(0);
                 for w in &g.windows {
-                    budgets.replay(&g.pool, &g.id, w.window(), &[at]).await?;
+                    let amount = match w.kind {
+                        Kind::Requests => 1,
+                        Kind::Tokens => g.tokens,
+                        _ => continue, // a slot in flight is not history
+                    };
+                    budgets.replay_entries(&g.pool, &g.id, w.window(), &[(at, amount)]).await?;
                 }
             }
             Ok(())
@@ -846,6 +955,9 @@ impl SharedQuota {
                 Health::Cool { pool, id, for_ } => budgets.cool_down(pool, id, *for_).await,
                 Health::Disable { pool, id } => budgets.disable(pool, id).await,
                 Health::Enable { pool, id } => budgets.enable(pool, id).await,
+                Health::Learn { pool, id, window, limit } => {
+                    budgets.learn(pool, id, &window.window(), *limit).await
+                }
             };
             if let Err(e) = written {
                 let mut pending = self.lock();
@@ -886,10 +998,12 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Key `index`'s request windows as Redis counts them.
+/// Key `index`'s windows (requests and tokens) and concurrency caps as
+/// Redis counts them.
 fn windows_of(engine: &crate::Engine, index: usize) -> Vec<OwnedWindow> {
     let mut out = Vec::new();
-    engine.request_windows(index, |w| out.push(OwnedWindow::of(&w)));
+    engine.windows(index, |w| out.push(OwnedWindow::of(&w)));
+    engine.concurrency(index, |account, max| out.push(OwnedWindow::concurrency(account, max)));
     out
 }
 

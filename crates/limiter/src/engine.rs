@@ -188,7 +188,10 @@ impl State {
         if share.not_before > now {
             worst = worst.max_by_wait((share.not_before - now, Cause::Share));
         }
-        if max_concurrent.is_some_and(|m| running.in_flight.load(Ordering::Acquire) >= m.get()) {
+        // A share of a concurrency cap too (at least one slot: a cap below the
+        // replica count would otherwise stop a replica altogether).
+        let cap = |m: NonZeroU32| (u64::from(m.get()) / share.divisor).max(1);
+        if max_concurrent.is_some_and(|m| u64::from(running.in_flight.load(Ordering::Acquire)) >= cap(m)) {
             worst = worst.max_by_wait((nanos(POLL), Cause::Concurrency));
         }
         for w in self.windows.iter() {
@@ -389,6 +392,8 @@ pub struct QuotaEngine<C: QuotaClock + Clone = SystemClock> {
 pub struct WindowView<'a> {
     /// The account whose budget it is; `None` for the key's own.
     pub account: Option<&'a str>,
+    /// What it counts.
+    pub unit: Unit,
     /// The configured period.
     pub period: Duration,
     /// What a grant counts for: the period plus the margin (rolling), or the
@@ -494,23 +499,67 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
     /// count now (its own, then its account's): what a shared store must
     /// enforce for the key.
     pub fn request_windows(&self, index: usize, mut f: impl FnMut(WindowView<'_>)) {
+        self.windows(index, |w| {
+            if w.unit == Unit::Requests {
+                f(w);
+            }
+        });
+    }
+
+    /// [`request_windows`](Self::request_windows) for every window, token
+    /// windows included.
+    pub fn windows(&self, index: usize, mut f: impl FnMut(WindowView<'_>)) {
+        self.entries_with(index, false, |w, _| f(w));
+    }
+
+    /// Key `index`'s concurrency caps: `(account, max)` per budget that has one.
+    pub fn concurrency(&self, index: usize, mut f: impl FnMut(Option<&str>, u32)) {
+        let Some(slot) = self.keys.get(index) else { return };
+        for budget in slot.budgets() {
+            if let Some(max) = budget.spec.max_concurrent {
+                f(budget.account.as_deref(), max.get());
+            }
+        }
+    }
+
+    /// Every window of key `index` with what it counts: `(at, amount)` per
+    /// grant of a rolling log (engine clock nanoseconds), or one `(reset,
+    /// used)` for a daily window. Reservations still running are not in
+    /// them. To replay into a shared store that lost them.
+    pub fn entries(&self, index: usize, f: impl FnMut(WindowView<'_>, Vec<(u64, u64)>)) {
+        self.entries_with(index, true, f);
+    }
+
+    fn entries_with(
+        &self,
+        index: usize,
+        with_entries: bool,
+        mut f: impl FnMut(WindowView<'_>, Vec<(u64, u64)>),
+    ) {
         let Some(slot) = self.keys.get(index) else { return };
         let now = self.clock.now();
         for budget in slot.budgets() {
             let mut state = budget.lock();
             state.refresh(now);
-            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
+            for w in state.windows.iter() {
                 let resets_at = match &w.window.reset {
                     crate::Reset::Rolling => None,
                     crate::Reset::Daily(daily) => Some(daily.next_after(now)),
                 };
-                f(WindowView {
+                let view = WindowView {
                     account: budget.account.as_deref(),
+                    unit: w.window.unit,
                     period: w.window.period,
                     span: Duration::from_nanos(w.window.span),
                     limit: w.limit(),
                     resets_at,
-                });
+                };
+                let entries = if with_entries {
+                    w.saved().0.into_iter().map(|e| (e.at, e.amount)).collect()
+                } else {
+                    Vec::new()
+                };
+                f(view, entries);
             }
         }
     }
@@ -608,7 +657,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                 return None;
             }
         }
-        let mut permit = Permit { budgets: [None, None], settled: false };
+        let mut permit = Permit { budgets: [None, None], settled: false, on_settle: None };
         for (i, (budget, state)) in own.iter_mut().chain(account.iter_mut()).enumerate() {
             // Only a budget that counts tokens reserves them, and never more
             // than its smallest token window (a client's `max_tokens` is its own).
@@ -721,34 +770,6 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
             state.blocked_until = 0;
             for w in state.windows.iter_mut() {
                 w.forget_learned();
-            }
-        }
-    }
-
-    /// [`request_windows`](Self::request_windows) with what each window
-    /// counts: `(at, amount)` per grant of a rolling log (engine clock
-    /// nanoseconds), or one `(reset, used)` for a daily window. To replay
-    /// into a shared store that lost them.
-    pub fn request_entries(&self, index: usize, mut f: impl FnMut(WindowView<'_>, Vec<(u64, u64)>)) {
-        let Some(slot) = self.keys.get(index) else { return };
-        let now = self.clock.now();
-        for budget in slot.budgets() {
-            let mut state = budget.lock();
-            state.refresh(now);
-            for w in state.windows.iter().filter(|w| w.window.unit == Unit::Requests) {
-                let resets_at = match &w.window.reset {
-                    crate::Reset::Rolling => None,
-                    crate::Reset::Daily(daily) => Some(daily.next_after(now)),
-                };
-                let view = WindowView {
-                    account: budget.account.as_deref(),
-                    period: w.window.period,
-                    span: Duration::from_nanos(w.window.span),
-                    limit: w.limit(),
-                    resets_at,
-                };
-                let entries = w.saved().0.into_iter().map(|e| (e.at, e.amount)).collect();
-                f(view, entries);
             }
         }
     }
@@ -975,6 +996,8 @@ pub struct Permit<C: QuotaClock + Clone = SystemClock> {
     /// The budgets to give back to, with what this grant reserved in each.
     budgets: [Option<(Arc<Budget<C>>, u64)>; 2],
     settled: bool,
+    /// Told the use when the permit settles (a shared store's reservation).
+    on_settle: Option<Box<dyn FnOnce(Option<u64>) + Send + Sync>>,
 }
 
 impl<C: QuotaClock + Clone> fmt::Debug for Permit<C> {
@@ -989,6 +1012,13 @@ impl<C: QuotaClock + Clone> Permit<C> {
         self.budgets.iter().flatten().map(|(_, r)| *r).max().unwrap_or(0)
     }
 
+    /// Calls `f` with the reported use (`None`: none reported) when this
+    /// permit settles, by [`finish`](Self::finish) or by being dropped: to
+    /// settle the same grant in a store shared with other replicas.
+    pub fn on_settle(&mut self, f: impl FnOnce(Option<u64>) + Send + Sync + 'static) {
+        self.on_settle = Some(Box::new(f));
+    }
+
     /// Ends the request: frees its concurrency slot and replaces its token
     /// reservation by `used_tokens`, the upstream's reported usage (`None`:
     /// keep the reservation as the use).
@@ -999,6 +1029,9 @@ impl<C: QuotaClock + Clone> Permit<C> {
     fn settle(&mut self, used_tokens: Option<u64>) {
         if std::mem::replace(&mut self.settled, true) {
             return;
+        }
+        if let Some(f) = self.on_settle.take() {
+            f(used_tokens);
         }
         for (budget, reserved) in self.budgets.iter().flatten() {
             let reserved = *reserved;

@@ -313,10 +313,11 @@ local epoch = tonumber(redis.call('GET', KEYS[3]))
 ///
 /// - Requests: a rolling log (ZSET, one member per admission) or a calendar
 ///   counter named by its end.
-/// - Tokens: a rolling log whose members are `<request>:<tokens>` (a request
-///   is admitted while the window holds less than its limit; it reserves
-///   min(reservation, limit), replaced by its use when it settles), or a
-///   calendar counter.
+/// - Tokens: a rolling log whose members are `<request>:R:<tokens>` while
+///   reserved and `<request>:<tokens>` once settled (a request is admitted
+///   while the window holds less than its limit; it reserves min(reservation,
+///   limit), replaced by its use when it settles; a window full of
+///   reservations says "look again in 20 ms"), or a calendar counter.
 /// - Concurrency: a ZSET of requests in flight scored by their lease's end,
 ///   so a crashed replica's slots expire.
 ///
@@ -375,9 +376,17 @@ while a <= #ARGV do
         elseif kind == 1 then
           redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
           local e = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-          local sum = 0
-          for x = 1, #e, 2 do sum = sum + amount(e[x]) end
-          if sum >= room then
+          local sum, settled = 0, 0
+          for x = 1, #e, 2 do
+            local n = amount(e[x])
+            sum = sum + n
+            if not string.find(e[x], ':R:', 1, true) then settled = settled + n end
+          end
+          if sum >= room and settled < room then
+            -- Reservations of requests still running fill it: one of them
+            -- settling (to its use) may make room any moment.
+            need = math.max(need, 20000)
+          elseif sum >= room then
             if room < 1 then
               need = math.max(need, p1)
             else
@@ -415,7 +424,7 @@ while a <= #ARGV do
             redis.call('PEXPIREAT', log, math.floor(p2 / 1000) + slack)
           else
             if kind == 1 then
-              redis.call('ZADD', log, s(now), rid .. ':' .. reserve)
+              redis.call('ZADD', log, s(now), rid .. ':R:' .. reserve)
             else
               redis.call('ZADD', log, s(now), rid)
             end
@@ -437,8 +446,11 @@ return {0, wait, now, lost, #shares, epoch, 0}
 /// Settles an admitted request: KEYS 1 learned limits, then its token and
 /// concurrency windows; ARGV request id, reserved, used, then per window:
 /// kind, calendar end (0: rolling), limit. A token reservation becomes the
-/// use (at the admission's time), a concurrency slot is freed.
+/// use, counted from now (when the upstream counted it: at the answer, as
+/// the local engine does), and a concurrency slot is freed.
 const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local rid, reserved, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 2, #KEYS do
   local b = 4 + (i - 2) * 3
@@ -451,10 +463,10 @@ for i = 2, #KEYS do
   elseif p2 > 0 then
     if redis.call('EXISTS', KEYS[i]) == 1 and used ~= r then redis.call('INCRBY', KEYS[i], used - r) end
   else
-    local score = redis.call('ZSCORE', KEYS[i], rid .. ':' .. r)
+    local score = redis.call('ZSCORE', KEYS[i], rid .. ':R:' .. r)
     if score then
-      redis.call('ZREM', KEYS[i], rid .. ':' .. r)
-      redis.call('ZADD', KEYS[i], score, rid .. ':' .. used)
+      redis.call('ZREM', KEYS[i], rid .. ':R:' .. r)
+      redis.call('ZADD', KEYS[i], now, rid .. ':' .. used)
     end
   end
 end

@@ -318,7 +318,7 @@ async fn tokens_are_reserved_then_settled_and_concurrency_slots_come_back() {
     assert_eq!(r1.admit_reserving("pool", &a, 5_000).await.unwrap().admitted, Some(0), "clamped to 1000");
     let full = r2.admit_reserving("pool", &a, 1).await.unwrap();
     assert_eq!(full.admitted, None, "1900 reserved");
-    assert!(full.wait.unwrap() > Duration::from_secs(59), "{full:?}");
+    assert_eq!(full.wait, Some(Duration::from_millis(20)), "reservations only: one settling may make room");
     // The first used 100 of its 600; the third 50 of its (clamped) 1000: 450 in all.
     r1.settle("pool", KEY_A, &tokens, first.request, 600, 100).await.unwrap();
     assert_eq!(r2.admit_reserving("pool", &a, 1).await.unwrap().admitted, None, "1400 still");
