@@ -275,7 +275,9 @@ impl RouteSource<'_> {
     async fn admit_shared(&self, link: &SharedQuota) -> Result<Lease, Refused> {
         let mut seen = 0u64;
         let mut refused = Refused::Nothing;
-        for (at, t) in self.route.targets().iter().enumerate() {
+        // The alias's own order (lowest tier first, weighted round robin
+        // within it), a target taken only after the one before said no.
+        for (at, t) in self.route.in_order() {
             let bit = 1u64.checked_shl(t.provider as u32).unwrap_or(0);
             if !self.eligible(at, t.provider) || seen & bit != 0 {
                 continue;

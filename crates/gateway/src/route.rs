@@ -91,42 +91,73 @@ impl Route {
     /// each tier from its next round-robin slot. Calls `f` with each
     /// target's position until it returns `Some`.
     pub(crate) fn find<T>(&self, mut f: impl FnMut(usize, &Target) -> Option<T>) -> Option<T> {
-        match self {
-            Route::Direct(target) => f(0, target),
-            Route::Alias(alias) => {
-                for tier in alias.tiers.iter() {
-                    if tier.targets.len() == 1 {
-                        let at = tier.targets.start;
-                        if let Some(found) = f(at, &alias.targets[at]) {
-                            return Some(found);
-                        }
-                        continue;
-                    }
-                    // Slot by slot: a target without room gives up its slot (the slot is
-                    // spent, not passed to a neighbour), so the targets with room keep
-                    // their weights' shares among themselves. Each target is tried once.
-                    let len = tier.schedule.len();
-                    let mut tried = 0u64;
-                    for _ in 0..len {
-                        let slot = tier.next.fetch_add(1, Ordering::Relaxed) % len;
-                        let i = usize::from(tier.schedule[slot]);
-                        let bit = 1u64 << i; // i < MAX_TARGETS <= 64
-                        if tried & bit != 0 {
-                            continue;
-                        }
-                        tried |= bit;
-                        let at = tier.targets.start + i;
-                        if let Some(found) = f(at, &alias.targets[at]) {
-                            return Some(found);
-                        }
-                        if tried.count_ones() as usize == tier.targets.len() {
-                            break;
-                        }
-                    }
-                }
-                None
-            }
+        self.in_order().find_map(|(at, t)| f(at, t))
+    }
+
+    /// [`find`](Self::find)'s order as an iterator: each target is taken
+    /// (its tier's slot spent) only when the iterator reaches it, so a
+    /// caller may look at one target (and wait for an answer about it)
+    /// before it takes the next.
+    pub(crate) fn in_order(&self) -> InOrder<'_> {
+        InOrder { route: self, tier: 0, tried: 0, steps: 0, done: false }
+    }
+}
+
+/// The targets of a [`Route`] in the order to try them (see [`Route::in_order`]).
+pub(crate) struct InOrder<'a> {
+    route: &'a Route,
+    /// The tier being walked.
+    tier: usize,
+    /// Targets of the tier already given (bits by position in the tier).
+    tried: u64,
+    /// Slots of the tier taken so far.
+    steps: usize,
+    done: bool,
+}
+
+impl<'a> Iterator for InOrder<'a> {
+    type Item = (usize, &'a Target);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
         }
+        let alias = match self.route {
+            Route::Direct(target) => {
+                self.done = true;
+                return Some((0, target));
+            }
+            Route::Alias(alias) => alias,
+        };
+        while let Some(tier) = alias.tiers.get(self.tier) {
+            let count = tier.targets.len();
+            if count == 1 {
+                self.tier += 1;
+                let at = tier.targets.start;
+                return alias.targets.get(at).map(|t| (at, t));
+            }
+            // Slot by slot: a target without room gives up its slot (the slot is
+            // spent, not passed to a neighbour), so the targets with room keep
+            // their weights' shares among themselves. Each target is given once.
+            let len = tier.schedule.len();
+            while self.steps < len && (self.tried.count_ones() as usize) < count {
+                self.steps += 1;
+                let slot = tier.next.fetch_add(1, Ordering::Relaxed) % len;
+                let i = usize::from(tier.schedule[slot]);
+                let bit = 1u64 << i; // i < MAX_TARGETS <= 64
+                if self.tried & bit != 0 {
+                    continue;
+                }
+                self.tried |= bit;
+                let at = tier.targets.start + i;
+                return alias.targets.get(at).map(|t| (at, t));
+            }
+            self.tier += 1;
+            self.tried = 0;
+            self.steps = 0;
+        }
+        self.done = true;
+        None
     }
 }
 

@@ -753,3 +753,69 @@ async fn the_last_provider_standing_is_never_skipped() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_quota_aliases_keep_their_weights_and_tiers() {
+    let Some(redis) =
+        proxypal_shared::testing::Redis::start("with_a_shared_quota_aliases_keep_their_weights_and_tiers")
+    else {
+        return;
+    };
+    bounded(async {
+        let shared = format!("shared: {{ redis_url: \"{}\", timeout: 200ms }}\n", redis.url());
+        // Weights 1:2 within a tier, decided through Redis.
+        let (a, b) = (Sim::start(1231, 2, |c| c), Sim::start(1232, 2, |c| c));
+        let yaml = two(
+            &a,
+            &b,
+            &format!(
+                "{shared}models:
+  mix:
+    targets:
+      - {{ provider: a, model: m-a, weight: 1 }}
+      - {{ provider: b, model: m-b, weight: 2 }}
+"
+            ),
+        );
+        let (server, http) = start_server(&yaml).await;
+        let health = get(&http, &server, "/health").await.json();
+        assert_eq!(health["quota"]["mode"], "shared", "{health}");
+        for _ in 0..150 {
+            let reply = chat(&http, &server, "mix", false).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        let (on_a, on_b) = (a.model_count("m-a"), b.model_count("m-b"));
+        assert_eq!(on_a + on_b, 150);
+        assert!((47..=53).contains(&on_a), "a served {on_a}, b {on_b}");
+        server.shutdown().await;
+
+        // Tier 2 only when tier 1 (5 per minute, counted in Redis) is spent.
+        let limit = SimRateLimit::RollingWindow { limit: 5, window: Duration::from_secs(60) };
+        let (free, paid) = (Sim::start(1233, 1, |c| c.with_rate_limit(limit)), Sim::start(1234, 1, |c| c));
+        let yaml = format!(
+            "{shared}providers:
+{}{}routing: {{ default_provider: free }}
+retry: {{ queue_timeout: 2s }}
+models:
+  llama:
+    targets:
+      - {{ provider: free, model: free-llama, tier: 1 }}
+      - {{ provider: paid, model: paid-llama, tier: 2 }}
+",
+            free.provider("free", "    rate_limit: { requests_per_minute: 5 }\n"),
+            paid.provider("paid", "    rate_limit: { requests_per_minute: 1000 }\n"),
+        );
+        let (server, http) = start_server(&yaml).await;
+        let mut routes = Vec::new();
+        for _ in 0..12 {
+            let reply = chat(&http, &server, "llama", false).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            routes.push(header(&reply, "x-proxypal-route").to_owned());
+        }
+        assert!(routes[..5].iter().all(|r| r == "free/free-llama"), "{routes:?}");
+        assert!(routes[5..].iter().all(|r| r == "paid/paid-llama"), "{routes:?}");
+        assert_eq!(free.handle.stats().total_rate_limited(), 0);
+        server.shutdown().await;
+    })
+    .await;
+}
