@@ -394,6 +394,9 @@ pub struct SharedConfig {
     /// after it, it serves nothing until Redis is back. Default 15 min.
     #[serde(deserialize_with = "parse::duration")]
     pub max_degraded: Duration,
+    /// For `rediss://`: a PEM file of the CA(s) to trust instead of the
+    /// system's roots (relative to the YAML file's directory).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for SharedConfig {
@@ -408,6 +411,7 @@ impl Default for SharedConfig {
             lease: d.lease,
             heartbeat: d.heartbeat,
             max_degraded: d.max_degraded,
+            ca_file: None,
         }
     }
 }
@@ -423,6 +427,7 @@ impl std::fmt::Debug for SharedConfig {
             .field("lease", &self.lease)
             .field("heartbeat", &self.heartbeat)
             .field("max_degraded", &self.max_degraded)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -702,6 +707,12 @@ impl Config {
         }
         if let Some(file) = config.upstream.ca_file.clone() {
             config.upstream.ca_file = Some(resolve_path(&figment, "upstream.ca_file", &file));
+        }
+        if let Some(file) = config.shared.as_ref().and_then(|s| s.ca_file.clone()) {
+            let resolved = resolve_path(&figment, "shared.ca_file", &file);
+            if let Some(shared) = config.shared.as_mut() {
+                shared.ca_file = Some(resolved);
+            }
         }
         let trimmed_len = config.upstream.base_url.trim_end_matches('/').len();
         config.upstream.base_url.truncate(trimmed_len);

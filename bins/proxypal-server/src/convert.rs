@@ -121,8 +121,16 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     gateway.max_body_bytes = config.limits.max_body_bytes;
     gateway.max_inflight = config.limits.max_inflight;
     gateway.client_tokens = config.auth.tokens.clone();
+    let shared_ca = match config.shared.as_ref().and_then(|s| s.ca_file.as_ref()) {
+        Some(path) => Some(std::fs::read(path).map_err(|e| BuildError::Invalid {
+            field: "shared.ca_file".into(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?),
+        None => None,
+    };
     gateway.shared = config.shared.as_ref().map(|s| {
         let mut shared = proxypal_gateway::replicas::SharedQuotaConfig::new(s.redis_url.trim());
+        shared.ca_pem.clone_from(&shared_ca);
         shared.key_prefix.clone_from(&s.key_prefix);
         shared.timeout = s.timeout;
         shared.require_on_start = s.require_on_start;

@@ -64,6 +64,9 @@ pub struct SharedQuotaConfig {
     /// The longest a replica serves its local share without Redis; the
     /// others keep its share back that long (plus a lease and a window).
     pub max_degraded: Duration,
+    /// For `rediss://`: the CA certificate(s) (PEM) to trust instead of the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for SharedQuotaConfig {
@@ -77,6 +80,7 @@ impl std::fmt::Debug for SharedQuotaConfig {
             .field("lease", &self.lease)
             .field("heartbeat", &self.heartbeat)
             .field("max_degraded", &self.max_degraded)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "…"))
             .finish()
     }
 }
@@ -95,6 +99,7 @@ impl SharedQuotaConfig {
             lease: Duration::from_secs(3),
             heartbeat: Duration::from_secs(1),
             max_degraded: Duration::from_secs(15 * 60),
+            ca_pem: None,
         }
     }
 }
@@ -751,6 +756,7 @@ impl SharedQuota {
         let mut config = proxypal_shared::SharedConfig::new(self.config.redis_url.clone());
         config.key_prefix = self.config.key_prefix.clone();
         config.timeout = self.config.timeout;
+        config.ca_pem.clone_from(&self.config.ca_pem);
         let budgets = SharedBudgets::connect(config).await?;
         self.budgets.store(Some(Arc::new(budgets)));
         Ok(())

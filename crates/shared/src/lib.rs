@@ -69,6 +69,9 @@ pub struct SharedConfig {
     pub key_prefix: String,
     /// Deadline of each call on the request path (default 50 ms).
     pub timeout: Duration,
+    /// For `rediss://`: the CA certificate(s) (PEM) to trust instead of the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for SharedConfig {
@@ -78,6 +81,7 @@ impl std::fmt::Debug for SharedConfig {
             .field("url", &redacted(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "…"))
             .finish()
     }
 }
@@ -97,7 +101,12 @@ pub fn redacted(url: &str) -> String {
 impl SharedConfig {
     /// The defaults at `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), key_prefix: "proxypal".to_owned(), timeout: Duration::from_millis(50) }
+        Self {
+            url: url.into(),
+            key_prefix: "proxypal".to_owned(),
+            timeout: Duration::from_millis(50),
+            ca_pem: None,
+        }
     }
 }
 
@@ -589,9 +598,20 @@ impl SharedBudgets {
                 config.key_prefix
             )));
         }
-        let client = Client::open(config.url.as_str()).map_err(|e| SharedError::Url {
+        let url_error = |e: redis::RedisError| SharedError::Url {
             reason: format!("{} is not a usable Redis URL ({})", redacted(&config.url), e.category()),
-        })?;
+        };
+        // redis-rs asks rustls for the process's provider: ring, as the
+        // upstream client uses (a no-op when one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match &config.ca_pem {
+            Some(pem) => Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            )
+            .map_err(url_error)?,
+            None => Client::open(config.url.as_str()).map_err(url_error)?,
+        };
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
             .set_connection_timeout(Some(Duration::from_secs(1)))

@@ -20,6 +20,88 @@ pub struct Redis {
 impl Redis {
     /// Starts one, or `None` (skipped, said why) without `redis-server`.
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, |_| Vec::new())
+    }
+
+    /// Starts one that also serves TLS: `(redis, its rediss:// URL, the CA's
+    /// PEM)`, with a CA and a server certificate for 127.0.0.1 made by
+    /// `openssl`; `None` (skipped, said why) without `redis-server`.
+    pub fn start_tls(test: &str) -> Option<(Self, String, Vec<u8>)> {
+        let tls_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let certs =
+            std::env::temp_dir().join(format!("proxypal-redis-tls-{}-{tls_port}", std::process::id()));
+        std::fs::create_dir_all(&certs).unwrap();
+        let openssl = |args: &[&str]| {
+            let ok =
+                Command::new("openssl").args(args).current_dir(&certs).output().unwrap().status.success();
+            assert!(ok, "{test}: openssl {args:?} failed");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=proxypal-test-ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let dir = certs.clone();
+        let redis = Self::start_with(test, move |_| {
+            let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+            vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.crt"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.crt"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]
+        })?;
+        let ca = std::fs::read(certs.join("ca.crt")).unwrap();
+        Some((redis, format!("rediss://127.0.0.1:{tls_port}/0"), ca))
+    }
+
+    fn start_with(test: &str, extra: impl Fn(u16) -> Vec<String>) -> Option<Self> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -45,6 +127,7 @@ impl Redis {
                 ])
                 .arg("--dir")
                 .arg(&dir)
+                .args(extra(port))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -343,3 +343,21 @@ async fn tokens_are_reserved_then_settled_and_concurrency_slots_come_back() {
     assert_eq!(r2.admit("pool", &c).await.unwrap().admitted, Some(0));
     assert_eq!(r2.admit("pool", &c).await.unwrap().admitted, None, "learned: 1, not 5");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_connect_through_rustls_with_a_ca_file() {
+    let Some((_redis, url, ca)) = Redis::start_tls("rediss_urls_connect_through_rustls_with_a_ca_file")
+    else {
+        return;
+    };
+    let mut config = SharedConfig::new(url.clone());
+    config.timeout = Duration::from_millis(500);
+    config.ca_pem = Some(ca);
+    let r = SharedBudgets::connect(config).await.unwrap();
+    let window = [Window::new("m", Duration::from_secs(60), 1)];
+    assert_eq!(r.admit("pool", &[Candidate::new(KEY_A, &window)]).await.unwrap().admitted, Some(0));
+    // Without the CA, the self-signed chain is refused: no answer, an error.
+    let mut untrusted = SharedConfig::new(url);
+    untrusted.timeout = Duration::from_millis(500);
+    assert!(SharedBudgets::connect(untrusted).await.is_err(), "an unknown CA is not trusted");
+}

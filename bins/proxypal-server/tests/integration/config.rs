@@ -1056,3 +1056,45 @@ routing:
         dir
     }
 }
+
+mod shared {
+    use super::*;
+
+    const KEYS: &str = "keys: [nvapi-shared-config-test-000000000001]\n";
+
+    #[test]
+    fn the_shared_section_reads_its_fields_and_env_and_never_shows_a_password() {
+        let yaml = format!(
+            "{KEYS}shared:\n  redis_url: redis://:s3cret-pass@10.0.0.7:6379/2\n  timeout: 25ms\n  replicas: 3\n  lease: 2s\n  heartbeat: 500ms\n  max_degraded: 5m\n"
+        );
+        let config = from_yaml(&yaml).unwrap();
+        let shared = config.shared.clone().unwrap();
+        assert_eq!(
+            (shared.timeout, shared.replicas, shared.lease, shared.max_degraded),
+            (Duration::from_millis(25), 3, Duration::from_secs(2), Duration::from_secs(300))
+        );
+        assert_eq!(shared.key_prefix, "proxypal");
+        assert!(!format!("{config:?}").contains("s3cret-pass"), "the URL's password never shows");
+        let gateway = proxypal_server::convert::gateway_config(&config).unwrap();
+        assert!(!format!("{:?}", gateway.shared).contains("s3cret-pass"));
+        // The environment sets it too, as documented.
+        let env = with_env(KEYS, &[("PROXYPAL_SHARED__REDIS_URL", "redis://127.0.0.1:6390/0")]).unwrap();
+        assert_eq!(env.shared.unwrap().redis_url, "redis://127.0.0.1:6390/0");
+    }
+
+    #[test]
+    fn shared_mistakes_name_their_field() {
+        for (body, field, needle) in [
+            ("  redis_url: http://127.0.0.1:6379\n", "shared.redis_url", "redis:// or rediss://"),
+            ("  redis_url: redis://h:6379\n  key_prefix: \"a{b}\"\n", "shared.key_prefix", "hash tag"),
+            ("  redis_url: redis://h:6379\n  timeout: 0s\n", "shared.timeout", ""),
+            ("  redis_url: redis://h:6379\n  lease: 1s\n", "shared.lease", "twice"),
+        ] {
+            assert_error(from_yaml(&format!("{KEYS}shared:\n{body}")), field, needle);
+        }
+        let missing = from_yaml(&format!(
+            "{KEYS}shared:\n  redis_url: rediss://h:6380\n  ca_file: /nonexistent/ca.pem\n"
+        ));
+        assert_error(missing, "shared.ca_file", "cannot read /nonexistent/ca.pem");
+    }
+}
