@@ -360,6 +360,9 @@ impl Gateway {
                 Some(index)
             });
             if let Some(index) = found {
+                if let Some(link) = &self.replicas {
+                    link.enabled(provider, index); // for every replica
+                }
                 return provider.keys.enable(index);
             }
         }

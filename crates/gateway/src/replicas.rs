@@ -830,7 +830,6 @@ impl SharedQuota {
             if known != Some(m.epoch) || !m.replayed {
                 self.replay_all(budgets, p, m.epoch).await?;
             }
-            mirror(p, &budgets.health(p.name()).await?);
         }
         // N only grows while serving (a replica that left gracefully is not a
         // suspect, so the count falls back after a restart).
@@ -839,6 +838,12 @@ impl SharedQuota {
         budgets.set_expected_replays(seen.max(1));
         self.replay_grants(budgets).await?;
         self.write_health(budgets).await?;
+        // After this replica's own changes are written, so an operator's
+        // reset is not undone by the state it replaces.
+        for p in providers {
+            let health = budgets.health(p.name()).await?;
+            self.mirror(p, &health);
+        }
         self.renewed_at.store(before, Ordering::Relaxed);
         Ok(())
     }
@@ -977,15 +982,33 @@ impl SharedQuota {
     }
 }
 
-/// Applies the health every replica sees to this replica's pool, so it
-/// keeps skipping those keys when Redis goes away. Never shortens a
-/// cooldown, never re-enables a key.
-fn mirror(provider: &Provider, health: &proxypal_shared::Health) {
-    if health.cooling.is_empty() && health.disabled.is_empty() {
-        return;
+impl SharedQuota {
+    /// Applies the health every replica sees to this replica's pool, so it
+    /// keeps skipping those keys when Redis goes away. Never shortens a
+    /// cooldown, never re-enables a key, leaves alone a key whose reset is
+    /// still to be written.
+    fn mirror(&self, provider: &Provider, health: &proxypal_shared::Health) {
+        if health.cooling.is_empty() && health.disabled.is_empty() {
+            return;
+        }
+        let resetting: Vec<Arc<str>> = self
+            .lock()
+            .health
+            .iter()
+            .filter_map(|h| match h {
+                Health::Enable { pool, id } if &**pool == provider.name() => Some(Arc::clone(id)),
+                _ => None,
+            })
+            .collect();
+        let mut by_id: HashMap<Arc<str>, usize> =
+            provider.keys.with_current(|keys, r| (0..keys.len()).map(|i| (r.fingerprint(i), i)).collect());
+        by_id.retain(|id, _| !resetting.contains(id));
+        mirror(provider, health, &by_id);
     }
-    let by_id: HashMap<Arc<str>, usize> =
-        provider.keys.with_current(|keys, r| (0..keys.len()).map(|i| (r.fingerprint(i), i)).collect());
+}
+
+/// [`SharedQuota::mirror`] over the keys in `by_id`.
+fn mirror(provider: &Provider, health: &proxypal_shared::Health, by_id: &HashMap<Arc<str>, usize>) {
     for id in &health.disabled {
         if let Some(&i) = by_id.get(id.as_str()) {
             provider.keys.restore(i, KeyStatus::Disabled);
