@@ -275,6 +275,15 @@ async fn three_replicas_share_one_quota_through_redis_and_its_outages() {
     let worst = worst_windows(&sim);
     assert!(worst.iter().all(|n| *n <= LIMIT as usize), "never more than {LIMIT} in any 6 s: {worst:?}");
     assert_eq!(sim.stats().key(FORBIDDEN).requests, 1, "the rejected key stayed untried by the others");
+    // Over the whole run, outages included, the keys served alike.
+    let totals: Vec<usize> = keys().iter().map(|k| accepted(&sim).get(k).copied().unwrap_or(0)).collect();
+    let mean = totals.iter().sum::<usize>() as f64 / KEYS as f64;
+    for n in &totals {
+        assert!(
+            (*n as f64 - mean).abs() <= mean * 0.02,
+            "per-key spread within ±2 % over every phase: {totals:?}"
+        );
+    }
     let logs: Vec<String> = shared.iter().map(Binary::log).collect();
     assert!(logs.iter().all(|l| l.contains("Redis is out of reach")), "an error on each switch: {logs:?}");
     assert!(logs.iter().all(|l| l.contains("Redis answers again")), "and a line on each return");
