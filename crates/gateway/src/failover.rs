@@ -330,7 +330,7 @@ async fn shared_lease(
             Err(Refused::Wait(w)) => w,
             Err(Refused::Disabled) => return Some(Err(NoKey::AllDisabled)),
             // Only this replica's limits (or tries) hold every key back.
-            Err(Refused::Nothing) => match source.time_to_lease() {
+            Err(Refused::Nothing) => match source.time_to_lease_locally() {
                 Err(no_key) => return Some(Err(no_key)),
                 Ok(w) => w.max(proxypal_limiter::POLL),
             },
@@ -340,6 +340,24 @@ async fn shared_lease(
             return Some(Err(NoKey::QueueTimeout { wait, cause }));
         }
         tokio::time::sleep(wait.min(crate::lease::RECHECK)).await;
+    }
+}
+
+impl RouteSource<'_> {
+    /// [`Source::time_to_lease`] by what only this replica counts (request
+    /// windows are Redis's in shared mode).
+    fn time_to_lease_locally(&self) -> Result<Duration, NoKey> {
+        let mut best: Result<Duration, NoKey> = Err(NoKey::NoKeys);
+        self.each(|p, i| {
+            let wait = crate::lease::time_to_lease_with(&p.keys, i, &self.attempts.tried, self.tokens, true);
+            best = match (best, wait) {
+                (Ok(a), Ok(b)) => Ok(a.min(b)),
+                (Ok(a), Err(_)) | (Err(_), Ok(a)) => Ok(a),
+                (Err(NoKey::AllTried), Err(_)) | (Err(_), Err(NoKey::AllTried)) => Err(NoKey::AllTried),
+                (Err(a), Err(_)) => Err(a),
+            };
+        });
+        best
     }
 }
 
@@ -557,7 +575,19 @@ where
         let local = shared.is_none();
         let leased = match shared {
             Some(leased) => leased,
-            None => queue.lease_from(&source, deadline).await,
+            None => {
+                let leased = queue.lease_from(&source, deadline).await;
+                match (&leased, gw.replicas) {
+                    // Redis came back while this request waited on the local
+                    // share (closed in shared mode): lease through Redis.
+                    (Err(NoKey::QueueTimeout { .. }), Some(link))
+                        if link.mode() == crate::replicas::Mode::Shared =>
+                    {
+                        shared_lease(queue, link, &source, deadline).await.unwrap_or(leased)
+                    }
+                    _ => leased,
+                }
+            }
         };
         let queued = queued_at.elapsed();
         attempts.waited(queued);

@@ -129,12 +129,26 @@ pub fn time_to_lease(
     tried: &Tried,
     tokens: u64,
 ) -> Result<Duration, NoKey> {
+    time_to_lease_with(keys, provider, tried, tokens, false)
+}
+
+/// [`time_to_lease`]; with `local`, by the limits only this replica counts
+/// (request windows left to a shared store).
+pub(crate) fn time_to_lease_with(
+    keys: &KeyPool<KeyResources>,
+    provider: usize,
+    tried: &Tried,
+    tokens: u64,
+    local: bool,
+) -> Result<Duration, NoKey> {
     if keys.is_empty() {
         return Err(NoKey::NoKeys);
     }
     let wait = keys.time_to_selectable(|c| {
         if tried.contains(provider, c.index) {
             None
+        } else if local {
+            c.attachment.quotas.local_wait(c.index, tokens).map(|w| w.wait)
         } else {
             c.attachment.quotas.wait(c.index, tokens).map(|w| w.wait)
         }

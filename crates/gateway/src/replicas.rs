@@ -239,6 +239,10 @@ struct Pending {
     epochs: HashMap<Arc<str>, u64>,
     /// When the last "still degraded" warning was logged (engine ns).
     warned_at: u64,
+    /// The learned limits already queued or written, by pool, owner and
+    /// window: an answer that repeats one (Groq's headers, on every
+    /// response) queues nothing.
+    learned: HashMap<String, u64>,
 }
 
 /// Why a shared admission gave no lease.
@@ -263,8 +267,14 @@ pub struct SharedQuota {
     mode: AtomicU8,
     /// N: the replicas counted, whose ⌊limit / N⌋ this replica takes alone.
     replicas: AtomicU64,
-    /// Engine clock (ns) just before the last heartbeat round Redis took.
+    /// Engine clock (ns): the latest moment a heartbeat of this replica may
+    /// have renewed its lease (after a reply; or a call's deadline when it
+    /// timed out, since it may still run).
     renewed_at: AtomicU64,
+    /// The N this replica's heartbeats record (what the others keep back).
+    sent_replicas: AtomicU64,
+    /// `offset_us` was measured.
+    offset_known: std::sync::atomic::AtomicBool,
     degraded_since: AtomicU64,
     transitions: AtomicU64,
     /// Redis's clock minus the engine's, in microseconds, at the last contact.
@@ -352,6 +362,8 @@ impl SharedQuota {
             replicas: AtomicU64::new(replicas),
             // Never renewed: the cautious wait counts from start.
             renewed_at: AtomicU64::new(now),
+            sent_replicas: AtomicU64::new(replicas),
+            offset_known: std::sync::atomic::AtomicBool::new(false),
             degraded_since: AtomicU64::new(now),
             transitions: AtomicU64::new(0),
             offset_us: AtomicI64::new(0),
@@ -520,6 +532,23 @@ impl SharedQuota {
             // Admitted but not leasable here (a reload, a cooldown noticed since):
             // the admission is spent, look again at once.
             let (Some(selected), Some((auth, metrics, mut permit, engine))) = (selected, found) else {
+                // Its token reservation and slot go back (nothing was sent).
+                if let Some((id, windows)) = picked.get(j) {
+                    let settled: Vec<OwnedWindow> =
+                        windows.iter().filter(|w| w.kind != Kind::Requests).cloned().collect();
+                    if !settled.is_empty() {
+                        let pool = Arc::<str>::from(provider.name());
+                        settle_later(
+                            Arc::clone(&budgets),
+                            pool,
+                            Arc::clone(id),
+                            settled,
+                            admission.request,
+                            tokens,
+                            0,
+                        );
+                    }
+                }
                 return Err(Refused::Wait(Duration::ZERO));
             };
             // Token reservations and concurrency slots are settled in Redis
@@ -532,15 +561,7 @@ impl SharedQuota {
                         (Arc::clone(&budgets), Arc::<str>::from(provider.name()), Arc::clone(id));
                     let request = admission.request;
                     permit.on_settle(move |used| {
-                        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-                        runtime.spawn(async move {
-                            let views: Vec<Window<'_>> = settled.iter().map(OwnedWindow::window).collect();
-                            let used = used.unwrap_or(tokens);
-                            if let Err(e) = budgets.settle(&pool, &id, &views, request, tokens, used).await {
-                                // The reservation stays counted as used, the slot expires: the safe side.
-                                tracing::debug!(error = %e, "shared quota: a settlement did not reach Redis");
-                            }
-                        });
+                        settle_later(budgets, pool, id, settled, request, tokens, used.unwrap_or(tokens));
                     });
                 }
             }
@@ -555,9 +576,6 @@ impl SharedQuota {
     /// Records a send made from the local share (degraded), to be written to
     /// Redis when it returns.
     pub(crate) fn sent_locally(&self, provider: &Provider, lease: &Lease) {
-        if self.mode() == Mode::Shared {
-            return;
-        }
         let index = lease.selected.index();
         let id = provider.keys.with_current(|_, r| r.fingerprint(index));
         let grant = Grant {
@@ -591,6 +609,7 @@ impl SharedQuota {
         let index = lease.selected.index();
         let pool = Arc::<str>::from(provider.name());
         let mut changes = Vec::new();
+        let mut blocked = false;
         provider.keys.with_current(|keys, r| {
             if !Arc::ptr_eq(&r.quotas, &lease.quotas) {
                 return; // a reload since: the next answer teaches again
@@ -611,22 +630,33 @@ impl SharedQuota {
                     });
                 }
             }
-            let blocked = r.quotas.blocked_for(index);
-            if !blocked.is_zero() {
+            let until = r.quotas.blocked_for(index);
+            if !until.is_zero() {
+                blocked = true;
                 let account = r.quotas.account(index);
                 for i in (0..keys.len())
                     .filter(|&i| i == index || (account.is_some() && r.quotas.account(i) == account))
                 {
-                    changes.push(Health::Cool {
-                        pool: Arc::clone(&pool),
-                        id: r.fingerprint(i),
-                        for_: blocked,
-                    });
+                    changes.push(Health::Cool { pool: Arc::clone(&pool), id: r.fingerprint(i), for_: until });
                 }
             }
         });
-        if !changes.is_empty() {
-            self.lock().health.extend(changes);
+        if changes.is_empty() {
+            return;
+        }
+        let mut pending = self.lock();
+        changes.retain(|change| match change {
+            Health::Learn { pool, id, window, limit } => {
+                let owner = window.budget.as_deref().unwrap_or(id);
+                let key = format!("{pool}/{owner}/{}", window.name);
+                pending.learned.insert(key, *limit) != Some(*limit)
+            }
+            _ => true,
+        });
+        pending.health.extend(changes);
+        drop(pending);
+        // A block is news for the others now; a lower limit can wait a round.
+        if blocked {
             self.wake.notify_one();
         }
     }
@@ -634,6 +664,12 @@ impl SharedQuota {
     /// An operator re-enabled key `index` of `provider`: for every replica.
     pub fn enabled(&self, provider: &Provider, index: usize) {
         let id = provider.keys.with_current(|_, r| r.fingerprint(index));
+        // A cooldown Redis reported is gone: offer the key again at once.
+        if let Some(pool) =
+            self.hints.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(provider.name())
+        {
+            pool.remove(&id);
+        }
         self.lock().health.push(Health::Enable { pool: Arc::from(provider.name()), id });
         self.wake.notify_one();
     }
@@ -682,18 +718,17 @@ impl SharedQuota {
         self.set_shares(self.mode() == Mode::Shared);
     }
 
-    /// The whole budget when shared; when degraded ⌊limit / N⌋ of every
-    /// window from one lease and one window after the last renewal, and
-    /// nothing past `max_degraded`.
+    /// Shared: nothing through the local path (every lease goes through
+    /// Redis; admissions it makes charge the engine unchecked). Degraded:
+    /// ⌊limit / N⌋ of every window from one lease and one window after the
+    /// latest renewal, and nothing past `max_degraded`.
     fn set_shares(&self, shared: bool) {
         let n = self.replicas();
         let renewed = self.renewed_at.load(Ordering::Relaxed);
         let since = self.degraded_since.load(Ordering::Relaxed);
         let fenced = self.clock.now() >= since.saturating_add(nanos(self.config.max_degraded));
         for (share, longest) in self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
-            if shared {
-                share.whole();
-            } else if fenced {
+            if shared || fenced {
                 share.set(n, u64::MAX);
             } else {
                 share.set(n, renewed.saturating_add(nanos(self.config.lease + *longest)));
@@ -811,31 +846,72 @@ impl SharedQuota {
         }
     }
 
-    /// One heartbeat round: every pool's lease, then what is owed to Redis.
+    /// One heartbeat round: what a degraded spell owes Redis, every pool's
+    /// lease, replays after a state loss, health both ways.
     async fn beat(&self, budgets: &SharedBudgets, providers: &[Arc<Provider>]) -> Result<(), SharedError> {
-        let before = self.clock.now();
+        let degraded = self.mode() != Mode::Shared;
+        if degraded {
+            // Owed first: writing them does not make this replica live.
+            self.replay_grants(budgets).await?;
+            self.write_health(budgets).await?;
+            // From its first heartbeat on the others count it as live and keep
+            // nothing back for it: no local send until the round is through
+            // (or, if it fails, until a cautious start after it).
+            self.set_shares(true);
+        }
         let longest = providers.iter().map(|p| longest_span(&p.keys)).max().unwrap_or_default();
         budgets.set_recovery_hold(longest);
+        // The N this round's heartbeats record; the local share uses at least
+        // it, so it never takes more than the others keep back.
+        let sent = self.sent_replicas.load(Ordering::Relaxed).max(1);
+        budgets.set_replicas(sent);
         let mut counted = self.config.replicas.max(1);
-        let mut seen = 0;
+        let mut live = 1;
+        let slack = self.config.timeout + Duration::from_millis(200);
         for p in providers {
-            let m = budgets.heartbeat(p.name(), self.config.lease, self.reservation(longest)).await?;
+            let attempt = self.clock.now();
+            // Past this (Redis's clock), the script refuses to renew: a call
+            // stuck in a frozen Redis cannot renew the lease later.
+            let deadline = if self.offset_known.load(Ordering::Relaxed) {
+                let local_us = i64::try_from(attempt / 1_000).unwrap_or(i64::MAX);
+                let redis_us = local_us.saturating_add(self.offset_us.load(Ordering::Relaxed));
+                u64::try_from(redis_us).unwrap_or(0).saturating_add(micros(slack))
+            } else {
+                0
+            };
+            let beat = budgets
+                .heartbeat_until(p.name(), self.config.lease, self.reservation(longest), deadline)
+                .await;
+            let m = match beat {
+                Ok(m) => m,
+                Err(e) => {
+                    if matches!(e, SharedError::Timeout(_)) {
+                        // It may yet run, until the deadline: a renewal that late.
+                        let latest = attempt.saturating_add(nanos(slack));
+                        self.renewed_at.fetch_max(latest, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            };
+            self.renewed_at.fetch_max(self.clock.now(), Ordering::Relaxed);
             counted = counted.max(m.live + m.suspects);
-            seen = seen.max(m.live + m.suspects);
+            live = live.max(m.live);
             self.offset_us.store(
-                i64::try_from(m.now_us).unwrap_or(i64::MAX) - i64::try_from(before / 1_000).unwrap_or(0),
+                i64::try_from(m.now_us).unwrap_or(i64::MAX) - i64::try_from(attempt / 1_000).unwrap_or(0),
                 Ordering::Relaxed,
             );
+            self.offset_known.store(true, Ordering::Relaxed);
             let known = self.lock().epochs.get(p.name()).copied();
             if known != Some(m.epoch) || !m.replayed {
                 self.replay_all(budgets, p, m.epoch).await?;
             }
         }
-        // N only grows while serving (a replica that left gracefully is not a
-        // suspect, so the count falls back after a restart).
-        self.replicas.store(counted, Ordering::Relaxed);
-        budgets.set_replicas(counted);
-        budgets.set_expected_replays(seen.max(1));
+        // Shares by the larger of what was recorded and what is counted now;
+        // the next round records the count.
+        self.replicas.store(counted.max(sent), Ordering::Relaxed);
+        self.sent_replicas.store(counted, Ordering::Relaxed);
+        // Replicas alive now replay after a state loss; vanished ones cannot.
+        budgets.set_expected_replays(live);
         self.replay_grants(budgets).await?;
         self.write_health(budgets).await?;
         // After this replica's own changes are written, so an operator's
@@ -844,7 +920,7 @@ impl SharedQuota {
             let health = budgets.health(p.name()).await?;
             self.mirror(p, &health);
         }
-        self.renewed_at.store(before, Ordering::Relaxed);
+        self.renewed_at.fetch_max(self.clock.now(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -875,7 +951,11 @@ impl SharedQuota {
                     }
                     let times: Vec<(u64, u64)> = entries
                         .iter()
-                        .filter(|(at, _)| w.end_us.is_some() || *at < epoch_local_ns)
+                        .filter(|(at, _)| match w.end_us {
+                            // A day's count, if the state was lost within that day.
+                            Some(end) => epoch > end.saturating_sub(micros(w.span)),
+                            None => *at < epoch_local_ns,
+                        })
                         .map(|&(at, amount)| {
                             let us = i64::try_from(at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
                             (u64::try_from(us).unwrap_or(0), amount)
@@ -910,12 +990,20 @@ impl SharedQuota {
                 })
                 .collect()
         });
-        self.lock().health.extend(health);
+        {
+            let mut pending = self.lock();
+            pending.health.extend(health);
+            // Learned limits went with the state: queue them again as answers repeat them.
+            let prefix = format!("{pool}/");
+            pending.learned.retain(|k, _| !k.starts_with(&prefix));
+        }
         // Written before this replica counts as replayed: no admission in the
         // new epoch can pick a key it knows is disabled.
         self.write_health(budgets).await?;
         // The sends of a degraded spell are in the engine too: replayed now.
-        self.lock().grants.retain(|g| &*g.pool != provider.name());
+        // (those before it are in the engine's entries just replayed; those
+        // after it are still owed).
+        self.lock().grants.retain(|g| &*g.pool != provider.name() || g.at >= epoch_local_ns);
         budgets.replayed(provider.name(), epoch).await?;
         self.lock().epochs.insert(Arc::from(provider.name()), epoch);
         tracing::info!(
@@ -988,20 +1076,34 @@ impl SharedQuota {
     /// cooldown, never re-enables a key, leaves alone a key whose reset is
     /// still to be written.
     fn mirror(&self, provider: &Provider, health: &proxypal_shared::Health) {
-        if health.cooling.is_empty() && health.disabled.is_empty() {
-            return;
-        }
-        let resetting: Vec<Arc<str>> = self
-            .lock()
-            .health
-            .iter()
-            .filter_map(|h| match h {
-                Health::Enable { pool, id } if &**pool == provider.name() => Some(Arc::clone(id)),
-                _ => None,
-            })
-            .collect();
+        let (resetting, disabling): (Vec<Arc<str>>, Vec<Arc<str>>) = {
+            let pending = self.lock();
+            let of = |f: &dyn Fn(&Health) -> Option<Arc<str>>| pending.health.iter().filter_map(f).collect();
+            (
+                of(&|h| match h {
+                    Health::Enable { pool, id } if &**pool == provider.name() => Some(Arc::clone(id)),
+                    _ => None,
+                }),
+                of(&|h| match h {
+                    Health::Disable { pool, id } if &**pool == provider.name() => Some(Arc::clone(id)),
+                    _ => None,
+                }),
+            )
+        };
         let mut by_id: HashMap<Arc<str>, usize> =
             provider.keys.with_current(|keys, r| (0..keys.len()).map(|i| (r.fingerprint(i), i)).collect());
+        // A key disabled here that Redis no longer disables was reset by an
+        // operator (through any replica): usable again, unless this replica's
+        // own disable is still to be written.
+        let snapshot = provider.keys.snapshot();
+        for k in snapshot.iter().filter(|k| k.status == KeyStatus::Disabled) {
+            let Some(id) = by_id.iter().find(|(_, i)| **i == k.index).map(|(id, _)| Arc::clone(id)) else {
+                continue;
+            };
+            if !health.disabled.iter().any(|d| d.as_str() == &*id) && !disabling.contains(&id) {
+                provider.keys.enable(k.index);
+            }
+        }
         by_id.retain(|id, _| !resetting.contains(id));
         mirror(provider, health, &by_id);
     }
@@ -1023,6 +1125,27 @@ fn mirror(provider: &Provider, health: &proxypal_shared::Health, by_id: &HashMap
     }
 }
 
+/// Settles admission `request` in Redis off the request's path: its token
+/// reservation becomes `used`, its concurrency slot is freed. Failing, the
+/// reservation stays counted as used and the slot expires: the safe side.
+fn settle_later(
+    budgets: Arc<SharedBudgets>,
+    pool: Arc<str>,
+    id: Arc<str>,
+    windows: Vec<OwnedWindow>,
+    request: u64,
+    reserved: u64,
+    used: u64,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        let views: Vec<Window<'_>> = windows.iter().map(OwnedWindow::window).collect();
+        if let Err(e) = budgets.settle(&pool, &id, &views, request, reserved, used).await {
+            tracing::debug!(error = %e, "shared quota: a settlement did not reach Redis");
+        }
+    });
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -1036,19 +1159,25 @@ fn windows_of(engine: &crate::Engine, index: usize) -> Vec<OwnedWindow> {
     out
 }
 
-/// The longest request window of a pool's keys that can bind: one whose
-/// limit the shorter windows of the same key cannot let the shared log
-/// reach (a minute of a million behind 60 per 6 s never fills) is left out,
+/// The longest window (requests or tokens) of a pool's keys that can bind:
+/// one whose limit the shorter windows of the same key and unit cannot let
+/// the shared log reach (a minute of a million behind 60 per 6 s never fills) is left out,
 /// so it does not stretch the cautious start.
 fn longest_span(keys: &KeyPool<KeyResources>) -> Duration {
     keys.with_current(|all, r| {
         let mut longest = Duration::ZERO;
         for i in 0..all.len() {
-            let mut windows: Vec<(Duration, u64)> = Vec::new();
-            r.quotas.request_windows(i, |w| windows.push((w.span, w.limit)));
-            for &(span, limit) in &windows {
-                if binds(span, limit, &windows) {
-                    longest = longest.max(span);
+            for unit in [proxypal_limiter::Unit::Requests, proxypal_limiter::Unit::Tokens] {
+                let mut windows: Vec<(Duration, u64)> = Vec::new();
+                r.quotas.windows(i, |w| {
+                    if w.unit == unit {
+                        windows.push((w.span, w.limit));
+                    }
+                });
+                for &(span, limit) in &windows {
+                    if binds(span, limit, &windows) {
+                        longest = longest.max(span);
+                    }
                 }
             }
         }

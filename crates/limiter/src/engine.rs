@@ -188,9 +188,9 @@ impl State {
         if share.not_before > now {
             worst = worst.max_by_wait((share.not_before - now, Cause::Share));
         }
-        // A share of a concurrency cap too (at least one slot: a cap below the
-        // replica count would otherwise stop a replica altogether).
-        let cap = |m: NonZeroU32| (u64::from(m.get()) / share.divisor).max(1);
+        // A share of a concurrency cap too: ⌊max / N⌋, what the others keep
+        // back for this replica (none when the cap is below the replica count).
+        let cap = |m: NonZeroU32| u64::from(m.get()) / share.divisor;
         if max_concurrent.is_some_and(|m| u64::from(running.in_flight.load(Ordering::Acquire)) >= cap(m)) {
             worst = worst.max_by_wait((nanos(POLL), Cause::Concurrency));
         }

@@ -86,16 +86,35 @@ impl std::fmt::Debug for SharedConfig {
     }
 }
 
-/// `url` without a password (`redis://user:…@host:port/0`).
+/// `url` without a password (`redis://user:…@host:port/0`, and a `pass=`
+/// or `password=` query value of a `redis+unix://` URL).
 pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:…{}", &url[..scheme + 3], &url[at..])
+            format!("{}{user}:…{}", &base[..scheme + 3], &base[at..])
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
+                    format!("{k}=…")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 impl SharedConfig {
@@ -472,10 +491,14 @@ for i = 2, #KEYS do
   elseif p2 > 0 then
     if redis.call('EXISTS', KEYS[i]) == 1 and used ~= r then redis.call('INCRBY', KEYS[i], used - r) end
   else
-    local score = redis.call('ZSCORE', KEYS[i], rid .. ':R:' .. r)
-    if score then
-      redis.call('ZREM', KEYS[i], rid .. ':R:' .. r)
-      redis.call('ZADD', KEYS[i], now, rid .. ':' .. used)
+    -- Found by its prefix: the limit (so the clamp) may have changed since.
+    local prefix = rid .. ':R:'
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
+      if string.sub(m, 1, #prefix) == prefix then
+        redis.call('ZREM', KEYS[i], m)
+        redis.call('ZADD', KEYS[i], now, rid .. ':' .. used)
+        break
+      end
     end
   end
 end
@@ -485,9 +508,12 @@ return 1
 /// Heartbeat (after [`EPOCH`]). KEYS 1 (unused), 2 (unused), 3 epoch, 4
 /// members, 5 member shares, 6 replayed; ARGV 1 replica, 2 lease µs, 3
 /// reservation µs (how long after its lease lapsed a vanished replica's
-/// share stays kept back), 4 this replica's N. Returns {live members,
-/// suspects, epoch, now, replayed}.
+/// share stays kept back), 4 this replica's N, 5 a deadline µs on Redis's
+/// clock (0: none) past which nothing is renewed (a call that sat in a
+/// frozen Redis). Returns {live members, suspects, epoch, now, replayed},
+/// or {-1} past the deadline.
 const BEAT: &str = r"
+if tonumber(ARGV[5]) > 0 and now > tonumber(ARGV[5]) then return {-1, 0, epoch, now, 0} end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. s(now - tonumber(ARGV[3])))
 for _, m in ipairs(gone) do
   redis.call('ZREM', KEYS[4], m)
@@ -504,11 +530,12 @@ return {live, suspects, epoch, now, redis.call('SISMEMBER', KEYS[6], ARGV[1])}
 ";
 
 /// Marks a replica as having replayed into an epoch (only if it is still
-/// the pool's): KEYS 3 epoch, 6 replayed; ARGV 1 replica, 2 epoch, 3 TTL ms.
+/// the pool's): KEYS 3 epoch, 6 replayed; ARGV 1 replica, 2 epoch. The set
+/// lives as long as the epoch (a new epoch empties it): a replica replays
+/// once per epoch, never again because a mark expired.
 const REPLAYED: &str = r"
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
 redis.call('SADD', KEYS[6], ARGV[1])
-redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[3]))
 return 1
 ";
 
@@ -703,6 +730,22 @@ impl SharedBudgets {
         lease: Duration,
         reservation: Duration,
     ) -> Result<Membership, SharedError> {
+        self.heartbeat_until(pool, lease, reservation, 0).await
+    }
+
+    /// [`heartbeat`](Self::heartbeat) that renews nothing if Redis runs it
+    /// after `deadline_us` (its own clock; 0: no deadline): answered as a
+    /// [`SharedError::Timeout`].
+    ///
+    /// # Errors
+    /// As [`admit`](Self::admit).
+    pub async fn heartbeat_until(
+        &self,
+        pool: &str,
+        lease: Duration,
+        reservation: Duration,
+        deadline_us: u64,
+    ) -> Result<Membership, SharedError> {
         check_name("pool", pool)?;
         let mut invocation = self.beat.prepare_invoke();
         self.pool_keys(&mut invocation, pool);
@@ -710,13 +753,23 @@ impl SharedBudgets {
             .arg(&self.replica)
             .arg(micros(lease))
             .arg(micros(reservation))
-            .arg(self.replicas.load(Ordering::Relaxed));
+            .arg(self.replicas.load(Ordering::Relaxed))
+            .arg(deadline_us);
         let mut conn = self.conn.clone();
-        let reply: Vec<u64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let [live, suspects, epoch, now_us, replayed] = reply[..] else {
             return Err(SharedError::Reply(format!("{reply:?}")));
         };
-        Ok(Membership { live, suspects, epoch, now_us, replayed: replayed == 1 })
+        if live < 0 {
+            return Err(SharedError::Timeout(self.config.timeout));
+        }
+        Ok(Membership {
+            live: live.unsigned_abs(),
+            suspects: suspects.unsigned_abs(),
+            epoch: epoch.unsigned_abs(),
+            now_us: now_us.unsigned_abs(),
+            replayed: replayed == 1,
+        })
     }
 
     /// Records that this replica replayed what it sent into `pool`'s state
@@ -1087,6 +1140,10 @@ mod tests {
         assert_eq!(redacted("redis://:s3cret@10.0.0.1:6379/0"), "redis://:…@10.0.0.1:6379/0");
         assert_eq!(redacted("rediss://app:s3cret@host/1"), "rediss://app:…@host/1");
         assert_eq!(redacted("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redacted("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=…"
+        );
         let config = SharedConfig::new("redis://:s3cret@host:6379");
         assert!(!format!("{config:?}").contains("s3cret"));
     }
