@@ -164,6 +164,8 @@ struct OwnedWindow {
     limit: u64,
     /// A calendar window's end, Unix microseconds.
     end_us: Option<u64>,
+    /// A calendar window's start, Unix microseconds.
+    start_us: u64,
 }
 
 impl OwnedWindow {
@@ -180,7 +182,8 @@ impl OwnedWindow {
             None => (format!("{prefix}r{}", view.period.as_millis()), None),
             Some(at) => (format!("{prefix}d{}", view.period.as_secs()), Some(at / 1_000)),
         };
-        Self { kind, budget, name, span: view.span, limit: view.limit, end_us }
+        let start_us = view.started_at.map_or(0, |at| at / 1_000);
+        Self { kind, budget, name, span: view.span, limit: view.limit, end_us, start_us }
     }
 
     /// A concurrency cap of `max` (of `account`'s budget, or the key's).
@@ -192,13 +195,14 @@ impl OwnedWindow {
             span: CONCURRENCY_LEASE,
             limit: u64::from(max),
             end_us: None,
+            start_us: 0,
         }
     }
 
     fn window(&self) -> Window<'_> {
         let w = match self.end_us {
             None => Window::new(&self.name, self.span, self.limit),
-            Some(end) => Window::calendar(&self.name, end.saturating_sub(micros(self.span)), end, self.limit),
+            Some(end) => Window::calendar(&self.name, self.start_us, end, self.limit),
         };
         let w = w.counting(self.kind);
         match &self.budget {
@@ -492,7 +496,8 @@ impl SharedQuota {
             let admission = match budgets.admit_reserving(provider.name(), &candidates, tokens).await {
                 Ok(a) => a,
                 Err(SharedError::StaleCalendar { .. }) => {
-                    return Err(Refused::Wait(Duration::from_millis(1)));
+                    // The clocks disagree about a reset, for a moment.
+                    return Err(Refused::Wait(Duration::from_millis(5)));
                 }
                 Err(e) => {
                     self.lost(&e);

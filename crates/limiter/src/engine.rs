@@ -404,6 +404,9 @@ pub struct WindowView<'a> {
     /// A calendar window: its next reset, on the engine's clock
     /// (nanoseconds); `None` for a rolling window.
     pub resets_at: Option<u64>,
+    /// A calendar window: the reset that began it (nanoseconds); `None` for
+    /// a rolling window.
+    pub started_at: Option<u64>,
 }
 
 /// One kind of window summed over a pool (see [`QuotaEngine::pool_window`]).
@@ -542,9 +545,15 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
             let mut state = budget.lock();
             state.refresh(now);
             for w in state.windows.iter() {
-                let resets_at = match &w.window.reset {
-                    crate::Reset::Rolling => None,
-                    crate::Reset::Daily(daily) => Some(daily.next_after(now)),
+                let (resets_at, started_at) = match &w.window.reset {
+                    crate::Reset::Rolling => (None, None),
+                    crate::Reset::Daily(daily) => {
+                        let next = daily.next_after(now);
+                        // The reset before it: days are 23 to 25 hours long.
+                        let before =
+                            daily.next_after(next.saturating_sub(25 * 3_600_000_000_000 + 1_800_000_000_000));
+                        (Some(next), Some(before.min(now)))
+                    }
                 };
                 let view = WindowView {
                     account: budget.account.as_deref(),
@@ -553,6 +562,7 @@ impl<C: QuotaClock + Clone> QuotaEngine<C> {
                     span: Duration::from_nanos(w.window.span),
                     limit: w.limit(),
                     resets_at,
+                    started_at,
                 };
                 let entries = if with_entries {
                     w.saved().0.into_iter().map(|e| (e.at, e.amount)).collect()

@@ -337,7 +337,8 @@ local epoch = tonumber(redis.call('GET', KEYS[3]))
 /// replays hold admissions (µs), 5 replays expected, 6 the request's token
 /// reservation, then per candidate: id, window count, and per window: kind
 /// (0 requests, 1 tokens, 2 concurrency), period µs (a concurrency slot's
-/// lease), calendar end µs (0: rolling), limit.
+/// lease; a calendar window's start µs), calendar end µs (0: rolling),
+/// limit.
 ///
 /// - Requests: a rolling log (ZSET, one member per admission) or a calendar
 ///   counter named by its end.
@@ -398,8 +399,10 @@ while a <= #ARGV do
           redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now))
           if redis.call('ZCARD', log) >= room then need = math.max(need, 20000) end
         elseif p2 > 0 then
-          -- A calendar window ending at p2: a counter named by its end.
-          if now >= p2 then return {-1, 0, now, lost, #shares, epoch, 0} end
+          -- A calendar window [p1, p2): a counter named by its end. Redis's
+          -- clock outside it (a replica's clock on the other side of a
+          -- reset): recompute, nothing charged.
+          if now >= p2 or now < p1 then return {-1, 0, now, lost, #shares, epoch, 0} end
           if tonumber(redis.call('GET', log) or '0') >= room then need = math.max(need, p2 - now) end
         elseif kind == 1 then
           redis.call('ZREMRANGEBYSCORE', log, '-inf', s(now - p1))
@@ -925,10 +928,10 @@ impl SharedBudgets {
                     check_name("budget", budget)?;
                 }
                 invocation.key(self.log_key(pool, c.id, w));
-                invocation.arg(kind_code(w.kind)).arg(micros(w.period));
+                invocation.arg(kind_code(w.kind));
                 match w.calendar {
-                    None => invocation.arg(0u64),
-                    Some((start, end)) => invocation.arg(end.max(start + 1)),
+                    None => invocation.arg(micros(w.period)).arg(0u64),
+                    Some((start, end)) => invocation.arg(start).arg(end.max(start + 1)),
                 };
                 invocation.arg(w.limit);
             }

@@ -231,6 +231,14 @@ async fn a_calendar_window_counts_until_its_end_and_a_stale_one_is_refused() {
     // does not hold Redis's now is refused, uncharged.
     let next = [Window::calendar("d", start + 1, end + 100_000_000, 3)];
     assert_eq!(r1.admit("pool", &[Candidate::new(KEY_A, &next)]).await.unwrap().admitted, Some(0));
+    let ahead = [Window::calendar("d", now + 5_000_000, now + 10_000_000, 3)];
+    assert!(
+        matches!(
+            r1.admit("pool", &[Candidate::new(KEY_A, &ahead)]).await,
+            Err(SharedError::StaleCalendar { .. })
+        ),
+        "a window that has not begun on Redis's clock (a replica's clock ahead across a reset) is refused"
+    );
     let past = [Window::calendar("d", start - 10_000_000, start, 3)];
     match r1.admit("pool", &[Candidate::new(KEY_A, &past)]).await {
         Err(SharedError::StaleCalendar { now_us }) => assert!(now_us >= now),

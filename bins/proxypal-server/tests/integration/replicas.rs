@@ -408,3 +408,41 @@ async fn two_replicas_share_token_windows_and_concurrency_slots() {
     // than two requests per window get through.
     assert!(key_stats.ok >= 20, "reservations were settled: {} served, {statuses:?}", key_stats.ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_cap_is_one_count_for_all_replicas() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start("a_daily_cap_is_one_count_for_all_replicas") else { return };
+    let dir = TempDir::new("replicas-day");
+    let key = "nvapi-replicas-daily-00000000000000000000";
+    let sim =
+        SimServer::start(SimConfig { record_accepts: true, ..SimConfig::fast() }.with_keys([key])).unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let addr = free_addr();
+        let path = dir.path(&format!("replica-{i}.yaml"));
+        let yaml = format!(
+            "listen: {addr}\nworkers: 1\nupstream:\n  base_url: {}\nkeys: [\"{key}\"]\nrate_limit:\n  requests_per_minute: 1000\n  requests_per_day: 3\n  day_reset: \"00:00 America/Los_Angeles\"\nretry:\n  queue_timeout: 1s\nstate:\n  path: null\nshared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n",
+            sim.base_url(),
+            redis.url()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        replicas.push(Binary::start(&path, addr).await);
+    }
+    let http = http_client();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(send(&http, chat_request(replicas[i % 2].addr, false, &[])).await.status.as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "three in the day, from both: {statuses:?}"
+    );
+    assert_eq!(statuses[3], 429, "{statuses:?}");
+    assert_eq!(sim.stats().key(key).requests, 3, "the upstream saw the day's three, no more");
+    // One counter in Redis, named by the day's end in the provider's zone.
+    let keys = redis.cli(&["KEYS", "proxypal:{default}:log:*:d86400:*"]).unwrap();
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    assert_eq!(redis.cli(&["GET", keys.trim()]).unwrap().trim(), "3");
+}
