@@ -122,24 +122,7 @@ impl Redis {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let dir = std::env::temp_dir().join(format!("proxypal-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(&dir)
-                .args(extra(port))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            let child = spawn(port, &dir, &extra(port));
             let mut redis = Self { child, port, dir };
             if redis.wait_ready() {
                 return Some(redis);
@@ -198,23 +181,7 @@ impl Redis {
     /// Starts it again, empty, on the same port (after [`kill`](Self::kill)).
     pub fn restart_empty(&mut self) {
         for _ in 0..50 {
-            self.child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(&self.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            self.child = spawn(self.port, &self.dir, &[]);
             if self.wait_ready() {
                 return;
             }
@@ -224,4 +191,18 @@ impl Redis {
         }
         panic!("redis-server did not restart on port {}", self.port);
     }
+}
+
+/// A `redis-server` on 127.0.0.1:`port` keeping nothing on disk (its
+/// working folder `dir`), with `extra` arguments.
+fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }

@@ -198,19 +198,7 @@ async fn tier_two_serves_only_when_tier_one_has_no_room_and_tier_one_sees_no_429
         let limit = SimRateLimit::RollingWindow { limit: 5, window: Duration::from_secs(60) };
         let a = Sim::start(1221, 1, |c| c.with_rate_limit(limit));
         let b = Sim::start(1222, 1, |c| c);
-        let yaml = format!(
-            "providers:
-{}{}routing: {{ default_provider: free }}
-retry: {{ queue_timeout: 2s }}
-models:
-  llama:
-    targets:
-      - {{ provider: free, model: free-llama, tier: 1 }}
-      - {{ provider: paid, model: paid-llama, tier: 2 }}
-",
-            a.provider("free", "    rate_limit: { requests_per_minute: 5 }\n"),
-            b.provider("paid", "    rate_limit: { requests_per_minute: 1000 }\n"),
-        );
+        let yaml = free_then_paid(&a, &b);
         let (server, http) = start_server(&yaml).await;
         let mut routes = Vec::new();
         for _ in 0..20 {
@@ -227,6 +215,23 @@ models:
         server.shutdown().await;
     })
     .await;
+}
+
+/// Alias `llama`: `free` (5 per minute) in tier 1, `paid` in tier 2.
+fn free_then_paid(free: &Sim, paid: &Sim) -> String {
+    format!(
+        "providers:
+{}{}routing: {{ default_provider: free }}
+retry: {{ queue_timeout: 2s }}
+models:
+  llama:
+    targets:
+      - {{ provider: free, model: free-llama, tier: 1 }}
+      - {{ provider: paid, model: paid-llama, tier: 2 }}
+",
+        free.provider("free", "    rate_limit: { requests_per_minute: 5 }\n"),
+        paid.provider("paid", "    rate_limit: { requests_per_minute: 1000 }\n"),
+    )
 }
 
 /// An alias served by `a` first (tier 1) and `b` (tier 2).
@@ -792,19 +797,7 @@ async fn with_a_shared_quota_aliases_keep_their_weights_and_tiers() {
         // Tier 2 only when tier 1 (5 per minute, counted in Redis) is spent.
         let limit = SimRateLimit::RollingWindow { limit: 5, window: Duration::from_secs(60) };
         let (free, paid) = (Sim::start(1233, 1, |c| c.with_rate_limit(limit)), Sim::start(1234, 1, |c| c));
-        let yaml = format!(
-            "{shared}providers:
-{}{}routing: {{ default_provider: free }}
-retry: {{ queue_timeout: 2s }}
-models:
-  llama:
-    targets:
-      - {{ provider: free, model: free-llama, tier: 1 }}
-      - {{ provider: paid, model: paid-llama, tier: 2 }}
-",
-            free.provider("free", "    rate_limit: { requests_per_minute: 5 }\n"),
-            paid.provider("paid", "    rate_limit: { requests_per_minute: 1000 }\n"),
-        );
+        let yaml = format!("{shared}{}", free_then_paid(&free, &paid));
         let (server, http) = start_server(&yaml).await;
         let mut routes = Vec::new();
         for _ in 0..12 {

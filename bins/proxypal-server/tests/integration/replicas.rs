@@ -56,6 +56,23 @@ fn config(addr: SocketAddr, sim: &SimHandle, redis: Option<&str>) -> String {
 }
 
 /// Three replicas; replica `i` reaches Redis at `redis[i]` (none: no `shared`).
+/// A replica's config over one `key` of `sim` with `limits` (lines under
+/// `rate_limit:`), sharing through `redis`.
+fn one_key_replica(
+    addr: SocketAddr,
+    sim: &SimHandle,
+    key: &str,
+    limits: &str,
+    queue: &str,
+    redis: &Redis,
+) -> String {
+    format!(
+        "listen: {addr}\nworkers: 1\nupstream:\n  base_url: {}\nkeys: [\"{key}\"]\nrate_limit:\n{limits}retry:\n  queue_timeout: {queue}\nstate:\n  path: null\nshared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n  replicas: 2\n",
+        sim.base_url(),
+        redis.url()
+    )
+}
+
 async fn replicas(dir: &Path, sim: &SimHandle, redis: &[String]) -> Vec<Binary> {
     let mut out = Vec::new();
     for i in 0..3 {
@@ -391,11 +408,8 @@ async fn two_replicas_share_token_windows_and_concurrency_slots() {
     for i in 0..2 {
         let addr = free_addr();
         let path = dir.path(&format!("replica-{i}.yaml"));
-        let yaml = format!(
-            "listen: {addr}\nworkers: 1\nupstream:\n  base_url: {}\nkeys: [\"{key}\"]\nrate_limit:\n  requests_per_minute: 1000000\n  max_concurrent: 2\n  margin: 50ms\n  windows: [{{tokens: 2000, per: 4s}}]\nretry:\n  queue_timeout: 3s\nstate:\n  path: null\nshared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n  replicas: 2\n",
-            sim.base_url(),
-            redis.url()
-        );
+        let limits = "  requests_per_minute: 1000000\n  max_concurrent: 2\n  margin: 50ms\n  windows: [{tokens: 2000, per: 4s}]\n";
+        let yaml = one_key_replica(addr, &sim, key, limits, "3s", &redis);
         std::fs::write(&path, yaml).unwrap();
         replicas.push(Binary::start(&path, addr).await);
     }
@@ -421,11 +435,8 @@ async fn a_daily_cap_is_one_count_for_all_replicas() {
     for i in 0..2 {
         let addr = free_addr();
         let path = dir.path(&format!("replica-{i}.yaml"));
-        let yaml = format!(
-            "listen: {addr}\nworkers: 1\nupstream:\n  base_url: {}\nkeys: [\"{key}\"]\nrate_limit:\n  requests_per_minute: 1000\n  requests_per_day: 3\n  day_reset: \"00:00 America/Los_Angeles\"\nretry:\n  queue_timeout: 1s\nstate:\n  path: null\nshared:\n  redis_url: {}\n  timeout: 200ms\n  lease: 300ms\n  heartbeat: 100ms\n",
-            sim.base_url(),
-            redis.url()
-        );
+        let limits = "  requests_per_minute: 1000\n  requests_per_day: 3\n  day_reset: \"00:00 America/Los_Angeles\"\n";
+        let yaml = one_key_replica(addr, &sim, key, limits, "1s", &redis);
         std::fs::write(&path, yaml).unwrap();
         replicas.push(Binary::start(&path, addr).await);
     }
