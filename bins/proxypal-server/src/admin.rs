@@ -97,6 +97,10 @@ pub fn stats_json(app: &App) -> Value {
         "uptime_seconds": app.started().elapsed().as_secs(),
         "dev_mode": app.dev(),
         "queue_depth": gateway.queue_depth(),
+        "queue_by_client": gateway.queued_by_client().into_iter()
+            .map(|(c, n)| (if c.is_empty() { "(anonymous)".to_owned() } else { c }, json!(n)))
+            .collect::<serde_json::Map<String, Value>>(),
+        "clients": gateway.client_reports().iter().map(client_json).collect::<Vec<_>>(),
         "in_flight": gateway.in_flight(),
         "quota": gateway.shared_quota().map_or_else(|| json!({"mode": "local"}), |l| shared_json(&l.report())),
         "reloads": gateway.reloads(),
@@ -156,6 +160,19 @@ fn providers_json(
 }
 
 /// An alias and its targets' state, as `/stats` shows it.
+/// One named client: settings, its own quota's windows, waiting requests.
+fn client_json(c: &proxypal_gateway::ClientReport) -> Value {
+    json!({
+        "name": c.name,
+        "weight": c.weight,
+        "admin": c.admin,
+        "models": c.models,
+        "limits": c.limits.iter().map(limit_json).collect::<Vec<_>>(),
+        "queued": c.queued,
+        "refused": c.refused,
+    })
+}
+
 fn alias_json(alias: &proxypal_gateway::AliasReport) -> Value {
     json!({
         "name": alias.name,

@@ -97,8 +97,11 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Cross-origin requests from browsers.
     pub cors: CorsConfig,
-    /// Client authentication.
+    /// Client authentication: operator tokens.
     pub auth: AuthConfig,
+    /// Named clients, each with its token, own quota, model list, weight
+    /// and admin flag.
+    pub clients: Vec<ClientEntry>,
     /// Request size and concurrency caps.
     pub limits: LimitsConfig,
     /// Logging.
@@ -351,6 +354,70 @@ pub struct AuthConfig {
     pub allow_unauthenticated: bool,
 }
 
+/// One named client (`clients[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClientEntry {
+    /// Its name: in stats, the ledger, logs and webhooks.
+    pub name: String,
+    /// The token it presents (or `token_file`).
+    #[serde(default, deserialize_with = "secret::optional_secret")]
+    pub token: Option<Secret>,
+    /// A file whose first non-empty line is the token (relative to the
+    /// config file).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// At most this many requests in any rolling 60 s.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// At most this many requests per day.
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+    /// `rolling` (default) or `"HH:MM <IANA zone>"`.
+    #[serde(default)]
+    pub day_reset: Option<String>,
+    /// At most this many tokens in any rolling 60 s.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// At most this many tokens per day.
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Public model names it may use, as globs (`meta/*`); empty: all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Its share of the pool when clients compete (1–1000, default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// May read everyone's usage and use `/stats`, `/metrics`, `/admin/*`.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ClientEntry {
+    /// Its own quota as the quota engine's fields (no margin: a client's
+    /// window is the proxy's own promise, not an upstream's to stay under).
+    pub fn limit_fields(&self) -> LimitFields {
+        LimitFields {
+            requests_per_minute: self.requests_per_minute,
+            requests_per_day: self.requests_per_day,
+            day_reset: self.day_reset.clone(),
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            max_concurrent: self.max_concurrent,
+            margin: Some(Duration::ZERO),
+            ..LimitFields::default()
+        }
+    }
+}
+
 /// Request size and concurrency caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -489,6 +556,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
+            clients: Vec::new(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             state: StateConfig::default(),
@@ -697,6 +765,21 @@ impl Config {
                 config.auth.tokens.push(Secret::new(line.value));
             }
             config.auth.tokens_file = Some(path);
+        }
+        for (i, client) in config.clients.iter_mut().enumerate() {
+            if let Some(file) = client.token_file.clone() {
+                let field = format!("clients[{i}].token_file");
+                let path = resolve_path(&figment, "clients", &file);
+                let first = read_list_file("clients[].token_file", &path)?.into_iter().next();
+                let Some(line) = first else {
+                    return Err(ConfigError::invalid(field, format!("{} holds no token", path.display())));
+                };
+                if client.token.is_some() {
+                    return Err(ConfigError::invalid(field, "set token or token_file, not both"));
+                }
+                client.token = Some(Secret::new(line.value));
+                client.token_file = Some(path);
+            }
         }
         if let Some(file) = config.state.path.clone() {
             // The default (no layer set it) lives beside the config file too.

@@ -121,6 +121,27 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
     gateway.max_body_bytes = config.limits.max_body_bytes;
     gateway.max_inflight = config.limits.max_inflight;
     gateway.client_tokens = config.auth.tokens.clone();
+    for (i, c) in config.clients.iter().enumerate() {
+        let at = format!("clients[{i}]");
+        let Some(token) = c.token.clone() else {
+            return Err(BuildError::Invalid { field: format!("{at}.token"), reason: "required".into() });
+        };
+        let limits = c.limit_fields().to_limits().map_err(invalid(at.clone()))?;
+        let limits = if limits.requests_per_minute.is_none() && limits.tokens_per_minute.is_none() {
+            // Only the margin is set: no quota.
+            proxypal_gateway::limiter::Limits { margin: None, ..limits }
+        } else {
+            limits
+        };
+        let mut client = proxypal_gateway::ClientConfig::new(c.name.trim(), token)
+            .with_limits(limits)
+            .with_models(c.models.iter().map(|m| m.trim().to_owned()))
+            .with_weight(c.weight);
+        if c.admin {
+            client = client.as_admin();
+        }
+        gateway.clients.push(client);
+    }
     let shared_ca = match config.shared.as_ref().and_then(|s| s.ca_file.as_ref()) {
         Some(path) => Some(std::fs::read(path).map_err(|e| BuildError::Invalid {
             field: "shared.ca_file".into(),

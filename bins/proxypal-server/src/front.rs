@@ -104,8 +104,10 @@ fn cors_headers(app: &App, origin: &HeaderValue, resp: &mut Response<ProxyBody>)
     );
 }
 
+/// An operator: an operator token (`auth.tokens`), an admin client, or
+/// anyone when no token is configured.
 fn authorized(app: &App, req: &Request<Incoming>) -> bool {
-    app.gateway().authenticate(req.headers()).is_some()
+    app.gateway().caller(req.headers()).is_some_and(|c| c.operator)
 }
 
 /// The route table: CORS preflight, `/v1` → the gateway, the admin endpoints,
@@ -126,19 +128,19 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
             if authorized(app, &req) {
                 crate::admin::stats(app)
             } else {
-                unauthorized("/stats needs a client token")
+                operator_only_for(app, &req, "/stats")
             }
         }
         (&Method::GET | &Method::HEAD, "/metrics") => {
             if authorized(app, &req) {
                 crate::admin::metrics(app)
             } else {
-                unauthorized("/metrics needs a client token")
+                operator_only_for(app, &req, "/metrics")
             }
         }
         (&Method::POST, p) if reset_target(p).is_some() => {
             if !authorized(app, &req) {
-                return unauthorized("/admin needs a client token");
+                return operator_only_for(app, &req, "/admin");
             }
             let name = percent_decode(reset_target(p).unwrap_or_default());
             if app.gateway().reset_key(&name) {
@@ -158,6 +160,18 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
             resp
         }
         _ => not_found(path),
+    }
+}
+
+/// 401 without a known token; 403 for a client that is no operator.
+fn operator_only_for(app: &App, req: &Request<Incoming>, what: &str) -> Response<ProxyBody> {
+    match app.gateway().caller(req.headers()) {
+        Some(_) => error_response(
+            StatusCode::FORBIDDEN,
+            "operator_only",
+            format!("{what} is for operators: an auth.tokens token or a client with admin: true"),
+        ),
+        None => unauthorized(&format!("{what} needs an operator token")),
     }
 }
 

@@ -8,7 +8,6 @@ use proxypal_keypool::{CooldownPolicy, KeySpec, Secret};
 use proxypal_limiter::Limits;
 use proxypal_upstream::UpstreamConfig;
 
-use crate::admission::ClientTokens;
 use crate::dialect::Dialect;
 use crate::lease::MAX_ATTEMPTS;
 use crate::preset::{Preset, QuotaScope};
@@ -38,9 +37,13 @@ pub struct GatewayConfig {
     /// Most requests served at once; a stream counts until it ends (default
     /// 1024). Fixed at build time.
     pub max_inflight: usize,
-    /// Tokens clients must present as `Authorization: Bearer <token>`; none
-    /// means every client is served.
+    /// Operator tokens: clients presenting one as `Authorization: Bearer
+    /// <token>` are served anonymously, with no quota of their own, and may
+    /// read everything. With no operator token and no named client, every
+    /// client is served.
     pub client_tokens: Vec<Secret>,
+    /// Named clients, each with its token, quota, model list and weight.
+    pub clients: Vec<crate::clients::ClientConfig>,
     /// Quotas shared with other replicas through Redis (`None`: this
     /// process counts alone). Read at build; a reload keeps the first.
     pub shared: Option<crate::replicas::SharedQuotaConfig>,
@@ -64,6 +67,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_inflight: 1024,
             client_tokens: Vec::new(),
+            clients: Vec::new(),
             shared: None,
         }
     }
@@ -329,7 +333,7 @@ pub(crate) struct Settings {
     pub(crate) max_attempts: usize,
     pub(crate) queue_timeout: Duration,
     pub(crate) max_body_bytes: usize,
-    pub(crate) tokens: ClientTokens,
+    pub(crate) tokens: crate::clients::ClientSet,
     /// The providers of this generation, in configuration order.
     pub(crate) providers: Box<[std::sync::Arc<crate::provider::Provider>]>,
     /// Aliases and where other names go.
@@ -343,12 +347,13 @@ impl Settings {
         config: &GatewayConfig,
         providers: Box<[std::sync::Arc<crate::provider::Provider>]>,
         routes: crate::route::Routes,
+        tokens: crate::clients::ClientSet,
     ) -> Self {
         Self {
             max_attempts: config.max_attempts.clamp(1, MAX_ATTEMPTS),
             queue_timeout: config.queue_timeout,
             max_body_bytes: config.max_body_bytes,
-            tokens: ClientTokens::new(&config.client_tokens),
+            tokens,
             providers,
             routes,
             models_ttl: config.routing.models_ttl,

@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use proxypal_keypool::KeyPool;
-use proxypal_limiter::{Permit, QuotaClock};
+use proxypal_limiter::QuotaClock;
 use proxypal_upstream::{RequestParts, UpstreamBody, UpstreamError};
 
 use crate::admission::{Admission, Slot};
@@ -23,7 +23,7 @@ use crate::body::{BoxError, Guarded, ProxyBody};
 use crate::classify::{Action, Verdict, classify, classify_transport, judged_by_body, needs_body};
 use crate::config::Settings;
 use crate::dialect::Dialect;
-use crate::keyset::{KeyResources, SharedClock};
+use crate::keyset::KeyResources;
 use crate::lease::{Lease, LeaseQueue, NoKey, Source, Tried};
 use crate::metrics::{AttemptResult, KeyMetrics, Metrics, StreamGuard};
 use crate::provider::{Clients, Provider};
@@ -101,6 +101,21 @@ pub(crate) struct Attempts {
     skip_targets: u64,
     /// Server errors and timeouts per provider in this request.
     provider_faults: [u8; crate::config::MAX_PROVIDERS],
+    /// For the usage ledger (filled only when a sink is set): who asked for
+    /// which model, the key of the last attempt, why it failed, and whether
+    /// the answer's body records it when it ends.
+    ledger: Option<Box<LedgerNotes>>,
+}
+
+/// What the usage record of a request needs beyond the attempts.
+#[derive(Debug, Default)]
+struct LedgerNotes {
+    client: Option<Arc<str>>,
+    model: String,
+    key: Option<String>,
+    error: Option<&'static str>,
+    /// The answer's body records the request when it ends.
+    tapped: bool,
 }
 
 /// Server errors (or timeouts) from one provider after which a request
@@ -120,6 +135,14 @@ impl Attempts {
             skip_providers: 0,
             skip_targets: 0,
             provider_faults: [0; crate::config::MAX_PROVIDERS],
+            ledger: None,
+        }
+    }
+
+    /// Notes why the request failed, for the ledger.
+    fn error(&mut self, class: &'static str) {
+        if let Some(notes) = self.ledger.as_mut() {
+            notes.error = Some(class);
         }
     }
 
@@ -174,6 +197,9 @@ impl Attempts {
             metrics.retry(previous.result());
         }
         self.tried.push(lease.provider, lease.selected.index());
+        if let Some(notes) = self.ledger.as_mut() {
+            notes.key = Some(lease.selected.key().label().to_owned());
+        }
         self.served_by = Some(Arc::clone(&lease.metrics));
         self.last_target = Some((lease.provider, lease.target));
     }
@@ -236,6 +262,8 @@ pub(crate) struct Shared<'a> {
     pub(crate) catalogs: &'a Arc<crate::catalog::Catalogs>,
     /// The quota shared with other replicas, if configured.
     pub(crate) replicas: Option<&'a SharedQuota>,
+    /// Where finished requests are recorded, if anywhere.
+    pub(crate) sink: Option<&'a Arc<dyn crate::usage::UsageSink>>,
 }
 
 /// A route's targets not skipped, with the keys not yet tried: where a
@@ -310,6 +338,7 @@ async fn shared_lease(
     queue: &LeaseQueue,
     link: &SharedQuota,
     source: &RouteSource<'_>,
+    who: &crate::lease::Waiter,
     deadline: tokio::time::Instant,
 ) -> Option<Result<Lease, NoKey>> {
     if queue.depth() == 0 {
@@ -320,7 +349,7 @@ async fn shared_lease(
         }
     }
     let _queued = queue.enter();
-    let Some(_turn) = queue.turn(deadline).await else {
+    let Some(_turn) = queue.turn(who, deadline).await else {
         return Some(Err(NoKey::QueueTimeout { wait: Duration::ZERO, cause: proxypal_limiter::Cause::None }));
     };
     loop {
@@ -443,7 +472,7 @@ where
     let started = tokio::time::Instant::now();
     let mut attempts = Attempts::new(1);
     let mut served = None;
-    let mut resp = run(gw, &settings, req, rest, slot, &mut attempts, &mut served).await;
+    let mut resp = run(gw, &settings, req, rest, slot, &mut attempts, &mut served, started).await;
     let headers = resp.headers_mut();
     if let Some(route) = served {
         headers.insert(ROUTE, route);
@@ -456,10 +485,56 @@ where
             crate::quota::pool_headers(&p.keys, &p.pool_headers).apply(resp.headers_mut());
         }
     }
+    if let (Some(sink), Some(notes)) = (gw.sink, attempts.ledger.take()) {
+        if !notes.tapped {
+            let status = resp.status();
+            sink.finished(record(&settings, &attempts, *notes, status, started));
+        }
+    }
     let metrics = gw.metrics;
     attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
     metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
     resp
+}
+
+/// The usage record of a request answered by the gateway itself or with an
+/// upstream error (no body to wait for).
+fn record(
+    settings: &Settings,
+    attempts: &Attempts,
+    notes: LedgerNotes,
+    status: StatusCode,
+    started: tokio::time::Instant,
+) -> crate::usage::Finished {
+    let target = attempts.last_target.and_then(|(p, _)| settings.providers.get(p));
+    let error = notes.error.or_else(|| {
+        let class = match status.as_u16() {
+            200..=399 => return None,
+            429 => "rate_limited",
+            401 => "unauthorized",
+            413 => "too_large",
+            400..=499 => "client_error",
+            503 => "unavailable",
+            _ => "upstream_error",
+        };
+        Some(attempts.last.as_ref().map_or(class, |f| f.result().as_str()))
+    });
+    crate::usage::Finished {
+        at: std::time::SystemTime::now(),
+        client: notes.client,
+        model: notes.model,
+        provider: target.map(|p| p.name().to_owned()),
+        upstream_model: None,
+        key: notes.key,
+        status: status.as_u16(),
+        attempts: u8::try_from(attempts.made()).unwrap_or(u8::MAX),
+        first_byte: None,
+        total: started.elapsed(),
+        stream: false,
+        usage: None,
+        error,
+        complete: true,
+    }
 }
 
 /// `x-proxypal-attempts: n`, without formatting or allocating (at most
@@ -501,6 +576,7 @@ fn body_for(
     made
 }
 
+#[allow(clippy::too_many_arguments)] // the request's pieces, borrowed from `forward`
 async fn run<B>(
     gw: Shared<'_>,
     settings: &Arc<Settings>,
@@ -509,6 +585,7 @@ async fn run<B>(
     slot: Slot,
     attempts: &mut Attempts,
     served: &mut Option<http::HeaderValue>,
+    started: tokio::time::Instant,
 ) -> Response<ProxyBody>
 where
     B: Body,
@@ -516,12 +593,16 @@ where
 {
     let (mut head, body) = req.into_parts();
     // The client's token is never forwarded: the upstream client sets Authorization to the key.
-    if settings.tokens.authenticate(&head.headers).is_none() {
+    let Some(client) = settings.tokens.authenticate(&head.headers) else {
         return reply::unauthorized(
             "missing or invalid client token: send Authorization: Bearer <token> (your ProxyPal token, not an NVIDIA key)",
         );
-    }
+    };
     head.headers.remove(AUTHORIZATION);
+    if gw.sink.is_some() {
+        let client = settings.tokens.named(client).map(|n| Arc::clone(&n.name));
+        attempts.ledger = Some(Box::new(LedgerNotes { client, ..LedgerNotes::default() }));
+    }
     if head.method == http::Method::GET && (rest == "/models" || rest.starts_with("/models?")) {
         return Box::pin(gw.catalogs.list(settings, gw.clients)).await;
     }
@@ -532,6 +613,14 @@ where
     let providers = &settings.providers[..];
     let named = crate::json::model_span(&body);
     let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
+    if let Some(notes) = attempts.ledger.as_mut() {
+        notes.model = named.as_ref().map(|(_, m)| m.to_string()).unwrap_or_default();
+    }
+    if let Err(refused) = settings.tokens.check_model(client, named.as_ref().map(|(_, m)| &**m)) {
+        attempts.error("model_not_allowed");
+        gw.metrics.client_refused(refused.client(), "model_not_allowed");
+        return reply::refused(refused);
+    }
     let route = settings.routes.resolve(named.as_ref().map(|(_, m)| &**m), providers, &listed);
     let model_at = named.map(|(span, _)| span);
     // Only token windows need the estimate, a look into the body, and the
@@ -541,7 +630,10 @@ where
         .iter()
         .filter_map(|t| providers.get(t.provider))
         .any(|p| p.keys.with_current(|_, r| r.quotas.counts_tokens()));
-    if counts_tokens {
+    let client_tokens = settings.tokens.quotas().counts_tokens();
+    // The answer's `usage` is read (uncompressed) for token windows and the ledger.
+    let reads_usage = counts_tokens || client_tokens || gw.sink.is_some();
+    if reads_usage {
         head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     }
     // For the failover log lines: they carry the id themselves, so the per-request span can
@@ -561,14 +653,25 @@ where
             None => gw.queue,
         },
     };
-    let tokens = if counts_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
+    let tokens = if counts_tokens || client_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
+    // The client's own quota first: its limit, not the pool's, answers.
+    let client_permit = match settings.tokens.admit(client, tokens) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            attempts.error("client_quota");
+            gw.metrics.client_refused(refused.client(), "client_quota");
+            settings.tokens.refused(client);
+            return reply::refused(refused);
+        }
+    };
+    let who = settings.tokens.waiter(client);
     let mut rewritten = None;
     while attempts.may_try() {
         let queued_at = tokio::time::Instant::now();
         let source = RouteSource { route: &route, providers, attempts, tokens };
         let shared = match gw.replicas {
             Some(link) if link.mode() == crate::replicas::Mode::Shared => {
-                shared_lease(queue, link, &source, deadline).await
+                shared_lease(queue, link, &source, who, deadline).await
             }
             _ => None,
         };
@@ -576,14 +679,14 @@ where
         let leased = match shared {
             Some(leased) => leased,
             None => {
-                let leased = queue.lease_from(&source, deadline).await;
+                let leased = queue.lease_as(&source, who, deadline).await;
                 match (&leased, gw.replicas) {
                     // Redis came back while this request waited on the local
                     // share (closed in shared mode): lease through Redis.
                     (Err(NoKey::QueueTimeout { .. }), Some(link))
                         if link.mode() == crate::replicas::Mode::Shared =>
                     {
-                        shared_lease(queue, link, &source, deadline).await.unwrap_or(leased)
+                        shared_lease(queue, link, &source, who, deadline).await.unwrap_or(leased)
                     }
                     _ => leased,
                 }
@@ -647,7 +750,33 @@ where
         }
         if !needs_body(status) {
             judged(provider, gw.replicas, &lease, classify(status, resp.headers(), &[]));
-            return stream(metrics, resp, slot, lease.permit, counts_tokens);
+            let record = match (gw.sink, attempts.ledger.as_mut()) {
+                (Some(sink), Some(notes)) => {
+                    notes.tapped = true;
+                    let upstream_model =
+                        target.model.as_deref().map(str::to_owned).or(Some(notes.model.clone()));
+                    let finished = crate::usage::Finished {
+                        at: std::time::SystemTime::now(),
+                        client: notes.client.clone(),
+                        model: std::mem::take(&mut notes.model),
+                        provider: Some(provider.name().to_owned()),
+                        upstream_model,
+                        key: notes.key.take(),
+                        status: status.as_u16(),
+                        attempts: u8::try_from(attempts.made()).unwrap_or(u8::MAX),
+                        first_byte: None,
+                        total: Duration::ZERO,
+                        stream: false,
+                        usage: None,
+                        error: None,
+                        complete: false,
+                    };
+                    Some((finished, Arc::clone(sink), started))
+                }
+                _ => None,
+            };
+            let settle = crate::usage::Settle { key: Some(lease.permit), client: client_permit.0, record };
+            return stream(metrics, resp, slot, settle, reads_usage);
         }
         // A verdict that does not depend on the body is reported before the body is read.
         let by_body = judged_by_body(status)
@@ -825,24 +954,28 @@ async fn read_answer(resp: Response<UpstreamBody>) -> UpstreamAnswer {
 
 /// Streams a successful answer to the client frame by frame; the body holds
 /// the in-flight slot (and, for SSE, the open-streams gauge) until it ends,
-/// and the quota permit — read for `usage` when token windows count it.
+/// and the quota permits — read for `usage` (`reads_usage`) when token
+/// windows count it or the ledger records it.
 fn stream(
     metrics: &Metrics,
     resp: Response<UpstreamBody>,
     slot: Slot,
-    permit: Permit<SharedClock>,
-    counts_tokens: bool,
+    mut settle: crate::usage::Settle,
+    reads_usage: bool,
 ) -> Response<ProxyBody> {
     let streaming =
         resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let stream = streaming.then(|| StreamGuard::new(metrics.open_streams()));
-    if counts_tokens {
+    if reads_usage {
+        if let Some((record, _, _)) = settle.record.as_mut() {
+            record.stream = streaming;
+        }
         return resp.map(|body| {
-            let tapped = crate::quota::UsageTap::new(body.map_err(Into::into), streaming, permit);
+            let tapped = crate::usage::Tap::new(body.map_err(Into::into), streaming, settle);
             Guarded::new(tapped, (slot, stream)).boxed()
         });
     }
-    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream, permit)).boxed())
+    resp.map(|body| Guarded::new(body.map_err(Into::into), (slot, stream, settle)).boxed())
 }
 
 #[cfg(test)]

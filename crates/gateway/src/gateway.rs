@@ -45,6 +45,41 @@ pub struct KeyReport {
     pub blocked_for: std::time::Duration,
 }
 
+/// One named client as `/stats` shows it: its settings, its own quota's
+/// windows with their use, and its requests waiting now.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientReport {
+    /// Its name.
+    pub name: String,
+    /// Its share of the pool when clients compete.
+    pub weight: u32,
+    /// May read everyone's usage and use the operator endpoints.
+    pub admin: bool,
+    /// Public models it may use (globs; empty: every model).
+    pub models: Vec<String>,
+    /// Every window (and concurrency cap) of its own quota, with its use.
+    pub limits: Vec<LimitReport>,
+    /// Its requests waiting for a permit now, in every queue.
+    pub queued: usize,
+    /// Requests refused by its own quota since the gateway started.
+    pub refused: u64,
+}
+
+/// Who is calling, as the endpoints beside the gateway need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Caller {
+    /// The client.
+    pub client: Client,
+    /// Its name, for a named client.
+    pub name: Option<String>,
+    /// An operator: an operator token, an admin client, or anyone when no
+    /// token is configured. Operators read every usage row, `/stats`,
+    /// `/metrics` and `/admin/*`.
+    pub operator: bool,
+}
+
 /// One alias as `/stats` shows it: its targets, in tier order, with their state.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -108,6 +143,8 @@ pub struct Gateway {
     reloads: std::sync::atomic::AtomicU64,
     /// The link to the quota shared with other replicas, if configured.
     replicas: Option<Arc<SharedQuota>>,
+    /// Where finished requests are recorded (the usage ledger), once set.
+    sink: std::sync::OnceLock<Arc<dyn crate::usage::UsageSink>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -120,6 +157,16 @@ impl std::fmt::Debug for Gateway {
 fn plans(config: &GatewayConfig) -> Result<Vec<Plan>, BuildError> {
     let count = config.providers.len();
     config.providers.iter().map(|p| Plan::new(p).map_err(|e| e.in_provider(&p.name, count))).collect()
+}
+
+/// The clients of `config`, carrying the windows of `previous`'s that stay.
+fn client_set(
+    config: &GatewayConfig,
+    clock: SharedClock,
+    previous: Option<&crate::clients::ClientSet>,
+) -> Result<crate::clients::ClientSet, BuildError> {
+    crate::clients::ClientSet::new(&config.client_tokens, &config.clients, clock, previous)
+        .map_err(|e| BuildError::Limits { scope: format!("clients[{}]", e.index), source: e.error })
 }
 
 /// # Building and reloading
@@ -154,7 +201,8 @@ impl Gateway {
                 .map_err(|e| e.in_provider(&p.name, count))?;
             providers.push(Arc::new(Provider::new(p, Arc::new(keys), None, client)));
         }
-        let settings = Settings::new(&config, providers.into(), routes);
+        let clients = client_set(&config, Arc::clone(&clock), None)?;
+        let settings = Settings::new(&config, providers.into(), routes, clients);
         let replicas =
             config.shared.clone().map(|c| Arc::new(SharedQuota::new(c, Arc::clone(&clock), registry)));
         Ok(Arc::new(Self {
@@ -168,6 +216,7 @@ impl Gateway {
             clock,
             catalogs: Arc::new(Catalogs::new()),
             reloads: std::sync::atomic::AtomicU64::new(0),
+            sink: std::sync::OnceLock::new(),
         }))
     }
 
@@ -185,6 +234,7 @@ impl Gateway {
         let routes = Routes::new(&config)?;
         let plans = plans(&config)?;
         let count = config.providers.len();
+        let client_set = client_set(&config, Arc::clone(&self.clock), Some(&old.tokens))?;
         let previous = |name: &str| old.providers.iter().find(|o| o.name() == name);
         // Every fallible step first (plans checked the keys as the pools will):
         // once a pool reloads, there is no going back.
@@ -228,7 +278,7 @@ impl Gateway {
         for gone in old.providers.iter().filter(|o| !config.providers.iter().any(|p| p.name == o.name())) {
             report.removed += gone.keys.len();
         }
-        self.settings.store(Arc::new(Settings::new(&config, providers.into(), routes)));
+        self.settings.store(Arc::new(Settings::new(&config, providers.into(), routes, client_set)));
         self.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(report)
     }
@@ -247,6 +297,11 @@ impl Gateway {
         Arc::clone(&self.settings.load().providers[0].keys)
     }
 
+    /// The settings of the current generation.
+    pub(crate) fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
     /// The provider called `name`.
     pub fn provider(&self, name: &str) -> Option<Arc<Provider>> {
         self.settings.load().providers.iter().find(|p| p.name() == name).cloned()
@@ -256,6 +311,12 @@ impl Gateway {
     /// configured: spawn its [`run`](SharedQuota::run) to keep it going.
     pub fn shared_quota(&self) -> Option<&Arc<SharedQuota>> {
         self.replicas.as_ref()
+    }
+
+    /// Records every finished request in `sink` from now on (the usage
+    /// ledger). Set once; `false` if a sink was set already.
+    pub fn set_usage_sink(&self, sink: Arc<dyn crate::usage::UsageSink>) -> bool {
+        self.sink.set(sink).is_ok()
     }
 
     /// Reloads applied since the gateway was built.
@@ -279,6 +340,61 @@ impl Gateway {
     /// endpoints an embedder serves beside the gateway (the server's `/stats`).
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Option<Client> {
         self.settings.load().tokens.authenticate(headers)
+    }
+
+    /// Who sent `headers` (`Authorization: Bearer <token>`): the client, its
+    /// name and whether it is an operator; `None` when tokens are required
+    /// and it presents none of them.
+    pub fn caller(&self, headers: &http::HeaderMap) -> Option<Caller> {
+        let settings = self.settings.load();
+        let client = settings.tokens.authenticate(headers)?;
+        let named = settings.tokens.named(client);
+        Some(Caller {
+            client,
+            name: named.map(|n| n.name.to_string()),
+            operator: named.is_none_or(|n| n.admin),
+        })
+    }
+
+    /// Every named client with its quota's use and its waiting requests, in
+    /// configuration order.
+    pub fn client_reports(&self) -> Vec<ClientReport> {
+        let settings = self.settings.load();
+        let queued = self.queued_by_client();
+        settings
+            .tokens
+            .all()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ClientReport {
+                name: n.name.to_string(),
+                weight: n.waiter.weight,
+                admin: n.admin,
+                models: n.models.to_vec(),
+                limits: if n.limited { settings.tokens.quotas().report(i) } else { Vec::new() },
+                queued: queued.iter().find(|(c, _)| *c == *n.name).map_or(0, |(_, q)| *q),
+                refused: n.refused.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Requests waiting now by client (`""`: anonymous requests and
+    /// operators), summed over every queue; clients with none are absent.
+    pub fn queued_by_client(&self) -> Vec<(String, usize)> {
+        let settings = self.settings.load();
+        let mut out: Vec<(String, usize)> = Vec::new();
+        let mut add = |client: &str, n: usize| match out.iter_mut().find(|(c, _)| c == client) {
+            Some((_, total)) => *total += n,
+            None => out.push((client.to_owned(), n)),
+        };
+        self.queue.depth_by_client(&mut add);
+        for p in settings.providers.iter() {
+            p.queue.depth_by_client(&mut add);
+        }
+        for a in settings.routes.aliases() {
+            a.queue.depth_by_client(&mut add);
+        }
+        out
     }
 
     /// Every key of every provider with its state, account and limits, in
@@ -418,6 +534,9 @@ impl Gateway {
             ));
         }
         self.metrics.set_gauges(self.queue_depth(), self.in_flight(), &states);
+        let clients: Vec<(String, Vec<LimitReport>)> =
+            self.client_reports().into_iter().map(|c| (c.name, c.limits)).collect();
+        self.metrics.set_clients(&self.queued_by_client(), &clients);
     }
 }
 
@@ -481,6 +600,7 @@ impl Handle {
                 clients: &self.clients,
                 catalogs: &gw.catalogs,
                 replicas: gw.replicas.as_deref(),
+                sink: gw.sink.get(),
             },
             req,
         )

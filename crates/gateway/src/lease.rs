@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use proxypal_keypool::{KeyPool, Selected};
 use proxypal_limiter::{Cause, Permit};
-use tokio::sync::Semaphore;
 
+pub use crate::fair::Waiter;
 use crate::keyset::{KeyResources, SharedClock};
 use crate::metrics::KeyMetrics;
 
@@ -236,9 +236,9 @@ fn timed_out(source: &impl Source, wait: Duration) -> NoKey {
 /// Requests waiting for a permit, served first come, first served.
 #[derive(Debug)]
 pub struct LeaseQueue {
-    /// One waiter at a time tries for permits; the rest queue on it (Tokio's
-    /// semaphore is fair, so its order is arrival order).
-    turnstile: Semaphore,
+    /// One waiter at a time tries for permits; the rest queue on it, by
+    /// client in weighted round-robin order, in arrival order within one.
+    fair: crate::fair::Fair,
     waiting: AtomicUsize,
 }
 
@@ -259,7 +259,7 @@ pub(crate) const RECHECK: Duration = Duration::from_millis(250);
 impl LeaseQueue {
     /// An empty queue.
     pub fn new() -> Self {
-        Self { turnstile: Semaphore::new(1), waiting: AtomicUsize::new(0) }
+        Self { fair: crate::fair::Fair::default(), waiting: AtomicUsize::new(0) }
     }
 
     /// Requests waiting now.
@@ -283,13 +283,34 @@ impl LeaseQueue {
         self.lease_from(&PoolSource { keys, provider: 0, tried, tokens }, deadline).await
     }
 
-    /// [`lease`](Self::lease) from any [`Source`] (a route's targets).
+    /// [`lease`](Self::lease) from any [`Source`] (a route's targets), as an
+    /// anonymous client.
     ///
     /// # Errors
     /// [`NoKey`]: no key is usable at all, or none had a permit by `deadline`.
     pub async fn lease_from(
         &self,
         source: &impl Source,
+        deadline: tokio::time::Instant,
+    ) -> Result<Lease, NoKey> {
+        self.lease_as(source, &Waiter::anonymous(), deadline).await
+    }
+
+    /// Requests waiting now, by client lane (`""`: anonymous), for lanes with
+    /// any waiting.
+    pub fn depth_by_client(&self, f: impl FnMut(&str, usize)) {
+        self.fair.depths(f);
+    }
+
+    /// [`lease_from`](Self::lease_from) for client `who`: when requests wait,
+    /// clients take turns by weight (first come, first served within one).
+    ///
+    /// # Errors
+    /// [`NoKey`]: no key is usable at all, or none had a permit by `deadline`.
+    pub async fn lease_as(
+        &self,
+        source: &impl Source,
+        who: &Waiter,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, NoKey> {
         // Fast path: nobody is queued, so taking a permit now jumps no one.
@@ -301,7 +322,7 @@ impl LeaseQueue {
         // Boxed: the queue's timers and semaphore futures would otherwise make every
         // request's future larger (it is moved on each `.await` nesting), for a path taken
         // only when keys are out of permits.
-        Box::pin(self.wait(source, deadline)).await
+        Box::pin(self.wait(source, who, deadline)).await
     }
 
     /// Joins the queue (counted until the slot is dropped).
@@ -313,20 +334,25 @@ impl LeaseQueue {
     /// `deadline` (`None`: past it).
     pub(crate) async fn turn(
         &self,
+        who: &Waiter,
         deadline: tokio::time::Instant,
-    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        tokio::time::timeout_at(deadline, self.turnstile.acquire()).await.ok()?.ok()
+    ) -> Option<crate::fair::Turn<'_>> {
+        self.fair.acquire(who, deadline).await
     }
 
-    async fn wait(&self, source: &impl Source, deadline: tokio::time::Instant) -> Result<Lease, NoKey> {
+    async fn wait(
+        &self,
+        source: &impl Source,
+        who: &Waiter,
+        deadline: tokio::time::Instant,
+    ) -> Result<Lease, NoKey> {
         let wait = source.time_to_lease()?;
         // A wait past the deadline (a spent day) is answered at once, not after queueing.
         if tokio::time::Instant::now() + wait > deadline {
             return Err(timed_out(source, wait));
         }
         let _queued = QueueSlot::enter(&self.waiting);
-        let turn = tokio::time::timeout_at(deadline, self.turnstile.acquire()).await;
-        let Ok(Ok(_turn)) = turn else {
+        let Some(_turn) = self.fair.acquire(who, deadline).await else {
             let wait = source.time_to_lease().unwrap_or(Duration::ZERO);
             return Err(timed_out(source, wait));
         };

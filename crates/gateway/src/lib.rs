@@ -55,9 +55,11 @@ pub mod admission;
 mod body;
 mod catalog;
 pub mod classify;
+mod clients;
 mod config;
 pub mod dialect;
 mod failover;
+mod fair;
 mod gateway;
 mod json;
 mod keyset;
@@ -71,16 +73,21 @@ pub mod replicas;
 mod reply;
 mod route;
 pub mod state;
+pub mod usage;
 
 pub use admission::REQUEST_ID;
 pub use body::{BoxError, ProxyBody, full};
 pub use catalog::CatalogReport;
+pub use clients::{ClientConfig, glob_match};
 pub use config::{
     AliasConfig, Auth, DEFAULT_PROVIDER, GatewayConfig, KeyConfig, MAX_PROVIDERS, MAX_TARGETS,
     ProviderConfig, RoutingConfig, TargetConfig,
 };
 pub use failover::{ATTEMPTS, ROUTE};
-pub use gateway::{AliasReport, Gateway, GatewayService, Handle, KeyReport, ResponseFuture, TargetReport};
+pub use gateway::{
+    AliasReport, Caller, ClientReport, Gateway, GatewayService, Handle, KeyReport, ResponseFuture,
+    TargetReport,
+};
 pub use keyset::{BuildError, Engine, KeyResources, SharedClock};
 pub use lease::MAX_ATTEMPTS;
 pub use provider::Provider;

@@ -34,6 +34,27 @@ struct KeyResult {
     result: &'static str,
 }
 
+/// Labels of one client's gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabel {
+    client: String,
+}
+
+/// Labels of one window of one client's own quota.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientWindow {
+    client: String,
+    kind: &'static str,
+    period_seconds: u64,
+}
+
+/// Labels of a client's refused requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientReason {
+    client: String,
+    reason: &'static str,
+}
+
 /// Labels with only a reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
@@ -148,6 +169,9 @@ pub struct Metrics {
     overhead: Histogram,
     /// Requests the proxy answered itself, before any key was used.
     no_key: Arc<KeyMetrics>,
+    client_queue: Family<ClientLabel, Gauge>,
+    client_remaining: Family<ClientWindow, Gauge>,
+    client_refused: Family<ClientReason, Counter>,
 }
 
 /// The label for requests that no key served.
@@ -208,7 +232,28 @@ impl Metrics {
             "Time to response headers minus queue wait and upstream latency: what the proxy adds",
             overhead.clone(),
         );
+        let client_queue = Family::<ClientLabel, Gauge>::default();
+        let client_remaining = Family::<ClientWindow, Gauge>::default();
+        let client_refused = Family::<ClientReason, Counter>::default();
+        registry.register(
+            "client_queue_depth",
+            "Requests waiting for a key with capacity, by client (\"\" = anonymous and operators)",
+            client_queue.clone(),
+        );
+        registry.register(
+            "client_limit_remaining",
+            "What each named client's own quota has left now, by kind and period (0 = concurrency)",
+            client_remaining.clone(),
+        );
+        registry.register(
+            "client_refused",
+            "Requests of named clients refused before the pool (client_quota, model_not_allowed)",
+            client_refused.clone(),
+        );
         let mut metrics = Self {
+            client_queue,
+            client_remaining,
+            client_refused,
             requests,
             attempts,
             retries,
@@ -293,6 +338,37 @@ impl Metrics {
             };
             self.limit_remaining.get_or_create(&labels).set(i64::try_from(l.remaining).unwrap_or(i64::MAX));
             self.limit.get_or_create(&labels).set(i64::try_from(l.limit).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts a named client's request refused before the pool.
+    pub(crate) fn client_refused(&self, client: &str, reason: &'static str) {
+        self.client_refused.get_or_create(&ClientReason { client: client.to_owned(), reason }).inc();
+    }
+
+    /// Sets the per-client gauges: queue depth and own quota left (at scrape time).
+    pub(crate) fn set_clients(
+        &self,
+        queued: &[(String, usize)],
+        limits: &[(String, Vec<proxypal_limiter::LimitReport>)],
+    ) {
+        // A client no longer waiting reads 0, not its last depth.
+        self.client_queue.clear();
+        for (client, n) in queued {
+            let labels = ClientLabel { client: client.clone() };
+            self.client_queue.get_or_create(&labels).set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        for (client, reports) in limits {
+            for l in reports {
+                let labels = ClientWindow {
+                    client: client.clone(),
+                    kind: l.kind.as_str(),
+                    period_seconds: l.period.map_or(0, |p| p.as_secs()),
+                };
+                self.client_remaining
+                    .get_or_create(&labels)
+                    .set(i64::try_from(l.remaining).unwrap_or(i64::MAX));
+            }
         }
     }
 

@@ -2,16 +2,10 @@
 //! cost in tokens, what an upstream's answer announces about its limits, the
 //! usage it reports, and the pool's limits as `x-ratelimit-*` headers.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
-use proxypal_limiter::{Announced, Permit, Unit};
-
-use crate::keyset::SharedClock;
+use proxypal_limiter::{Announced, Unit};
 
 /// Completion tokens assumed for a request that declares no `max_tokens` or
 /// `max_completion_tokens` (a reservation only: the reported usage replaces it).
@@ -215,134 +209,14 @@ pub(crate) fn pool_headers(
     fresh
 }
 
-/// The most of a plain JSON answer kept to read its `usage`.
-const MAX_USAGE_BODY: usize = 1 << 20;
-
-pin_project_lite::pin_project! {
-    /// Forwards an answer untouched while reading the `usage` it reports — the
-    /// JSON body's, or the last SSE event's that carries one — and settles the
-    /// permit with it when the body ends. A body dropped early, or one without
-    /// usage, settles by drop (the reservation counts as used).
-    pub(crate) struct UsageTap<B> {
-        #[pin]
-        inner: B,
-        sse: bool,
-        buf: Vec<u8>,
-        usage: Option<u64>,
-        permit: Option<Permit<SharedClock>>,
-    }
-}
-
-impl<B> UsageTap<B> {
-    pub(crate) fn new(inner: B, sse: bool, permit: Permit<SharedClock>) -> Self {
-        Self { inner, sse, buf: Vec::new(), usage: None, permit: Some(permit) }
-    }
-}
-
-/// `usage.total_tokens` (or prompt + completion) of a JSON object.
-fn usage_of(json: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        total_tokens: Option<u64>,
-        prompt_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        usage: Option<Usage>,
-        x_groq: Option<Groq>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Groq {
-        usage: Option<Usage>,
-    }
-    let answer: Answer = serde_json::from_slice(json).ok()?;
-    let usage = answer.usage.or(answer.x_groq.and_then(|g| g.usage))?;
-    usage
-        .total_tokens
-        .or_else(|| Some(usage.prompt_tokens?.saturating_add(usage.completion_tokens.unwrap_or(0))))
-}
-
-impl<B> UsageTap<B> {
-    fn take(self: Pin<&mut Self>, data: &[u8]) {
-        let this = self.project();
-        if !*this.sse {
-            if this.buf.len() + data.len() <= MAX_USAGE_BODY {
-                this.buf.extend_from_slice(data);
-            }
-            return;
-        }
-        // SSE: complete lines only; a partial line waits for the next frame.
-        this.buf.extend_from_slice(data);
-        let mut start = 0;
-        while let Some(end) = this.buf[start..].iter().position(|&b| b == b'\n') {
-            let line = &this.buf[start..start + end];
-            if let Some(json) = line.strip_prefix(b"data:") {
-                let json = json.trim_ascii();
-                if json.starts_with(b"{") && json.windows(7).any(|w| w == b"\"usage\"") {
-                    if let Some(total) = usage_of(json) {
-                        *this.usage = Some(total);
-                    }
-                }
-            }
-            start += end + 1;
-        }
-        this.buf.drain(..start);
-        if this.buf.len() > MAX_USAGE_BODY {
-            this.buf.clear();
-        }
-    }
-
-    fn finish(self: Pin<&mut Self>) {
-        let this = self.project();
-        let usage = if *this.sse { *this.usage } else { usage_of(this.buf) };
-        if let Some(permit) = this.permit.take() {
-            permit.finish(usage);
-        }
-    }
-}
-
-impl<B> Body for UsageTap<B>
-where
-    B: Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = self.as_mut().project().inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.as_mut().take(data.chunk());
-                }
-                // hyper stops polling a body that says it has ended (a known
-                // length fully sent): settle now, not at drop.
-                if self.inner.is_end_stream() {
-                    self.as_mut().finish();
-                }
-            }
-            Poll::Ready(None) => self.as_mut().finish(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use proxypal_limiter::Permit;
+
     use super::*;
+    use crate::keyset::SharedClock;
 
     #[test]
     fn resets_in_every_dialect() {
@@ -405,16 +279,6 @@ mod tests {
         assert_eq!(estimate_tokens(b"not json"), DEFAULT_COMPLETION_ESTIMATE + 2);
     }
 
-    #[test]
-    fn usage_is_read_from_json_and_from_the_last_sse_event() {
-        assert_eq!(
-            usage_of(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
-            Some(7)
-        );
-        assert_eq!(usage_of(br#"{"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}}}"#), Some(7));
-        assert_eq!(usage_of(br#"{"choices":[]}"#), None);
-    }
-
     /// An engine with one token window, and a permit reserving 500 tokens.
     fn reserved() -> (std::sync::Arc<crate::Engine>, Permit<SharedClock>) {
         use proxypal_limiter::{KeyBudget, Limits, ManualClock};
@@ -424,6 +288,15 @@ mod tests {
         let engine = std::sync::Arc::new(proxypal_limiter::QuotaEngine::new([budget], clock));
         let permit = engine.try_acquire(0, 500).unwrap();
         (engine, permit)
+    }
+
+    /// The answer tapped to settle `permit` with its usage.
+    fn tap<B>(body: B, sse: bool, permit: Permit<SharedClock>) -> crate::usage::Tap<B> {
+        crate::usage::Tap::new(
+            body,
+            sse,
+            crate::usage::Settle { key: Some(permit), client: None, record: None },
+        )
     }
 
     async fn drain(body: impl Body<Data = Bytes, Error = std::convert::Infallible>) {
@@ -446,7 +319,7 @@ mod tests {
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,",
             "\"completion_tokens\":32,\"total_tokens\":42}}\n\ndata: [DONE]\n\n",
         ]);
-        drain(UsageTap::new(body, true, permit)).await;
+        drain(tap(body, true, permit)).await;
         assert_eq!(engine.report(0)[0].used, 42, "the reservation is replaced by the reported usage");
     }
 
@@ -454,11 +327,11 @@ mod tests {
     async fn a_json_answer_settles_with_its_usage_and_a_dropped_one_keeps_the_reservation() {
         let (engine, permit) = reserved();
         let body = frames(&["{\"id\":\"x\",\"usage\":{\"total_tokens\"", ":7}}"]);
-        drain(UsageTap::new(body, false, permit)).await;
+        drain(tap(body, false, permit)).await;
         assert_eq!(engine.report(0)[0].used, 7);
 
         let (engine, permit) = reserved();
-        drop(UsageTap::new(frames(&["{\"usage\":{\"total_tokens\":7}}"]), false, permit));
+        drop(tap(frames(&["{\"usage\":{\"total_tokens\":7}}"]), false, permit));
         assert_eq!(engine.report(0)[0].used, 500, "cut before the end: the reservation counts");
     }
 }

@@ -102,6 +102,35 @@ pub(crate) fn transport(error: &UpstreamError) -> Response<ProxyBody> {
     }
 }
 
+/// A named client's request refused before it reached the pool: a model
+/// off its list (403), or its own quota spent (429 with `Retry-After`, a
+/// body that says the limit is the client's, not the pool's).
+pub(crate) fn refused(refusal: crate::clients::Refusal) -> Response<ProxyBody> {
+    match refusal {
+        crate::clients::Refusal::Model { client, model } => error_response(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("client {client:?} may not use model {model:?}: it is not on the client's `models` list"),
+        ),
+        crate::clients::Refusal::Quota { client, wait, limit } => {
+            let secs = retry_after_secs(wait);
+            let message = format!(
+                "client {client:?} is over its own quota ({limit}); the next request is allowed in {:.1} s. This is the client's limit, not the pool's",
+                wait.as_secs_f64()
+            );
+            let body = serde_json::json!({"error": {
+                "message": message, "type": "rate_limit_error", "param": null,
+                "code": "client_quota_exceeded", "client": &*client,
+            }});
+            let mut resp = crate::openai::json_response(StatusCode::TOO_MANY_REQUESTS, &body);
+            let h = resp.headers_mut();
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(secs * 1000));
+            resp
+        }
+    }
+}
+
 /// No key could be leased.
 pub(crate) fn no_key(no_key: NoKey) -> Response<ProxyBody> {
     match no_key {

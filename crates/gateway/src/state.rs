@@ -40,7 +40,7 @@ pub struct SavedKey {
 pub struct SavedState {
     /// When it was taken (Unix nanoseconds, the quota engine's clock).
     pub saved_at: u64,
-    /// Every budget: `key:<fingerprint>` or `account:<name>`.
+    /// Every budget: `key:<fingerprint>`, `account:<name>` or `client:<name>`.
     pub budgets: Vec<SavedBudget>,
     /// Keys that were cooling down or disabled.
     pub keys: Vec<SavedKey>,
@@ -71,6 +71,8 @@ impl Gateway {
                 }
             }));
         }
+        let (quotas, ids) = self.client_generation();
+        state.budgets.extend(quotas.save(|i| ids.get(i).cloned().unwrap_or_default()));
         state
     }
 
@@ -97,6 +99,18 @@ impl Gateway {
                 provider.keys().restore(index, status);
             }
         }
+        let (quotas, ids) = self.client_generation();
+        quotas.restore(&state.budgets, |i| ids.get(i).cloned().unwrap_or_default(), crashed_at);
+    }
+}
+
+impl Gateway {
+    /// The named clients' quota engine and each client's id (`client:<name>`,
+    /// saved as `key:client:<name>`), from one generation.
+    fn client_generation(&self) -> (std::sync::Arc<crate::Engine>, Vec<String>) {
+        let settings = self.settings();
+        let ids = settings.tokens.all().iter().map(|n| format!("client:{}", n.name)).collect();
+        (std::sync::Arc::clone(settings.tokens.quotas()), ids)
     }
 }
 

@@ -120,6 +120,8 @@ fn is_secret_path(path: &[String]) -> bool {
         Some("auth") => {
             !matches!(path.get(1).map(String::as_str), Some("tokens_file" | "allow_unauthenticated"))
         }
+        // A client entry's token; its other fields are plainly not secret.
+        Some("clients") => path.len() < 3 || path.last().is_some_and(|f| f == "token"),
         Some(_) => false,
     }
 }

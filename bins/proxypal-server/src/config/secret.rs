@@ -27,3 +27,10 @@ pub(crate) fn secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Secre
 pub(crate) fn secrets<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
     Vec::<String>::deserialize(deserializer).map(|v| v.into_iter().map(Secret::new).collect())
 }
+
+/// `#[serde(deserialize_with)]` for an optional secret.
+pub(crate) fn optional_secret<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Secret>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(|v| v.map(Secret::new))
+}

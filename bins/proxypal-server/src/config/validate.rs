@@ -38,6 +38,7 @@ impl Config {
         self.validate_retry()?;
         self.validate_cors()?;
         self.validate_auth()?;
+        self.validate_clients()?;
         self.validate_shared()?;
         at_least_one("limits.max_body_bytes", self.limits.max_body_bytes)?;
         at_least_one("limits.max_inflight", self.limits.max_inflight)?;
@@ -259,7 +260,10 @@ impl Config {
         }
         // An open proxy on a reachable address hands your keys and quota to
         // anyone who finds it: refuse unless the operator says so explicitly.
-        if !self.listen.ip().is_loopback() && self.auth.tokens.is_empty() && !self.auth.allow_unauthenticated
+        if !self.listen.ip().is_loopback()
+            && self.auth.tokens.is_empty()
+            && self.clients.is_empty()
+            && !self.auth.allow_unauthenticated
         {
             return Err(ConfigError::invalid(
                 "auth.tokens",
@@ -271,6 +275,69 @@ impl Config {
                     self.listen
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Named clients: a name (unique), exactly one token (unique among
+    /// clients and operator tokens), a weight in 1–1000, model globs that
+    /// are not empty, and limits that make a budget.
+    fn validate_clients(&self) -> Result<(), ConfigError> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut tokens: HashMap<&str, String> = self
+            .auth
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.expose(), format!("auth.tokens[{i}]")))
+            .collect();
+        for (i, c) in self.clients.iter().enumerate() {
+            let at = format!("clients[{i}]");
+            let name = c.name.trim();
+            if name.is_empty()
+                || name.len() > 64
+                || name.chars().any(|ch| ch.is_control() || ch.is_whitespace())
+            {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    "must be 1–64 characters without spaces or control characters",
+                ));
+            }
+            if let Some(first) = names.insert(name, i) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    format!("{name:?} is already the name of clients[{first}]"),
+                ));
+            }
+            let field = format!("{at}.token");
+            let Some(token) = &c.token else {
+                return Err(ConfigError::invalid(field, "required: set token (or token_file)"));
+            };
+            check_secret(&field, "token", token)?;
+            if let Some(first) = tokens.get(token.expose()) {
+                return Err(ConfigError::Duplicate { field, first: first.clone(), label: token.masked() });
+            }
+            tokens.insert(token.expose(), field);
+            if !(1..=1000).contains(&c.weight) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.weight"),
+                    format!("must be between 1 and 1000 (got {})", c.weight),
+                ));
+            }
+            if let Some(j) = c.models.iter().position(|m| m.trim().is_empty()) {
+                return Err(ConfigError::invalid(format!("{at}.models[{j}]"), "must not be empty"));
+            }
+            let limits = c
+                .limit_fields()
+                .to_limits()
+                .map_err(|(f, reason)| ConfigError::invalid(format!("{at}.{f}"), reason))?;
+            if !limits.is_empty() {
+                limits
+                    .compile()
+                    .map_err(|e| ConfigError::invalid(format!("{at}.{}", e.field()), e.reason()))?;
+            }
         }
         Ok(())
     }

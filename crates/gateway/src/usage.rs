@@ -1,0 +1,346 @@
+//! Who used what: every finished `/v1` request as one [`Finished`] record,
+//! handed to a [`UsageSink`] (the server's usage ledger) when the answer
+//! ends — for a stream, when its last event has gone to the client.
+//!
+//! The sink is called on the request's task, so it must not block: the
+//! server's ledger pushes the record into a bounded buffer and writes it in
+//! batches elsewhere.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use proxypal_limiter::Permit;
+
+use crate::keyset::SharedClock;
+
+/// Tokens an upstream reported for one answer (`usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// `prompt_tokens`.
+    pub prompt_tokens: Option<u64>,
+    /// `completion_tokens`.
+    pub completion_tokens: Option<u64>,
+    /// `total_tokens` (or prompt + completion when only those are reported).
+    pub total_tokens: Option<u64>,
+}
+
+/// One finished request, as the usage ledger records it. Names only: a key
+/// appears by its name or masked label, a client by its name.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Finished {
+    /// When the answer ended.
+    pub at: SystemTime,
+    /// The named client; `None` for an operator token or an open proxy.
+    pub client: Option<Arc<str>>,
+    /// The model the client asked for (its public name; empty if none).
+    pub model: String,
+    /// The provider of the last attempt.
+    pub provider: Option<String>,
+    /// The model sent to that provider.
+    pub upstream_model: Option<String>,
+    /// The key of the last attempt: its name or masked label.
+    pub key: Option<String>,
+    /// The status the client got.
+    pub status: u16,
+    /// Upstream attempts made.
+    pub attempts: u8,
+    /// From the request's arrival to the answer's first body byte.
+    pub first_byte: Option<Duration>,
+    /// From the request's arrival to the answer's end.
+    pub total: Duration,
+    /// An SSE stream.
+    pub stream: bool,
+    /// What the upstream reported (`None`: nothing reported).
+    pub usage: Option<Usage>,
+    /// Why it failed (`rate_limited`, `client_quota`, `model_not_allowed`,
+    /// `upstream_error`, `transport_error`, `no_key`, …), or `None`.
+    pub error: Option<&'static str>,
+    /// The body ended normally (`false`: the client went away, or the
+    /// upstream's stream broke, before the end).
+    pub complete: bool,
+}
+
+/// Where finished requests go (the server's usage ledger). Called on the
+/// request's task: it must return at once (buffer, never block or await).
+pub trait UsageSink: Send + Sync + std::fmt::Debug + 'static {
+    /// Records one finished request.
+    fn finished(&self, request: Finished);
+}
+
+/// `usage` of a JSON object (OpenAI's, or Groq's `x_groq.usage`).
+pub(crate) fn usage_of(json: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Reported {
+        total_tokens: Option<u64>,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Reported>,
+        x_groq: Option<Groq>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Groq {
+        usage: Option<Reported>,
+    }
+    let answer: Answer = serde_json::from_slice(json).ok()?;
+    let u = answer.usage.or(answer.x_groq.and_then(|g| g.usage))?;
+    let total =
+        u.total_tokens.or_else(|| Some(u.prompt_tokens?.saturating_add(u.completion_tokens.unwrap_or(0))));
+    Some(Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: total,
+    })
+}
+
+/// The most of a plain JSON answer kept to read its `usage`.
+const MAX_USAGE_BODY: usize = 1 << 20;
+
+/// What a [`Tap`] does when the answer ends.
+pub(crate) struct Settle {
+    /// The key's quota permit (token windows settle with the reported use).
+    pub(crate) key: Option<Permit<SharedClock>>,
+    /// The client's quota permit.
+    pub(crate) client: Option<Permit<SharedClock>>,
+    /// The record for the ledger, completed at the end, and where it goes.
+    pub(crate) record: Option<(Finished, Arc<dyn UsageSink>, tokio::time::Instant)>,
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle").field("recorded", &self.record.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Settle {
+    /// Settles the permits with `usage` and hands the record on.
+    fn done(&mut self, usage: Option<Usage>, first_byte: Option<Duration>, complete: bool) {
+        let total = usage.and_then(|u| u.total_tokens);
+        if let Some(permit) = self.key.take() {
+            // A body cut short keeps the reservation (the upstream may have done the work).
+            permit.finish(if complete { total } else { None });
+        }
+        if let Some(permit) = self.client.take() {
+            permit.finish(if complete { total } else { None });
+        }
+        if let Some((mut record, sink, started)) = self.record.take() {
+            record.at = SystemTime::now();
+            record.total = started.elapsed();
+            record.first_byte = first_byte;
+            record.usage = usage;
+            record.complete = complete;
+            if !complete && record.error.is_none() {
+                record.error = Some("incomplete");
+            }
+            sink.finished(record);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Forwards an answer untouched while reading the `usage` it reports —
+    /// the JSON body's, or the last SSE event's that carries one — and
+    /// settles quota permits and the ledger record with it when the body
+    /// ends. A body dropped early settles as incomplete (reservations count
+    /// as used).
+    pub(crate) struct Tap<B> {
+        #[pin]
+        inner: B,
+        sse: bool,
+        buf: Vec<u8>,
+        usage: Option<Usage>,
+        first_byte: Option<Duration>,
+        settle: Settle,
+    }
+
+    impl<B> PinnedDrop for Tap<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let usage = *this.usage;
+            this.settle.done(usage, *this.first_byte, false);
+        }
+    }
+}
+
+impl<B> Tap<B> {
+    pub(crate) fn new(inner: B, sse: bool, settle: Settle) -> Self {
+        Self { inner, sse, buf: Vec::new(), usage: None, first_byte: None, settle }
+    }
+}
+
+impl<B> Tap<B> {
+    fn take(self: Pin<&mut Self>, data: &[u8]) {
+        let this = self.project();
+        if this.first_byte.is_none() {
+            *this.first_byte = this.settle.record.as_ref().map(|(_, _, started)| started.elapsed());
+        }
+        if !*this.sse {
+            if this.buf.len() + data.len() <= MAX_USAGE_BODY {
+                this.buf.extend_from_slice(data);
+            }
+            return;
+        }
+        // SSE: complete lines only; a partial line waits for the next frame.
+        this.buf.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(end) = this.buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &this.buf[start..start + end];
+            if let Some(json) = line.strip_prefix(b"data:") {
+                let json = json.trim_ascii();
+                if json.starts_with(b"{") && json.windows(7).any(|w| w == b"\"usage\"") {
+                    if let Some(usage) = usage_of(json) {
+                        *this.usage = Some(usage);
+                    }
+                }
+            }
+            start += end + 1;
+        }
+        this.buf.drain(..start);
+        if this.buf.len() > MAX_USAGE_BODY {
+            this.buf.clear();
+        }
+    }
+
+    fn finish(self: Pin<&mut Self>) {
+        let this = self.project();
+        let usage = if *this.sse { *this.usage } else { usage_of(this.buf) };
+        *this.usage = usage;
+        this.settle.done(usage, *this.first_byte, true);
+    }
+}
+
+impl<B> Body for Tap<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = self.as_mut().project().inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.as_mut().take(data.chunk());
+                }
+                // hyper stops polling a body that says it has ended (a known
+                // length fully sent): settle now, not at drop.
+                if self.inner.is_end_stream() {
+                    self.as_mut().finish();
+                }
+            }
+            Poll::Ready(None) => self.as_mut().finish(),
+            // A broken stream: settled as incomplete when dropped.
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Collect(Mutex<Vec<Finished>>);
+
+    impl UsageSink for Collect {
+        fn finished(&self, request: Finished) {
+            self.0.lock().unwrap().push(request);
+        }
+    }
+
+    fn record() -> Finished {
+        Finished {
+            at: SystemTime::UNIX_EPOCH,
+            client: Some(Arc::from("alice")),
+            model: "llama-70b".into(),
+            provider: Some("nvidia".into()),
+            upstream_model: Some("meta/llama-3.3-70b-instruct".into()),
+            key: Some("nvapi-…wxyz".into()),
+            status: 200,
+            attempts: 1,
+            first_byte: None,
+            total: Duration::ZERO,
+            stream: true,
+            usage: None,
+            error: None,
+            complete: false,
+        }
+    }
+
+    fn frames(parts: &[&'static str]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let frames = parts
+            .iter()
+            .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(p.as_bytes()))));
+        StreamBody::new(futures_util::stream::iter(frames.collect::<Vec<_>>()))
+    }
+
+    fn settle(sink: &Arc<Collect>) -> Settle {
+        let sink: Arc<dyn UsageSink> = Arc::clone(sink) as Arc<dyn UsageSink>;
+        Settle { key: None, client: None, record: Some((record(), sink, tokio::time::Instant::now())) }
+    }
+
+    #[tokio::test]
+    async fn a_stream_records_the_usage_of_its_last_chunk_once() {
+        let sink = Arc::new(Collect::default());
+        let body = frames(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,",
+            "\"completion_tokens\":32,\"total_tokens\":42}}\n\ndata: [DONE]\n\n",
+        ]);
+        let _ = Tap::new(body, true, settle(&sink)).collect().await;
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 1, "recorded once, not again at drop");
+        let usage = got[0].usage.unwrap();
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+            (Some(10), Some(32), Some(42))
+        );
+        assert!(got[0].complete && got[0].error.is_none() && got[0].first_byte.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_is_recorded_as_incomplete() {
+        let sink = Arc::new(Collect::default());
+        drop(Tap::new(frames(&["{\"usage\":{\"total_tokens\":7}}"]), false, settle(&sink)));
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(!got[0].complete);
+        assert_eq!(got[0].error, Some("incomplete"));
+    }
+
+    #[test]
+    fn usage_is_read_from_openai_and_groq_shapes() {
+        let u = usage_of(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#).unwrap();
+        assert_eq!(u.total_tokens, Some(7), "total from its parts");
+        let g =
+            usage_of(br#"{"x_groq":{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}}"#)
+                .unwrap();
+        assert_eq!(g.total_tokens, Some(3));
+        assert!(usage_of(b"{}").is_none());
+    }
+}
