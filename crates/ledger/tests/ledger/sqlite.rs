@@ -1,0 +1,205 @@
+//! The embedded backend, on files of the tests' own.
+
+use std::time::{Duration, Instant};
+
+use proxypal_ledger::{Bucket, GroupBy, Ledger, LedgerConfig, LedgerError, UsageQuery, to_csv};
+
+use crate::common::{HOUR_MS, TempDir, base_hour, bounded, check_aggregation, record, traffic, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A config that writes only when a batch fills up or on `flush`.
+fn manual(path: &std::path::Path, batch: usize) -> LedgerConfig {
+    LedgerConfig { batch, flush_every: Duration::from_secs(3600), ..LedgerConfig::sqlite(path) }
+}
+
+fn count(path: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM proxypal_ledger", [], |row| row.get(0)).unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_writes_full_batches_as_they_fill_and_the_rest_on_flush() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("batches");
+        let ledger = Ledger::start(manual(&dir.file("ledger.db"), 10)).await.unwrap();
+        let base = base_hour();
+        for i in 0..35 {
+            ledger.record(record(base + i, "alice", "gpt-4o", 200, Some((1, 1))));
+        }
+        // Three full batches go without a flush.
+        wait_for("three full batches written", LIMIT, async || ledger.stats().written == 30).await;
+        assert_eq!(ledger.stats().pending, 5);
+        ledger.flush().await.unwrap();
+        let stats = ledger.stats();
+        assert_eq!((stats.written, stats.batches, stats.pending, stats.dropped), (35, 4, 0, 0), "{stats:?}");
+        assert!(stats.up);
+        assert_eq!(stats.backend, "sqlite");
+        assert_eq!(count(&dir.file("ledger.db")), 35);
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_flushes_on_its_own_every_flush_every() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("tick");
+        let config =
+            LedgerConfig { flush_every: Duration::from_millis(50), ..LedgerConfig::sqlite(dir.file("l.db")) };
+        let ledger = Ledger::start(config).await.unwrap();
+        ledger.record(record(base_hour(), "alice", "gpt-4o", 200, None));
+        wait_for("the tick writes a partial batch", LIMIT, async || ledger.stats().written == 1).await;
+        ledger.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_usage_by_client_and_model_per_hour_matches_the_records() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("usage");
+        let ledger = Ledger::start(manual(&dir.file("ledger.db"), 4)).await.unwrap();
+        let base = base_hour();
+        for r in traffic(base) {
+            ledger.record(r);
+        }
+        // `usage` flushes first: no explicit flush here.
+        check_aggregation(&ledger, base).await;
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_usage_as_csv_has_the_header_and_quotes() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("csv");
+        let ledger = Ledger::start(LedgerConfig::sqlite(dir.file("ledger.db"))).await.unwrap();
+        let base = base_hour();
+        ledger.record(record(base + 2 * HOUR_MS + 1, "carol, \"the\" admin", "gpt-4o", 200, Some((3, 4))));
+        ledger.record(record(base + 2 * HOUR_MS + 2, "dave", "gpt-4o", 502, None));
+        let query = UsageQuery {
+            from_ms: base,
+            to_ms: base + 3 * HOUR_MS,
+            group_by: "client".parse().unwrap(),
+            bucket: Bucket::Hour,
+            client: None,
+        };
+        let csv = to_csv(&ledger.usage(&query).await.unwrap());
+        let hour = jiff::Timestamp::from_millisecond(base + 2 * HOUR_MS).unwrap();
+        assert_eq!(
+            csv,
+            format!(
+                "bucket,client,model,provider,key,requests,errors,prompt_tokens,completion_tokens,total_tokens\r\n\
+                 {hour},\"carol, \"\"the\"\" admin\",,,,1,0,3,4,7\r\n\
+                 {hour},dave,,,,1,1,0,0,0\r\n"
+            )
+        );
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_retention_prunes_old_rows_on_demand_and_at_start() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("retention");
+        let path = dir.file("ledger.db");
+        let now = jiff::Timestamp::now().as_millisecond();
+        let day = 24 * HOUR_MS;
+        let everything = UsageQuery {
+            from_ms: 0,
+            to_ms: now + day,
+            group_by: GroupBy::NONE,
+            bucket: Bucket::None,
+            client: None,
+        };
+
+        // Default retention (90 days) keeps a 2-day-old record.
+        let ledger = Ledger::start(LedgerConfig::sqlite(&path)).await.unwrap();
+        ledger.record(record(now - 2 * day, "alice", "gpt-4o", 200, None));
+        ledger.record(record(now - 3 * day, "alice", "gpt-4o", 200, None));
+        ledger.record(record(now - HOUR_MS, "alice", "gpt-4o", 200, None));
+        ledger.flush().await.unwrap();
+        assert_eq!(ledger.prune_now().await.unwrap(), 0);
+        assert_eq!(ledger.usage(&everything).await.unwrap()[0].requests, 3);
+        ledger.shutdown().await.unwrap();
+
+        // Reopened with 2.5 days: the pass at start deletes the 3-day-old one.
+        let config =
+            LedgerConfig { retention: Duration::from_secs(60 * 3600), ..LedgerConfig::sqlite(&path) };
+        let ledger = Ledger::start(config).await.unwrap();
+        wait_for("the retention pass at start", LIMIT, async || count(&path) == 2).await;
+
+        // A 1-day retention, on demand: only the recent one stays.
+        ledger.shutdown().await.unwrap();
+        let config =
+            LedgerConfig { retention: Duration::from_secs(24 * 3600), ..LedgerConfig::sqlite(&path) };
+        let ledger = Ledger::start(config).await.unwrap();
+        assert_eq!(ledger.prune_now().await.unwrap() + ledger.prune_now().await.unwrap(), 1);
+        assert_eq!(ledger.usage(&everything).await.unwrap()[0].requests, 1);
+        assert_eq!(count(&path), 1);
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_rows_and_migrates_once() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("reopen");
+        let path = dir.file("ledger.db");
+        for round in 1..=3 {
+            let ledger = Ledger::start(LedgerConfig::sqlite(&path)).await.unwrap();
+            ledger.record(record(base_hour(), "alice", "gpt-4o", 200, None));
+            ledger.close().await.unwrap();
+            assert_eq!(count(&path), round);
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let versions: Vec<i64> = conn
+            .prepare("SELECT version FROM proxypal_ledger_migrations")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, vec![1]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_shutdown_writes_what_is_buffered_then_refuses_records() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("shutdown");
+        let path = dir.file("ledger.db");
+        let ledger = Ledger::start(manual(&path, 512)).await.unwrap();
+        let other_handle = ledger.clone();
+        let started = Instant::now();
+        for i in 0..7 {
+            ledger.record(record(base_hour() + i, "alice", "gpt-4o", 200, None));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        ledger.shutdown().await.unwrap();
+        assert_eq!(count(&path), 7);
+        other_handle.record(record(base_hour(), "late", "gpt-4o", 200, None));
+        let stats = other_handle.stats();
+        assert_eq!((stats.written, stats.dropped, stats.pending), (7, 1, 0), "{stats:?}");
+        assert!(matches!(other_handle.flush().await, Err(LedgerError::Closed { backend: "sqlite" })));
+        assert!(matches!(other_handle.shutdown().await, Err(LedgerError::Closed { .. })));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_an_unopenable_file_is_an_error_at_start() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("unopenable");
+        let path = dir.file("missing-dir/ledger.db");
+        let error = Ledger::start(LedgerConfig::sqlite(&path)).await.unwrap_err();
+        assert!(matches!(error, LedgerError::Sqlite { operation: "open", .. }), "{error:?}");
+        assert!(error.to_string().contains("missing-dir/ledger.db"), "{error}");
+    })
+    .await;
+}
