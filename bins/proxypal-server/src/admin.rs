@@ -104,6 +104,7 @@ pub fn stats_json(app: &App) -> Value {
         "in_flight": gateway.in_flight(),
         "quota": gateway.shared_quota().map_or_else(|| json!({"mode": "local"}), |l| shared_json(&l.report())),
         "reloads": gateway.reloads(),
+        "ledger": app.ledger().map(|l| json!(l.stats())),
         "keys": keys,
         "totals": totals,
         "providers": providers_json(&reports, gateway),
@@ -215,6 +216,7 @@ pub fn stats(app: &App) -> Response<ProxyBody> {
 /// `GET /metrics`: the OpenMetrics text format.
 pub fn metrics(app: &App) -> Response<ProxyBody> {
     app.gateway().refresh_gauges();
+    app.refresh_ledger_metrics();
     let mut text = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, app.registry());

@@ -34,6 +34,11 @@ pub struct App {
     history: Arc<History>,
     started: Instant,
     dev: bool,
+    /// Where events go (`webhooks:`); a no-op when none is configured.
+    webhooks: proxypal_webhooks::Webhooks,
+    /// The usage ledger, once started (see [`crate::start_with`]).
+    ledger: std::sync::OnceLock<proxypal_ledger::Ledger>,
+    ledger_metrics: crate::usage::LedgerMetrics,
 }
 
 impl App {
@@ -50,7 +55,19 @@ impl App {
             "Client connections accepted, by the worker thread serving them",
             connections.clone(),
         );
+        let webhooks = if config.webhooks.is_empty() {
+            proxypal_webhooks::Webhooks::disabled()
+        } else {
+            let hooks = convert::webhook_config(config)
+                .map_err(|(field, reason)| BuildError::Invalid { field, reason })?;
+            proxypal_webhooks::Webhooks::try_start(hooks, &mut registry)
+                .map_err(|e| BuildError::Invalid { field: "webhooks".into(), reason: e.to_string() })?
+        };
+        let ledger_metrics = crate::usage::LedgerMetrics::register(&mut registry);
         Ok(Arc::new(Self {
+            ledger: std::sync::OnceLock::new(),
+            ledger_metrics,
+            webhooks,
             gateway,
             registry,
             connections,
@@ -102,6 +119,32 @@ impl App {
     /// When the server started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Sets the usage ledger and records every finished request in it.
+    /// Once; `false` if one was set already.
+    pub fn set_ledger(&self, ledger: proxypal_ledger::Ledger) -> bool {
+        if self.ledger.set(ledger.clone()).is_err() {
+            return false;
+        }
+        self.gateway.set_usage_sink(Arc::new(crate::usage::LedgerSink(ledger)))
+    }
+
+    /// The usage ledger, if there is one.
+    pub fn ledger(&self) -> Option<&proxypal_ledger::Ledger> {
+        self.ledger.get()
+    }
+
+    /// Sets the ledger's gauges and counters (before `/metrics` is encoded).
+    pub fn refresh_ledger_metrics(&self) {
+        if let Some(ledger) = self.ledger.get() {
+            self.ledger_metrics.refresh(ledger);
+        }
+    }
+
+    /// Where events go (`webhooks:`).
+    pub fn webhooks(&self) -> &proxypal_webhooks::Webhooks {
+        &self.webhooks
     }
 
     /// Whether this is `--dev`.

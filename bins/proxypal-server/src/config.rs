@@ -102,6 +102,11 @@ pub struct Config {
     /// Named clients, each with its token, own quota, model list, weight
     /// and admin flag.
     pub clients: Vec<ClientEntry>,
+    /// Where events (a key disabled, a pool exhausted, a budget at 80 %, …)
+    /// are POSTed, signed.
+    pub webhooks: Vec<WebhookEntry>,
+    /// The usage ledger: one row per finished request.
+    pub ledger: LedgerSection,
     /// Request size and concurrency caps.
     pub limits: LimitsConfig,
     /// Logging.
@@ -354,6 +359,40 @@ pub struct AuthConfig {
     pub allow_unauthenticated: bool,
 }
 
+/// One webhook endpoint (`webhooks[]`). Its `Debug` shows only where the
+/// URL points (a webhook URL's path is often a credential).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct WebhookEntry {
+    /// Where deliveries are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// The events it receives (`key.disabled`, `key.recovered`,
+    /// `pool.exhausted`, `pool.recovered`, `quota.warning`,
+    /// `client.quota_exhausted`); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// `whsec_<base64>`: signs each delivery (Standard Webhooks).
+    #[serde(default, deserialize_with = "secret::optional_secret")]
+    pub secret: Option<Secret>,
+}
+
+impl fmt::Debug for WebhookEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = match self.url.parse::<http::Uri>() {
+            Ok(u) => {
+                format!("{}://{}/…", u.scheme_str().unwrap_or("?"), u.authority().map_or("?", |a| a.host()))
+            }
+            Err(_) => "…".to_owned(),
+        };
+        f.debug_struct("WebhookEntry")
+            .field("url", &shown)
+            .field("events", &self.events)
+            .field("secret", &self.secret)
+            .finish()
+    }
+}
+
 /// One named client (`clients[]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -512,6 +551,57 @@ pub struct StateConfig {
     pub path: Option<PathBuf>,
 }
 
+/// Where the usage ledger is kept (`ledger:`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LedgerSection {
+    /// Record finished requests at all. Default `true` (with SQLite, only
+    /// when there is a state file or a `path`).
+    pub enabled: bool,
+    /// `sqlite` (default: a file beside the state file) or `postgres` (one
+    /// ledger for every replica).
+    pub backend: LedgerBackend,
+    /// The SQLite file (relative to the config file). Default: the state
+    /// file's name with `-ledger` before its extension.
+    pub path: Option<PathBuf>,
+    /// `postgres://user:password@host:port/database` (or a key=value
+    /// conninfo). Required with `backend: postgres`; never logged whole.
+    #[serde(default, deserialize_with = "secret::optional_secret")]
+    pub url: Option<Secret>,
+    /// Rows older than this are pruned (hourly). Default 90 days.
+    #[serde(deserialize_with = "parse::duration")]
+    pub retention: Duration,
+    /// Records waiting to be written, at most (while the database is away,
+    /// say); more are dropped and counted. Default 65 536.
+    pub buffer: usize,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backend: LedgerBackend::Sqlite,
+            path: None,
+            url: None,
+            retention: Duration::from_secs(90 * 24 * 3600),
+            buffer: 65_536,
+        }
+    }
+}
+
+/// The ledger's database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LedgerBackend {
+    /// An embedded SQLite file.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
 impl Default for StateConfig {
     fn default() -> Self {
         Self { path: Some(PathBuf::from("proxypal-state.db")) }
@@ -557,6 +647,8 @@ impl Default for Config {
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
             clients: Vec::new(),
+            webhooks: Vec::new(),
+            ledger: LedgerSection::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             state: StateConfig::default(),
@@ -787,6 +879,9 @@ impl Config {
                 (None, Some(dir)) if file.is_relative() => dir.join(file),
                 _ => resolve_path(&figment, "state.path", &file),
             });
+        }
+        if let Some(file) = config.ledger.path.clone() {
+            config.ledger.path = Some(resolve_path(&figment, "ledger.path", &file));
         }
         if let Some(file) = config.upstream.ca_file.clone() {
             config.upstream.ca_file = Some(resolve_path(&figment, "upstream.ca_file", &file));

@@ -191,3 +191,31 @@ fn upstream_client_config(
         ..UpstreamConfig::default()
     })
 }
+
+/// The webhook endpoints of `config`; an error names the field
+/// (`webhooks[0].events[1]`) and never quotes a URL or secret.
+///
+/// # Errors
+/// `(field, reason)` for a URL, event name or secret that cannot be used.
+pub fn webhook_config(config: &Config) -> Result<proxypal_webhooks::WebhookConfig, (String, String)> {
+    let mut endpoints = Vec::with_capacity(config.webhooks.len());
+    for (i, w) in config.webhooks.iter().enumerate() {
+        let at = format!("webhooks[{i}]");
+        let mut endpoint =
+            proxypal_webhooks::Endpoint::new(&w.url).map_err(|e| (format!("{at}.url"), e.to_string()))?;
+        let mut events = Vec::with_capacity(w.events.len());
+        for (j, name) in w.events.iter().enumerate() {
+            events.push(name.parse().map_err(|e: proxypal_webhooks::ParseEventKindError| {
+                (format!("{at}.events[{j}]"), e.to_string())
+            })?);
+        }
+        endpoint = endpoint.events(events);
+        if let Some(secret) = &w.secret {
+            let secret = proxypal_webhooks::Secret::parse(secret.expose())
+                .map_err(|e| (format!("{at}.secret"), e.to_string()))?;
+            endpoint = endpoint.secret(secret);
+        }
+        endpoints.push(endpoint);
+    }
+    Ok(proxypal_webhooks::WebhookConfig { endpoints, ..proxypal_webhooks::WebhookConfig::default() })
+}

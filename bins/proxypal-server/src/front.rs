@@ -131,6 +131,10 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
                 operator_only_for(app, &req, "/stats")
             }
         }
+        (&Method::GET | &Method::HEAD, "/usage") => match app.gateway().caller(req.headers()) {
+            Some(caller) => crate::usage::usage(app.ledger(), &caller, req.uri().query()).await,
+            None => unauthorized("/usage needs a client token"),
+        },
         (&Method::GET | &Method::HEAD, "/metrics") => {
             if authorized(app, &req) {
                 crate::admin::metrics(app)
@@ -150,7 +154,7 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
                 error_response(StatusCode::NOT_FOUND, "key_not_found", format!("no key named {name:?}"))
             }
         }
-        (_, "/health" | "/stats" | "/metrics" | "/dashboard") => {
+        (_, "/health" | "/stats" | "/metrics" | "/dashboard" | "/usage") => {
             let mut resp = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -182,7 +186,7 @@ fn reset_target(path: &str) -> Option<&str> {
 
 /// `%XX` escapes decoded (a masked label's `…` arrives as `%E2%80%A6`);
 /// invalid escapes are kept as they are.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -29,9 +29,11 @@ pub mod dev;
 pub mod front;
 pub mod history;
 pub mod logging;
+pub mod notify;
 pub mod reload;
 pub mod serve;
 pub mod state;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -56,6 +58,10 @@ pub enum StartError {
     /// The quota state store cannot be used (it names the file and what to do).
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The usage ledger's database cannot be opened (PostgreSQL unreachable
+    /// at start, a SQLite file that cannot be created).
+    #[error("ledger: {0}")]
+    Ledger(#[from] proxypal_ledger::LedgerError),
     /// Redis did not answer and the config requires it at start.
     #[error("shared.redis_url: {redis} does not answer, and shared.require_on_start is true")]
     Shared {
@@ -85,6 +91,8 @@ pub struct Running {
     _history: history::Sampler,
     /// Keeps the models catalogs fresh; aborted when this is dropped.
     _catalogs: CatalogRefresher,
+    /// Reports the gateway's state to the webhooks; aborted when dropped.
+    _notifier: Option<notify::Notifier>,
     /// Saves the quota state every second, and once more at shutdown.
     state: Option<state::Saver>,
     /// `--dev`'s temporary state file, removed after the last save.
@@ -119,11 +127,25 @@ impl Running {
             // A short blocking write: off the runtime's threads.
             let _ = tokio::task::spawn_blocking(move || saver.finish()).await;
         }
+        if let Some(ledger) = self.app.ledger() {
+            if let Err(e) = ledger.shutdown().await {
+                tracing::error!(error = %e, "the usage ledger could not write every record before exit");
+            }
+        }
+        // Deliveries still queued get a few seconds (retries included).
+        self.app.webhooks().shutdown(std::time::Duration::from_secs(5)).await;
         if let Some(path) = self.temporary_state.take() {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut file = path.clone().into_os_string();
-                file.push(suffix);
-                let _ = std::fs::remove_file(file);
+            let ledger =
+                usage::ledger_config(&config::Config::default(), Some(&path)).and_then(|l| match l.backend {
+                    proxypal_ledger::Backend::Sqlite { path } => Some(path),
+                    _ => None,
+                });
+            for base in std::iter::once(path).chain(ledger) {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = base.clone().into_os_string();
+                    file.push(suffix);
+                    let _ = std::fs::remove_file(file);
+                }
             }
         }
     }
@@ -159,11 +181,14 @@ pub struct StartOptions {
     /// `docs/performance.md`). The caller's runtime keeps only the
     /// background work (history sampling; signals and reloads in the binary).
     pub workers: Option<NonZeroUsize>,
+    /// How often the gateway's state is reported to the webhooks
+    /// ([`notify::EVERY`]).
+    pub notify_interval: std::time::Duration,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
-        Self { history_interval: history::DEFAULT_INTERVAL, workers: None }
+        Self { history_interval: history::DEFAULT_INTERVAL, workers: None, notify_interval: notify::EVERY }
     }
 }
 
@@ -195,6 +220,13 @@ pub async fn start_with(
         }
         None => None,
     };
+    let ledger_state = if dev { Some(dev_state_path()) } else { config.state.path.clone() };
+    if let Some(ledger) = usage::ledger_config(config, ledger_state.as_deref()) {
+        let target = ledger.backend.target();
+        let ledger = proxypal_ledger::Ledger::start(ledger).await?;
+        tracing::info!(backend = ledger.stats().backend, at = %target, "usage ledger open");
+        app.set_ledger(ledger);
+    }
     let (stop, stopped) = watch::channel(false);
     // Redis before listening: a replica that serves before its first
     // heartbeat would start degraded (and wait a window to spend its share).
@@ -244,8 +276,10 @@ pub async fn start_with(
     };
     let sampler = history::spawn(app.gateway(), app.history(), options.history_interval);
     let catalogs = CatalogRefresher::spawn(app.gateway());
+    let notifier = notify::Notifier::spawn(app.gateway(), app.webhooks(), options.notify_interval);
     let temporary_state = dev.then(dev_state_path);
     Ok(Running {
+        _notifier: notifier,
         addr,
         app,
         stop,

@@ -122,6 +122,9 @@ fn is_secret_path(path: &[String]) -> bool {
         }
         // A client entry's token; its other fields are plainly not secret.
         Some("clients") => path.len() < 3 || path.last().is_some_and(|f| f == "token"),
+        Some("ledger") => path.get(1).is_some_and(|f| f == "url"),
+        // A webhook's secret, and its URL (whose path is often a credential).
+        Some("webhooks") => path.len() < 3 || path.last().is_some_and(|f| f == "secret" || f == "url"),
         Some(_) => false,
     }
 }

@@ -39,6 +39,9 @@ impl Config {
         self.validate_cors()?;
         self.validate_auth()?;
         self.validate_clients()?;
+        self.validate_ledger()?;
+        crate::convert::webhook_config(self)
+            .map_err(|(field, reason)| ConfigError::invalid(field, reason))?;
         self.validate_shared()?;
         at_least_one("limits.max_body_bytes", self.limits.max_body_bytes)?;
         at_least_one("limits.max_inflight", self.limits.max_inflight)?;
@@ -281,6 +284,35 @@ impl Config {
 }
 
 impl Config {
+    /// The ledger: a PostgreSQL URL with `backend: postgres`, a retention
+    /// of an hour or more, a buffer of at least one record.
+    fn validate_ledger(&self) -> Result<(), ConfigError> {
+        let l = &self.ledger;
+        if !l.enabled {
+            return Ok(());
+        }
+        if l.backend == super::LedgerBackend::Postgres {
+            let Some(url) = &l.url else {
+                return Err(ConfigError::invalid(
+                    "ledger.url",
+                    "required with backend: postgres (postgres://user@host:5432/database)",
+                ));
+            };
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://") || u.contains('=')) {
+                return Err(ConfigError::invalid(
+                    "ledger.url",
+                    "must be a postgres:// URL or a key=value conninfo",
+                ));
+            }
+        }
+        if l.retention < Duration::from_secs(3600) {
+            return Err(ConfigError::invalid("ledger.retention", "must be at least 1h"));
+        }
+        at_least_one("ledger.buffer", l.buffer)?;
+        Ok(())
+    }
+
     /// Named clients: a name (unique), exactly one token (unique among
     /// clients and operator tokens), a weight in 1–1000, model globs that
     /// are not empty, and limits that make a budget.

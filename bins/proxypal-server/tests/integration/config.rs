@@ -1098,3 +1098,78 @@ mod shared {
         assert_error(missing, "shared.ca_file", "cannot read /nonexistent/ca.pem");
     }
 }
+
+mod clients_ledger_webhooks {
+    use super::*;
+
+    const KEYS: &str = "keys: [nvapi-clients-config-test-00000000001]\n";
+
+    #[test]
+    fn clients_webhooks_and_the_ledger_read_their_fields() {
+        let yaml = format!(
+            "{KEYS}clients:\n  - name: alice\n    token: {TOKEN}\n    requests_per_minute: 20\n    tokens_per_day: 200000\n    models: [llama-70b, \"meta/*\"]\n    weight: 2\n    admin: true\n\
+             webhooks:\n  - url: https://hooks.example.com/T000/B000/XXXXsecretpath\n    events: [key.disabled, pool.exhausted]\n    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n\
+             ledger:\n  backend: postgres\n  url: postgres://pp:pg-s3cret@127.0.0.1:5432/test\n  retention: 30d\n"
+        );
+        let config = from_yaml(&yaml).unwrap();
+        let alice = &config.clients[0];
+        assert_eq!((alice.name.as_str(), alice.weight, alice.admin), ("alice", 2, true));
+        assert_eq!(alice.models, ["llama-70b", "meta/*"]);
+        assert_eq!(config.ledger.retention, Duration::from_secs(30 * 86_400));
+        let debug = format!("{config:?}");
+        for secret in [TOKEN, "pg-s3cret", "MfKQ9r8G", "XXXXsecretpath"] {
+            assert!(!debug.contains(secret), "{secret} shows in {debug}");
+        }
+        let gateway = proxypal_server::convert::gateway_config(&config).unwrap();
+        assert_eq!(gateway.clients.len(), 1);
+        let hooks = proxypal_server::convert::webhook_config(&config).unwrap();
+        assert_eq!(hooks.endpoints[0].events.len(), 2);
+    }
+
+    #[test]
+    fn mistakes_name_their_field() {
+        let client = |extra: &str| format!("{KEYS}clients:\n  - name: alice\n    token: {TOKEN}\n{extra}");
+        for (yaml, field, needle) in [
+            (client("    weight: 0\n"), "clients[0].weight", "between 1 and 1000"),
+            (client("    requests_per_minute: 0\n"), "clients[0].requests_per_minute", "at least 1"),
+            (client("    day_reset: \"25:00 UTC\"\n"), "clients[0].day_reset", ""),
+            (client("    models: [\"\"]\n"), "clients[0].models[0]", "empty"),
+            (format!("{KEYS}clients:\n  - name: alice\n"), "clients[0].token", "required"),
+            (
+                format!("{KEYS}auth:\n  tokens: [{TOKEN}]\nclients:\n  - name: alice\n    token: {TOKEN}\n"),
+                "clients[0].token",
+                "",
+            ),
+            (
+                format!(
+                    "{KEYS}clients:\n  - {{name: a, token: {TOKEN}}}\n  - {{name: a, token: other-token-0000000001}}\n"
+                ),
+                "clients[1].name",
+                "already",
+            ),
+            (format!("{KEYS}webhooks:\n  - url: ftp://x\n"), "webhooks[0].url", "http"),
+            (
+                format!("{KEYS}webhooks:\n  - url: http://h/x\n    events: [key.melted]\n"),
+                "webhooks[0].events[0]",
+                "key.melted",
+            ),
+            (
+                format!("{KEYS}webhooks:\n  - url: http://h/x\n    secret: \"whsec_%%%\"\n"),
+                "webhooks[0].secret",
+                "",
+            ),
+            (format!("{KEYS}ledger:\n  backend: postgres\n"), "ledger.url", "required"),
+            (format!("{KEYS}ledger:\n  retention: 5m\n"), "ledger.retention", "1h"),
+        ] {
+            assert_error(from_yaml(&yaml), field, needle);
+        }
+    }
+
+    #[test]
+    fn a_client_token_from_a_file() {
+        let file = TempFile::new("client-token", &format!("# alice's token\n{TOKEN}\n"));
+        let yaml = format!("{KEYS}clients:\n  - name: alice\n    token_file: {}\n", file.0.display());
+        let config = from_yaml(&yaml).unwrap();
+        assert_eq!(config.clients[0].token.as_ref().unwrap().expose(), TOKEN);
+    }
+}
