@@ -1166,6 +1166,20 @@ mod clients_ledger_webhooks {
     }
 
     #[test]
+    fn the_ledger_is_set_from_the_environment_too() {
+        let env = [
+            ("PROXYPAL_LEDGER__BACKEND", "postgres"),
+            ("PROXYPAL_LEDGER__URL", "postgres://pp:env-s3cret@127.0.0.1:5432/test"),
+            ("PROXYPAL_LEDGER__RETENTION", "7d"),
+        ];
+        let config = with_env(KEYS, &env).unwrap();
+        assert_eq!(config.ledger.backend, proxypal_server::config::LedgerBackend::Postgres);
+        assert_eq!(config.ledger.retention, Duration::from_secs(7 * 86_400));
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert!(!format!("{config:?}").contains("env-s3cret"));
+    }
+
+    #[test]
     fn a_client_token_from_a_file() {
         let file = TempFile::new("client-token", &format!("# alice's token\n{TOKEN}\n"));
         let yaml = format!("{KEYS}clients:\n  - name: alice\n    token_file: {}\n", file.0.display());
