@@ -1,11 +1,13 @@
 // Drives GET /dashboard in Debian's headless chromium (playwright-core, no
 // downloaded browser) against `proxypal-server --dev` (the simulated NVIDIA
 // upstream): rows and counts match /stats and follow new traffic, the
-// sparklines draw, and with auth.tokens set the page asks for a token.
+// sparklines draw, the usage charts and today's budget show the ledger's and
+// the quotas' numbers, and with auth.tokens set the page asks for a token.
 //
 // Run with tests/browser/run.sh (installs chromium and playwright-core, builds
 // the server). Env: PROXYPAL_BIN (default target/debug/proxypal-server),
-// CHROMIUM (default /usr/bin/chromium), SCREENSHOT (default docs/img/dashboard.png).
+// CHROMIUM (default /usr/bin/chromium), SCREENSHOT (default docs/img/dashboard.png),
+// USAGE_SCREENSHOT (default /tmp/dashboard-usage.png: the whole page with usage).
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
@@ -22,7 +24,8 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const BIN = process.env.PROXYPAL_BIN || join(ROOT, "target/debug/proxypal-server");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SCREENSHOT = process.env.SCREENSHOT || join(ROOT, "docs/img/dashboard.png");
-const TOTAL_TIMEOUT_MS = 60_000;
+const USAGE_SCREENSHOT = process.env.USAGE_SCREENSHOT || "/tmp/dashboard-usage.png";
+const TOTAL_TIMEOUT_MS = 90_000;
 const HISTORY_INTERVAL_MS = 1000; // test-only override of the 10 s sampling interval
 const MODEL = "meta/llama-3.1-8b-instruct";
 
@@ -113,13 +116,13 @@ async function startServer(configPath) {
   return { child, base, output: () => output };
 }
 
-async function chat(base, token, { allow = [200] } = {}) {
+async function chat(base, token, { allow = [200], model = MODEL } = {}) {
   const headers = { "content-type": "application/json" };
   if (token) headers.authorization = `Bearer ${token}`;
   const r = await fetch(`${base}/v1/chat/completions`, {
     method: "POST",
     headers,
-    body: JSON.stringify({ model: MODEL, messages: [{ role: "user", content: "Hello" }] }),
+    body: JSON.stringify({ model, messages: [{ role: "user", content: "Hello" }] }),
     signal: AbortSignal.timeout(10_000),
   });
   await r.arrayBuffer();
@@ -197,7 +200,7 @@ async function waitForMatch(page, base, token, timeoutMs = 10_000) {
 
 function watchPage(page, problems) {
   page.on("console", (m) => {
-    if (m.type() === "error") problems.push(`console: ${m.text()}`);
+    if (m.type() === "error") problems.push(`console: ${m.text()} (${m.location().url})`);
   });
   page.on("pageerror", (e) => problems.push(`pageerror: ${e.message}`));
 }
@@ -336,7 +339,8 @@ test("a key cooling down after an upstream 429 is shown as such (and screenshot)
     assert.ok(Number(await row.locator('td[data-field="rate_limited"]').textContent()) >= 1);
 
     mkdirSync(dirname(SCREENSHOT), { recursive: true });
-    const bottom = await page.evaluate(() => document.getElementById("dashboard").getBoundingClientRect().bottom);
+    // The keys table (the usage section below it is in USAGE_SCREENSHOT).
+    const bottom = await page.evaluate(() => document.getElementById("keys").getBoundingClientRect().bottom);
     await page.screenshot({ path: SCREENSHOT, clip: { x: 0, y: 0, width: 1440, height: Math.ceil(bottom) + 24 } });
     // The client that got the 429 (queue timeout) shows up as a failed fetch only in Node, not the page.
     assert.deepEqual(problems, [], "no console errors or CSP violations");
@@ -352,6 +356,7 @@ test("with auth.tokens the page asks for a token and keeps it for the tab", { ti
   writeFileSync(
     config,
     [
+      "ledger: { enabled: false }",
       "auth:",
       `  tokens: ["${token}"]`,
       "keys:",
@@ -404,10 +409,229 @@ test("with auth.tokens the page asks for a token and keeps it for the tab", { ti
     const later = await waitForMatch(page, base, token);
     assert.equal(later.totals.requests, 6);
 
-    // The wrong-token attempt logs a 401 in the console; nothing else may.
-    const unexpected = problems.filter((p) => !/401/.test(p));
+    // No ledger here: /usage says ledger_disabled and the usage section gives way to a one-line note.
+    await page.waitForSelector("#usage-off", { state: "visible", timeout: 10_000 });
+    assert.equal(await page.isVisible("#usage"), false, "no usage section without a ledger");
+    assert.equal(later.ledger, null);
+    assert.equal(await page.isVisible("#budget-keys"), true, "the budget still shows");
+
+    // The wrong-token attempt logs a 401 in the console, /usage a 404; nothing else may.
+    const unexpected = problems.filter((p) => !/401/.test(p) && !/404.*\/usage\?/.test(p));
     assert.deepEqual(unexpected, [], "no console errors or CSP violations");
     await page.close();
+  } finally {
+    await stopServer(server.child);
+  }
+});
+
+test("usage charts, totals and today's budget follow the ledger and the quotas", { timeout: 45_000 }, async () => {
+  // Named clients (so /stats and /usage need a token: the page uses the admin's),
+  // daily quotas for the budget, and bob's per-minute quota refuses his third request.
+  const tok = (name) => `${name}-${randomBytes(12).toString("hex")}`;
+  const t = { alice: tok("alice"), bob: tok("bob"), ops: tok("ops") };
+  const config = join(scratch, "clients.yaml");
+  writeFileSync(
+    config,
+    [
+      "clients:",
+      `  - { name: alice, token: "${t.alice}", requests_per_day: 100, tokens_per_day: 20000 }`,
+      `  - { name: bob, token: "${t.bob}", requests_per_day: 40, requests_per_minute: 2 }`,
+      `  - { name: ops, token: "${t.ops}", admin: true }`,
+      "",
+    ].join("\n"),
+  );
+  const server = await startServer(config);
+  try {
+    const { base } = server;
+    await traffic(base, 5, { token: t.alice });
+    // The alias spends groq's budget first: its key has a daily window (1000 requests per day).
+    for (let i = 0; i < 3; i++) await chat(base, t.bob, { model: "llama-70b", allow: [200, 429] });
+    const usage = async (q) => {
+      const r = await fetch(`${base}/usage?${q}`, { headers: { authorization: `Bearer ${t.ops}` } });
+      assert.equal(r.status, 200, "/usage");
+      return (await r.json()).rows;
+    };
+    // The ledger writes in batches: wait until all eight are in.
+    const deadline = Date.now() + 10_000;
+    let s;
+    for (;;) {
+      s = await stats(base, t.ops);
+      if ((s.ledger.written >= 8 && s.ledger.pending === 0) || Date.now() > deadline) break;
+      await sleep(100);
+    }
+    assert.equal(s.ledger.written, 8, "the ledger holds every request");
+    assert.equal(s.clients.find((c) => c.name === "bob").refused, 1, "bob's third request was refused");
+    const byClient = await usage("group_by=client&bucket=none");
+    const tokensOf = (name) => byClient.find((r) => r.client === name).total_tokens;
+
+    const page = await (await browser()).newPage();
+    await page.setViewportSize({ width: 1440, height: 900 });
+    const problems = [];
+    watchPage(page, problems);
+    const usageRequests = [];
+    page.on("request", (r) => {
+      if (new URL(r.url()).pathname === "/usage") usageRequests.push(new URL(r.url()).searchParams);
+    });
+    await page.goto(`${base}/dashboard`);
+    await page.fill("#token-input", t.ops);
+    await page.click("#token-submit");
+    const opened = Date.now();
+    await page.waitForSelector('#usage svg[data-chart="client-requests"] g[data-series] rect', { timeout: 10_000 });
+    for (const p of usageRequests) {
+      assert.equal(p.get("bucket"), "hour");
+      assert.ok(Math.abs(Number(p.get("from")) - (Date.now() / 1000 - 86_400)) < 60, "from = now − 24 h");
+    }
+    assert.deepEqual(usageRequests.map((p) => p.get("group_by")).sort(), ["client", "model"]);
+
+    // Four charts, each with a series, a legend colour and an accessible summary.
+    const charts = await page.$$eval("#usage svg[data-chart]", (svgs) =>
+      svgs.map((svg) => ({
+        chart: svg.dataset.chart,
+        series: [...svg.querySelectorAll("g[data-series]")].map((g) => g.dataset.series),
+        rects: svg.querySelectorAll("rect").length,
+        label: svg.getAttribute("aria-label"),
+        title: svg.querySelector(":scope > title")?.textContent,
+      })),
+    );
+    assert.deepEqual(
+      charts.map((c) => c.chart),
+      ["client-requests", "client-tokens", "model-requests", "model-tokens"],
+    );
+    for (const c of charts) {
+      assert.ok(c.series.length >= 1 && c.rects >= 1, `${c.chart} draws a series: ${JSON.stringify(c)}`);
+      assert.equal(c.title, c.label, `${c.chart} has a <title>`);
+    }
+    assert.deepEqual(charts[0].series.sort(), ["alice", "bob"]);
+    assert.match(charts[0].label, /^requests per hour by client, last 24 h: alice 5, bob 3$/);
+    assert.deepEqual(charts[2].series.sort(), ["llama-70b", MODEL].sort());
+
+    // The totals tables (legend and text fallback) hold what was sent.
+    const totals = (id) =>
+      page.$$eval(`#${id} tbody tr[data-name]`, (trs) =>
+        trs.map((tr) => {
+          const f = (n) => tr.querySelector(`td[data-field="${n}"]`);
+          return {
+            name: tr.dataset.name,
+            requests: Number(f("requests").textContent),
+            errors: Number(f("errors").textContent),
+            tokens: f("tokens").title.split(" ")[0],
+            swatch: !!f("name").querySelector(".swatch"),
+          };
+        }),
+      );
+    assert.deepEqual(await totals("client-totals"), [
+      { name: "alice", requests: 5, errors: 0, tokens: String(tokensOf("alice")), swatch: true },
+      { name: "bob", requests: 3, errors: 1, tokens: String(tokensOf("bob")), swatch: true },
+    ]);
+    assert.deepEqual(
+      (await totals("model-totals")).map((r) => [r.name, r.requests]),
+      [
+        [MODEL, 5],
+        ["llama-70b", 3],
+      ],
+    );
+    assert.ok(tokensOf("alice") > 0, "the simulator reports usage");
+
+    // Ledger line from /stats.
+    const line = page.locator("#ledger-line");
+    assert.match(await line.textContent(), /^ledger sqlite · up · 0 pending · 0 dropped$/);
+    assert.equal(await line.evaluate((el) => el.classList.contains("warn")), false);
+
+    // Today's budget: every key (masked label), its daily windows; the clients' windows and counts.
+    const budgetKeys = await page.$$eval("#budget-keys tbody tr", (trs) =>
+      trs.map((tr) => ({
+        key: tr.dataset.key,
+        bars: [...tr.querySelectorAll(".bar")].map((b) => [
+          b.getAttribute("aria-label"),
+          Number(b.getAttribute("aria-valuenow")),
+          Number(b.getAttribute("aria-valuemax")),
+        ]),
+        none: tr.querySelector('[data-field="no-limits"]')?.textContent ?? null,
+      })),
+    );
+    assert.deepEqual(
+      budgetKeys.map((k) => k.key),
+      s.keys.map((k) => k.key),
+      "the budget lists every key",
+    );
+    for (const k of budgetKeys) assert.match(k.key, /^nvapi-…\w{4}$/, "keys stay masked");
+    const groq = s.keys.findIndex((k) => k.provider === "groq");
+    const groqDay = s.keys[groq].limits.find((l) => l.period_seconds === 86400);
+    assert.deepEqual(budgetKeys[groq].bars, [["requests/day", groqDay.used, groqDay.limit]]);
+    assert.ok(groqDay.used >= 1, "bob's requests went to groq");
+    for (const k of budgetKeys.filter((_, i) => i !== groq)) assert.equal(k.none, "no daily limit");
+
+    const budgetClients = await page.$$eval("#budget-clients tbody tr", (trs) =>
+      trs.map((tr) => ({
+        client: tr.dataset.client,
+        bars: [...tr.querySelectorAll(".bar")].map((b) => [
+          b.getAttribute("aria-label"),
+          Number(b.getAttribute("aria-valuenow")),
+          Number(b.getAttribute("aria-valuemax")),
+        ]),
+        queued: tr.querySelector('td[data-field="queued"]').textContent,
+        refused: tr.querySelector('td[data-field="refused"]').textContent,
+      })),
+    );
+    const aliceTokens = s.clients.find((c) => c.name === "alice").limits.find((l) => l.kind === "tokens").used;
+    assert.deepEqual(budgetClients, [
+      {
+        client: "alice",
+        bars: [
+          ["requests/day", 5, 100],
+          ["tokens/day", aliceTokens, 20000],
+        ],
+        queued: "0",
+        refused: "0",
+      },
+      { client: "bob", bars: [["requests/day", 2, 40]], queued: "0", refused: "1" },
+      { client: "ops", bars: [], queued: "0", refused: "0" },
+    ]);
+
+    await page.screenshot({ path: USAGE_SCREENSHOT, fullPage: true });
+
+    // New traffic shows up with the next /usage refresh (every 10 s, not more often).
+    await traffic(base, 2, { token: t.alice });
+    await page.waitForFunction(
+      () => document.querySelector('#client-totals tr[data-name="alice"] td[data-field="requests"]')?.textContent === "7",
+      null,
+      { timeout: 15_000 },
+    );
+    const seconds = (Date.now() - opened) / 1000;
+    assert.ok(
+      usageRequests.length <= 2 * (Math.floor(seconds / 10) + 1),
+      `/usage asked ${usageRequests.length} times in ${seconds.toFixed(1)} s`,
+    );
+
+    // The first /stats, before the token was entered, answered 401; nothing else may log an error.
+    const unexpected = problems.filter((p) => !/401.*\/stats\)$/.test(p));
+    assert.deepEqual(unexpected, [], "no console errors or CSP violations");
+    await page.close();
+
+    // The ledger's database away (played by the browser: a real one is needed to start): /usage
+    // answers 503 ledger_unavailable and /stats says down with drops. A notice, no charts, a red line.
+    const down = await (await browser()).newPage();
+    await down.addInitScript((token) => sessionStorage.setItem("proxypal.dashboard.token", token), t.ops);
+    await down.route("**/usage?*", (route) =>
+      route.fulfill({
+        status: 503,
+        contentType: "application/json",
+        body: JSON.stringify({ error: { code: "ledger_unavailable", message: "the usage ledger cannot be read now" } }),
+      }),
+    );
+    await down.route("**/stats", async (route) => {
+      const body = await (await route.fetch()).json();
+      body.ledger = { ...body.ledger, up: false, pending: 12, dropped: 3 };
+      await route.fulfill({ json: body });
+    });
+    await down.goto(`${base}/dashboard`);
+    await down.waitForSelector("#usage-notice", { state: "visible", timeout: 10_000 });
+    assert.match(await down.textContent("#usage-notice"), /cannot be read right now/);
+    assert.equal(await down.isVisible("#usage-body"), false, "no broken charts");
+    assert.match(await down.textContent("#ledger-line"), /^ledger sqlite · down · 12 pending · 3 dropped$/);
+    assert.equal(await down.locator("#ledger-line.warn").count(), 1, "warn styling");
+    assert.equal(await down.isVisible("#budget-keys"), true, "the budget still shows");
+    await down.close();
   } finally {
     await stopServer(server.child);
   }
