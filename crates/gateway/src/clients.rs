@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proxypal_keypool::Secret;
-use proxypal_limiter::{Cause, KeyBudget, Limits, Permit, QuotaEngine};
+use proxypal_limiter::{Cause, KeyBudget, Limits, Permit, QuotaEngine, Wait};
 
 use crate::admission::Client;
 use crate::fair::Waiter;
@@ -122,6 +122,9 @@ pub(crate) struct Named {
     pub(crate) limited: bool,
     /// Its limits as configured (for the 429's words).
     pub(crate) limits: Limits,
+    /// Its budget's id in a quota shared with other replicas (a hash of its
+    /// name: names are free text, Redis keys are not).
+    pub(crate) shared_id: Arc<str>,
     /// Requests refused by its own quota so far.
     pub(crate) refused: std::sync::atomic::AtomicU64,
 }
@@ -198,6 +201,7 @@ impl ClientSet {
                 admin: c.admin,
                 limited,
                 limits: c.limits.clone(),
+                shared_id: Arc::from(crate::replicas::client_id(&c.name)),
                 refused: std::sync::atomic::AtomicU64::new(
                     previous
                         .and_then(|p| p.named.iter().find(|n| *n.name == *c.name))
@@ -304,17 +308,61 @@ impl ClientSet {
     /// Takes a request (reserving `tokens`) from `client`'s own quota
     /// (an empty [`ClientPermit`] when it has none); `Err` when it is spent.
     pub(crate) fn admit(&self, client: Client, tokens: u64) -> Result<ClientPermit, Refusal> {
-        let Client::Named(index) = client else { return Ok(ClientPermit(None)) };
-        let Some(named) = self.named.get(index) else { return Ok(ClientPermit(None)) };
-        if !named.limited {
-            return Ok(ClientPermit(None));
-        }
+        let Some(index) = self.limited(client) else { return Ok(ClientPermit(None)) };
+        self.take(index, tokens).map_err(|w| self.over_quota(index, w.wait))
+    }
+
+    /// The position of `client`'s own budget, when it is a named client
+    /// with a quota.
+    pub(crate) fn limited(&self, client: Client) -> Option<usize> {
+        let Client::Named(index) = client else { return None };
+        self.named.get(index).filter(|n| n.limited).map(|_| index)
+    }
+
+    /// Takes a request of limited client `index` from the local engine (its
+    /// whole budget, or this replica's share of it while the quota shared
+    /// with other replicas is out of reach); `Err` says how long until it
+    /// could, and why not now.
+    pub(crate) fn take(&self, index: usize, tokens: u64) -> Result<ClientPermit, Wait> {
         if let Some(permit) = self.quotas.try_acquire(index, tokens) {
             return Ok(ClientPermit(Some(permit)));
         }
-        let wait = self.quotas.wait(index, tokens);
-        let (wait, cause) = wait.map_or((Duration::from_secs(1), Cause::None), |w| (w.wait, w.cause));
-        Err(Refusal::Quota { client: Arc::clone(&named.name), wait, limit: describe(&named.limits, cause) })
+        Err(self
+            .quotas
+            .wait(index, tokens)
+            .unwrap_or(Wait { wait: Duration::from_secs(1), cause: Cause::None }))
+    }
+
+    /// [`take`](Self::take) for a request the shared quota admitted: the
+    /// request windows are charged unchecked (so the local view and `/stats`
+    /// hold what this replica sent); what only this replica counts (token
+    /// reservations in flight, concurrency, a shaper) is checked as usual.
+    pub(crate) fn take_admitted(&self, index: usize, tokens: u64) -> Result<ClientPermit, Wait> {
+        if let Some(permit) = self.quotas.try_acquire_admitted(index, tokens) {
+            return Ok(ClientPermit(Some(permit)));
+        }
+        Err(self
+            .quotas
+            .local_wait(index, tokens)
+            .unwrap_or(Wait { wait: Duration::from_secs(1), cause: Cause::None }))
+    }
+
+    /// Client `index`'s refusal: its quota is spent for `wait`.
+    pub(crate) fn over_quota(&self, index: usize, wait: Duration) -> Refusal {
+        match self.named.get(index) {
+            Some(named) => Refusal::Quota {
+                client: Arc::clone(&named.name),
+                wait,
+                limit: describe(&named.limits, Cause::None),
+            },
+            // Positions come from this set: never reached.
+            None => Refusal::Quota { client: Arc::from(""), wait, limit: String::new() },
+        }
+    }
+
+    /// Whether any named client has a quota of its own.
+    pub(crate) fn any_limited(&self) -> bool {
+        self.named.iter().any(|n| n.limited)
     }
 }
 

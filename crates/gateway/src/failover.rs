@@ -654,8 +654,13 @@ where
         },
     };
     let tokens = if counts_tokens || client_tokens { crate::quota::estimate_tokens(&body) } else { 0 };
-    // The client's own quota first: its limit, not the pool's, answers.
-    let client_permit = match settings.tokens.admit(client, tokens) {
+    // The client's own quota first: its limit, not the pool's, answers (one
+    // budget for every replica when quotas are shared).
+    let admitted = match (gw.replicas, settings.tokens.limited(client)) {
+        (Some(link), Some(index)) => link.admit_client(&settings.tokens, index, tokens, deadline).await,
+        _ => settings.tokens.admit(client, tokens),
+    };
+    let client_permit = match admitted {
         Ok(permit) => permit,
         Err(refused) => {
             attempts.error("client_quota");

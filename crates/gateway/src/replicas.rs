@@ -21,6 +21,12 @@
 //! only a reload) each replica replays what its local engine holds, and
 //! admissions wait until the replicas seen before have done so, or one
 //! window has passed.
+//!
+//! Named clients' own quotas are budgets too, in a pool of their own
+//! (`:clients`, one candidate per client, its name hashed): admitted in
+//! Redis while shared (the local client engine charged unchecked), from
+//! this replica's share while degraded, heartbeaten, replayed and written
+//! back like a provider's keys.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -35,6 +41,7 @@ use proxypal_keypool::{KeyPool, KeyStatus};
 use proxypal_limiter::WindowView;
 use proxypal_shared::{Candidate, Kind, SharedBudgets, SharedError, Window};
 
+use crate::clients::{ClientPermit, ClientSet, Refusal};
 use crate::keyset::{KeyResources, SharedClock};
 use crate::lease::{Lease, Tried};
 use crate::provider::Provider;
@@ -222,6 +229,21 @@ fn account_id(name: &str) -> String {
     out
 }
 
+/// The pool of named clients' own budgets in Redis: one candidate per
+/// client. Its name cannot be a provider's (those are letters, digits, `-`,
+/// `_` and `.`), so the two never share keys.
+pub(crate) const CLIENTS: &str = ":clients";
+
+/// A named client's budget id in Redis: hashed (names are free text).
+pub(crate) fn client_id(name: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut out = String::from("client:");
+    for byte in digest.as_ref().iter().take(8) {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -247,6 +269,44 @@ struct Pending {
     /// window: an answer that repeats one (Groq's headers, on every
     /// response) queues nothing.
     learned: HashMap<String, u64>,
+}
+
+/// One budget's entries to replay: (id, window, (Redis µs, amount) per entry).
+type Log = (Arc<str>, OwnedWindow, Vec<(u64, u64)>);
+
+/// A pool this replica heartbeats: a provider's keys, or the named clients.
+#[derive(Clone, Copy)]
+enum Pool<'a> {
+    Keys(&'a Arc<Provider>),
+    Clients(&'a ClientSet),
+}
+
+impl Pool<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Pool::Keys(p) => p.name(),
+            Pool::Clients(_) => CLIENTS,
+        }
+    }
+}
+
+/// What a named client's admission in Redis decided.
+enum ClientAdmission {
+    /// Admitted, and charged to the local engine.
+    Admitted(ClientPermit),
+    /// Its quota is spent for this long.
+    Full(Duration),
+    /// Ask again after this long (a state loss being replayed, a calendar
+    /// window recomputed).
+    Again(Duration),
+    /// Redis cannot be asked now: the local share decides.
+    Unavailable,
+}
+
+/// Client `index`'s budget as Redis counts it: its id and windows.
+fn client_budget(clients: &ClientSet, index: usize) -> Option<(Arc<str>, Vec<OwnedWindow>)> {
+    let named = clients.all().get(index).filter(|n| n.limited)?;
+    Some((Arc::clone(&named.shared_id), windows_of(clients.quotas(), index)))
 }
 
 /// Why a shared admission gave no lease.
@@ -578,6 +638,136 @@ impl SharedQuota {
         Err(refused)
     }
 
+    /// Takes a request of named client `index` (of `clients`, reserving
+    /// `tokens`) from its own quota: in Redis while shared, so one budget
+    /// holds for every replica; from this replica's share of it (⌊limit / N⌋
+    /// of each window, after the cautious start) while Redis is out of reach,
+    /// written to Redis when it returns. Redis alone never fails a request:
+    /// an error switches to the local share. Waits at most until `deadline`
+    /// for a moment that passes (a state loss being replayed, a heartbeat
+    /// round closing the share).
+    pub(crate) async fn admit_client(
+        &self,
+        clients: &ClientSet,
+        index: usize,
+        tokens: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<ClientPermit, Refusal> {
+        loop {
+            if let Some(budgets) = self.budgets() {
+                match self.admit_client_shared(&budgets, clients, index, tokens).await {
+                    ClientAdmission::Admitted(permit) => return Ok(permit),
+                    ClientAdmission::Full(wait) => return Err(clients.over_quota(index, wait)),
+                    ClientAdmission::Again(wait) => {
+                        if tokio::time::Instant::now() + wait > deadline {
+                            return Err(clients.over_quota(index, wait));
+                        }
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    ClientAdmission::Unavailable => {} // the local share decides
+                }
+            }
+            let wait = match clients.take(index, tokens) {
+                Ok(permit) => {
+                    self.client_sent_locally(clients, index, &permit);
+                    return Ok(permit);
+                }
+                Err(wait) => wait,
+            };
+            // Closed, not fenced: a heartbeat round is under way (or Redis is
+            // back since the mode was read); open again in a moment.
+            let closed = wait.cause == proxypal_limiter::Cause::Share
+                && clients.quotas().share().get().1 == u64::MAX
+                && !self.fenced();
+            if !closed {
+                return Err(clients.over_quota(index, wait.wait));
+            }
+            let poll = proxypal_limiter::POLL;
+            if tokio::time::Instant::now() + poll > deadline {
+                return Err(clients.over_quota(index, self.config.heartbeat));
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// One admission of client `index` in Redis, charged to the local engine
+    /// too when admitted.
+    async fn admit_client_shared(
+        &self,
+        budgets: &Arc<SharedBudgets>,
+        clients: &ClientSet,
+        index: usize,
+        tokens: u64,
+    ) -> ClientAdmission {
+        // Owned before the call: nothing generic over the clock may live
+        // across the `.await` (see `admit`).
+        let Some((id, windows)) = client_budget(clients, index) else {
+            return ClientAdmission::Admitted(ClientPermit(None));
+        };
+        let views: Vec<Window<'_>> = windows.iter().map(OwnedWindow::window).collect();
+        let candidates = [Candidate::new(&id, &views)];
+        let admission = match budgets.admit_reserving(CLIENTS, &candidates, tokens).await {
+            Ok(a) => a,
+            // The clocks disagree about a reset, for a moment.
+            Err(SharedError::StaleCalendar { .. }) => {
+                return ClientAdmission::Again(Duration::from_millis(5));
+            }
+            Err(e) => {
+                self.lost(&e);
+                return ClientAdmission::Unavailable;
+            }
+        };
+        self.saw_epoch(CLIENTS, admission.epoch);
+        if admission.admitted.is_none() {
+            let wait = admission.wait.unwrap_or(Duration::from_secs(1));
+            return if admission.recovering {
+                ClientAdmission::Again(wait.max(Duration::from_millis(1))) // at most 25 ms
+            } else {
+                ClientAdmission::Full(wait)
+            };
+        }
+        // Token reservations and concurrency slots settle in Redis too.
+        let settled: Vec<OwnedWindow> = windows.into_iter().filter(|w| w.kind != Kind::Requests).collect();
+        let pool = Arc::<str>::from(CLIENTS);
+        match clients.take_admitted(index, tokens) {
+            Ok(mut permit) => {
+                if let (Some(p), false) = (permit.0.as_mut(), settled.is_empty()) {
+                    let (budgets, request) = (Arc::clone(budgets), admission.request);
+                    p.on_settle(move |used| {
+                        settle_later(budgets, pool, id, settled, request, tokens, used.unwrap_or(tokens));
+                    });
+                }
+                ClientAdmission::Admitted(permit)
+            }
+            Err(local) => {
+                // Only this replica's count says no (its requests in flight):
+                // what Redis reserved goes back, the request stays counted.
+                if !settled.is_empty() {
+                    settle_later(Arc::clone(budgets), pool, id, settled, admission.request, tokens, 0);
+                }
+                ClientAdmission::Full(local.wait)
+            }
+        }
+    }
+
+    /// Records a client's request taken from the local share, to be written
+    /// to Redis when it returns.
+    fn client_sent_locally(&self, clients: &ClientSet, index: usize, permit: &ClientPermit) {
+        let Some(p) = &permit.0 else { return };
+        let Some((id, windows)) = client_budget(clients, index) else { return };
+        let grant =
+            Grant { pool: Arc::from(CLIENTS), id, windows, at: self.clock.now(), tokens: p.reserved() };
+        self.lock().grants.push(grant);
+    }
+
+    /// Past `max_degraded` without Redis: the local shares stay closed.
+    fn fenced(&self) -> bool {
+        self.mode() == Mode::Degraded
+            && self.clock.now()
+                >= self.degraded_since.load(Ordering::Relaxed).saturating_add(nanos(self.config.max_degraded))
+    }
+
     /// Records a send made from the local share (degraded), to be written to
     /// Redis when it returns.
     pub(crate) fn sent_locally(&self, provider: &Provider, lease: &Lease) {
@@ -714,11 +904,15 @@ impl SharedQuota {
 
     /// Notes every provider's share and longest window, and sets the shares
     /// for the mode now.
-    fn apply_shares(&self, providers: &[Arc<Provider>]) {
-        let shares = providers
+    /// The named clients' engine is one more: its share is carried across
+    /// reloads (see [`Share`](proxypal_limiter::Share)), so this generation's
+    /// is every generation's.
+    fn apply_shares(&self, providers: &[Arc<Provider>], clients: &ClientSet) {
+        let mut shares: Vec<_> = providers
             .iter()
             .map(|p| (p.keys.with_current(|_, r| Arc::clone(r.quotas.share())), longest_span(&p.keys)))
             .collect();
+        shares.push((Arc::clone(clients.quotas().share()), longest_of(clients.quotas())));
         *self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = shares;
         self.set_shares(self.mode() == Mode::Shared);
     }
@@ -744,10 +938,11 @@ impl SharedQuota {
     /// The first round, before serving: connects, renews, replays, and sets
     /// every share for the mode it ends in. `true` when shared.
     pub async fn first_contact(&self, gateway: &crate::Gateway) -> bool {
-        let providers = gateway.providers();
-        self.apply_shares(&providers);
-        self.tick(&providers).await;
-        self.apply_shares(&providers);
+        let settings = gateway.settings();
+        let (providers, clients) = (&settings.providers[..], &settings.tokens);
+        self.apply_shares(providers, clients);
+        self.tick(providers, clients).await;
+        self.apply_shares(providers, clients);
         self.mode() == Mode::Shared
     }
 
@@ -768,10 +963,11 @@ impl SharedQuota {
         tokio::pin!(stop);
         loop {
             let Some(gw) = gateway.upgrade() else { return };
-            let providers = gw.providers();
+            let settings = gw.settings();
             drop(gw);
-            self.tick(&providers).await;
-            self.apply_shares(&providers);
+            let (providers, clients) = (&settings.providers[..], &settings.tokens);
+            self.tick(providers, clients).await;
+            self.apply_shares(providers, clients);
             tokio::select! {
                 () = &mut stop => break,
                 () = tokio::time::sleep(self.config.heartbeat) => {}
@@ -782,6 +978,7 @@ impl SharedQuota {
             for p in gw.providers() {
                 let _ = budgets.leave(p.name()).await;
             }
+            let _ = budgets.leave(CLIENTS).await;
         }
     }
 
@@ -802,13 +999,13 @@ impl SharedQuota {
         Ok(())
     }
 
-    async fn tick(&self, providers: &[Arc<Provider>]) {
+    async fn tick(&self, providers: &[Arc<Provider>], clients: &ClientSet) {
         if let Err(e) = self.connect().await {
             self.still_degraded(&e);
             return;
         }
         let Some(budgets) = self.budgets.load_full() else { return };
-        match self.beat(&budgets, providers).await {
+        match self.beat(&budgets, providers, clients).await {
             Ok(()) => {
                 if self.mode.swap(SHARED, Ordering::AcqRel) != SHARED {
                     let since = self.degraded_since.load(Ordering::Relaxed);
@@ -853,7 +1050,12 @@ impl SharedQuota {
 
     /// One heartbeat round: what a degraded spell owes Redis, every pool's
     /// lease, replays after a state loss, health both ways.
-    async fn beat(&self, budgets: &SharedBudgets, providers: &[Arc<Provider>]) -> Result<(), SharedError> {
+    async fn beat(
+        &self,
+        budgets: &SharedBudgets,
+        providers: &[Arc<Provider>],
+        clients: &ClientSet,
+    ) -> Result<(), SharedError> {
         let degraded = self.mode() != Mode::Shared;
         if degraded {
             // Owed first: writing them does not make this replica live.
@@ -873,7 +1075,10 @@ impl SharedQuota {
         let mut counted = self.config.replicas.max(1);
         let mut live = 1;
         let slack = self.config.timeout + Duration::from_millis(200);
-        for p in providers {
+        // Every provider's pool, and the named clients' when one has a quota.
+        let clients = clients.any_limited().then_some(clients);
+        let pools = providers.iter().map(Pool::Keys).chain(clients.map(Pool::Clients));
+        for pool in pools {
             let attempt = self.clock.now();
             // Past this (Redis's clock), the script refuses to renew: a call
             // stuck in a frozen Redis cannot renew the lease later.
@@ -885,7 +1090,7 @@ impl SharedQuota {
                 0
             };
             let beat = budgets
-                .heartbeat_until(p.name(), self.config.lease, self.reservation(longest), deadline)
+                .heartbeat_until(pool.name(), self.config.lease, self.reservation(longest), deadline)
                 .await;
             let m = match beat {
                 Ok(m) => m,
@@ -906,9 +1111,12 @@ impl SharedQuota {
                 Ordering::Relaxed,
             );
             self.offset_known.store(true, Ordering::Relaxed);
-            let known = self.lock().epochs.get(p.name()).copied();
+            let known = self.lock().epochs.get(pool.name()).copied();
             if known != Some(m.epoch) || !m.replayed {
-                self.replay_all(budgets, p, m.epoch).await?;
+                match pool {
+                    Pool::Keys(p) => self.replay_all(budgets, p, m.epoch).await?,
+                    Pool::Clients(c) => self.replay_clients(budgets, c, m.epoch).await?,
+                }
             }
         }
         // Shares by the larger of what was recorded and what is counted now;
@@ -937,40 +1145,9 @@ impl SharedQuota {
         provider: &Provider,
         epoch: u64,
     ) -> Result<(), SharedError> {
-        let offset = self.offset_us.load(Ordering::Relaxed);
-        let epoch_local_ns = u64::try_from((i64::try_from(epoch).unwrap_or(i64::MAX) - offset).max(0))
-            .unwrap_or(0)
-            .saturating_mul(1_000);
-        // (key, window, (Redis µs, amount) per entry)
-        type Log = (Arc<str>, OwnedWindow, Vec<(u64, u64)>);
-        let mut logs: Vec<Log> = Vec::new();
-        let mut done = std::collections::HashSet::new();
-        provider.keys.with_current(|keys, r| {
-            for i in 0..keys.len() {
-                let id = r.fingerprint(i);
-                r.quotas.entries(i, |view, entries| {
-                    let w = OwnedWindow::of(&view);
-                    let owner = w.budget.clone().unwrap_or_else(|| id.to_string());
-                    if !done.insert((owner, w.name.clone())) {
-                        return; // an account's window, replayed through its first key
-                    }
-                    let times: Vec<(u64, u64)> = entries
-                        .iter()
-                        .filter(|(at, _)| match w.end_us {
-                            // A day's count, if the state was lost within that day.
-                            Some(end) => epoch > end.saturating_sub(micros(w.span)),
-                            None => *at < epoch_local_ns,
-                        })
-                        .map(|&(at, amount)| {
-                            let us = i64::try_from(at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
-                            (u64::try_from(us).unwrap_or(0), amount)
-                        })
-                        .collect();
-                    if !times.is_empty() {
-                        logs.push((Arc::clone(&id), w, times));
-                    }
-                });
-            }
+        let epoch_local_ns = self.epoch_local_ns(epoch);
+        let logs = provider.keys.with_current(|keys, r| {
+            self.logs_before(&r.quotas, (0..keys.len()).map(|i| (i, r.fingerprint(i))), epoch)
         });
         for (id, w, entries) in &logs {
             budgets.replay_entries(provider.name(), id, w.window(), entries).await?;
@@ -1017,6 +1194,74 @@ impl SharedQuota {
             "shared quota: replayed this replica's sends"
         );
         Ok(())
+    }
+
+    /// [`replay_all`](Self::replay_all) for the named clients' budgets.
+    async fn replay_clients(
+        &self,
+        budgets: &SharedBudgets,
+        clients: &ClientSet,
+        epoch: u64,
+    ) -> Result<(), SharedError> {
+        let epoch_local_ns = self.epoch_local_ns(epoch);
+        let ids = clients.all().iter().enumerate().filter(|(_, n)| n.limited);
+        let logs = self.logs_before(clients.quotas(), ids.map(|(i, n)| (i, Arc::clone(&n.shared_id))), epoch);
+        for (id, w, entries) in &logs {
+            budgets.replay_entries(CLIENTS, id, w.window(), entries).await?;
+        }
+        self.lock().grants.retain(|g| &*g.pool != CLIENTS || g.at >= epoch_local_ns);
+        budgets.replayed(CLIENTS, epoch).await?;
+        self.lock().epochs.insert(Arc::from(CLIENTS), epoch);
+        tracing::info!(windows = logs.len(), "shared quota: replayed this replica's client admissions");
+        Ok(())
+    }
+
+    /// The epoch's start on the engine clock (nanoseconds).
+    fn epoch_local_ns(&self, epoch: u64) -> u64 {
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        u64::try_from((i64::try_from(epoch).unwrap_or(i64::MAX) - offset).max(0))
+            .unwrap_or(0)
+            .saturating_mul(1_000)
+    }
+
+    /// What `engine` counts for the budgets `ids` (position, Redis id) from
+    /// before `epoch` began (a calendar window's count, if the state was lost
+    /// within it), on Redis's clock: an account's windows once.
+    fn logs_before(
+        &self,
+        engine: &crate::Engine,
+        ids: impl Iterator<Item = (usize, Arc<str>)>,
+        epoch: u64,
+    ) -> Vec<Log> {
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        let epoch_local_ns = self.epoch_local_ns(epoch);
+        let mut logs: Vec<Log> = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        for (i, id) in ids {
+            engine.entries(i, |view, entries| {
+                let w = OwnedWindow::of(&view);
+                let owner = w.budget.clone().unwrap_or_else(|| id.to_string());
+                if !done.insert((owner, w.name.clone())) {
+                    return; // an account's window, replayed through its first key
+                }
+                let times: Vec<(u64, u64)> = entries
+                    .iter()
+                    .filter(|(at, _)| match w.end_us {
+                        // A day's count, if the state was lost within that day.
+                        Some(end) => epoch > end.saturating_sub(micros(w.span)),
+                        None => *at < epoch_local_ns,
+                    })
+                    .map(|&(at, amount)| {
+                        let us = i64::try_from(at / 1_000).unwrap_or(i64::MAX).saturating_add(offset);
+                        (u64::try_from(us).unwrap_or(0), amount)
+                    })
+                    .collect();
+                if !times.is_empty() {
+                    logs.push((Arc::clone(&id), w, times));
+                }
+            });
+        }
+        logs
     }
 
     async fn replay_grants(&self, budgets: &SharedBudgets) -> Result<(), SharedError> {
@@ -1169,25 +1414,29 @@ fn windows_of(engine: &crate::Engine, index: usize) -> Vec<OwnedWindow> {
 /// the shared log reach (a minute of a million behind 60 per 6 s never fills) is left out,
 /// so it does not stretch the cautious start.
 fn longest_span(keys: &KeyPool<KeyResources>) -> Duration {
-    keys.with_current(|all, r| {
-        let mut longest = Duration::ZERO;
-        for i in 0..all.len() {
-            for unit in [proxypal_limiter::Unit::Requests, proxypal_limiter::Unit::Tokens] {
-                let mut windows: Vec<(Duration, u64)> = Vec::new();
-                r.quotas.windows(i, |w| {
-                    if w.unit == unit {
-                        windows.push((w.span, w.limit));
-                    }
-                });
-                for &(span, limit) in &windows {
-                    if binds(span, limit, &windows) {
-                        longest = longest.max(span);
-                    }
+    keys.with_current(|_, r| longest_of(&r.quotas))
+}
+
+/// [`longest_span`] of one engine's budgets (a key set's, or the named
+/// clients').
+fn longest_of(engine: &crate::Engine) -> Duration {
+    let mut longest = Duration::ZERO;
+    for i in 0..engine.len() {
+        for unit in [proxypal_limiter::Unit::Requests, proxypal_limiter::Unit::Tokens] {
+            let mut windows: Vec<(Duration, u64)> = Vec::new();
+            engine.windows(i, |w| {
+                if w.unit == unit {
+                    windows.push((w.span, w.limit));
+                }
+            });
+            for &(span, limit) in &windows {
+                if binds(span, limit, &windows) {
+                    longest = longest.max(span);
                 }
             }
         }
-        longest
-    })
+    }
+    longest
 }
 
 /// Whether a window of `span` and `limit` can be reached, given the key's
@@ -1211,6 +1460,49 @@ mod tests {
         assert!(id[5..].chars().all(|c| c.is_ascii_hexdigit()));
         let config = SharedQuotaConfig::new("redis://:hunter2@10.0.0.5:6379/0");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn client_budgets_have_key_safe_ids_in_a_pool_no_provider_can_be_named() {
+        let id = client_id("Alice {ops}/team");
+        assert!(id.starts_with("client:") && id.len() == 23, "{id}");
+        assert!(id[7..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(id, client_id("alice {ops}/team"));
+        // Providers are letters, digits, '-', '_' and '.'.
+        assert!(CLIENTS.contains(':'));
+    }
+
+    /// Degraded: the named clients' engine serves ⌊limit / N⌋ of each window
+    /// after the cautious start, like a key's, and keeps it across a reload.
+    #[test]
+    fn without_redis_a_clients_quota_is_cut_to_this_replicas_share() {
+        use crate::admission::Client;
+        use crate::clients::{ClientConfig, ClientSet};
+        let manual = proxypal_limiter::ManualClock::new(1_000_000_000_000);
+        let clock: SharedClock = Arc::new(manual.clone());
+        let limits = proxypal_limiter::Limits { requests_per_minute: Some(4), ..Default::default() };
+        let alice =
+            [ClientConfig::new("alice", proxypal_keypool::Secret::new("pp-alice")).with_limits(limits)];
+        let clients = ClientSet::new(&[], &alice, Arc::clone(&clock), None).unwrap();
+        let mut config = SharedQuotaConfig::new("redis://127.0.0.1:1/0");
+        config.replicas = 2;
+        let link = SharedQuota::new(config, Arc::clone(&clock), &mut Registry::default());
+        link.apply_shares(&[], &clients);
+        let a = Client::Named(0);
+        let refused = clients.admit(a, 0).expect_err("nothing before the cautious start");
+        let Refusal::Quota { wait, .. } = refused else { panic!("{refused:?}") };
+        assert_eq!(wait, Duration::from_millis(3_000 + 60_500), "a lease and alice's minute (with margin)");
+        manual.advance(wait);
+        // A reload builds a new set; the share carries over.
+        let clients = ClientSet::new(&[], &alice, clock, Some(&clients)).unwrap();
+        assert!(clients.admit(a, 0).is_ok() && clients.admit(a, 0).is_ok(), "two of four: half");
+        assert!(clients.admit(a, 0).is_err(), "not a third");
+        // Shared again: the local share closes (Redis decides; its admissions
+        // charge the engine unchecked).
+        link.set_shares(true);
+        assert!(clients.take(0, 0).is_err());
+        manual.advance(Duration::from_secs(61));
+        assert!(clients.take_admitted(0, 0).is_ok());
     }
 
     #[test]

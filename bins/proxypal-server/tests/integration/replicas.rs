@@ -457,3 +457,188 @@ async fn a_daily_cap_is_one_count_for_all_replicas() {
     assert_eq!(keys.lines().count(), 1, "{keys}");
     assert_eq!(redis.cli(&["GET", keys.trim()]).unwrap().trim(), "3");
 }
+
+// Named clients' own quotas, shared like key budgets: two in-process
+// replicas in front of one simulator with room to spare, client alice with
+// 4 requests per minute.
+
+const ALICE: &str = "pp-alice-replicas-token-01";
+const OPERATOR: &str = "pp-operator-replicas-token";
+
+/// A replica with alice (4 per minute, and the `more` limits: YAML lines)
+/// sharing quotas through `redis_url` with one other (lease 300 ms,
+/// heartbeats every 100 ms), in front of `sim`.
+async fn alice_replica(
+    sim: &SimHandle,
+    keys: &[String],
+    redis_url: &str,
+    more: &str,
+) -> proxypal_server::Running {
+    let mut config = crate::common::proxy_config(sim, keys);
+    config.auth.tokens = vec![proxypal_server::config::Secret::new(OPERATOR)];
+    let alice = format!("name: alice\ntoken: {ALICE}\nrequests_per_minute: 4\n{more}");
+    config.clients = vec![yaml_serde::from_str(&alice).unwrap()];
+    config.retry.queue_timeout = Duration::from_secs(1);
+    let mut shared = proxypal_server::config::SharedConfig::default();
+    shared.redis_url = redis_url.to_owned();
+    shared.timeout = Duration::from_millis(200);
+    shared.lease = Duration::from_millis(300);
+    shared.heartbeat = Duration::from_millis(100);
+    shared.replicas = 2;
+    config.shared = Some(shared);
+    proxypal_server::start(&config, false).await.unwrap()
+}
+
+/// Alice's chat request to `addr`: its status and error code (on success,
+/// the tokens the answer reports).
+async fn alice_chat(http: &crate::common::HttpClient, addr: SocketAddr) -> (u16, String) {
+    let req = chat_request(addr, false, &[("authorization", &format!("Bearer {ALICE}"))]);
+    let reply = send(http, req).await;
+    let code = if reply.status.is_success() {
+        reply.json()["usage"]["total_tokens"].to_string()
+    } else {
+        reply.error_code()
+    };
+    (reply.status.as_u16(), code)
+}
+
+async fn mode_of(addr: SocketAddr) -> String {
+    let reply = send(&http_client(), get_request(addr, "/health")).await;
+    reply.json()["quota"]["mode"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Alice's requests taken by `addr`'s own engine, as its `/stats` shows them.
+async fn alice_used_locally(addr: SocketAddr) -> u64 {
+    let req = get_request(addr, "/stats");
+    let (mut parts, body) = req.into_parts();
+    parts.headers.insert("authorization", format!("Bearer {OPERATOR}").parse().unwrap());
+    let stats = send(&http_client(), http::Request::from_parts(parts, body)).await.json();
+    stats["clients"][0]["limits"][0]["used"].as_u64().unwrap_or(u64::MAX)
+}
+
+/// Alice's tokens per day, settled in Redis with each answer's use. (Not in
+/// the degraded test: a day's window puts the cautious start a day away.)
+const DAY: &str = "tokens_per_day: 100000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_clients_quota_is_one_budget_across_replicas() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start("a_named_clients_quota_is_one_budget_across_replicas") else { return };
+    let keys = proxypal_nim_sim::generate_test_keys(2);
+    let sim = SimServer::start(SimConfig::fast().with_keys(keys.clone())).unwrap();
+    let replicas = [
+        alice_replica(&sim, &keys, &redis.url(), DAY).await,
+        alice_replica(&sim, &keys, &redis.url(), DAY).await,
+    ];
+    for r in &replicas {
+        assert_eq!(mode_of(r.addr()).await, "shared");
+    }
+    let http = http_client();
+    let mut seen = Vec::new();
+    for i in 0..8 {
+        seen.push(alice_chat(&http, replicas[i % 2].addr()).await);
+    }
+    let ok = seen.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 4, "alice's 4 per minute across both replicas: {seen:?}");
+    assert!(seen[..4].iter().all(|(s, _)| *s == 200), "the first four, from both: {seen:?}");
+    assert!(
+        seen[4..].iter().all(|(s, code)| *s == 429 && code == "client_quota_exceeded"),
+        "then her own quota answers, on both: {seen:?}"
+    );
+    assert_eq!(sim.stats().total_requests, 4, "refused requests spent no upstream quota");
+    // Alice's minute in Redis (her name hashed) holds the four.
+    let minute = redis.cli(&["KEYS", "proxypal:{:clients}:log:client:*:r60000"]).unwrap();
+    assert_eq!(minute.lines().count(), 1, "{minute}");
+    assert_eq!(redis.cli(&["ZCARD", minute.trim()]).unwrap().trim(), "4");
+    assert!(!minute.contains("alice"), "client names stay out of Redis keys: {minute}");
+    // Her day of tokens holds each answer's reported use, not its estimate
+    // (settled off the request's path: give it a moment).
+    let used: u64 = seen[..4].iter().map(|(_, tokens)| tokens.parse::<u64>().unwrap()).sum();
+    let day = redis.cli(&["KEYS", "proxypal:{:clients}:log:client:*:tr86400000"]).unwrap();
+    let mut settled = 0;
+    for _ in 0..50 {
+        let members = redis.cli(&["ZRANGE", day.trim(), "0", "-1"]).unwrap();
+        if members.lines().count() == 4 && !members.contains(":R:") {
+            settled = members.lines().map(|m| m.rsplit(':').next().unwrap().parse::<u64>().unwrap()).sum();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(settled, used, "the day of tokens counts what the answers used ({day})");
+    // Each replica's own engine holds what it sent (for /stats).
+    for r in &replicas {
+        assert_eq!(alice_used_locally(r.addr()).await, 2);
+    }
+    for r in replicas {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_takes_only_its_share_of_a_named_clients_quota() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let Some(mut redis) =
+        Redis::start("without_redis_each_replica_takes_only_its_share_of_a_named_clients_quota")
+    else {
+        return;
+    };
+    let keys = proxypal_nim_sim::generate_test_keys(2);
+    let sim = SimServer::start(SimConfig::fast().with_keys(keys.clone())).unwrap();
+    let replicas = [
+        alice_replica(&sim, &keys, &redis.url(), "").await,
+        alice_replica(&sim, &keys, &redis.url(), "").await,
+    ];
+    for r in &replicas {
+        assert_eq!(mode_of(r.addr()).await, "shared");
+    }
+    redis.kill();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(5);
+    for r in &replicas {
+        while mode_of(r.addr()).await != "degraded" {
+            assert!(Instant::now() < deadline, "degraded once Redis is gone");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = http_client();
+    // Before the cautious start (a lease and alice's minute after the last
+    // heartbeat) the share is not free: answered, by her own quota.
+    for i in 0..4 {
+        let (status, code) = alice_chat(&http, replicas[i % 2].addr()).await;
+        assert_eq!((status, code.as_str()), (429, "client_quota_exceeded"), "request {i}");
+    }
+    assert_eq!(sim.stats().total_requests, 0);
+    // After it, ⌊4 / 2⌋ = 2 per replica: the two together never exceed 4.
+    let free = killed + Duration::from_millis(300 + 60_500) + Duration::from_secs(2);
+    tokio::time::sleep_until(free.into()).await;
+    let mut seen: [Vec<(u16, String)>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..8 {
+        seen[i % 2].push(alice_chat(&http, replicas[i % 2].addr()).await);
+    }
+    for (r, seen) in seen.iter().enumerate() {
+        assert!(seen.iter().all(|(s, _)| *s == 200 || *s == 429), "never a 5xx: {seen:?}");
+        let ok = seen.iter().filter(|(s, _)| *s == 200).count();
+        assert_eq!(ok, 2, "replica {r} serves its share of alice's minute: {seen:?}");
+        assert!(seen.iter().all(|(s, code)| *s == 200 || code == "client_quota_exceeded"), "{seen:?}");
+    }
+    assert_eq!(sim.stats().total_requests, 4);
+    // Back (empty): both share again, having written what they sent alone.
+    redis.restart_empty();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for r in &replicas {
+        while mode_of(r.addr()).await != "shared" {
+            assert!(Instant::now() < deadline, "shared again once Redis is back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Written as the degraded spell's grants and again as the engine's
+    // entries after the state loss (as for keys): counted twice, the safe side.
+    let logs = redis.cli(&["KEYS", "proxypal:{:clients}:log:client:*"]).unwrap();
+    let replayed: u64 = redis.cli(&["ZCARD", logs.trim()]).unwrap().trim().parse().unwrap();
+    assert!(replayed >= 4, "alice's four, replayed: {replayed}");
+    let (status, code) = alice_chat(&http, replicas[0].addr()).await;
+    assert_eq!((status, code.as_str()), (429, "client_quota_exceeded"), "her minute is spent for both");
+    for r in replicas {
+        r.shutdown().await;
+    }
+}
