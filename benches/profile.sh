@@ -4,6 +4,7 @@
 #   bash benches/profile.sh            # REQS_SECS=10 CONC=8 NGINX=1
 #   BASELINE_BIN=/path/to/older/proxypal-server bash benches/profile.sh
 #   ALIAS=0 bash benches/profile.sh    # skip the alias measurement
+#   LEDGER=0 bash benches/profile.sh   # skip the ledger-on measurement
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
@@ -73,6 +74,10 @@ auth:
   tokens: ["$KEY"]
 log:
   level: warn
+state:
+  path: null
+ledger:
+  enabled: false
 YAML
 unset_env=()
 for v in $(compgen -e); do [[ $v == PROXYPAL_* ]] && unset_env+=(-u "$v"); done
@@ -144,6 +149,16 @@ YAML
     BENCH_MODEL=llama-8b measure alias "$PROXY_PORT" "$BIN" --config "$OUT/alias.yaml"
     awk -v a="${PER_REQ[alias]}" -v p="${PER_REQ[proxypal]}" \
         'BEGIN{printf "instructions per request: alias / direct = %.3f\n", a / p}' | tee -a "$OUT/summary.txt"
+fi
+
+if [[ ${LEDGER:-1} == 1 ]]; then
+    # The same with the usage ledger on (SQLite): the body tap, the record and
+    # the writer thread's inserts, all in the one process callgrind watches.
+    sed -e '/^state:/,$d' "$OUT/proxy.yaml" >"$OUT/ledger.yaml"
+    printf 'state:\n  path: "%s/state.db"\nledger:\n  path: "%s/ledger.db"\n' "$OUT" "$OUT" >>"$OUT/ledger.yaml"
+    measure ledger "$PROXY_PORT" "$BIN" --config "$OUT/ledger.yaml"
+    awk -v l="${PER_REQ[ledger]}" -v p="${PER_REQ[proxypal]}" \
+        'BEGIN{printf "instructions per request: ledger on / off = %.3f\n", l / p}' | tee -a "$OUT/summary.txt"
 fi
 
 if [[ -n ${BASELINE_BIN:-} ]]; then
