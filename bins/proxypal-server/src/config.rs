@@ -154,6 +154,9 @@ pub struct UpstreamConfig {
     /// `User-Agent` sent upstream instead of the client's.
     /// Default `proxypal/<version>`.
     pub user_agent: String,
+    /// Ask for `usage` in streams the client did not ask it for (as
+    /// `providers.<name>.stream_usage`). Default `false`.
+    pub stream_usage: bool,
     /// Optional PEM file of root certificates trusted for an `https://`
     /// upstream *besides* the built-in Mozilla roots: a private CA, or a
     /// TLS-inspecting corporate proxy. A relative path in the YAML file is
@@ -674,6 +677,7 @@ impl Default for UpstreamConfig {
             // The library's default is a static ASCII value.
             user_agent: d.user_agent.to_str().unwrap_or_default().to_owned(),
             ca_file: None,
+            stream_usage: false,
         }
     }
 }

@@ -64,6 +64,7 @@ pub fn gateway_config(config: &Config) -> Result<GatewayConfig, BuildError> {
         };
         provider.upstream = upstream_client_config(config, view.base_url, &view.base_url_field)?;
         provider.keys = keys;
+        provider.stream_usage = view.entry.map_or(config.upstream.stream_usage, |e| e.stream_usage);
         let over = view.rate_limit.to_limits().map_err(invalid(view.rate_limit_field.clone()))?;
         provider.limits = view.base_limits.overlay(&over);
         for (name, fields) in view.accounts {

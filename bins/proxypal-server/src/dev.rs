@@ -52,6 +52,8 @@ pub fn start_simulated_upstreams(config: &mut Config) -> Result<Simulated, proxy
         let rpm = config.default_limit_fields().requests_per_minute.unwrap_or(DEV_FALLBACK_RPM);
         let handle = SimServer::start(simulator(keys, rpm, SimDialect::Nvidia, false))?;
         config.upstream.base_url = handle.base_url();
+        // The simulator takes `stream_options.include_usage`: streams are in the ledger with their tokens.
+        config.upstream.stream_usage = true;
         sims.push((proxypal_gateway::DEFAULT_PROVIDER.to_owned(), handle));
         return Ok(Simulated { sims });
     }
@@ -76,6 +78,7 @@ pub fn start_simulated_upstreams(config: &mut Config) -> Result<Simulated, proxy
         };
         let handle = SimServer::start(simulator(keys, rpm, dialect, provider.auth == AuthMode::None))?;
         provider.base_url = Some(handle.base_url());
+        provider.stream_usage = true;
         sims.push((name.clone(), handle));
     }
     Ok(Simulated { sims })

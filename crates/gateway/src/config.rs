@@ -150,6 +150,12 @@ pub struct ProviderConfig {
     pub dialect: Dialect,
     /// Top-level request fields removed before sending (the provider rejects them).
     pub strip: Vec<String>,
+    /// Ask for `usage` in streams (`stream_options.include_usage`) when the
+    /// ledger or a token window needs it and the client did not ask; the
+    /// extra usage chunk is taken out before the client sees it. Off by
+    /// default: some upstreams reject the field or hang on it (NVIDIA, per
+    /// model), so turn it on only where it is known to work.
+    pub stream_usage: bool,
 }
 
 impl ProviderConfig {
@@ -167,6 +173,7 @@ impl ProviderConfig {
             quota_scope: QuotaScope::Key,
             dialect: Dialect::Nvidia,
             strip: Vec::new(),
+            stream_usage: false,
         }
     }
 
@@ -186,6 +193,7 @@ impl ProviderConfig {
             quota_scope: preset.scope,
             dialect: preset.dialect,
             strip: preset.strip.iter().map(|s| (*s).to_owned()).collect(),
+            stream_usage: false,
         }
     }
 

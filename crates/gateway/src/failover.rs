@@ -719,13 +719,17 @@ where
         tracing::Span::current().record("key", label);
         let sent_at = tokio::time::Instant::now();
         let upstream = clients.get(provider);
-        let answer = upstream
-            .send(
-                &parts,
-                body_for(&body, model_at.as_ref(), target, provider, &mut rewritten, lease.target),
-                &lease.auth,
-            )
-            .await;
+        let mut sent = body_for(&body, model_at.as_ref(), target, provider, &mut rewritten, lease.target);
+        // Usage for a stream whose client did not ask for it, where the
+        // provider is known to take the field (the extra chunk is taken out).
+        let mut asked_usage = false;
+        if reads_usage && provider.stream_usage {
+            if let Some(with) = crate::json::with_stream_usage(&sent) {
+                sent = with;
+                asked_usage = true;
+            }
+        }
+        let answer = upstream.send(&parts, sent, &lease.auth).await;
         let took = sent_at.elapsed();
         attempts.waited(took);
         metrics.upstream_latency(took);
@@ -781,7 +785,7 @@ where
                 _ => None,
             };
             let settle = crate::usage::Settle { key: Some(lease.permit), client: client_permit.0, record };
-            return stream(metrics, resp, slot, settle, reads_usage);
+            return stream(metrics, resp, slot, settle, reads_usage, asked_usage);
         }
         // A verdict that does not depend on the body is reported before the body is read.
         let by_body = judged_by_body(status)
@@ -960,13 +964,15 @@ async fn read_answer(resp: Response<UpstreamBody>) -> UpstreamAnswer {
 /// Streams a successful answer to the client frame by frame; the body holds
 /// the in-flight slot (and, for SSE, the open-streams gauge) until it ends,
 /// and the quota permits — read for `usage` (`reads_usage`) when token
-/// windows count it or the ledger records it.
+/// windows count it or the ledger records it. `asked_usage`: ProxyPal added
+/// `stream_options.include_usage`, so the usage-only chunk is taken out.
 fn stream(
     metrics: &Metrics,
     resp: Response<UpstreamBody>,
     slot: Slot,
     mut settle: crate::usage::Settle,
     reads_usage: bool,
+    asked_usage: bool,
 ) -> Response<ProxyBody> {
     let streaming =
         resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
@@ -976,7 +982,10 @@ fn stream(
             record.stream = streaming;
         }
         return resp.map(|body| {
-            let tapped = crate::usage::Tap::new(body.map_err(Into::into), streaming, settle);
+            let mut tapped = crate::usage::Tap::new(body.map_err(Into::into), streaming, settle);
+            if asked_usage {
+                tapped = tapped.stripping_usage();
+            }
             Guarded::new(tapped, (slot, stream)).boxed()
         });
     }

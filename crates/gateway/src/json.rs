@@ -150,6 +150,48 @@ pub(crate) fn splice(body: &[u8], span: Range<usize>, json: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// A streaming request's body with `stream_options.include_usage: true`
+/// added: `None` when the request does not stream (`"stream": true`), or
+/// already asks for usage, or is not a JSON object. Other members keep
+/// their bytes; an existing `stream_options` object keeps its other fields.
+pub(crate) fn with_stream_usage(body: &[u8]) -> Option<Bytes> {
+    let mut streams = false;
+    let mut options: Option<Member> = None;
+    visit_members(body, |m| {
+        match &body[m.key.clone()] {
+            b"stream" => streams = &body[m.value.clone()] == b"true",
+            b"stream_options" => options = Some(m.clone()),
+            _ => {}
+        }
+        true
+    })?;
+    if !streams {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + 40);
+    match options {
+        None => {
+            // Before the object's closing brace.
+            let end = body.iter().rposition(|&b| b == b'}')?;
+            out.extend_from_slice(&body[..end]);
+            out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
+            out.extend_from_slice(&body[end..]);
+        }
+        Some(m) => {
+            let mut value: serde_json::Value = serde_json::from_slice(&body[m.value.clone()]).ok()?;
+            let object = value.as_object_mut()?;
+            if object.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+                return None;
+            }
+            object.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+            out.extend_from_slice(&body[..m.value.start]);
+            out.extend_from_slice(value.to_string().as_bytes());
+            out.extend_from_slice(&body[m.value.end..]);
+        }
+    }
+    Some(Bytes::from(out))
+}
+
 /// `body` with its top-level `model` set to `model` (when given) and the
 /// top-level members named in `strip` removed. Only what changes is
 /// rewritten: the other members keep their bytes. `None` when `body` is not
@@ -205,6 +247,23 @@ pub(crate) fn rewrite(body: &[u8], model: Option<&str>, strip: &[Box<str>]) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_asks_for_usage_unless_it_did() {
+        let add = |b: &str| with_stream_usage(b.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap());
+        assert_eq!(
+            add(r#"{"model":"m","stream":true}"#).as_deref(),
+            Some(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#)
+        );
+        assert_eq!(
+            add(r#"{"stream":true,"stream_options":{"continuous_usage_stats":false}}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"continuous_usage_stats":false,"include_usage":true}}"#)
+        );
+        assert_eq!(add(r#"{"stream":true,"stream_options":{"include_usage":true}}"#), None, "asked already");
+        assert_eq!(add(r#"{"stream":false}"#), None);
+        assert_eq!(add(r#"{"model":"m"}"#), None);
+        assert_eq!(add("not json"), None);
+    }
 
     #[test]
     fn the_model_is_found_at_the_top_level_only() {

@@ -34,6 +34,8 @@ pub struct Provider {
     pub(crate) auth: Auth,
     pub(crate) dialect: Dialect,
     pub(crate) strip: Box<[Box<str>]>,
+    /// Ask for usage in streams the client did not ask it for.
+    pub(crate) stream_usage: bool,
     /// Its keys' `x-ratelimit-*` response headers, summed now and then.
     pub(crate) pool_headers: Arc<ArcSwap<PoolHeaders>>,
     /// Requests for this provider alone wait here, first come first served
@@ -104,6 +106,7 @@ impl Provider {
             auth: config.auth,
             dialect: config.dialect,
             strip: config.strip.iter().map(|s| s.as_str().into()).collect(),
+            stream_usage: config.stream_usage,
             pool_headers,
             queue,
             last_route: std::sync::Mutex::new(None),

@@ -82,8 +82,9 @@ struct Reported {
 
 impl From<Reported> for Usage {
     fn from(u: Reported) -> Self {
-        let total =
-            u.total_tokens.or_else(|| Some(u.prompt_tokens?.saturating_add(u.completion_tokens.unwrap_or(0))));
+        let total = u
+            .total_tokens
+            .or_else(|| Some(u.prompt_tokens?.saturating_add(u.completion_tokens.unwrap_or(0))));
         Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: total }
     }
 }
@@ -182,6 +183,10 @@ pin_project_lite::pin_project! {
         usage: Option<Usage>,
         first_byte: Option<Duration>,
         settle: Settle,
+        // SSE: take out the usage-only chunk (ProxyPal asked for it, the client did not).
+        strip: bool,
+        // The inner body ended; what was held back has gone out.
+        ended: bool,
     }
 
     impl<B> PinnedDrop for Tap<B> {
@@ -195,7 +200,27 @@ pin_project_lite::pin_project! {
 
 impl<B> Tap<B> {
     pub(crate) fn new(inner: B, sse: bool, settle: Settle) -> Self {
-        Self { inner, sse, buf: Vec::new(), chunks: Vec::new(), kept: 0, usage: None, first_byte: None, settle }
+        Self {
+            inner,
+            sse,
+            buf: Vec::new(),
+            chunks: Vec::new(),
+            kept: 0,
+            usage: None,
+            first_byte: None,
+            settle,
+            strip: false,
+            ended: false,
+        }
+    }
+
+    /// The same tap, taking out of an SSE answer the chunk that carries
+    /// only `usage` (`"choices": []`): ProxyPal asked the upstream for it
+    /// (`stream_options.include_usage`), the client did not. Events are
+    /// passed on whole, as they complete.
+    pub(crate) fn stripping_usage(mut self) -> Self {
+        self.strip = self.sse;
+        self
     }
 }
 
@@ -245,6 +270,85 @@ impl<B> Tap<B> {
     }
 }
 
+/// An SSE event's `usage`, and whether the event carries nothing else
+/// (`"choices": []`): such an event is the one `include_usage` adds.
+fn event_usage(event: &[u8]) -> Option<(Usage, bool)> {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    memchr::memmem::find(event, b"\"usage\"")?;
+    let line = event.split(|&b| b == b'\n').find_map(|l| l.strip_prefix(b"data:"))?.trim_ascii();
+    let usage = usage_of(line)?;
+    let only = serde_json::from_slice::<Chunk>(line).ok()?.choices.is_some_and(|c| c.is_empty());
+    Some((usage, only))
+}
+
+impl<B> Tap<B>
+where
+    B: Body<Data = Bytes>,
+{
+    /// [`Body::poll_frame`] when taking the usage-only chunk out: whole
+    /// events go on; a partial one waits for the rest.
+    fn poll_stripped(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            if self.ended {
+                self.as_mut().finish();
+                return Poll::Ready(None);
+            }
+            let polled = match self.as_mut().project().inner.poll_frame(cx) {
+                Poll::Ready(p) => p,
+                Poll::Pending => return Poll::Pending,
+            };
+            let data = match polled {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    let this = self.as_mut().project();
+                    *this.ended = true;
+                    if !this.buf.is_empty() {
+                        let rest = std::mem::take(this.buf);
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                    }
+                    continue;
+                }
+            };
+            let this = self.as_mut().project();
+            if this.first_byte.is_none() {
+                *this.first_byte = this.settle.record.as_ref().map(|(_, _, started)| started.elapsed());
+            }
+            this.buf.extend_from_slice(&data);
+            let Some(end) = memchr::memmem::rfind(this.buf, b"\n\n").map(|i| i + 2) else { continue };
+            let mut out = Vec::with_capacity(end);
+            let mut start = 0;
+            while let Some(i) = memchr::memmem::find(&this.buf[start..end], b"\n\n") {
+                let event = &this.buf[start..start + i + 2];
+                match event_usage(event) {
+                    Some((usage, only)) => {
+                        *this.usage = Some(usage);
+                        if !only {
+                            out.extend_from_slice(event);
+                        }
+                    }
+                    None => out.extend_from_slice(event),
+                }
+                start += i + 2;
+            }
+            this.buf.drain(..end);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
+        }
+    }
+}
+
 impl<B> Body for Tap<B>
 where
     B: Body<Data = Bytes>,
@@ -256,6 +360,9 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.strip {
+            return self.poll_stripped(cx);
+        }
         let polled = self.as_mut().project().inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -276,10 +383,17 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.strip {
+            return self.ended && self.buf.is_empty();
+        }
         self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.strip {
+            // Events may be taken out: the length is not known.
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }
@@ -349,6 +463,26 @@ mod tests {
             (Some(10), Some(32), Some(42))
         );
         assert!(got[0].complete && got[0].error.is_none() && got[0].first_byte.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_usage_chunk_proxypal_asked_for_is_taken_out_and_recorded() {
+        let sink = Arc::new(Collect::default());
+        let body = frames(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda",
+            "ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,",
+            "\"completion_tokens\":32,\"total_tokens\":42}}\n\ndata: [DONE]\n\n",
+        ]);
+        let out = Tap::new(body, true, settle(&sink)).stripping_usage().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n",
+            "every other event, byte for byte, in order"
+        );
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].usage.unwrap().total_tokens, Some(42));
+        assert!(got[0].complete);
     }
 
     #[tokio::test]

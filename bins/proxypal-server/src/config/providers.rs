@@ -41,6 +41,11 @@ pub struct ProviderEntry {
     /// Top-level request fields removed before sending (replaces the
     /// preset's list; `[]` sends everything).
     pub strip_params: Option<Vec<String>>,
+    /// Ask for `usage` in streams the client did not ask it for (the ledger
+    /// and token windows need it), taking the extra chunk out before the
+    /// client sees it. Default `false`: turn it on only for a provider known
+    /// to accept `stream_options.include_usage` (see `docs/clients.md`).
+    pub stream_usage: bool,
     /// How the provider announces limits: `nvidia`, `openai`, `groq`,
     /// `cerebras`, `openrouter`, `gemini` or `generic` (default: the preset's).
     pub dialect: Option<String>,

@@ -235,3 +235,43 @@ async fn postgres_ledger_buffers_while_the_database_is_down_and_writes_when_it_r
     })
     .await;
 }
+
+/// With `stream_usage` on, a stream whose client did not ask for usage is
+/// recorded with its tokens (ProxyPal asked the upstream) and the client's
+/// stream carries no usage chunk; off, nothing is asked and none recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_recorded_with_the_tokens_proxypal_asked_for_and_the_client_never_sees_them() {
+    bounded(async {
+        for asks in [true, false] {
+            let dir = TempDir::new("ledger-stream-usage");
+            let rig = Rig::start(
+                1,
+                |s| s,
+                |c| {
+                    clients(c);
+                    c.state.path = Some(dir.path("state.db"));
+                    c.upstream.stream_usage = asks;
+                },
+            )
+            .await;
+            let reply = send(&rig.http, chat(&rig, ALICE, true, false)).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            let text = reply.text();
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+            assert!(!text.contains("\"usage\":{"), "the client did not ask for usage: {text}");
+            let rows = rows_by_client(&rig, 1).await;
+            let alice = row(&rows, "alice");
+            if asks {
+                assert!(alice["total_tokens"].as_u64().unwrap() > 0, "{alice}");
+                assert_eq!(
+                    alice["total_tokens"],
+                    alice["prompt_tokens"].as_u64().unwrap() + alice["completion_tokens"].as_u64().unwrap()
+                );
+            } else {
+                assert_eq!(alice["total_tokens"], 0, "not asked, none reported: {alice}");
+            }
+            rig.server.shutdown().await;
+        }
+    })
+    .await;
+}
