@@ -33,7 +33,7 @@ trap cleanup EXIT
 
 MODES=(off sqlite)
 if command -v psql >/dev/null && psql "$PG_URL" -qtAc 'SELECT 1' >/dev/null 2>&1; then
-    psql "$PG_URL" -qc 'DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, proxypal_ledger_migrations' >/dev/null
+    psql "$PG_URL" -qc 'DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, proxypal_ledger_migrations, proxypal_ledger_names CASCADE' >/dev/null
     MODES+=(postgres)
 else
     log "postgres mode left out: $PG_URL does not answer (set PG_URL)"

@@ -47,6 +47,20 @@ pub enum LedgerError {
         #[source]
         source: Box<tokio_postgres::Error>,
     },
+    /// The database answered something the ledger cannot use, e.g. a name
+    /// it had just added to the dictionary has no id (someone deleted it).
+    /// The batch concerned is discarded.
+    #[error("ledger ({backend} {target}): {operation}: {detail}")]
+    Inconsistent {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// Where, password masked.
+        target: String,
+        /// What the ledger was doing.
+        operation: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
     /// An operation did not finish in time (a database that accepts the
     /// connection and then answers nothing).
     #[error("ledger ({backend} {target}): {operation}: no answer within {after:?}")]

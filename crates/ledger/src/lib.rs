@@ -16,6 +16,11 @@
 //!   warning per outage and one line when it is back. A batch being written
 //!   when the connection fails is kept and written once.
 //! - **Retention** runs at start and hourly, in bounded chunks.
+//! - **Rows hold integers.** Names (client, model, provider, upstream
+//!   model, key, error) are stored once in `proxypal_ledger_names` and rows
+//!   hold their ids; the writer remembers the ids it has seen, and
+//!   `/usage` joins the names back. The view `proxypal_ledger_named` shows
+//!   rows with their names, for people and tools reading the database.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -46,6 +51,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod names;
 mod postgres;
 mod query;
 mod redact;

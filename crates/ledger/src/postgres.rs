@@ -1,26 +1,39 @@
 //! The shared backend: several replicas write one PostgreSQL ledger.
 //!
 //! A batch is one transaction: claim the batch's id in
-//! `proxypal_ledger_batches` (`ON CONFLICT DO NOTHING`), then one
-//! multi-row `INSERT … SELECT * FROM UNNEST($1::BIGINT[], …)` (one prepared
-//! statement for any batch size, no parameter-count limit). If the
+//! `proxypal_ledger_batches` (`ON CONFLICT DO NOTHING`), give the names the
+//! writer has not seen yet their ids (see `names.rs`), then stream the rows
+//! with `COPY … FROM STDIN (FORMAT binary)`: no statement per row or per
+//! batch for the server to plan, no arrays to take apart, and the heap
+//! filled a page at a time (one WAL record per page, not per row). If the
 //! connection drops while `COMMIT` is in flight the outcome is unknown; the
 //! writer keeps the batch and retries it, and the retry finds its id
 //! already claimed when the first commit did land, so a batch is written
 //! exactly once. The ids are kept as long as the records (same retention).
+//!
+//! Replicas agree on name ids through `proxypal_ledger_names`' UNIQUE
+//! name: each inserts the names it lacks (`ON CONFLICT DO NOTHING`, in
+//! name order so two batches cannot wait on each other's names), then
+//! reads the ids back in a new statement, which sees a concurrent
+//! replica's committed insert.
 //!
 //! Every round trip is bounded ([`OP_TIMEOUT`]): a server that stops
 //! answering without closing the socket is treated like one that is gone
 //! (the connection is dropped and re-made).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::pin::pin;
 use std::time::Duration;
 
 use tokio::time::timeout;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, NoTls, Statement};
 use tracing::debug;
 
 use crate::error::LedgerError;
+use crate::names::NameIds;
 use crate::query::{Dialect, UsageQuery, UsageRow, usage_row, usage_sql};
 use crate::redact::redact;
 use crate::writer::{Batch, Failure, Store, StoreError};
@@ -36,14 +49,22 @@ const MIGRATION_LOCK: i64 = 0x7072_6f78_796c_6467;
 /// Schema versions, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[(
     1,
-    "CREATE TABLE IF NOT EXISTS proxypal_ledger (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    "-- Every name a record carries (client, model, provider, upstream
+    -- model, key, error), once; rows hold the ids (see names.rs).
+    CREATE TABLE IF NOT EXISTS proxypal_ledger_names (
+        id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );
+    -- No row id: its sequence and unique index were a third of the
+    -- server's CPU per row (examples/write_cost.rs), and nothing reads it;
+    -- retention deletes by ctid.
+    CREATE TABLE IF NOT EXISTS proxypal_ledger (
         at_ms BIGINT NOT NULL,
-        client TEXT NOT NULL,
-        model TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        upstream_model TEXT NOT NULL,
-        key_label TEXT NOT NULL,
+        client_id INTEGER NOT NULL,
+        model_id INTEGER NOT NULL,
+        provider_id INTEGER NOT NULL,
+        upstream_model_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
         status INTEGER NOT NULL,
         attempts INTEGER NOT NULL,
         ttfb_ms BIGINT,
@@ -52,13 +73,26 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         prompt_tokens BIGINT,
         completion_tokens BIGINT,
         total_tokens BIGINT,
-        error TEXT,
+        error_id INTEGER,
         cache_hit BOOLEAN NOT NULL DEFAULT FALSE
     );
     -- One index, by time: every query is a time range; a client's rows are
     -- filtered within it. A second index (client, at_ms) cost a third of
     -- the writer's time per row (benches/ledger.sh).
     CREATE INDEX IF NOT EXISTS proxypal_ledger_at ON proxypal_ledger (at_ms);
+    -- The rows with their names, for people and tools reading the ledger.
+    CREATE OR REPLACE VIEW proxypal_ledger_named AS
+    SELECT l.at_ms, c.name AS client, m.name AS model, p.name AS provider,
+        u.name AS upstream_model, k.name AS key_label, l.status, l.attempts, l.ttfb_ms,
+        l.total_ms, l.stream, l.prompt_tokens, l.completion_tokens, l.total_tokens,
+        e.name AS error, l.cache_hit
+    FROM proxypal_ledger l
+    JOIN proxypal_ledger_names c ON c.id = l.client_id
+    JOIN proxypal_ledger_names m ON m.id = l.model_id
+    JOIN proxypal_ledger_names p ON p.id = l.provider_id
+    JOIN proxypal_ledger_names u ON u.id = l.upstream_model_id
+    JOIN proxypal_ledger_names k ON k.id = l.key_id
+    LEFT JOIN proxypal_ledger_names e ON e.id = l.error_id;
     CREATE TABLE IF NOT EXISTS proxypal_ledger_batches (
         id TEXT PRIMARY KEY,
         at_ms BIGINT NOT NULL
@@ -69,23 +103,53 @@ const MIGRATIONS: &[(i32, &str)] = &[(
 const CLAIM: &str =
     "INSERT INTO proxypal_ledger_batches (id, at_ms) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
 
-const INSERT: &str = "INSERT INTO proxypal_ledger (at_ms, client, model, provider, upstream_model, key_label, \
-    status, attempts, ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error, cache_hit) \
-    SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], \
-    $7::INTEGER[], $8::INTEGER[], $9::BIGINT[], $10::BIGINT[], $11::BOOLEAN[], $12::BIGINT[], $13::BIGINT[], \
-    $14::BIGINT[], $15::TEXT[], $16::BOOLEAN[])";
+/// Adds the names not in the dictionary yet (in name order: see the module
+/// docs); a concurrent insert of the same name waits for the other
+/// transaction, then does nothing.
+const ADD_NAMES: &str = "INSERT INTO proxypal_ledger_names (name) \
+    SELECT name FROM UNNEST($1::TEXT[]) AS new (name) \
+    WHERE NOT EXISTS (SELECT 1 FROM proxypal_ledger_names known WHERE known.name = new.name) \
+    ORDER BY name ON CONFLICT (name) DO NOTHING";
+const NAME_IDS: &str = "SELECT name, id FROM proxypal_ledger_names WHERE name = ANY($1::TEXT[])";
+
+const COPY: &str = "COPY proxypal_ledger (at_ms, client_id, model_id, provider_id, upstream_model_id, key_id, \
+    status, attempts, ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error_id, \
+    cache_hit) FROM STDIN (FORMAT binary)";
+/// [`COPY`]'s column types, in order.
+const COPY_TYPES: [Type; 16] = [
+    Type::INT8,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT8,
+    Type::INT8,
+    Type::BOOL,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT4,
+    Type::BOOL,
+];
 
 pub(crate) struct PgStore {
     config: Config,
     /// The URL with the password masked, for errors and logs.
     target: String,
     conn: Option<Connected>,
+    /// Name ids learned on this connection (forgotten on a new one).
+    names: NameIds,
 }
 
 struct Connected {
     client: Client,
     claim: Statement,
-    insert: Statement,
+    add_names: Statement,
+    name_ids: Statement,
+    copy: Statement,
 }
 
 impl PgStore {
@@ -97,7 +161,7 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        Ok(Self { config, target, conn: None })
+        Ok(Self { config, target, conn: None, names: NameIds::default() })
     }
 
     fn timeout(&self, operation: &'static str) -> LedgerError {
@@ -121,9 +185,12 @@ impl PgStore {
             }
         });
         migrate(&mut client, target).await?;
-        let claim = client.prepare(CLAIM).await.map_err(err("prepare statements"))?;
-        let insert = client.prepare(INSERT).await.map_err(err("prepare statements"))?;
-        Ok(Connected { client, claim, insert })
+        let prepare = async |sql| client.prepare(sql).await.map_err(err("prepare statements"));
+        let claim = prepare(CLAIM).await?;
+        let add_names = prepare(ADD_NAMES).await?;
+        let name_ids = prepare(NAME_IDS).await?;
+        let copy = prepare(COPY).await?;
+        Ok(Connected { client, claim, add_names, name_ids, copy })
     }
 
     /// A failed operation on the connection: data errors keep it, anything
@@ -185,55 +252,75 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-async fn write_batch(conn: &mut Connected, batch: &Batch) -> Result<(), tokio_postgres::Error> {
+/// Writes `batch` in one transaction; `names` learns the new ids once the
+/// commit is known to have happened.
+async fn write_batch(conn: &mut Connected, names: &mut NameIds, batch: &Batch) -> Result<(), Error> {
     let records = &batch.records;
     let tx = conn.client.transaction().await?;
     let claimed = tx.execute(&conn.claim, &[&batch.id, &jiff::Timestamp::now().as_millisecond()]).await?;
     if claimed == 0 {
         // An earlier attempt committed although we never heard back.
         debug!(batch = %batch.id, "ledger: batch already written; not writing it twice");
-        return tx.rollback().await;
+        tx.rollback().await?;
+        return Ok(());
     }
-    let column = |f: fn(&crate::Record) -> Cow<'_, str>| records.iter().map(f).collect::<Vec<_>>();
-    let at_ms: Vec<i64> = records.iter().map(|r| r.at_ms).collect();
-    let client = column(|r| text(&r.client));
-    let model = column(|r| text(&r.model));
-    let provider = column(|r| text(&r.provider));
-    let upstream_model = column(|r| text(&r.upstream_model));
-    let key = column(|r| text(&r.key));
-    let status: Vec<i32> = records.iter().map(|r| i32::from(r.status)).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| i32::from(r.attempts)).collect();
-    let ttfb_ms: Vec<Option<i64>> = records.iter().map(|r| r.ttfb_ms.map(i64::from)).collect();
-    let total_ms: Vec<i64> = records.iter().map(|r| i64::from(r.total_ms)).collect();
-    let stream: Vec<bool> = records.iter().map(|r| r.stream).collect();
-    let prompt: Vec<Option<i64>> = records.iter().map(|r| r.prompt_tokens.map(clamp)).collect();
-    let completion: Vec<Option<i64>> = records.iter().map(|r| r.completion_tokens.map(clamp)).collect();
-    let total: Vec<Option<i64>> = records.iter().map(|r| r.total_tokens.map(clamp)).collect();
-    let error: Vec<Option<Cow<'_, str>>> = records.iter().map(|r| r.error.as_deref().map(text)).collect();
-    let cache_hit: Vec<bool> = records.iter().map(|r| r.cache_hit).collect();
-    tx.execute(
-        &conn.insert,
-        &[
-            &at_ms,
+    let mut lookup = names.lookup(records);
+    let mut found: HashMap<String, i32> = HashMap::new();
+    if !lookup.unknown.is_empty() {
+        let unknown: Vec<Cow<'_, str>> = lookup.unknown.iter().map(|name| text(name)).collect();
+        tx.execute(&conn.add_names, &[&unknown]).await?;
+        for row in tx.query(&conn.name_ids, &[&unknown]).await? {
+            found.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+    }
+    let new_ids = lookup.resolve(|name| match found.get(text(name).as_ref()) {
+        Some(&id) => Ok(i64::from(id)),
+        None => Err(Error::Missing(name.to_owned())),
+    })?;
+    let sink = tx.copy_in(&conn.copy).await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
+    for (r, ids) in records.iter().zip(&lookup.rows) {
+        // Ids come from INTEGER columns, so they fit; 0 is "no error".
+        let [client, model, provider, upstream_model, key, error] = ids.map(|id| id as i32);
+        let values: [&(dyn ToSql + Sync); 16] = [
+            &r.at_ms,
             &client,
             &model,
             &provider,
             &upstream_model,
             &key,
-            &status,
-            &attempts,
-            &ttfb_ms,
-            &total_ms,
-            &stream,
-            &prompt,
-            &completion,
-            &total,
-            &error,
-            &cache_hit,
-        ],
-    )
-    .await?;
-    tx.commit().await
+            &i32::from(r.status),
+            &i32::from(r.attempts),
+            &r.ttfb_ms.map(i64::from),
+            &i64::from(r.total_ms),
+            &r.stream,
+            &r.prompt_tokens.map(clamp),
+            &r.completion_tokens.map(clamp),
+            &r.total_tokens.map(clamp),
+            &(error != 0).then_some(error),
+            &r.cache_hit,
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    tx.commit().await?;
+    names.learn(&lookup.unknown, &new_ids);
+    Ok(())
+}
+
+/// What can go wrong writing a batch.
+#[derive(Debug)]
+enum Error {
+    Postgres(tokio_postgres::Error),
+    /// A name the dictionary should now hold was not there: the database
+    /// answered something impossible; the batch cannot be written.
+    Missing(String),
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Postgres(e)
+    }
 }
 
 impl Store for PgStore {
@@ -252,6 +339,9 @@ impl Store for PgStore {
         match timeout(OP_TIMEOUT, self.open()).await {
             Ok(Ok(conn)) => {
                 self.conn = Some(conn);
+                // The server may have come back from a backup or a reset:
+                // ids are learned afresh from what this one holds.
+                self.names = NameIds::default();
                 Ok(())
             }
             Ok(Err(e)) => Err(StoreError::transient(e)),
@@ -264,12 +354,23 @@ impl Store for PgStore {
         let Some(conn) = self.conn.as_mut() else {
             return Err(StoreError::transient(self.timeout("connect")));
         };
-        match timeout(OP_TIMEOUT, write_batch(conn, batch)).await {
+        match timeout(OP_TIMEOUT, write_batch(conn, &mut self.names, batch)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
+            Ok(Err(Error::Postgres(e))) => {
                 let failure = self.classify(&e);
                 Err(StoreError { failure, error: LedgerError::postgres(&self.target, "write a batch", e) })
             }
+            Ok(Err(Error::Missing(name))) => Err(StoreError {
+                failure: Failure::Rejected,
+                error: LedgerError::Inconsistent {
+                    backend: Self::BACKEND,
+                    target: self.target.clone(),
+                    operation: "write a batch",
+                    detail: format!(
+                        "the name {name:?} has no id in proxypal_ledger_names after it was added"
+                    ),
+                },
+            }),
             Err(_) => {
                 self.conn = None; // commit status unknown: the batch id settles it on retry
                 Err(StoreError::transient(self.timeout("write a batch")))
@@ -287,8 +388,11 @@ impl Store for PgStore {
             let deleted = conn
                 .client
                 .execute(
-                    "DELETE FROM proxypal_ledger WHERE id IN \
-                     (SELECT id FROM proxypal_ledger WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
+                    // ctids are stable within the statement (no one updates
+                    // rows; the snapshot keeps a concurrently deleted row's
+                    // slot from being reused).
+                    "DELETE FROM proxypal_ledger WHERE ctid = ANY (ARRAY \
+                     (SELECT ctid FROM proxypal_ledger WHERE at_ms < $1 ORDER BY at_ms LIMIT $2))",
                     &[&cutoff_ms, &limit],
                 )
                 .await?;

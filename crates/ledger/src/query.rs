@@ -244,53 +244,82 @@ impl Dialect {
     }
 }
 
-/// The grouped text columns in output order: (table column, selected).
-fn text_columns(group: GroupBy) -> [(&'static str, bool); 4] {
-    [("client", group.client), ("model", group.model), ("provider", group.provider), ("key_label", group.key)]
+/// The grouped name columns in output order: (id column, selected).
+fn name_columns(group: GroupBy) -> [(&'static str, bool); 4] {
+    [
+        ("client_id", group.client),
+        ("model_id", group.model),
+        ("provider_id", group.provider),
+        ("key_id", group.key),
+    ]
 }
 
 /// The aggregation for `query`. Parameters: `from_ms`, `to_ms`, then the
 /// client when [`UsageQuery::client`] is set. Columns: the bucket (unix ms)
-/// if bucketed, the grouped text columns in [`UsageRow`] order, then
-/// requests, errors and the three token sums (all BIGINT).
+/// if bucketed, the grouped names in [`UsageRow`] order, then requests,
+/// errors and the three token sums (all BIGINT).
+///
+/// Rows hold name ids (see `names.rs`): the rows are grouped by ids, and
+/// only the groups are joined to `proxypal_ledger_names` for their names.
+/// A name has one id and an id one name, so the groups are the same as
+/// grouping by the names themselves.
 pub(crate) fn usage_sql(query: &UsageQuery, dialect: Dialect) -> String {
-    let mut select = Vec::new();
-    let mut order = Vec::new();
+    let mut keys = Vec::new();
     if let Some(ms) = query.bucket.millis() {
         // floor(at_ms / ms) * ms, also right for negative at_ms (% keeps the dividend's sign).
-        select.push(format!("at_ms - (((at_ms % {ms}) + {ms}) % {ms}) AS bucket"));
-        order.push("bucket".to_owned());
+        keys.push(format!("at_ms - (((at_ms % {ms}) + {ms}) % {ms}) AS bucket"));
     }
-    for (column, _) in text_columns(query.group_by).iter().filter(|(_, on)| *on) {
-        select.push((*column).to_owned());
-        order.push(format!("{column}{}", dialect.collate()));
-    }
-    let group = select.len();
-    select.extend(
-        [
-            "COUNT(*)",
-            "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)",
-            "SUM(prompt_tokens)",
-            "SUM(completion_tokens)",
-            "SUM(total_tokens)",
-        ]
-        // PostgreSQL's SUM(BIGINT) is NUMERIC; NULL over no rows.
-        .map(|sum| format!("CAST(COALESCE({sum}, 0) AS BIGINT)")),
-    );
-    let mut sql = format!(
+    let names: Vec<&str> =
+        name_columns(query.group_by).iter().filter(|(_, on)| *on).map(|(column, _)| *column).collect();
+    keys.extend(names.iter().map(|column| (*column).to_owned()));
+    let sums = [
+        ("requests", "COUNT(*)"),
+        ("errors", "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)"),
+        ("prompt_tokens", "SUM(prompt_tokens)"),
+        ("completion_tokens", "SUM(completion_tokens)"),
+        ("total_tokens", "SUM(total_tokens)"),
+    ]
+    // PostgreSQL's SUM(BIGINT) is NUMERIC; NULL over no rows.
+    .map(|(name, sum)| format!("CAST(COALESCE({sum}, 0) AS BIGINT) AS {name}"));
+    let mut aggregate = format!(
         "SELECT {} FROM proxypal_ledger WHERE at_ms >= {} AND at_ms < {}",
-        select.join(", "),
+        keys.iter().map(String::as_str).chain(sums.iter().map(String::as_str)).collect::<Vec<_>>().join(", "),
         dialect.placeholder(1),
         dialect.placeholder(2)
     );
     if query.client.is_some() {
-        let _ = write!(sql, " AND client = {}", dialect.placeholder(3));
+        // No such name: no id, no rows.
+        let _ = write!(
+            aggregate,
+            " AND client_id = (SELECT id FROM proxypal_ledger_names WHERE name = {})",
+            dialect.placeholder(3)
+        );
     }
-    if group > 0 {
-        let positions: Vec<String> = (1..=group).map(|i| i.to_string()).collect();
-        let _ = write!(sql, " GROUP BY {} ORDER BY {}", positions.join(", "), order.join(", "));
+    if keys.is_empty() {
+        return aggregate; // one total row
     }
-    sql
+    let positions: Vec<String> = (1..=keys.len()).map(|i| i.to_string()).collect();
+    let _ = write!(aggregate, " GROUP BY {}", positions.join(", "));
+    if names.is_empty() {
+        return format!("{aggregate} ORDER BY bucket");
+    }
+    let mut select = Vec::new();
+    let mut order = Vec::new();
+    if query.bucket.millis().is_some() {
+        select.push("g.bucket".to_owned());
+        order.push("g.bucket".to_owned());
+    }
+    let mut joins = String::new();
+    for (i, column) in names.iter().enumerate() {
+        select.push(format!("n{i}.name"));
+        order.push(format!("n{i}.name{}", dialect.collate()));
+        let _ = write!(joins, " JOIN proxypal_ledger_names n{i} ON n{i}.id = g.{column}");
+    }
+    select.extend(
+        ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens"]
+            .map(|sum| format!("g.{sum}")),
+    );
+    format!("SELECT {} FROM ({aggregate}) g{joins} ORDER BY {}", select.join(", "), order.join(", "))
 }
 
 /// Builds [`UsageRow`]s from the columns [`usage_sql`] selects, read by
@@ -418,13 +447,23 @@ mod tests {
             client: Some("c".into()),
         };
         let pg = usage_sql(&query, Dialect::Postgres);
-        assert!(pg.contains("at_ms >= $1 AND at_ms < $2 AND client = $3"), "{pg}");
         assert!(
-            pg.ends_with("GROUP BY 1, 2, 3 ORDER BY bucket, client COLLATE \"C\", key_label COLLATE \"C\""),
+            pg.contains(
+                "at_ms >= $1 AND at_ms < $2 AND client_id = (SELECT id FROM proxypal_ledger_names WHERE name = $3)"
+            ),
             "{pg}"
         );
-        let total = UsageQuery { group_by: GroupBy::NONE, bucket: Bucket::None, client: None, ..query };
+        assert!(
+            pg.contains("GROUP BY 1, 2, 3) g JOIN proxypal_ledger_names n0 ON n0.id = g.client_id"),
+            "{pg}"
+        );
+        assert!(pg.ends_with("ORDER BY g.bucket, n0.name COLLATE \"C\", n1.name COLLATE \"C\""), "{pg}");
+        let total =
+            UsageQuery { group_by: GroupBy::NONE, bucket: Bucket::None, client: None, ..query.clone() };
         let lite = usage_sql(&total, Dialect::Sqlite);
         assert!(lite.ends_with("WHERE at_ms >= ?1 AND at_ms < ?2"), "{lite}");
+        let hourly = UsageQuery { group_by: GroupBy::NONE, client: None, ..query };
+        let lite = usage_sql(&hourly, Dialect::Sqlite);
+        assert!(lite.ends_with("GROUP BY 1 ORDER BY bucket") && !lite.contains("JOIN"), "{lite}");
     }
 }

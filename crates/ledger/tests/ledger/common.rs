@@ -67,6 +67,60 @@ pub fn traffic(base: i64) -> Vec<Record> {
     ]
 }
 
+/// `n` records that vary every column, `None`s included, over names that
+/// repeat (clients, models, keys) and names seen once (`unique-<i>` errors):
+/// enough to fill multi-row statements and leave a remainder.
+pub fn varied(base: i64, n: u64) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let model = ["gpt-4o", "llama", "deepseek-r1"][(i % 3) as usize];
+            let mut r = record(
+                base + i as i64 * 1_000,
+                ["alice", "bob", "carol, \"the\" admin", ""][(i % 4) as usize],
+                model,
+                200,
+                None,
+            );
+            r.key = format!("key-{}", i % 7);
+            r.status = [200, 429, 500, 201][(i % 4) as usize];
+            r.attempts = (i % 5) as u8;
+            r.ttfb_ms = (i % 6 != 0).then_some(i as u32);
+            r.total_ms = 10 * i as u32;
+            r.stream = i % 2 == 0;
+            r.prompt_tokens = (i % 3 != 0).then_some(i);
+            r.completion_tokens = (i % 5 != 0).then_some(2 * i);
+            // Record 13's is clamped to i64::MAX when stored (and would
+            // overflow any sum: aggregate from record 14 on).
+            r.total_tokens = (i % 7 != 0).then_some(if i == 13 { u64::MAX } else { 3 * i });
+            r.error = match i % 10 {
+                0..=5 => None,
+                6 | 7 => Some("rate_limited".into()),
+                _ => Some(format!("unique-{i}")),
+            };
+            r.cache_hit = i % 9 == 0;
+            r
+        })
+        .collect()
+}
+
+/// What `varied` records read back as: tokens beyond `i64::MAX` saturate.
+pub fn as_stored(records: &[Record]) -> Vec<Record> {
+    let clamp = |n: Option<u64>| n.map(|n| n.min(i64::MAX as u64));
+    records
+        .iter()
+        .map(|r| Record {
+            prompt_tokens: clamp(r.prompt_tokens),
+            completion_tokens: clamp(r.completion_tokens),
+            total_tokens: clamp(r.total_tokens),
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// The columns of the `proxypal_ledger_named` view, in [`Record`] order.
+pub const NAMED_COLUMNS: &str = "at_ms, client, model, provider, upstream_model, key_label, status, attempts, \
+    ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error, cache_hit";
+
 /// What `usage` must answer, computed naively in memory.
 pub fn reference(records: &[Record], query: &UsageQuery) -> Vec<UsageRow> {
     let size = match query.bucket {

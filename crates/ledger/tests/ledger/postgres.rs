@@ -3,9 +3,12 @@
 use std::time::{Duration, Instant};
 
 use proxypal_ledger::testing::Postgres;
-use proxypal_ledger::{Bucket, GroupBy, Ledger, LedgerConfig, UsageQuery};
+use proxypal_ledger::{Bucket, GroupBy, Ledger, LedgerConfig, Record, UsageQuery};
 
-use crate::common::{base_hour, bounded, check_aggregation, record, traffic, wait_for};
+use crate::common::{
+    NAMED_COLUMNS, as_stored, base_hour, bounded, check_aggregation, record, reference, traffic, varied,
+    wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -48,12 +51,12 @@ async fn postgres_usage_by_client_and_model_per_hour_matches_the_records() {
         check_aggregation(&ledger, base).await;
         let stats = ledger.stats();
         assert_eq!((stats.written, stats.batches), (9, 3), "{stats:?}");
-        // Every column arrives intact.
+        // Every column arrives intact (names through the view that joins them).
         let row = connect(&pg)
             .await
             .query_one(
                 "SELECT client, provider, upstream_model, key_label, status, attempts, ttfb_ms, total_ms, stream, \
-                 error, cache_hit FROM proxypal_ledger WHERE status = 429",
+                 error, cache_hit FROM proxypal_ledger_named WHERE status = 429",
                 &[],
             )
             .await
@@ -68,6 +71,118 @@ async fn postgres_usage_by_client_and_model_per_hour_matches_the_records() {
         assert_eq!(row.get::<_, Option<&str>>(9), Some("upstream_error"));
         assert!(!row.get::<_, bool>(10));
         ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// Every row, read back through the view that joins the names.
+async fn read_back(pg: &Postgres) -> Vec<Record> {
+    let rows = connect(pg)
+        .await
+        .query(&format!("SELECT {NAMED_COLUMNS} FROM proxypal_ledger_named ORDER BY at_ms"), &[])
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|row| Record {
+            at_ms: row.get(0),
+            client: row.get(1),
+            model: row.get(2),
+            provider: row.get(3),
+            upstream_model: row.get(4),
+            key: row.get(5),
+            status: row.get::<_, i32>(6) as u16,
+            attempts: row.get::<_, i32>(7) as u8,
+            ttfb_ms: row.get::<_, Option<i64>>(8).map(|n| n as u32),
+            total_ms: row.get::<_, i64>(9) as u32,
+            stream: row.get(10),
+            prompt_tokens: row.get::<_, Option<i64>>(11).map(|n| n as u64),
+            completion_tokens: row.get::<_, Option<i64>>(12).map(|n| n as u64),
+            total_tokens: row.get::<_, Option<i64>>(13).map(|n| n as u64),
+            error: row.get(14),
+            cache_hit: row.get(15),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_hold_name_ids_and_read_back_exactly() {
+    let Some(pg) = Postgres::new("postgres_names") else { return };
+    bounded(LIMIT, async {
+        let base = base_hour();
+        let mut records = varied(base, 300);
+        // PostgreSQL text cannot hold NUL: stored (and grouped) as U+FFFD.
+        records[5].client = "nul\0client".into();
+        let ledger = Ledger::start(LedgerConfig { batch: 256, ..fast(&pg) }).await.unwrap();
+        for r in &records {
+            ledger.record(r.clone());
+        }
+        ledger.flush().await.unwrap();
+        let mut expected = as_stored(&records);
+        expected[5].client = "nul\u{fffd}client".into();
+        assert_eq!(read_back(&pg).await, expected);
+        let client = connect(&pg).await;
+        let names: i64 =
+            client.query_one("SELECT COUNT(*) FROM proxypal_ledger_names", &[]).await.unwrap().get(0);
+        // 4 + 1 clients, 3 models, 2 providers, 3 upstream models, 7 keys, 1 + 60 errors.
+        assert_eq!(names, 81);
+        let query = UsageQuery {
+            from_ms: base + 14_000,
+            to_ms: i64::MAX,
+            group_by: "client,model,provider,key".parse().unwrap(),
+            bucket: Bucket::Hour,
+            client: None,
+        };
+        assert_eq!(ledger.usage(&query).await.unwrap(), reference(&expected, &query));
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_ledgers_adding_the_same_new_names_at_once_agree_on_their_ids() {
+    let Some(pg) = Postgres::new("postgres_name_race") else { return };
+    bounded(LIMIT, async {
+        let (a, b) = tokio::join!(Ledger::start(fast(&pg)), Ledger::start(fast(&pg)));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let base = base_hour();
+        let mut all = Vec::new();
+        for round in 0..20_i64 {
+            // Both see the same new names in the same round, in opposite orders.
+            let names: Vec<String> = (0..8).map(|i| format!("client-{round}-{i}")).collect();
+            for (n, name) in names.iter().enumerate() {
+                let at = base + round * 100 + n as i64;
+                let ra = record(at, name, "gpt-4o", 200, Some((1, 1)));
+                let rb = record(at, &names[names.len() - 1 - n], "gpt-4o", 200, Some((2, 2)));
+                a.record(ra.clone());
+                b.record(rb.clone());
+                all.extend([ra, rb]);
+            }
+            let (fa, fb) = tokio::join!(a.flush(), b.flush());
+            fa.unwrap();
+            fb.unwrap();
+        }
+        let client = connect(&pg).await;
+        let (names, distinct): (i64, i64) = client
+            .query_one("SELECT COUNT(*), COUNT(DISTINCT name) FROM proxypal_ledger_names", &[])
+            .await
+            .map(|row| (row.get(0), row.get(1)))
+            .unwrap();
+        // 160 clients and their keys, plus gpt-4o, openai, gpt-4o-upstream.
+        assert_eq!((names, distinct), (323, 323));
+        assert_eq!(count(&pg).await, all.len() as i64);
+        let query = UsageQuery {
+            from_ms: base,
+            to_ms: base + 10_000,
+            group_by: "client,key".parse().unwrap(),
+            bucket: Bucket::None,
+            client: None,
+        };
+        let rows = a.usage(&query).await.unwrap();
+        assert_eq!(rows, reference(&all, &query));
+        assert!(rows.iter().all(|r| r.requests == 2 && r.total_tokens == 6), "{rows:#?}");
+        for ledger in [a, b] {
+            ledger.close().await.unwrap();
+        }
     })
     .await;
 }

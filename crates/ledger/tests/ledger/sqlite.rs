@@ -4,7 +4,12 @@ use std::time::{Duration, Instant};
 
 use proxypal_ledger::{Bucket, GroupBy, Ledger, LedgerConfig, LedgerError, UsageQuery, to_csv};
 
-use crate::common::{HOUR_MS, TempDir, base_hour, bounded, check_aggregation, record, traffic, wait_for};
+use proxypal_ledger::Record;
+
+use crate::common::{
+    HOUR_MS, NAMED_COLUMNS, TempDir, as_stored, base_hour, bounded, check_aggregation, record, reference,
+    traffic, varied, wait_for,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -66,6 +71,86 @@ async fn sqlite_usage_by_client_and_model_per_hour_matches_the_records() {
         }
         // `usage` flushes first: no explicit flush here.
         check_aggregation(&ledger, base).await;
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// Every row, read back through the view that joins the names.
+fn read_back(path: &std::path::Path) -> Vec<Record> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut statement =
+        conn.prepare(&format!("SELECT {NAMED_COLUMNS} FROM proxypal_ledger_named ORDER BY at_ms")).unwrap();
+    statement
+        .query_map([], |row| {
+            Ok(Record {
+                at_ms: row.get(0)?,
+                client: row.get(1)?,
+                model: row.get(2)?,
+                provider: row.get(3)?,
+                upstream_model: row.get(4)?,
+                key: row.get(5)?,
+                status: row.get(6)?,
+                attempts: row.get(7)?,
+                ttfb_ms: row.get(8)?,
+                total_ms: row.get(9)?,
+                stream: row.get(10)?,
+                prompt_tokens: row.get::<_, Option<i64>>(11)?.map(|n| n as u64),
+                completion_tokens: row.get::<_, Option<i64>>(12)?.map(|n| n as u64),
+                total_tokens: row.get::<_, Option<i64>>(13)?.map(|n| n as u64),
+                error: row.get(14)?,
+                cache_hit: row.get(15)?,
+            })
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_rows_hold_name_ids_and_read_back_exactly() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("names");
+        let path = dir.file("ledger.db");
+        // 300 records: batches of 256 (four 64-row statements) and 44 (single rows).
+        let base = base_hour();
+        let records = varied(base, 300);
+        assert_eq!(records[13].total_tokens, Some(u64::MAX));
+        let ledger = Ledger::start(manual(&path, 256)).await.unwrap();
+        for r in &records {
+            ledger.record(r.clone());
+        }
+        ledger.flush().await.unwrap();
+        assert_eq!(read_back(&path), as_stored(&records));
+        // Each name once in the dictionary, whichever columns use it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let (names, distinct): (i64, i64) = conn
+            .query_row("SELECT COUNT(*), COUNT(DISTINCT name) FROM proxypal_ledger_names", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .unwrap();
+        // 4 clients, 3 models, 2 providers, 3 upstream models, 7 keys, 1 + 60 errors.
+        assert_eq!((names, distinct), (80, 80));
+
+        // A new ledger on the same file knows none of the ids: it finds them.
+        ledger.shutdown().await.unwrap();
+        let ledger = Ledger::start(manual(&path, 256)).await.unwrap();
+        let more = varied(base + 1, 70);
+        for r in &more {
+            ledger.record(r.clone());
+        }
+        let everything = UsageQuery {
+            from_ms: base + 14_000,
+            to_ms: i64::MAX,
+            group_by: "client,model,provider,key".parse().unwrap(),
+            bucket: Bucket::Hour,
+            client: None,
+        };
+        let all: Vec<Record> = records.iter().chain(&more).cloned().collect();
+        assert_eq!(ledger.usage(&everything).await.unwrap(), reference(&as_stored(&all), &everything));
+        let names: i64 =
+            conn.query_row("SELECT COUNT(*) FROM proxypal_ledger_names", [], |row| row.get(0)).unwrap();
+        assert_eq!(names, 80, "no name added twice");
         ledger.shutdown().await.unwrap();
     })
     .await;
