@@ -47,8 +47,11 @@
 //! ```
 #![deny(missing_docs)]
 
+mod cache;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use cache::SharedCache;
 
 use std::time::Duration;
 
@@ -622,34 +625,7 @@ impl SharedBudgets {
     /// # Errors
     /// A URL that is not Redis's, or no connection within a second.
     pub async fn connect(config: SharedConfig) -> Result<Self, SharedError> {
-        if config.key_prefix.contains(['{', '}']) || config.key_prefix.is_empty() {
-            return Err(SharedError::Invalid(format!(
-                "shared.key_prefix: {:?} must be non-empty, without '{{' or '}}' (the hash tag is the pool's)",
-                config.key_prefix
-            )));
-        }
-        let url_error = |e: redis::RedisError| SharedError::Url {
-            reason: format!("{} is not a usable Redis URL ({})", redacted(&config.url), e.category()),
-        };
-        // redis-rs asks rustls for the process's provider: ring, as the
-        // upstream client uses (a no-op when one is installed already).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = match &config.ca_pem {
-            Some(pem) => Client::build_with_tls(
-                config.url.as_str(),
-                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
-            )
-            .map_err(url_error)?,
-            None => Client::open(config.url.as_str()).map_err(url_error)?,
-        };
-        let manager = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.timeout))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1);
-        let conn =
-            tokio::time::timeout(Duration::from_secs(2), ConnectionManager::new_with_config(client, manager))
-                .await
-                .map_err(|_| SharedError::Timeout(Duration::from_secs(2)))??;
+        let conn = connect_manager(&config).await?;
         let replica = format!("{:x}-{:x}", std::process::id(), now_nanos());
         Ok(Self {
             conn,
@@ -1103,12 +1079,55 @@ impl SharedBudgets {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
-        match tokio::time::timeout(self.config.timeout, call).await {
-            // The connection manager's own response timeout (the same deadline).
-            Ok(Err(e)) if e.is_timeout() => Err(SharedError::Timeout(self.config.timeout)),
-            Ok(answer) => Ok(answer?),
-            Err(_) => Err(SharedError::Timeout(self.config.timeout)),
-        }
+        bounded(self.config.timeout, call).await
+    }
+}
+
+/// One multiplexed connection to `config.url` that reconnects by itself,
+/// each answer awaited at most `config.timeout` (TLS through rustls' ring
+/// provider, with `config.ca_pem` when given); after checking
+/// `config.key_prefix`.
+async fn connect_manager(config: &SharedConfig) -> Result<ConnectionManager, SharedError> {
+    if config.key_prefix.contains(['{', '}']) || config.key_prefix.is_empty() {
+        return Err(SharedError::Invalid(format!(
+            "shared.key_prefix: {:?} must be non-empty, without '{{' or '}}' (the hash tag is the pool's)",
+            config.key_prefix
+        )));
+    }
+    let url_error = |e: redis::RedisError| SharedError::Url {
+        reason: format!("{} is not a usable Redis URL ({})", redacted(&config.url), e.category()),
+    };
+    // redis-rs asks rustls for the process's provider: ring, as the
+    // upstream client uses (a no-op when one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match &config.ca_pem {
+        Some(pem) => Client::build_with_tls(
+            config.url.as_str(),
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+        )
+        .map_err(url_error)?,
+        None => Client::open(config.url.as_str()).map_err(url_error)?,
+    };
+    let manager = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.timeout))
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(1);
+    tokio::time::timeout(Duration::from_secs(2), ConnectionManager::new_with_config(client, manager))
+        .await
+        .map_err(|_| SharedError::Timeout(Duration::from_secs(2)))?
+        .map_err(SharedError::from)
+}
+
+/// `call`, given at most `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SharedError> {
+    match tokio::time::timeout(timeout, call).await {
+        // The connection manager's own response timeout (the same deadline).
+        Ok(Err(e)) if e.is_timeout() => Err(SharedError::Timeout(timeout)),
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(SharedError::Timeout(timeout)),
     }
 }
 

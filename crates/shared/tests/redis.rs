@@ -1,9 +1,12 @@
 //! Against a real `redis-server`, started by each test on a free loopback
 //! port (never the machine's own Redis, which other tests may use): two
 //! "replicas" (two connections) share one window, key health, NOSCRIPT and
-//! state loss, a frozen Redis. Without `redis-server` the tests say they are
+//! state loss, a frozen Redis; the response cache's values (`cache`). Without `redis-server` the tests say they are
 //! skipped and why; under `CI=true` that is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "redis/cache.rs"]
+mod cache;
 
 use std::time::{Duration, Instant};
 
