@@ -127,7 +127,7 @@ impl App {
         if self.ledger.set(ledger.clone()).is_err() {
             return false;
         }
-        self.gateway.set_usage_sink(Arc::new(crate::usage::LedgerSink(ledger)))
+        self.gateway.set_usage_sink(Arc::new(crate::usage::LedgerSink::new(ledger)))
     }
 
     /// The usage ledger, if there is one.

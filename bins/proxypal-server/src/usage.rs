@@ -2,8 +2,9 @@
 //! gateway's finished requests become its rows, `GET /usage`, and its
 //! health in `/stats` and `/metrics`.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::header::CONTENT_TYPE;
@@ -52,7 +53,20 @@ fn sibling(state: &Path) -> PathBuf {
 
 /// The gateway's finished requests, written to the ledger.
 #[derive(Debug)]
-pub struct LedgerSink(pub Ledger);
+pub struct LedgerSink {
+    ledger: Ledger,
+    /// [`ANONYMOUS`] and the empty name, shared by every record that needs
+    /// them (no allocation per request).
+    anonymous: Arc<str>,
+    empty: Arc<str>,
+}
+
+impl LedgerSink {
+    /// Records into `ledger`.
+    pub fn new(ledger: Ledger) -> Self {
+        Self { ledger, anonymous: Arc::from(ANONYMOUS), empty: Arc::from("") }
+    }
+}
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
@@ -64,13 +78,13 @@ impl UsageSink for LedgerSink {
             r.at.duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let usage = r.usage.unwrap_or_default();
-        self.0.record(Record {
+        self.ledger.record(Record {
             at_ms,
-            client: r.client.as_deref().unwrap_or(ANONYMOUS).to_owned(),
+            client: r.client.unwrap_or_else(|| Arc::clone(&self.anonymous)),
             model: r.model,
-            provider: r.provider.unwrap_or_default(),
-            upstream_model: r.upstream_model.unwrap_or_default(),
-            key: r.key.unwrap_or_default(),
+            provider: r.provider.unwrap_or_else(|| Arc::clone(&self.empty)),
+            upstream_model: r.upstream_model.unwrap_or_else(|| Arc::clone(&self.empty)),
+            key: r.key.unwrap_or_else(|| Arc::clone(&self.empty)),
             status: r.status,
             attempts: r.attempts,
             ttfb_ms: r.first_byte.map(millis),
@@ -79,7 +93,7 @@ impl UsageSink for LedgerSink {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
-            error: r.error.map(str::to_owned),
+            error: r.error.map(Cow::Borrowed),
             cache_hit: false,
         });
     }

@@ -111,8 +111,8 @@ pub(crate) struct Attempts {
 #[derive(Debug, Default)]
 struct LedgerNotes {
     client: Option<Arc<str>>,
-    model: String,
-    key: Option<String>,
+    model: Arc<str>,
+    key: Option<Arc<str>>,
     error: Option<&'static str>,
     /// The answer's body records the request when it ends.
     tapped: bool,
@@ -198,7 +198,7 @@ impl Attempts {
         }
         self.tried.push(lease.provider, lease.selected.index());
         if let Some(notes) = self.ledger.as_mut() {
-            notes.key = Some(lease.selected.key().label().to_owned());
+            notes.key = Some(Arc::clone(lease.selected.key().shown()));
         }
         self.served_by = Some(Arc::clone(&lease.metrics));
         self.last_target = Some((lease.provider, lease.target));
@@ -523,7 +523,7 @@ fn record(
         at: std::time::SystemTime::now(),
         client: notes.client,
         model: notes.model,
-        provider: target.map(|p| p.name().to_owned()),
+        provider: target.map(|p| Arc::clone(p.name_arc())),
         upstream_model: None,
         key: notes.key,
         status: status.as_u16(),
@@ -614,7 +614,7 @@ where
     let named = crate::json::model_span(&body);
     let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
     if let Some(notes) = attempts.ledger.as_mut() {
-        notes.model = named.as_ref().map(|(_, m)| m.to_string()).unwrap_or_default();
+        notes.model = named.as_ref().map(|(_, m)| Arc::from(&**m)).unwrap_or_default();
     }
     if let Err(refused) = settings.tokens.check_model(client, named.as_ref().map(|(_, m)| &**m)) {
         attempts.error("model_not_allowed");
@@ -762,13 +762,12 @@ where
             let record = match (gw.sink, attempts.ledger.as_mut()) {
                 (Some(sink), Some(notes)) => {
                     notes.tapped = true;
-                    let upstream_model =
-                        target.model.as_deref().map(str::to_owned).or(Some(notes.model.clone()));
+                    let upstream_model = target.model.clone().or_else(|| Some(Arc::clone(&notes.model)));
                     let finished = crate::usage::Finished {
                         at: std::time::SystemTime::now(),
                         client: notes.client.clone(),
                         model: std::mem::take(&mut notes.model),
-                        provider: Some(provider.name().to_owned()),
+                        provider: Some(Arc::clone(provider.name_arc())),
                         upstream_model,
                         key: notes.key.take(),
                         status: status.as_u16(),

@@ -63,13 +63,17 @@ pub struct Key {
     name: Option<String>,
     rate: RateOverride,
     label: String,
+    /// The name if configured, else the label; shared, so a report can
+    /// carry it without copying.
+    shown: Arc<str>,
     pub(crate) state: Arc<KeyState>,
 }
 
 impl Key {
     pub(crate) fn new(spec: KeySpec, state: Arc<KeyState>) -> Self {
         let label = spec.secret.masked();
-        Self { secret: spec.secret, name: spec.name, rate: spec.rate, label, state }
+        let shown = Arc::from(spec.name.as_deref().unwrap_or(&label));
+        Self { secret: spec.secret, name: spec.name, rate: spec.rate, label, shown, state }
     }
 
     /// The secret (for the `Authorization` header, and nothing else).
@@ -80,6 +84,13 @@ impl Key {
     /// The masked label, e.g. `nvapi-…wxyz`: safe to log and show.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The configured name if there is one, else the masked label: how
+    /// reports (the usage ledger) name the key. Shared, so cloning it does
+    /// not allocate.
+    pub fn shown(&self) -> &Arc<str> {
+        &self.shown
     }
 
     /// The configured name, if any.

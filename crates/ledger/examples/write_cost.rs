@@ -20,7 +20,9 @@
 //! checkpointer, …) from the first record to the end of the flush; run it
 //! on a quiet server.
 
+use std::borrow::Cow;
 use std::error::Error;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxypal_ledger::{Ledger, LedgerConfig, Record};
@@ -33,22 +35,49 @@ const MODELS: [(&str, &str, &str); 4] = [
     ("mixtral-8x22b", "nvidia", "mistralai/mixtral-8x22b-instruct-v0.1"),
 ];
 
+/// Every name a record can carry, made once and shared, as the proxy does
+/// (`Arc<str>`: a record clones a pointer, the writer frees nothing).
+struct Names {
+    clients: Vec<Arc<str>>,
+    models: Vec<[Arc<str>; 3]>,
+    /// Per model's provider, 100 keys.
+    keys: Vec<Vec<Arc<str>>>,
+}
+
+impl Names {
+    fn new() -> Self {
+        Self {
+            clients: CLIENTS.iter().map(|&c| Arc::from(c)).collect(),
+            models: MODELS.iter().map(|&(m, p, u)| [m, p, u].map(Arc::from)).collect(),
+            keys: MODELS
+                .iter()
+                .map(|&(_, provider, _)| {
+                    (0..100u64)
+                        .map(|key| Arc::from(format!("{provider}-key-{key:02} (nvapi-…{:04x})", key * 331)))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The `i`th synthetic record (deterministic).
-fn record(base: i64, i: u64, uniform: bool) -> Record {
+fn record(names: &Names, base: i64, i: u64, uniform: bool) -> Record {
     // A cheap mix so the columns do not move in lockstep.
     let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-    let (model, provider, upstream_model) = MODELS[if uniform { 0 } else { (h % 4) as usize }];
-    let client = CLIENTS[if uniform { 0 } else { ((h >> 3) % 6) as usize }];
+    let m = if uniform { 0 } else { (h % 4) as usize };
+    let [model, provider, upstream_model] = names.models[m].clone();
+    let client = Arc::clone(&names.clients[if uniform { 0 } else { ((h >> 3) % 6) as usize }]);
     let key = if uniform { i % 100 } else { (h >> 7) % 100 };
     let failed = h % 20 == 7;
     let stream = !h.is_multiple_of(3);
     Record {
         at_ms: base + (i as i64) * 7,
-        client: client.to_owned(),
-        model: model.to_owned(),
-        provider: provider.to_owned(),
-        upstream_model: upstream_model.to_owned(),
-        key: format!("{provider}-key-{key:02} (nvapi-…{:04x})", key * 331),
+        client,
+        model,
+        provider,
+        upstream_model,
+        key: Arc::clone(&names.keys[m][key as usize]),
         status: if failed { 429 } else { 200 },
         attempts: 1 + u8::from(failed),
         ttfb_ms: (!failed).then_some((h % 900) as u32 + 20),
@@ -57,7 +86,7 @@ fn record(base: i64, i: u64, uniform: bool) -> Record {
         prompt_tokens: (!failed).then_some(h % 4_000 + 10),
         completion_tokens: (!failed).then_some(h % 1_000 + 1),
         total_tokens: (!failed).then_some(h % 4_000 + h % 1_000 + 11),
-        error: failed.then(|| "rate_limited".to_owned()),
+        error: failed.then_some(Cow::Borrowed("rate_limited")),
         cache_hit: false,
     }
 }
@@ -115,14 +144,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
     config.flush_every = Duration::from_millis(50);
     let ledger = Ledger::start(config).await?;
     let base = jiff::Timestamp::now().as_millisecond() - 3_600_000;
+    let names = Names::new();
     // Warm up (statements prepared, names seen) outside the measurement.
-    ledger.record(record(base, 0, uniform));
+    ledger.record(record(&names, base, 0, uniform));
     ledger.flush().await?;
 
     let cpu_before = if backend == "postgres" { postgres_cpu_ticks()? } else { 0 };
     let started = Instant::now();
     for i in 1..=n {
-        ledger.record(record(base, i, uniform));
+        ledger.record(record(&names, base, i, uniform));
         if i % 4_096 == 0 {
             // Let the writer run now and then, as a real proxy's would.
             tokio::task::yield_now().await;

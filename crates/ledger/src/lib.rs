@@ -60,6 +60,7 @@ mod sqlite;
 pub mod testing;
 mod writer;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,15 +80,15 @@ pub struct Record {
     /// When the request finished, unix ms.
     pub at_ms: i64,
     /// The client's name (the caller decides what anonymous requests use).
-    pub client: String,
+    pub client: Arc<str>,
     /// The public model name the client asked for.
-    pub model: String,
+    pub model: Arc<str>,
     /// The provider that served (or last tried) it.
-    pub provider: String,
+    pub provider: Arc<str>,
     /// The provider's name for the model.
-    pub upstream_model: String,
+    pub upstream_model: Arc<str>,
     /// The key's name or masked label, never a secret (the caller guarantees it).
-    pub key: String,
+    pub key: Arc<str>,
     /// The HTTP status returned to the client.
     pub status: u16,
     /// Upstream attempts made (failovers included).
@@ -105,7 +106,7 @@ pub struct Record {
     /// Total tokens, when reported.
     pub total_tokens: Option<u64>,
     /// The error class when it failed, e.g. `rate_limited`, `upstream_error`.
-    pub error: Option<String>,
+    pub error: Option<Cow<'static, str>>,
     /// Served from the response cache (reserved; stored, `false` for now).
     pub cache_hit: bool,
 }

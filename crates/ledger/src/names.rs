@@ -77,7 +77,9 @@ impl NameIds {
             for ((slot, name), previous) in ids.iter_mut().zip(names(record)).zip(&mut previous) {
                 let Some(name) = name else { continue };
                 *slot = match *previous {
-                    Some((seen, id)) if seen == name => id,
+                    // Records share their names' allocations (`Arc<str>`): the
+                    // same pointer settles it without comparing bytes.
+                    Some((seen, id)) if std::ptr::eq(seen, name) || seen == name => id,
                     _ => {
                         let id = match self.known.get(name) {
                             Some(&id) => id,
@@ -200,9 +202,9 @@ mod tests {
             client: client.into(),
             model: model.into(),
             provider: "nvidia".into(),
-            upstream_model: format!("{model}-up"),
+            upstream_model: format!("{model}-up").into(),
             key: "k1".into(),
-            error: error.map(str::to_owned),
+            error: error.map(|e| e.to_owned().into()),
             ..Record::default()
         }
     }

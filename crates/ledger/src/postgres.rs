@@ -47,9 +47,10 @@ const OP_TIMEOUT: Duration = Duration::from_secs(15);
 const MIGRATION_LOCK: i64 = 0x7072_6f78_796c_6467;
 
 /// Schema versions, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "-- Every name a record carries (client, model, provider, upstream
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "-- Every name a record carries (client, model, provider, upstream
     -- model, key, error), once; rows hold the ids (see names.rs).
     CREATE TABLE IF NOT EXISTS proxypal_ledger_names (
         id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -98,7 +99,19 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         at_ms BIGINT NOT NULL
     );
     CREATE INDEX IF NOT EXISTS proxypal_ledger_batches_at ON proxypal_ledger_batches (at_ms);",
-)];
+    ),
+    (
+        2,
+        "-- The time index as BRIN, not a B-tree: rows arrive in time order
+        -- (every replica writes \"now\"), so a block range summarises them
+        -- as well as a B-tree finds them, and keeping it costs next to
+        -- nothing per row. The server's CPU per row went from 3.1 to 2.5 µs
+        -- (examples/write_cost.rs); the index is a few pages instead of
+        -- 30 bytes a row.
+        DROP INDEX IF EXISTS proxypal_ledger_at;
+        CREATE INDEX IF NOT EXISTS proxypal_ledger_at_brin ON proxypal_ledger USING brin (at_ms);",
+    ),
+];
 
 const CLAIM: &str =
     "INSERT INTO proxypal_ledger_batches (id, at_ms) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
@@ -391,8 +404,11 @@ impl Store for PgStore {
                     // ctids are stable within the statement (no one updates
                     // rows; the snapshot keeps a concurrently deleted row's
                     // slot from being reused).
+                    // Any `limit` rows past the cutoff (no ORDER BY: a BRIN
+                    // index finds them, it does not sort them); the pass
+                    // repeats until none is left.
                     "DELETE FROM proxypal_ledger WHERE ctid = ANY (ARRAY \
-                     (SELECT ctid FROM proxypal_ledger WHERE at_ms < $1 ORDER BY at_ms LIMIT $2))",
+                     (SELECT ctid FROM proxypal_ledger WHERE at_ms < $1 LIMIT $2))",
                     &[&cutoff_ms, &limit],
                 )
                 .await?;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::ParseError;
 
 /// Milliseconds in an hour.
-const HOUR_MS: i64 = 3_600_000;
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 /// Milliseconds in a UTC day (unix time has no leap seconds).
 const DAY_MS: i64 = 86_400_000;
 
@@ -235,6 +235,22 @@ impl Dialect {
         }
     }
 
+    /// A condition (ending in `AND`) that narrows the scan to the rows
+    /// that can fall in `[from, to)`, before `at_ms` is checked: SQLite has
+    /// no time index, only the row ids of each hour (see `sqlite.rs`); the
+    /// hours are widened by one each way, so rounding can never lose a row.
+    fn rows_of(self, from: &str, to: &str) -> String {
+        match self {
+            Self::Sqlite => {
+                let hours = format!(
+                    "FROM proxypal_ledger_spans WHERE hour >= {from} / {HOUR_MS} - 1 AND hour <= {to} / {HOUR_MS} + 1"
+                );
+                format!("id BETWEEN (SELECT MIN(first_id) {hours}) AND (SELECT MAX(last_id) {hours}) AND ")
+            }
+            Self::Postgres => String::new(),
+        }
+    }
+
     /// Byte order for text, so both backends sort rows alike.
     fn collate(self) -> &'static str {
         match self {
@@ -281,11 +297,11 @@ pub(crate) fn usage_sql(query: &UsageQuery, dialect: Dialect) -> String {
     ]
     // PostgreSQL's SUM(BIGINT) is NUMERIC; NULL over no rows.
     .map(|(name, sum)| format!("CAST(COALESCE({sum}, 0) AS BIGINT) AS {name}"));
+    let (from, to) = (dialect.placeholder(1), dialect.placeholder(2));
     let mut aggregate = format!(
-        "SELECT {} FROM proxypal_ledger WHERE at_ms >= {} AND at_ms < {}",
+        "SELECT {} FROM proxypal_ledger WHERE {}at_ms >= {from} AND at_ms < {to}",
         keys.iter().map(String::as_str).chain(sums.iter().map(String::as_str)).collect::<Vec<_>>().join(", "),
-        dialect.placeholder(1),
-        dialect.placeholder(2)
+        dialect.rows_of(&from, &to),
     );
     if query.client.is_some() {
         // No such name: no id, no rows.
@@ -461,7 +477,16 @@ mod tests {
         let total =
             UsageQuery { group_by: GroupBy::NONE, bucket: Bucket::None, client: None, ..query.clone() };
         let lite = usage_sql(&total, Dialect::Sqlite);
-        assert!(lite.ends_with("WHERE at_ms >= ?1 AND at_ms < ?2"), "{lite}");
+        assert!(
+            lite.ends_with(
+                "WHERE id BETWEEN (SELECT MIN(first_id) FROM proxypal_ledger_spans \
+                 WHERE hour >= ?1 / 3600000 - 1 AND hour <= ?2 / 3600000 + 1) \
+                 AND (SELECT MAX(last_id) FROM proxypal_ledger_spans \
+                 WHERE hour >= ?1 / 3600000 - 1 AND hour <= ?2 / 3600000 + 1) \
+                 AND at_ms >= ?1 AND at_ms < ?2"
+            ),
+            "SQLite narrows by the hours' row ids: {lite}"
+        );
         let hourly = UsageQuery { group_by: GroupBy::NONE, client: None, ..query };
         let lite = usage_sql(&hourly, Dialect::Sqlite);
         assert!(lite.ends_with("GROUP BY 1 ORDER BY bucket") && !lite.contains("JOIN"), "{lite}");

@@ -14,7 +14,7 @@ use rusqlite::{CachedStatement, Connection, ErrorCode, TransactionBehavior, para
 use crate::Record;
 use crate::error::LedgerError;
 use crate::names::{NameIds, RowIds};
-use crate::query::{Dialect, UsageQuery, UsageRow, usage_row, usage_sql};
+use crate::query::{Dialect, HOUR_MS, UsageQuery, UsageRow, usage_row, usage_sql};
 use crate::writer::{Batch, Failure, Store, StoreError};
 
 /// How long a statement waits for another process holding the file's lock.
@@ -29,9 +29,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ROWS_PER_INSERT: usize = 64;
 
 /// Schema versions, applied in order, each once.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "-- Every name a record carries (client, model, provider, upstream
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "-- Every name a record carries (client, model, provider, upstream
     -- model, key, error), once; rows hold the ids (see names.rs).
     CREATE TABLE IF NOT EXISTS proxypal_ledger_names (
         id INTEGER PRIMARY KEY,
@@ -56,9 +57,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         error_id INTEGER,
         cache_hit BOOLEAN NOT NULL DEFAULT 0
     );
-    -- One index, by time: every query is a time range; a client's rows are
-    -- filtered within it. A second index (client, at_ms) cost a third of
-    -- the writer's time per row (benches/ledger.sh).
+    -- Version 1 had an index by time (at_ms); version 2 replaces it.
     CREATE INDEX IF NOT EXISTS proxypal_ledger_at ON proxypal_ledger (at_ms);
     -- The rows with their names, for people and tools reading the file.
     CREATE VIEW IF NOT EXISTS proxypal_ledger_named AS
@@ -74,7 +73,26 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     JOIN proxypal_ledger_names k ON k.id = l.key_id
     LEFT JOIN proxypal_ledger_names e ON e.id = l.error_id;
 ",
-)];
+    ),
+    (
+        2,
+        "-- No time index: rows are found by the row ids of each hour instead.
+    -- Rows are appended in nearly time order, so an hour's rows sit in one
+    -- short run of ids; one span row per hour (updated once per batch)
+    -- replaces an index entry per row, which was 19 % of the writer's
+    -- instructions per row (examples/write_cost.rs under callgrind).
+    DROP INDEX IF EXISTS proxypal_ledger_at;
+    CREATE TABLE IF NOT EXISTS proxypal_ledger_spans (
+        hour INTEGER PRIMARY KEY,     -- at_ms / 3600000
+        first_id INTEGER NOT NULL,    -- the least and greatest row id of
+        last_id INTEGER NOT NULL      -- a row of that hour
+    );
+    INSERT INTO proxypal_ledger_spans (hour, first_id, last_id)
+    SELECT at_ms / 3600000, MIN(id), MAX(id) FROM proxypal_ledger GROUP BY 1
+    ON CONFLICT (hour) DO NOTHING;
+",
+    ),
+];
 
 /// The row's columns, in [`bind_row`]'s order.
 const COLUMNS: &str = "at_ms, client_id, model_id, provider_id, upstream_model_id, key_id, status, attempts, \
@@ -92,6 +110,10 @@ fn insert_sql(rows: usize) -> String {
 const INSERT_NAME: &str =
     "INSERT INTO proxypal_ledger_names (name) VALUES (?1) ON CONFLICT (name) DO NOTHING";
 const NAME_ID: &str = "SELECT id FROM proxypal_ledger_names WHERE name = ?1";
+/// Widens an hour's span of row ids to cover a batch's rows of that hour.
+const ADD_SPAN: &str = "INSERT INTO proxypal_ledger_spans (hour, first_id, last_id) VALUES (?1, ?2, ?3) \
+    ON CONFLICT (hour) DO UPDATE SET first_id = MIN(first_id, excluded.first_id), \
+    last_id = MAX(last_id, excluded.last_id)";
 
 pub(crate) struct SqliteStore {
     conn: Connection,
@@ -173,23 +195,54 @@ impl SqliteStore {
             })?
         };
         {
+            let mut spans = Spans::default();
             let mut rows = batch.records.iter().zip(&lookup.rows);
             let mut many = tx.prepare_cached(&self.insert_many)?;
-            for _ in 0..batch.records.len() / ROWS_PER_INSERT {
+            for chunk in batch.records.chunks_exact(ROWS_PER_INSERT) {
                 for (n, (record, ids)) in rows.by_ref().take(ROWS_PER_INSERT).enumerate() {
                     bind_row(&mut many, n * VALUES, record, ids)?;
                 }
                 many.raw_execute()?;
+                spans.add(chunk, tx.last_insert_rowid());
             }
             let mut one = tx.prepare_cached(&self.insert_one)?;
             for (record, ids) in rows {
                 bind_row(&mut one, 0, record, ids)?;
                 one.raw_execute()?;
+                spans.add(std::slice::from_ref(record), tx.last_insert_rowid());
+            }
+            let mut add = tx.prepare_cached(ADD_SPAN)?;
+            for &(hour, first, last) in &spans.0 {
+                add.execute(params![hour, first, last])?;
             }
         }
         tx.commit()?;
         self.names.learn(&lookup.unknown, &new_ids);
         Ok(())
+    }
+}
+
+/// A batch's rows by hour: `(hour, first id, last id)`, usually one entry.
+#[derive(Default)]
+struct Spans(Vec<(i64, i64, i64)>);
+
+impl Spans {
+    /// Adds `rows`, just inserted by one statement whose last row got
+    /// `last_id`. One statement's rows get consecutive ids: a new row's id
+    /// is one more than the table's largest (SQLite's rule while that is
+    /// below `i64::MAX`), and the writer holds the write lock.
+    fn add(&mut self, rows: &[Record], last_id: i64) {
+        let first_id = last_id - (rows.len() as i64 - 1);
+        for (record, id) in rows.iter().zip(first_id..) {
+            let hour = record.at_ms / HOUR_MS;
+            match self.0.iter_mut().find(|(h, _, _)| *h == hour) {
+                Some((_, first, last)) => {
+                    *first = (*first).min(id);
+                    *last = (*last).max(id);
+                }
+                None => self.0.push((hour, id, id)),
+            }
+        }
     }
 }
 
@@ -256,14 +309,25 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<u64, LedgerError> {
+        // Whole hours: the rows of every hour that ended by the cutoff, found
+        // by their spans' ids (the first ids come first in a rowid scan).
+        let hour = cutoff_ms.div_euclid(HOUR_MS);
+        let err = |e| LedgerError::sqlite(&self.path, "delete records past retention", e);
         let deleted = self
             .conn
             .execute(
-                "DELETE FROM proxypal_ledger WHERE id IN \
-                 (SELECT id FROM proxypal_ledger WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
-                params![cutoff_ms, limit],
+                "DELETE FROM proxypal_ledger WHERE id IN (SELECT id FROM proxypal_ledger \
+                 WHERE id <= (SELECT MAX(last_id) FROM proxypal_ledger_spans WHERE hour < ?1) \
+                 AND at_ms < ?1 * 3600000 LIMIT ?2)",
+                params![hour, limit],
             )
-            .map_err(|e| LedgerError::sqlite(&self.path, "delete records past retention", e))?;
+            .map_err(err)?;
+        if deleted < limit as usize {
+            // Those hours hold no row now.
+            self.conn
+                .execute("DELETE FROM proxypal_ledger_spans WHERE hour < ?1", params![hour])
+                .map_err(err)?;
+        }
         Ok(deleted as u64)
     }
 

@@ -36,8 +36,8 @@ pub fn record(at_ms: i64, client: &str, model: &str, status: u16, tokens: Option
         client: client.into(),
         model: model.into(),
         provider: if model.starts_with("gpt") { "openai" } else { "nvidia" }.into(),
-        upstream_model: format!("{model}-upstream"),
-        key: format!("{client}-key"),
+        upstream_model: format!("{model}-upstream").into(),
+        key: format!("{client}-key").into(),
         status,
         attempts: 1,
         ttfb_ms: Some(12),
@@ -46,7 +46,7 @@ pub fn record(at_ms: i64, client: &str, model: &str, status: u16, tokens: Option
         prompt_tokens: tokens.map(|(p, _)| p),
         completion_tokens: tokens.map(|(_, c)| c),
         total_tokens: tokens.map(|(p, c)| p + c),
-        error: (status >= 400).then(|| "upstream_error".to_owned()),
+        error: (status >= 400).then(|| "upstream_error".into()),
         cache_hit: false,
     }
 }
@@ -81,7 +81,7 @@ pub fn varied(base: i64, n: u64) -> Vec<Record> {
                 200,
                 None,
             );
-            r.key = format!("key-{}", i % 7);
+            r.key = format!("key-{}", i % 7).into();
             r.status = [200, 429, 500, 201][(i % 4) as usize];
             r.attempts = (i % 5) as u8;
             r.ttfb_ms = (i % 6 != 0).then_some(i as u32);
@@ -95,7 +95,7 @@ pub fn varied(base: i64, n: u64) -> Vec<Record> {
             r.error = match i % 10 {
                 0..=5 => None,
                 6 | 7 => Some("rate_limited".into()),
-                _ => Some(format!("unique-{i}")),
+                _ => Some(format!("unique-{i}").into()),
             };
             r.cache_hit = i % 9 == 0;
             r
@@ -133,12 +133,12 @@ pub fn reference(records: &[Record], query: &UsageQuery) -> Vec<UsageRow> {
     for r in records {
         if r.at_ms < query.from_ms
             || r.at_ms >= query.to_ms
-            || query.client.as_ref().is_some_and(|c| *c != r.client)
+            || query.client.as_ref().is_some_and(|c| **c != *r.client)
         {
             continue;
         }
         let bucket = size.map(|s| r.at_ms.div_euclid(s) * s);
-        let pick = |on: bool, v: &String| on.then(|| v.clone());
+        let pick = |on: bool, v: &str| on.then(|| v.to_owned());
         let key = (
             bucket,
             pick(g.client, &r.client),

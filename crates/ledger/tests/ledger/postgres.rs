@@ -85,11 +85,11 @@ async fn read_back(pg: &Postgres) -> Vec<Record> {
     rows.iter()
         .map(|row| Record {
             at_ms: row.get(0),
-            client: row.get(1),
-            model: row.get(2),
-            provider: row.get(3),
-            upstream_model: row.get(4),
-            key: row.get(5),
+            client: row.get::<_, String>(1).into(),
+            model: row.get::<_, String>(2).into(),
+            provider: row.get::<_, String>(3).into(),
+            upstream_model: row.get::<_, String>(4).into(),
+            key: row.get::<_, String>(5).into(),
             status: row.get::<_, i32>(6) as u16,
             attempts: row.get::<_, i32>(7) as u8,
             ttfb_ms: row.get::<_, Option<i64>>(8).map(|n| n as u32),
@@ -98,7 +98,7 @@ async fn read_back(pg: &Postgres) -> Vec<Record> {
             prompt_tokens: row.get::<_, Option<i64>>(11).map(|n| n as u64),
             completion_tokens: row.get::<_, Option<i64>>(12).map(|n| n as u64),
             total_tokens: row.get::<_, Option<i64>>(13).map(|n| n as u64),
-            error: row.get(14),
+            error: row.get::<_, Option<String>>(14).map(Into::into),
             cache_hit: row.get(15),
         })
         .collect()
@@ -202,7 +202,7 @@ async fn postgres_two_ledgers_starting_at_once_migrate_once_and_share_rows() {
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
 
         let base = base_hour();
         a.record(record(base, "alice", "gpt-4o", 200, Some((1, 1))));

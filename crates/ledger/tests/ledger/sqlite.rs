@@ -85,11 +85,11 @@ fn read_back(path: &std::path::Path) -> Vec<Record> {
         .query_map([], |row| {
             Ok(Record {
                 at_ms: row.get(0)?,
-                client: row.get(1)?,
-                model: row.get(2)?,
-                provider: row.get(3)?,
-                upstream_model: row.get(4)?,
-                key: row.get(5)?,
+                client: row.get::<_, String>(1)?.into(),
+                model: row.get::<_, String>(2)?.into(),
+                provider: row.get::<_, String>(3)?.into(),
+                upstream_model: row.get::<_, String>(4)?.into(),
+                key: row.get::<_, String>(5)?.into(),
                 status: row.get(6)?,
                 attempts: row.get(7)?,
                 ttfb_ms: row.get(8)?,
@@ -249,7 +249,7 @@ async fn sqlite_reopen_keeps_rows_and_migrates_once() {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
     })
     .await;
 }
@@ -285,6 +285,56 @@ async fn sqlite_an_unopenable_file_is_an_error_at_start() {
         let error = Ledger::start(LedgerConfig::sqlite(&path)).await.unwrap_err();
         assert!(matches!(error, LedgerError::Sqlite { operation: "open", .. }), "{error:?}");
         assert!(error.to_string().contains("missing-dir/ledger.db"), "{error}");
+    })
+    .await;
+}
+
+/// SQLite has no time index: a time range is read from the row ids of its
+/// hours (`proxypal_ledger_spans`). Rows written far out of time order,
+/// across hour boundaries and batches, must all still be found, and none
+/// outside the range.
+#[tokio::test]
+async fn sqlite_time_ranges_find_rows_written_out_of_time_order() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("disorder");
+        let path = dir.file("ledger.db");
+        let ledger = Ledger::start(manual(&path, 64)).await.unwrap();
+        let base = base_hour() - 3 * HOUR_MS;
+        // 400 records over 6 hours in a scrambled order (a stride coprime to 400).
+        let spread: Vec<Record> = (0..400i64)
+            .map(|i| {
+                let j = (i * 137) % 400;
+                record(
+                    base + j * (6 * HOUR_MS / 400) - 7,
+                    ["alice", "bob"][(j % 2) as usize],
+                    "llama",
+                    200,
+                    Some((1, j as u64)),
+                )
+            })
+            .collect();
+        for r in &spread {
+            ledger.record(r.clone());
+        }
+        ledger.flush().await.unwrap();
+        for (from, to) in [
+            (base - 7, base + 6 * HOUR_MS),
+            (base, base + HOUR_MS),
+            (base + HOUR_MS - 10, base + HOUR_MS + 10),
+            (base + 2 * HOUR_MS + 1_234, base + 4 * HOUR_MS + 99_999),
+            (base + 5 * HOUR_MS, i64::MAX),
+            (i64::MIN, base + 30 * 60_000),
+        ] {
+            let query = UsageQuery {
+                from_ms: from,
+                to_ms: to,
+                group_by: "client".parse().unwrap(),
+                bucket: Bucket::Hour,
+                client: None,
+            };
+            assert_eq!(ledger.usage(&query).await.unwrap(), reference(&spread, &query), "[{from}, {to})");
+        }
+        ledger.shutdown().await.unwrap();
     })
     .await;
 }
