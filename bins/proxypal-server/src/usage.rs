@@ -94,7 +94,7 @@ impl UsageSink for LedgerSink {
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
             error: r.error.map(Cow::Borrowed),
-            cache_hit: false,
+            cache_hit: r.cache_hit,
         });
     }
 }

@@ -105,6 +105,10 @@ pub(crate) struct Attempts {
     /// which model, the key of the last attempt, why it failed, and whether
     /// the answer's body records it when it ends.
     ledger: Option<Box<LedgerNotes>>,
+    /// What the response cache said (`x-proxypal-cache`), if it was asked.
+    cache_label: Option<&'static str>,
+    /// Where a complete 200 answer is to be stored.
+    cache: Option<crate::cache::Pending>,
 }
 
 /// What the usage record of a request needs beyond the attempts.
@@ -116,6 +120,8 @@ struct LedgerNotes {
     error: Option<&'static str>,
     /// The answer's body records the request when it ends.
     tapped: bool,
+    /// Answered from the response cache.
+    cache_hit: bool,
 }
 
 /// Server errors (or timeouts) from one provider after which a request
@@ -136,6 +142,8 @@ impl Attempts {
             skip_targets: 0,
             provider_faults: [0; crate::config::MAX_PROVIDERS],
             ledger: None,
+            cache_label: None,
+            cache: None,
         }
     }
 
@@ -264,6 +272,8 @@ pub(crate) struct Shared<'a> {
     pub(crate) replicas: Option<&'a SharedQuota>,
     /// Where finished requests are recorded, if anywhere.
     pub(crate) sink: Option<&'a Arc<dyn crate::usage::UsageSink>>,
+    /// The response cache, if any.
+    pub(crate) cache: Option<&'a Arc<crate::cache::ResponseCache>>,
 }
 
 /// A route's targets not skipped, with the keys not yet tried: where a
@@ -473,7 +483,18 @@ where
     let mut attempts = Attempts::new(1);
     let mut served = None;
     let mut resp = run(gw, &settings, req, rest, slot, &mut attempts, &mut served, started).await;
+    if let (Some(pending), Some(cache)) = (attempts.cache.take(), gw.cache) {
+        if resp.status() == StatusCode::OK {
+            let kind = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let kind = kind.unwrap_or("application/json").to_owned();
+            resp = resp
+                .map(|body| crate::cache::Recording::new(body, Arc::clone(cache), pending, &kind).boxed());
+        }
+    }
     let headers = resp.headers_mut();
+    if let Some(label) = attempts.cache_label {
+        headers.insert(crate::cache::CACHE_HEADER, http::HeaderValue::from_static(label));
+    }
     if let Some(route) = served {
         headers.insert(ROUTE, route);
     }
@@ -492,7 +513,9 @@ where
         }
     }
     let metrics = gw.metrics;
-    attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
+    if attempts.cache_label != Some("hit") {
+        attempts.served_by.as_ref().unwrap_or(metrics.no_key()).request(resp.status());
+    }
     metrics.overhead(started.elapsed().saturating_sub(attempts.elsewhere));
     resp
 }
@@ -531,9 +554,11 @@ fn record(
         first_byte: None,
         total: started.elapsed(),
         stream: false,
-        usage: None,
+        usage: notes.cache_hit.then(crate::usage::Usage::zero),
         error,
         complete: true,
+        // A hit spent no upstream tokens.
+        cache_hit: notes.cache_hit,
     }
 }
 
@@ -622,6 +647,27 @@ where
         return reply::refused(refused);
     }
     let route = settings.routes.resolve(named.as_ref().map(|(_, m)| &**m), providers, &listed);
+    // The response cache, before the client's quota or a key is spent.
+    if let Some(cache) = gw.cache.filter(|_| head.method == http::Method::POST) {
+        let name = settings.tokens.named(client).map(|n| &*n.name);
+        let control = head.headers.get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok());
+        let model = named.as_ref().map_or("", |(_, m)| &**m);
+        match cache.lookup(&rest, &body, model, name, control).await {
+            Some(crate::cache::Lookup::Hit(entry)) => {
+                attempts.cache_label = Some("hit");
+                if let Some(notes) = attempts.ledger.as_mut() {
+                    notes.cache_hit = true;
+                }
+                return crate::cache::hit_response(&entry);
+            }
+            Some(crate::cache::Lookup::Miss(pending)) => {
+                attempts.cache_label = Some(pending.label);
+                attempts.cache = Some(pending);
+            }
+            Some(crate::cache::Lookup::Bypass) => attempts.cache_label = Some("bypass"),
+            None => {}
+        }
+    }
     let model_at = named.map(|(span, _)| span);
     // Only token windows need the estimate, a look into the body, and the
     // answer's `usage` uncompressed.
@@ -633,7 +679,8 @@ where
     let client_tokens = settings.tokens.quotas().counts_tokens();
     // The answer's `usage` is read (uncompressed) for token windows and the ledger.
     let reads_usage = counts_tokens || client_tokens || gw.sink.is_some();
-    if reads_usage {
+    // A stored answer is replayed as it came: uncompressed.
+    if reads_usage || attempts.cache.is_some() {
         head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     }
     // For the failover log lines: they carry the id themselves, so the per-request span can
@@ -778,6 +825,7 @@ where
                         usage: None,
                         error: None,
                         complete: false,
+                        cache_hit: false,
                     };
                     Some((finished, Arc::clone(sink), started))
                 }

@@ -145,6 +145,8 @@ pub struct Gateway {
     replicas: Option<Arc<SharedQuota>>,
     /// Where finished requests are recorded (the usage ledger), once set.
     sink: std::sync::OnceLock<Arc<dyn crate::usage::UsageSink>>,
+    /// The response cache, once set.
+    cache: std::sync::OnceLock<Arc<crate::cache::ResponseCache>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -217,6 +219,7 @@ impl Gateway {
             catalogs: Arc::new(Catalogs::new()),
             reloads: std::sync::atomic::AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
+            cache: std::sync::OnceLock::new(),
         }))
     }
 
@@ -317,6 +320,18 @@ impl Gateway {
     /// ledger). Set once; `false` if a sink was set already.
     pub fn set_usage_sink(&self, sink: Arc<dyn crate::usage::UsageSink>) -> bool {
         self.sink.set(sink).is_ok()
+    }
+
+    /// Answers repeated requests from `cache` from now on (see
+    /// [`ResponseCache`](crate::cache::ResponseCache)). Set once; `false` if
+    /// a cache was set already.
+    pub fn set_cache(&self, cache: Arc<crate::cache::ResponseCache>) -> bool {
+        self.cache.set(cache).is_ok()
+    }
+
+    /// The response cache, if one was set.
+    pub fn cache(&self) -> Option<&Arc<crate::cache::ResponseCache>> {
+        self.cache.get()
     }
 
     /// Reloads applied since the gateway was built.
@@ -601,6 +616,7 @@ impl Handle {
                 catalogs: &gw.catalogs,
                 replicas: gw.replicas.as_deref(),
                 sink: gw.sink.get(),
+                cache: gw.cache.get(),
             },
             req,
         )

@@ -53,6 +53,7 @@
 
 pub mod admission;
 mod body;
+pub mod cache;
 mod catalog;
 pub mod classify;
 mod clients;

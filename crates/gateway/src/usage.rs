@@ -65,6 +65,9 @@ pub struct Finished {
     /// The body ended normally (`false`: the client went away, or the
     /// upstream's stream broke, before the end).
     pub complete: bool,
+    /// Answered from the response cache: no key, no quota, no upstream
+    /// tokens.
+    pub cache_hit: bool,
 }
 
 /// Where finished requests go (the server's usage ledger). Called on the
@@ -79,6 +82,13 @@ struct Reported {
     total_tokens: Option<u64>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// No tokens at all (an answer from the response cache).
+    pub(crate) fn zero() -> Self {
+        Self { prompt_tokens: Some(0), completion_tokens: Some(0), total_tokens: Some(0) }
+    }
 }
 
 impl From<Reported> for Usage {
@@ -532,6 +542,7 @@ mod tests {
             usage: None,
             error: None,
             complete: false,
+            cache_hit: false,
         }
     }
 

@@ -277,3 +277,75 @@ fn a_refused_reload_changes_no_provider() {
     assert_eq!(gw.provider("a").unwrap().keys().len(), 2);
     assert_eq!(gw.reloads(), 1);
 }
+
+/// The response cache, mounted: a repeated request is answered once
+/// upstream and then from the cache (same bytes, `x-proxypal-cache: hit`);
+/// a stream is replayed event for event; a sampled request or
+/// `Cache-Control: no-store` goes upstream every time; ten identical
+/// requests at once make one upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_requests_are_answered_from_the_cache() {
+    let rig = rig(2, |_| {}).await;
+    let cache = proxypal_gateway::cache::ResponseCache::memory(proxypal_cache::CacheSettings::default());
+    assert!(rig.gateway.set_cache(Arc::new(cache)));
+    let upstream = || rig.sim.stats().total_requests;
+    let plain = r#"{"model":"meta/llama-3.1-8b-instruct","temperature":0,"messages":[{"role":"user","content":"cache me"}]}"#;
+
+    let first = post(rig.addr, "/v1/chat/completions", &[], plain).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers["x-proxypal-cache"], "miss");
+    let before = upstream();
+    for _ in 0..2 {
+        let again = post(rig.addr, "/v1/chat/completions", &[], plain).await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert_eq!(again.headers["x-proxypal-cache"], "hit");
+        assert!(again.headers.contains_key("age"));
+        assert_eq!(again.body, first.body, "the stored answer, byte for byte");
+    }
+    assert_eq!(upstream(), before, "hits spend no upstream request");
+
+    // Keys in another order and other whitespace: the same request.
+    let reordered = r#"{ "messages":[{"content":"cache me","role":"user"}], "temperature":0, "model":"meta/llama-3.1-8b-instruct" }"#;
+    assert_eq!(
+        post(rig.addr, "/v1/chat/completions", &[], reordered).await.headers["x-proxypal-cache"],
+        "hit"
+    );
+
+    let stream = r#"{"model":"meta/llama-3.1-8b-instruct","stream":true,"temperature":0,"messages":[{"role":"user","content":"stream me"}]}"#;
+    let first = post(rig.addr, "/v1/chat/completions", &[], stream).await;
+    assert_eq!(first.headers["x-proxypal-cache"], "miss");
+    let text = std::str::from_utf8(&first.body).unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let before = upstream();
+    let hit = post(rig.addr, "/v1/chat/completions", &[], stream).await;
+    assert_eq!(hit.headers["x-proxypal-cache"], "hit");
+    assert!(hit.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert_eq!(hit.body, first.body, "the same events in the same order, [DONE] last");
+    assert_eq!(upstream(), before);
+
+    // Sampled: not cached by default. no-store: bypassed.
+    let sampled = r#"{"model":"meta/llama-3.1-8b-instruct","temperature":0.7,"messages":[{"role":"user","content":"x"}]}"#;
+    for _ in 0..2 {
+        assert_eq!(
+            post(rig.addr, "/v1/chat/completions", &[], sampled).await.headers["x-proxypal-cache"],
+            "bypass"
+        );
+    }
+    let before = upstream();
+    let fresh = post(rig.addr, "/v1/chat/completions", &[("cache-control", "no-store")], plain).await;
+    assert_eq!(fresh.headers["x-proxypal-cache"], "bypass");
+    assert_eq!(upstream(), before + 1, "no-store goes upstream");
+
+    // Ten identical requests at once: one goes upstream, nine wait for it.
+    let before = upstream();
+    let together = r#"{"model":"meta/llama-3.1-8b-instruct","temperature":0,"messages":[{"role":"user","content":"all at once"}]}"#;
+    let replies = futures_util::future::join_all(
+        (0..10).map(|_| post(rig.addr, "/v1/chat/completions", &[], together)),
+    )
+    .await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK && r.body == replies[0].body));
+    assert_eq!(upstream(), before + 1, "single flight");
+
+    let stats = rig.gateway.cache().unwrap().stats();
+    assert!(stats.hits >= 13 && stats.bypasses >= 3, "{stats:?}");
+}
