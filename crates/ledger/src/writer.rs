@@ -169,6 +169,11 @@ impl Shared {
         Some(queue.items.drain(..len.min(max)).collect())
     }
 
+    /// At least one full batch is queued.
+    fn full_batch_waiting(&self) -> bool {
+        self.lock().items.len() >= self.batch
+    }
+
     fn close(&self) {
         self.lock().closed = true;
     }
@@ -343,6 +348,13 @@ impl<S: Store> Writer<S> {
                 },
                 () = shared.wake.notified(), if healthy => {
                     let _ = self.drain(Drain::FullBatches).await;
+                    // `push` wakes the writer only as the queue reaches one
+                    // batch. Records that came while this drain was writing
+                    // (after its snapshot) may already make a full batch, or
+                    // several: come back for them, after any command.
+                    if self.outage.is_none() && shared.full_batch_waiting() {
+                        shared.wake.notify_one();
+                    }
                 }
                 () = sleep_until(wake_at) => {
                     self.next_tick = Instant::now() + self.settings.flush_every;

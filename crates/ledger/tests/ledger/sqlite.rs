@@ -338,3 +338,35 @@ async fn sqlite_time_ranges_find_rows_written_out_of_time_order() {
     })
     .await;
 }
+
+/// `push` wakes the writer only as the queue reaches one batch; records
+/// that arrive while a batch is being written must still go out as full
+/// batches without waiting for the next tick. Four threads push as fast as
+/// they can; every full batch must be written with no flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_full_batches_that_fill_while_writing_are_written_without_a_tick() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("busy");
+        let ledger = Ledger::start(manual(&dir.file("ledger.db"), 10)).await.unwrap();
+        let base = base_hour();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ledger = ledger.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_500 {
+                        ledger.record(record(base + t * 10_000 + i, "alice", "gpt-4o", 200, Some((1, 1))));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        wait_for("every full batch written, no flush", Duration::from_secs(20), async || {
+            ledger.stats().written == 10_000
+        })
+        .await;
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
