@@ -105,6 +105,11 @@ pub fn stats_json(app: &App) -> Value {
         "quota": gateway.shared_quota().map_or_else(|| json!({"mode": "local"}), |l| shared_json(&l.report())),
         "reloads": gateway.reloads(),
         "ledger": app.ledger().map(|l| json!(l.stats())),
+        "cache": gateway.cache().map(|c| {
+            let mut stats = json!(c.stats());
+            stats["backend"] = json!(c.backend());
+            stats
+        }),
         "keys": keys,
         "totals": totals,
         "providers": providers_json(&reports, gateway),

@@ -39,6 +39,7 @@ pub struct App {
     /// The usage ledger, once started (see [`crate::start_with`]).
     ledger: std::sync::OnceLock<proxypal_ledger::Ledger>,
     ledger_metrics: crate::usage::LedgerMetrics,
+    cache_metrics: crate::cache::CacheMetrics,
 }
 
 impl App {
@@ -64,9 +65,11 @@ impl App {
                 .map_err(|e| BuildError::Invalid { field: "webhooks".into(), reason: e.to_string() })?
         };
         let ledger_metrics = crate::usage::LedgerMetrics::register(&mut registry);
+        let cache_metrics = crate::cache::CacheMetrics::register(&mut registry);
         Ok(Arc::new(Self {
             ledger: std::sync::OnceLock::new(),
             ledger_metrics,
+            cache_metrics,
             webhooks,
             gateway,
             registry,
@@ -135,10 +138,14 @@ impl App {
         self.ledger.get()
     }
 
-    /// Sets the ledger's gauges and counters (before `/metrics` is encoded).
+    /// Sets the ledger's and the cache's gauges and counters (before
+    /// `/metrics` is encoded).
     pub fn refresh_ledger_metrics(&self) {
         if let Some(ledger) = self.ledger.get() {
             self.ledger_metrics.refresh(ledger);
+        }
+        if let Some(cache) = self.gateway.cache() {
+            self.cache_metrics.refresh(cache);
         }
     }
 

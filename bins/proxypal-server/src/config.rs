@@ -107,6 +107,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookEntry>,
     /// The usage ledger: one row per finished request.
     pub ledger: LedgerSection,
+    /// The response cache (off by default).
+    pub cache: CacheSection,
     /// Request size and concurrency caps.
     pub limits: LimitsConfig,
     /// Logging.
@@ -593,6 +595,73 @@ impl Default for LedgerSection {
     }
 }
 
+/// The response cache (`cache:`): an exact-match cache of successful
+/// answers, off unless `enabled`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CacheSection {
+    /// Answer repeated requests from the cache. Default `false`.
+    pub enabled: bool,
+    /// How long an entry lives. Default 1 h.
+    #[serde(deserialize_with = "parse::duration")]
+    pub ttl: Duration,
+    /// The memory cache's bound (`64MiB`). Default 64 MiB.
+    #[serde(deserialize_with = "parse::byte_size")]
+    pub max_bytes: usize,
+    /// The largest answer stored (`1MiB`). Default 1 MiB.
+    #[serde(deserialize_with = "parse::byte_size")]
+    pub max_entry_bytes: usize,
+    /// `memory` (this process) or `redis` (`shared.redis_url`, every replica).
+    pub backend: CacheBackend,
+    /// One entry for every client asking the same thing. Default `false`:
+    /// each client has its own.
+    pub shared_between_clients: bool,
+    /// Cache requests with `temperature` above 0 or `n` above 1 too.
+    /// Default `false`.
+    pub cache_sampled: bool,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        let d = proxypal_cache::CacheSettings::default();
+        Self {
+            enabled: false,
+            ttl: d.ttl,
+            max_bytes: usize::try_from(d.max_bytes).unwrap_or(usize::MAX),
+            max_entry_bytes: usize::try_from(d.max_entry_bytes).unwrap_or(usize::MAX),
+            backend: CacheBackend::Memory,
+            shared_between_clients: d.shared_between_clients,
+            cache_sampled: d.cache_sampled,
+        }
+    }
+}
+
+impl CacheSection {
+    /// The library's settings.
+    pub fn settings(&self) -> proxypal_cache::CacheSettings {
+        proxypal_cache::CacheSettings {
+            ttl: self.ttl,
+            max_bytes: self.max_bytes as u64,
+            max_entry_bytes: self.max_entry_bytes as u64,
+            shared_between_clients: self.shared_between_clients,
+            cache_sampled: self.cache_sampled,
+        }
+    }
+}
+
+/// Where cached answers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CacheBackend {
+    /// In this process.
+    #[default]
+    Memory,
+    /// In Redis (`shared.redis_url`), shared by replicas.
+    Redis,
+}
+
 /// The ledger's database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -652,6 +721,7 @@ impl Default for Config {
             clients: Vec::new(),
             webhooks: Vec::new(),
             ledger: LedgerSection::default(),
+            cache: CacheSection::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             state: StateConfig::default(),

@@ -154,6 +154,36 @@ async fn route(app: &App, gateway: &Handle, req: Request<Incoming>) -> Response<
                 error_response(StatusCode::NOT_FOUND, "key_not_found", format!("no key named {name:?}"))
             }
         }
+        (&Method::DELETE, "/admin/cache") => {
+            if !authorized(app, &req) {
+                return operator_only_for(app, &req, "/admin");
+            }
+            let Some(cache) = app.gateway().cache() else {
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "cache_disabled",
+                    "the response cache is off (cache.enabled)",
+                );
+            };
+            match cache.clear().await {
+                Ok(cleared) => {
+                    tracing::info!(
+                        cleared,
+                        backend = cache.backend(),
+                        "response cache cleared by an operator"
+                    );
+                    proxypal_gateway::openai::json_response(
+                        StatusCode::OK,
+                        &serde_json::json!({"cleared": cleared}),
+                    )
+                }
+                Err(e) => error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache_unavailable",
+                    format!("the cache could not be cleared: {e}"),
+                ),
+            }
+        }
         (_, "/health" | "/stats" | "/metrics" | "/dashboard" | "/usage") => {
             let mut resp = error_response(
                 StatusCode::METHOD_NOT_ALLOWED,

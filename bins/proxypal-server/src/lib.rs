@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod convert;
 pub mod dashboard;
@@ -226,6 +227,23 @@ pub async fn start_with(
         let ledger = proxypal_ledger::Ledger::start(ledger).await?;
         tracing::info!(backend = ledger.stats().backend, at = %target, "usage ledger open");
         app.set_ledger(ledger);
+    }
+    if config.cache.enabled {
+        let settings = config.cache.settings();
+        let cache = match config.cache.backend {
+            config::CacheBackend::Memory => {
+                Arc::new(proxypal_gateway::cache::ResponseCache::memory(settings))
+            }
+            config::CacheBackend::Redis => {
+                let cache = Arc::new(proxypal_gateway::cache::ResponseCache::redis(settings));
+                if let Some(link) = app.gateway().shared_quota() {
+                    cache.connect_in_background(link.config());
+                }
+                cache
+            }
+        };
+        tracing::info!(backend = cache.backend(), ttl = ?config.cache.ttl, "response cache on");
+        app.gateway().set_cache(cache);
     }
     let (stop, stopped) = watch::channel(false);
     // Redis before listening: a replica that serves before its first

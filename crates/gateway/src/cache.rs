@@ -119,6 +119,40 @@ impl ResponseCache {
         }
     }
 
+    /// Connects a Redis cache to the replicas' Redis (`config`'s URL,
+    /// prefix, TLS and deadline) from a background task, retrying every
+    /// 5 s until it answers; until then requests bypass the cache. Must be
+    /// called within a Tokio runtime.
+    pub fn connect_in_background(self: &Arc<Self>, config: &crate::replicas::SharedQuotaConfig) {
+        if !matches!(self.store, Store::Redis(_)) {
+            return;
+        }
+        let mut shared = proxypal_shared::SharedConfig::new(config.redis_url.clone());
+        shared.key_prefix.clone_from(&config.key_prefix);
+        shared.timeout = config.timeout;
+        shared.ca_pem.clone_from(&config.ca_pem);
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut warned = false;
+            loop {
+                match SharedCache::connect(shared.clone()).await {
+                    Ok(redis) => {
+                        tracing::info!(redis = %proxypal_shared::redacted(&shared.url), "response cache: Redis connected");
+                        cache.connected(redis);
+                        return;
+                    }
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(error = %e, "response cache: Redis out of reach; requests bypass the cache until it answers");
+                            warned = true;
+                        }
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// `memory` or `redis`.
     pub fn backend(&self) -> &'static str {
         match self.store {

@@ -40,6 +40,7 @@ impl Config {
         self.validate_auth()?;
         self.validate_clients()?;
         self.validate_ledger()?;
+        self.validate_cache()?;
         crate::convert::webhook_config(self)
             .map_err(|(field, reason)| ConfigError::invalid(field, reason))?;
         self.validate_shared()?;
@@ -310,6 +311,29 @@ impl Config {
             return Err(ConfigError::invalid("ledger.retention", "must be at least 1h"));
         }
         at_least_one("ledger.buffer", l.buffer)?;
+        Ok(())
+    }
+
+    /// The cache: a TTL of a second or more, bounds that hold an entry,
+    /// and Redis configured for `backend: redis`.
+    fn validate_cache(&self) -> Result<(), ConfigError> {
+        let c = &self.cache;
+        if !c.enabled {
+            return Ok(());
+        }
+        if c.ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("cache.ttl", "must be at least 1s"));
+        }
+        at_least_one("cache.max_entry_bytes", c.max_entry_bytes)?;
+        if c.max_bytes < c.max_entry_bytes {
+            return Err(ConfigError::invalid("cache.max_bytes", "must be at least cache.max_entry_bytes"));
+        }
+        if c.backend == super::CacheBackend::Redis && self.shared.is_none() {
+            return Err(ConfigError::invalid(
+                "cache.backend",
+                "redis needs shared.redis_url (the Redis the replicas share)",
+            ));
+        }
         Ok(())
     }
 
