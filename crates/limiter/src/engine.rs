@@ -185,7 +185,12 @@ impl State {
         if self.blocked_until > now {
             worst = (self.blocked_until - now, Cause::Announced);
         }
-        if share.not_before > now {
+        if share.not_before == u64::MAX {
+            // Closed until whoever coordinates the replicas opens it (a
+            // heartbeat round under way): no moment is known, so look again
+            // soon rather than answer with a wait of centuries.
+            worst = worst.max_by_wait((nanos(POLL), Cause::Share));
+        } else if share.not_before > now {
             worst = worst.max_by_wait((share.not_before - now, Cause::Share));
         }
         // A share of a concurrency cap too: ⌊max / N⌋, what the others keep
@@ -282,7 +287,8 @@ pub struct Share {
 
 impl Share {
     /// Use ⌊limit / `divisor`⌋ of every window (0 or 1: the whole), and
-    /// nothing before `not_before` (the engine clock's nanoseconds).
+    /// nothing before `not_before` (the engine clock's nanoseconds;
+    /// `u64::MAX`: closed until set again, its wait reported as [`POLL`]).
     pub fn set(&self, divisor: u64, not_before: u64) {
         self.not_before.store(not_before, Ordering::Release);
         self.divisor.store(divisor, Ordering::Release);
@@ -1560,6 +1566,18 @@ mod tests {
         permit.finish(Some(40));
         let tokens = r.report(0).into_iter().find(|l| l.kind == LimitKind::Tokens).unwrap();
         assert_eq!(tokens.used, 40);
+    }
+
+    #[test]
+    fn a_closed_share_refuses_and_asks_to_look_again_soon() {
+        let clock = ManualClock::new(1_700_000_000 * SEC);
+        let e = engine(&[Limits::nvidia_free_tier()], &clock);
+        e.share().set(2, u64::MAX);
+        assert!(e.try_acquire(0, 0).is_none());
+        let w = e.wait(0, 0).unwrap();
+        assert_eq!((w.wait, w.cause), (POLL, Cause::Share), "no moment known: not centuries");
+        e.share().set(2, 0);
+        assert!(e.try_acquire(0, 0).is_some());
     }
 
     #[test]

@@ -163,7 +163,9 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        self.signal("-CONT"); // a frozen one cannot die otherwise
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("-CONT"); // a frozen one cannot die otherwise
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -173,7 +175,9 @@ impl Drop for Redis {
 impl Redis {
     /// Kills it (SIGKILL) and waits for it to go.
     pub fn kill(&mut self) {
-        self.signal("-CONT");
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("-CONT");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
