@@ -108,6 +108,7 @@ pub fn stats_json(app: &App) -> Value {
         "cache": gateway.cache().map(|c| {
             let mut stats = json!(c.stats());
             stats["backend"] = json!(c.backend());
+            stats["ready"] = json!(c.is_ready());
             stats
         }),
         "keys": keys,

@@ -153,6 +153,14 @@ impl ResponseCache {
         });
     }
 
+    /// Whether it can be used now (a Redis cache: once connected).
+    pub fn is_ready(&self) -> bool {
+        match &self.store {
+            Store::Memory(_) => true,
+            Store::Redis(slot) => slot.get().is_some(),
+        }
+    }
+
     /// `memory` or `redis`.
     pub fn backend(&self) -> &'static str {
         match self.store {
@@ -170,7 +178,12 @@ impl ResponseCache {
     pub fn stats(&self) -> StatsSnapshot {
         let snapshot = self.stats.snapshot();
         match &self.store {
-            Store::Memory(memory) => snapshot.with_memory(memory),
+            Store::Memory(memory) => {
+                // Evictions and expiries land in batches: settle them first,
+                // so the figures are the cache's now (an operator's read).
+                memory.run_pending_tasks();
+                snapshot.with_memory(memory)
+            }
             Store::Redis(_) => snapshot,
         }
     }
