@@ -10,14 +10,19 @@ use crate::{SharedConfig, SharedError, bounded, connect_manager};
 /// [`SharedCache::clear`].
 const CLEAR_BATCH: usize = 500;
 
+/// The least a write may take: a write happens off the request path (after
+/// the answer went out), and a megabyte entry may need longer than a read's
+/// deadline (50 ms by default) to cross the network.
+const WRITE_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Cached answers in Redis: opaque values under `<key_prefix>:cache:<hex>`
 /// with a TTL, for the response cache (`cache.backend: redis`) of every
 /// replica.
 ///
 /// Values are whatever the caller encodes (the cache's entries); the caller
 /// bounds their size (`cache.max_entry_bytes`). Every call is bounded by
-/// [`SharedConfig::timeout`]: an error or a timeout means "no cache now",
-/// never a failed request.
+/// [`SharedConfig::timeout`] (a write by at least a second): an error or a
+/// timeout means "no cache now", never a failed request.
 ///
 /// It has a connection of its own rather than [`SharedBudgets`]'s: a
 /// megabyte answer on the multiplexed connection would hold up the
@@ -44,7 +49,11 @@ impl SharedCache {
     /// A URL that is not Redis's, a prefix that cannot be used, or no
     /// connection within two seconds.
     pub async fn connect(config: SharedConfig) -> Result<Self, SharedError> {
-        let conn = connect_manager(&config).await?;
+        // The connection's own response deadline is a write's; each read
+        // is cut at `config.timeout` by `bounded`.
+        let mut writes = config.clone();
+        writes.timeout = config.timeout.max(WRITE_DEADLINE);
+        let conn = connect_manager(&writes).await?;
         Ok(Self { conn, config })
     }
 
@@ -67,7 +76,8 @@ impl SharedCache {
     }
 
     /// Stores `value` under `key_hex` for `ttl` (at least a millisecond),
-    /// replacing what was there.
+    /// replacing what was there, within the deadline or one second,
+    /// whichever is longer (a write is off the request path).
     ///
     /// # Errors
     /// As [`get`](Self::get).
@@ -76,7 +86,7 @@ impl SharedCache {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ttl_ms).to_owned();
-        bounded(self.config.timeout, cmd.query_async::<()>(&mut conn)).await
+        bounded(self.config.timeout.max(WRITE_DEADLINE), cmd.query_async::<()>(&mut conn)).await
     }
 
     /// Removes every cached value of this prefix (an operator's purge), in

@@ -113,5 +113,11 @@ async fn a_frozen_redis_costs_a_cache_read_its_deadline() {
     let took = started.elapsed();
     assert!(matches!(frozen, Err(SharedError::Timeout(_))), "{frozen:?}");
     assert!(took < Duration::from_millis(600), "{took:?}");
+    // A write (off the request path) gets at least a second, then gives up.
+    let started = Instant::now();
+    let write = r.set(HEX, b"x", Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    assert!(matches!(write, Err(SharedError::Timeout(_))), "{write:?}");
+    assert!((Duration::from_secs(1)..Duration::from_millis(1_600)).contains(&took), "{took:?}");
     redis.signal("-CONT");
 }
