@@ -26,12 +26,16 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use proxypal_cache::{
-    Body as Stored, CacheKey, CacheSettings, CacheStats, Decision, Endpoint, Entry, Flight, Flights,
-    LeaderGuard, MemoryCache, Policy, StatsSnapshot, StreamRecorder, now_unix_ms,
+    Body as Stored, CacheKey, CacheStats, Decision, Endpoint, Entry, Flight, Flights, LeaderGuard,
+    MemoryCache, Policy, StreamRecorder, now_unix_ms,
 };
 use proxypal_shared::SharedCache;
 
 use crate::body::{BoxError, ProxyBody};
+
+/// The settings a cache is made with, and its figures: re-exported, so an
+/// embedder needs no direct dependency on `proxypal-cache`.
+pub use proxypal_cache::{CacheSettings, StatsSnapshot};
 
 /// `x-proxypal-cache`: `hit`, `miss` or `bypass`.
 pub const CACHE_HEADER: &str = "x-proxypal-cache";
@@ -55,6 +59,24 @@ enum Store {
 /// An exact-match response cache for `POST /v1/chat/completions`,
 /// `/v1/completions` and `/v1/embeddings`, given to a gateway with
 /// [`Gateway::set_cache`](crate::Gateway::set_cache).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::{sync::Arc, time::Duration};
+/// use proxypal_gateway::cache::{CacheSettings, ResponseCache};
+/// use proxypal_gateway::{Gateway, GatewayConfig, keypool::KeySpec};
+///
+/// let mut registry = prometheus_client::registry::Registry::with_prefix("proxypal");
+/// let gateway = Gateway::new(
+///     GatewayConfig::with_keys([KeySpec::new("nvapi-example-key-0000000001")]),
+///     &mut registry,
+/// )?;
+/// let settings = CacheSettings { ttl: Duration::from_secs(600), ..CacheSettings::default() };
+/// let cache = Arc::new(ResponseCache::memory(settings));
+/// assert!(gateway.set_cache(Arc::clone(&cache)));
+/// assert_eq!((cache.backend(), cache.is_ready(), cache.stats().hits), ("memory", true, 0));
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct ResponseCache {
     policy: Policy,
