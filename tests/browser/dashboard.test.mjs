@@ -2,7 +2,8 @@
 // downloaded browser) against `proxypal-server --dev` (the simulated NVIDIA
 // upstream): rows and counts match /stats and follow new traffic, the
 // sparklines draw, the usage charts and today's budget show the ledger's and
-// the quotas' numbers, and with auth.tokens set the page asks for a token.
+// the quotas' numbers, the response cache's hit rate shows (and hides when
+// the cache is off), and with auth.tokens set the page asks for a token.
 //
 // Run with tests/browser/run.sh (installs chromium and playwright-core, builds
 // the server). Env: PROXYPAL_BIN (default target/debug/proxypal-server),
@@ -116,18 +117,27 @@ async function startServer(configPath) {
   return { child, base, output: () => output };
 }
 
-async function chat(base, token, { allow = [200], model = MODEL } = {}) {
+/**
+ * One chat completion through the proxy. `--dev` turns the response cache on, and these tests
+ * repeat one request to count keys, quotas and 429s: unless `cache` is set, the request says
+ * `Cache-Control: no-store` and goes upstream every time. Resolves to the status, or with
+ * `full` to `{ status, cache }` (the `x-proxypal-cache` header).
+ */
+async function chat(base, token, { allow = [200], model = MODEL, cache = false, temperature, full = false } = {}) {
   const headers = { "content-type": "application/json" };
   if (token) headers.authorization = `Bearer ${token}`;
+  if (!cache) headers["cache-control"] = "no-store";
+  const body = { model, messages: [{ role: "user", content: "Hello" }] };
+  if (temperature !== undefined) body.temperature = temperature;
   const r = await fetch(`${base}/v1/chat/completions`, {
     method: "POST",
     headers,
-    body: JSON.stringify({ model, messages: [{ role: "user", content: "Hello" }] }),
+    body: JSON.stringify(body),
     signal: AbortSignal.timeout(10_000),
   });
   await r.arrayBuffer();
   assert.ok(allow.includes(r.status), `chat completion through the proxy answered ${r.status}`);
-  return r.status;
+  return full ? { status: r.status, cache: r.headers.get("x-proxypal-cache") } : r.status;
 }
 
 async function traffic(base, n, { token, gapMs = 0 } = {}) {
@@ -632,6 +642,115 @@ test("usage charts, totals and today's budget follow the ledger and the quotas",
     assert.equal(await down.locator("#ledger-line.warn").count(), 1, "warn styling");
     assert.equal(await down.isVisible("#budget-keys"), true, "the budget still shows");
     await down.close();
+  } finally {
+    await stopServer(server.child);
+  }
+});
+
+test("the response cache's hit rate, requests saved, size and backend follow /stats", { timeout: 30_000 }, async () => {
+  // --dev turns the memory cache on. A named client (so /stats needs the admin's token), and the
+  // same temperature-0 chat completion sent twice: a miss, then a hit that saves one upstream request.
+  const tok = (name) => `${name}-${randomBytes(12).toString("hex")}`;
+  const t = { alice: tok("alice"), ops: tok("ops") };
+  const config = join(scratch, "cache.yaml");
+  writeFileSync(
+    config,
+    ["clients:", `  - { name: alice, token: "${t.alice}" }`, `  - { name: ops, token: "${t.ops}", admin: true }`, ""].join(
+      "\n",
+    ),
+  );
+  const server = await startServer(config);
+  try {
+    const { base } = server;
+    assert.match(server.output(), /Response cache: on \(memory, entries live 1h\)/, "the --dev banner says the cache is on");
+    assert.match(server.output(), /x-proxypal-cache: hit/);
+
+    const page = await (await browser()).newPage();
+    const problems = [];
+    watchPage(page, problems);
+    await page.addInitScript((token) => sessionStorage.setItem("proxypal.dashboard.token", token), t.ops);
+    await page.goto(`${base}/dashboard`);
+    await page.waitForSelector("#key-rows tr[data-key]", { timeout: 10_000 });
+    // Present (the test fails here when the element is missing) and visible, before any lookup.
+    await page.waitForSelector("#cache-hit-rate", { state: "visible", timeout: 10_000 });
+    assert.equal(await page.isVisible("#cache"), true, "the cache section shows while the cache is on");
+    assert.equal(await page.textContent("#cache-hit-rate"), "no lookups yet");
+    assert.equal(await page.textContent("#cache-saved"), "0");
+    assert.match(await page.textContent("#cache-line"), /^cache memory · ready · 0 stored$/);
+
+    const first = await chat(base, t.alice, { cache: true, temperature: 0, full: true });
+    const second = await chat(base, t.alice, { cache: true, temperature: 0, full: true });
+    assert.deepEqual([first.cache, second.cache], ["miss", "hit"], "x-proxypal-cache: a miss, then a hit");
+    const s = await stats(base, t.ops);
+    assert.equal(s.cache.hits, 1);
+    assert.equal(s.cache.misses, 1);
+    assert.equal(s.cache.saved_requests, 1);
+    assert.equal(s.cache.entries, 1);
+    assert.ok(s.cache.bytes > 0, "the entry has a size");
+    assert.equal(s.totals.requests, 1, "the hit spent no key");
+
+    await page.waitForFunction(() => document.getElementById("cache-hit-rate")?.textContent === "50 %", null, {
+      timeout: 10_000,
+    });
+    assert.equal(await page.textContent("#cache-saved"), "1", "one upstream request saved");
+    assert.equal(await page.textContent("#cache-lookups"), "1 hit · 1 miss · 0 bypassed");
+    assert.equal(await page.textContent("#cache-entries"), "1");
+    assert.match(await page.textContent("#cache-bytes"), /^\d+(\.\d)? (B|KiB)$/, "the size in human units");
+    assert.equal(await page.getAttribute("#cache-hit-bar", "aria-valuenow"), "50.0");
+    assert.equal(await page.getAttribute("#cache-hit-bar", "role"), "meter");
+    assert.match(await page.textContent("#cache-line"), /^cache memory · ready · 1 stored$/);
+    assert.equal(await page.locator("#cache-line.warn").count(), 0, "no warning for a ready memory cache");
+
+    // Bypasses are not in the rate.
+    await chat(base, t.alice, { temperature: 0 });
+    await page.waitForFunction(() => /1 bypassed$/.test(document.getElementById("cache-lookups").textContent), null, {
+      timeout: 10_000,
+    });
+    assert.equal(await page.textContent("#cache-hit-rate"), "50 %");
+    assert.deepEqual(problems, [], "no console errors or CSP violations");
+    await page.close();
+
+    // A Redis cache not connected yet, with failed calls: figures it cannot count are dashes, the line warns.
+    const redis = await (await browser()).newPage();
+    const redisProblems = [];
+    watchPage(redis, redisProblems);
+    await redis.addInitScript((token) => sessionStorage.setItem("proxypal.dashboard.token", token), t.ops);
+    await redis.route("**/stats", async (route) => {
+      const body = await (await route.fetch()).json();
+      body.cache = { ...body.cache, backend: "redis", ready: false, redis_errors: 2, entries: 0, bytes: 0 };
+      await route.fulfill({ json: body });
+    });
+    await redis.goto(`${base}/dashboard`);
+    await redis.waitForSelector("#cache-line.warn", { timeout: 10_000 });
+    assert.equal(await redis.textContent("#cache-line"), "cache redis · not connected · 1 stored · 2 Redis errors");
+    assert.equal(await redis.getAttribute("#cache", "data-state"), "warn");
+    assert.equal(await redis.textContent("#cache-entries"), "—");
+    assert.equal(await redis.textContent("#cache-bytes"), "—");
+    assert.equal(await redis.textContent("#cache-hit-rate"), "50 %");
+    assert.deepEqual(redisProblems, [], "no console errors or CSP violations");
+    await redis.close();
+
+    // The cache off: /stats has `cache: null` (absent, or `enabled: false`, the same): nothing shows, no error.
+    for (const off of [(b) => (b.cache = null), (b) => delete b.cache, (b) => (b.cache = { enabled: false })]) {
+      const none = await (await browser()).newPage();
+      const noneProblems = [];
+      watchPage(none, noneProblems);
+      await none.addInitScript((token) => sessionStorage.setItem("proxypal.dashboard.token", token), t.ops);
+      await none.route("**/stats", async (route) => {
+        const body = await (await route.fetch()).json();
+        off(body);
+        await route.fulfill({ json: body });
+      });
+      await none.goto(`${base}/dashboard`);
+      await none.waitForFunction(() => Number(document.getElementById("status").dataset.polls) >= 2, null, {
+        timeout: 10_000,
+      });
+      assert.equal(await none.getAttribute("body", "data-state"), "ok");
+      assert.equal(await none.isVisible("#cache"), false, "no cache section while the cache is off");
+      assert.equal(await none.isVisible("#key-rows tr[data-key]"), true, "the rest of the page shows");
+      assert.deepEqual(noneProblems, [], "no console errors or CSP violations");
+      await none.close();
+    }
   } finally {
     await stopServer(server.child);
   }

@@ -849,7 +849,8 @@ impl Config {
             // this and `Config::dev()` agree.
             figment = figment
                 .merge(Serialized::default("rate_limit.requests_per_minute", DEV_REQUESTS_PER_MINUTE))
-                .merge(Serialized::default("auth.allow_unauthenticated", true));
+                .merge(Serialized::default("auth.allow_unauthenticated", true))
+                .merge(Serialized::default("cache.enabled", true));
         }
         let config_dir = match &yaml {
             Some(YamlSource::File(path)) => path.parent().map(Path::to_owned),
@@ -980,6 +981,7 @@ impl Config {
         let mut config = Self::default();
         config.rate_limit.requests_per_minute = Some(DEV_REQUESTS_PER_MINUTE);
         config.auth.allow_unauthenticated = true;
+        config.cache.enabled = true;
         config
     }
 }

@@ -10,6 +10,10 @@
 //! - `providers` configured: each one simulated, speaking its preset's
 //!   dialect and enforcing its `requests_per_minute`, with its keys (or
 //!   generated ones) — a dry run of a real multi-provider file.
+//!
+//! `--dev` defaults `cache.enabled` to true (see `Config::dev`; a file may
+//! still turn it off): a repeated identical request is answered from the
+//! cache, and the dashboard shows the hit rate.
 
 use std::time::Duration;
 
@@ -17,7 +21,7 @@ use proxypal_nim_sim::{
     SimConfig, SimDialect, SimHandle, SimRateLimit, SimServer, generate_test_keys_seeded,
 };
 
-use crate::config::{AliasEntry, AuthMode, Config, KeyEntry, ProviderEntry, TargetEntry};
+use crate::config::{AliasEntry, AuthMode, CacheBackend, Config, KeyEntry, ProviderEntry, TargetEntry};
 
 /// How many generated keys `--dev`'s NVIDIA provider uses.
 pub const DEV_KEYS: usize = 3;
@@ -150,11 +154,29 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, simulated: &Simulat
         };
         upstreams.push_str(&format!("\n    {name:<8} at {}, keys {}", sim.base_url(), keys.join(", ")));
     }
+    // Repeats of one request would be cache hits: the routing demo goes past the cache.
+    let (cache, no_store) = if config.cache.enabled {
+        (
+            format!(
+                "  Response cache: on ({}, entries live {}). Send the plain chat request above twice: the second answer\n  \
+                 has x-proxypal-cache: hit, spends no key quota and counts in the dashboard's hit rate.\n  \
+                 -H 'Cache-Control: no-store' skips the cache.\n\n",
+                match config.cache.backend {
+                    CacheBackend::Memory => "memory",
+                    CacheBackend::Redis => "redis",
+                },
+                humantime::format_duration(config.cache.ttl),
+            ),
+            "-H 'Cache-Control: no-store' ",
+        )
+    } else {
+        ("  Response cache: off.\n\n".to_owned(), "")
+    };
     let routing = if config.models.contains_key(DEV_ALIAS) {
         format!(
             "\n  Routing: `{DEV_ALIAS}` spends groq's free minute first ({DEV_GROQ_PER_MINUTE} requests), then nvidia.\n  \
              Watch x-proxypal-route change once groq's budget runs out:\n\n    \
-             for i in 1 2 3 4 5 6 7; do curl -si {base}/chat/completions {auth_header}-H 'Content-Type: application/json' \\\n      \
+             for i in 1 2 3 4 5 6 7; do curl -si {base}/chat/completions {auth_header}{no_store}-H 'Content-Type: application/json' \\\n      \
              -d '{{\"model\":\"{DEV_ALIAS}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}' | grep -i '^x-proxypal-route'; done\n"
         )
     } else {
@@ -170,7 +192,8 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, simulated: &Simulat
          python3 -c 'from openai import OpenAI; c = OpenAI(base_url=\"{base}\", api_key=\"{token_hint}\"); \
          print(c.chat.completions.create(model=\"meta/llama-3.1-8b-instruct\", messages=[{{\"role\":\"user\",\"content\":\"Hello\"}}]).choices[0].message.content)'\n\n    \
          curl -s {base}/models {auth_header}\n    \
-         curl -s http://{listen}/stats {auth_header}\n\n  \
+         curl -s http://{listen}/stats {auth_header}\n\n\
+         {cache}  \
          Dashboard: http://{listen}/dashboard\n\n  Ctrl-C stops it.\n",
     )
 }

@@ -134,6 +134,7 @@ fn dev_defaults_agree_with_dev_loading_and_need_no_keys() {
     assert_eq!(dev.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(dev.rate_limit.requests_per_minute, Some(600));
     assert_eq!(dev.rate_limit.burst, None);
+    assert!(dev.cache.enabled, "--dev shows the response cache");
     assert!(dev.keys.is_empty());
     dev.validate(true).unwrap();
     assert!(matches!(dev.validate(false), Err(ConfigError::NoKeys)));

@@ -54,6 +54,11 @@ async fn dashboard_is_html_with_a_strict_csp_and_needs_no_token() {
             assert!(html.contains(needle), "the page draws limits as bars ({needle})");
         }
         assert!(!html.contains("rate_override"), "a field /stats no longer has");
+        // The response cache's panel, drawn from /stats' `cache` (hidden while it is null).
+        for needle in ["id=\"cache-hit-rate\"", "renderCache(stats.cache)", "saved_requests", "redis_errors"]
+        {
+            assert!(html.contains(needle), "the page shows the cache's hit rate ({needle})");
+        }
         // Names can be anything: the page only inserts text, never markup.
         assert!(!html.contains("innerHTML") && !html.contains("insertAdjacentHTML"));
         // Self-contained: no external script, style or image.
@@ -169,4 +174,47 @@ fn non_field_env_vars_are_not_config() {
     let config = Config::from_sources(None, [("PROXYPAL_NOPE", "1")], true).unwrap();
     assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
     assert!(config.warnings[0].contains("PROXYPAL_NOPE"), "{:?}", config.warnings);
+}
+
+#[tokio::test]
+async fn stats_cache_is_null_while_the_cache_is_off() {
+    bounded(async {
+        let rig = rig(1, |_| {}).await;
+        assert!(!Config::default().cache.enabled, "off by default outside --dev");
+        let stats = rig.stats().await;
+        assert!(stats.get("cache").is_some_and(Value::is_null), "the page hides its cache panel: {stats}");
+        rig.server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dev_turns_the_memory_cache_on_and_says_so() {
+    use proxypal_server::config::CacheBackend;
+    use proxypal_server::dev;
+
+    let listen: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let mut config = Config::dev();
+    let simulated = dev::start_simulated_upstreams(&mut config).unwrap();
+    assert!(config.cache.enabled);
+    assert_eq!(config.cache.backend, CacheBackend::Memory);
+    let banner = dev::banner(&config, listen, &simulated);
+    assert!(banner.contains("Response cache: on (memory, entries live 1h)"), "{banner}");
+    assert!(banner.contains("dashboard's hit rate"), "{banner}");
+    // The routing demo repeats one request: it goes past the cache.
+    assert!(banner.contains("-H 'Cache-Control: no-store' -H 'Content-Type: application/json'"), "{banner}");
+    drop(simulated);
+
+    // A file that turns the cache off under --dev keeps it off.
+    let mut config = proxypal_server::config::Config::from_sources(
+        Some(proxypal_server::config::YamlSource::Text("cache: { enabled: false }")),
+        std::iter::empty::<(&str, &str)>(),
+        true,
+    )
+    .unwrap();
+    let simulated = dev::start_simulated_upstreams(&mut config).unwrap();
+    assert!(!config.cache.enabled);
+    let banner = dev::banner(&config, listen, &simulated);
+    assert!(banner.contains("Response cache: off."), "{banner}");
+    assert!(!banner.contains("no-store"), "{banner}");
 }
