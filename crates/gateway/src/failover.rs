@@ -749,7 +749,13 @@ where
         metrics.queue_wait(queued);
         let lease = match leased {
             Ok(lease) => lease,
-            Err(no_key) => return attempts.give_up(no_key).into_response(),
+            Err(no_key) => {
+                let mut give_up = attempts.give_up(no_key);
+                if let GiveUp::Upstream(answer) = &mut give_up {
+                    retry_after_for(answer, &route, providers, tokens);
+                }
+                return give_up.into_response();
+            }
         };
         let (Some(provider), Some(target)) =
             (providers.get(lease.provider), route.targets().get(lease.target))
@@ -865,7 +871,11 @@ where
                 log_failover(id, provider.name(), label, status, verdict);
                 attempts.failed(Failure::Upstream { answer, result: verdict.result });
             }
-            Action::Deliver => return reply::upstream_error(answer),
+            Action::Deliver => {
+                let mut answer = answer;
+                retry_after_for(&mut answer, &route, providers, tokens);
+                return reply::upstream_error(answer);
+            }
             Action::FailOver => {
                 if verdict.result == AttemptResult::ServerError {
                     attempts.provider_fault(&route, lease.provider);
@@ -875,7 +885,31 @@ where
         }
     }
     let pools = route.targets().iter().filter_map(|t| providers.get(t.provider)).map(|p| &*p.keys);
-    attempts.exhausted(pools).into_response()
+    let mut give_up = attempts.exhausted(pools);
+    if let GiveUp::Upstream(answer) = &mut give_up {
+        retry_after_for(answer, &route, providers, tokens);
+    }
+    give_up.into_response()
+}
+
+/// An upstream 429 passed back without `Retry-After` (NVIDIA's is bare):
+/// says when a key of `route` is free again, as ProxyPal's own 429s do.
+fn retry_after_for(answer: &mut UpstreamAnswer, route: &Route, providers: &[Arc<Provider>], tokens: u64) {
+    if answer.status != StatusCode::TOO_MANY_REQUESTS
+        || answer.headers.contains_key(http::header::RETRY_AFTER)
+    {
+        return;
+    }
+    let none = crate::lease::Tried::default();
+    let soonest = route
+        .targets()
+        .iter()
+        .filter_map(|t| providers.get(t.provider).map(|p| (t.provider, p)))
+        .filter_map(|(i, p)| crate::lease::time_to_lease(&p.keys, i, &none, tokens).ok())
+        .min();
+    if let Some(wait) = soonest {
+        answer.headers.insert(http::header::RETRY_AFTER, reply::retry_after_secs(wait).into());
+    }
 }
 
 /// [`classify`] of an answer whose body was read, with what the provider's
