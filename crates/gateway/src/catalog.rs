@@ -109,7 +109,9 @@ impl Catalogs {
         }
         let mut data: Vec<Value> = Vec::new();
         let mut ids = std::collections::HashSet::new();
-        let mut aliases: Vec<&str> = settings.routes.aliases().map(|a| &*a.name).collect();
+        // A glob alias (`claude-*`) is a rule, not a model a client can pick from a list.
+        let mut aliases: Vec<&str> =
+            settings.routes.aliases().map(|a| &*a.name).filter(|n| !crate::route::is_pattern(n)).collect();
         aliases.sort_unstable();
         for name in aliases {
             ids.insert(name.to_owned());

@@ -58,6 +58,10 @@ pub(crate) struct Alias {
 #[derive(Debug)]
 pub(crate) struct Routes {
     aliases: HashMap<Box<str>, Arc<Alias>>,
+    /// Aliases whose names are globs (`claude-*-haiku*`), most specific
+    /// first (more literal characters, then by name): a name no alias has
+    /// exactly goes to the first that matches.
+    patterns: Box<[Arc<Alias>]>,
     providers: HashMap<Box<str>, usize>,
     /// The default provider's position.
     pub(crate) default: usize,
@@ -294,8 +298,12 @@ impl Routes {
             };
             aliases.insert(Box::<str>::from(name.as_str()), Arc::new(alias));
         }
+        let mut patterns: Vec<Arc<Alias>> =
+            aliases.values().filter(|a| is_pattern(&a.name)).map(Arc::clone).collect();
+        patterns
+            .sort_by(|a, b| literal_chars(&b.name).cmp(&literal_chars(&a.name)).then(a.name.cmp(&b.name)));
         let pin = config.providers.len() > 1 || !config.models.is_empty();
-        Ok(Self { aliases, providers, default, pin, nvidia_default })
+        Ok(Self { aliases, patterns: patterns.into(), providers, default, pin, nvidia_default })
     }
 
     /// The route of a request naming `model` (`None`: the body names none),
@@ -327,6 +335,9 @@ impl Routes {
             });
         };
         if let Some(alias) = self.aliases.get(model) {
+            return Route::Alias(Arc::clone(alias));
+        }
+        if let Some(alias) = self.patterns.iter().find(|a| crate::clients::glob_match(&a.name, model)) {
             return Route::Alias(Arc::clone(alias));
         }
         if self.pin {
@@ -364,6 +375,16 @@ impl Routes {
     pub(crate) fn aliases(&self) -> impl Iterator<Item = &Arc<Alias>> {
         self.aliases.values()
     }
+}
+
+/// Whether an alias name is a glob (`*` any run, `?` one character).
+pub(crate) fn is_pattern(name: &str) -> bool {
+    name.contains(['*', '?'])
+}
+
+/// How specific a pattern is: its characters other than `*`.
+fn literal_chars(pattern: &str) -> usize {
+    pattern.chars().filter(|&c| c != '*').count()
 }
 
 #[cfg(test)]
@@ -404,6 +425,31 @@ mod tests {
         assert_eq!(picks(&r, 600, &[]), [100, 200, 300]);
         assert_eq!(picks(&r, 600, &[0]), [0, 240, 360], "2:3 kept without p0");
         assert_eq!(picks(&r, 600, &[0, 2]), [0, 600, 0]);
+    }
+
+    #[test]
+    fn glob_aliases_take_names_no_alias_has_exactly_the_most_specific_first() {
+        let mut config = GatewayConfig::with_providers(["p0", "p1"].map(ProviderConfig::new));
+        for (name, model) in [
+            ("claude-*", "main"),
+            ("claude-*-haiku*", "fast"),
+            ("claude-haiku-4-5", "exact"),
+            ("claude-?-opus", "opus"),
+        ] {
+            config.models.insert(name.into(), AliasConfig::new([TargetConfig::new("p1", model)]));
+        }
+        let routes = Routes::new(&config).unwrap();
+        let to = |name: &str| match routes.resolve(Some(name), &[], &|_, _| false) {
+            Route::Alias(alias) => alias.targets[0].model.as_deref().unwrap_or("").to_owned(),
+            Route::Direct(_) => "direct".to_owned(),
+        };
+        assert_eq!(to("claude-sonnet-4-5-20250929"), "main");
+        assert_eq!(to("claude-3-5-haiku-20241022"), "fast", "more specific than claude-*");
+        assert_eq!(to("claude-haiku-4-5"), "exact", "an exact name wins over every pattern");
+        assert_eq!(to("claude-3-opus"), "opus", "? is one character");
+        assert_eq!(to("claude-"), "main");
+        assert_eq!(to("gpt-4o"), "direct");
+        assert_eq!(to("p1/some-model"), "direct");
     }
 
     #[test]
