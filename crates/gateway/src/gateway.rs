@@ -606,25 +606,56 @@ impl Handle {
         // The attempt loop's own future, not an `async` wrapper around it: one state machine
         // less to build and poll per request.
         let gw = &self.gateway;
-        failover::forward(
-            Shared {
-                queue: &gw.queue,
-                admission: &gw.admission,
-                settings: &gw.settings,
-                metrics: &gw.metrics,
-                clients: &self.clients,
-                catalogs: &gw.catalogs,
-                replicas: gw.replicas.as_deref(),
-                sink: gw.sink.get(),
-                cache: gw.cache.get(),
-            },
-            req,
-        )
+        let shared = Shared {
+            queue: &gw.queue,
+            admission: &gw.admission,
+            settings: &gw.settings,
+            metrics: &gw.metrics,
+            clients: &self.clients,
+            catalogs: &gw.catalogs,
+            replicas: gw.replicas.as_deref(),
+            sink: gw.sink.get(),
+            cache: gw.cache.get(),
+        };
+        if crate::messages::is_messages(req.uri().path()) {
+            // Anthropic's Messages API: translated around the same pipeline (boxed: not
+            // the OpenAI path's future size).
+            return Dispatch::Messages { future: Box::pin(crate::messages::serve(shared, req)) };
+        }
+        Dispatch::Chat { future: failover::forward(shared, req) }
     }
 
     /// This handle as a boxed `Service` (hyper's and tower's).
     pub fn into_service(self) -> GatewayService {
         GatewayService(Arc::new(self))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Handle::handle`]'s future: the OpenAI pipeline's, or the Messages
+    /// API's around it.
+    #[project = DispatchProj]
+    enum Dispatch<C, M> {
+        Chat { #[pin] future: C },
+        Messages { #[pin] future: M },
+    }
+}
+
+impl<C, M> Future for Dispatch<C, M>
+where
+    C: Future<Output = Response<ProxyBody>>,
+    M: Future<Output = Response<ProxyBody>>,
+{
+    type Output = Response<ProxyBody>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            DispatchProj::Chat { future } => future.poll(cx),
+            DispatchProj::Messages { future } => future.poll(cx),
+        }
     }
 }
 

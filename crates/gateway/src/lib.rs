@@ -65,6 +65,7 @@ mod gateway;
 mod json;
 mod keyset;
 pub mod lease;
+mod messages;
 pub mod metrics;
 pub mod openai;
 pub mod preset;

@@ -349,3 +349,123 @@ async fn repeated_requests_are_answered_from_the_cache() {
     let stats = rig.gateway.cache().unwrap().stats();
     assert!(stats.hits >= 13 && stats.bypasses >= 3, "{stats:?}");
 }
+
+/// The `event:` names of an Anthropic event stream, in order.
+fn event_names(body: &[u8]) -> Vec<String> {
+    std::str::from_utf8(body)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `POST /v1/messages` through the same pipeline: x-api-key auth, a plain
+/// message and a stream of Anthropic events from the simulator's chat
+/// answers, `count_tokens` answered locally, and errors in Anthropic's shape
+/// (401, 400, a 429 with `retry-after`, a stream broken mid-way ending in an
+/// `error` event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_served_through_the_chat_pipeline_in_anthropics_shape() {
+    const TOKEN: &str = "pp-test-token-messages-1";
+    let rig = rig(1, |c| c.client_tokens = vec![Secret::new(TOKEN)]).await;
+    let auth = [("x-api-key", TOKEN), ("anthropic-version", "2023-06-01")];
+    let body = r#"{"model":"meta/llama-3.1-8b-instruct","max_tokens":64,"system":[{"type":"text","text":"Be brief.","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"hi"}]}"#;
+
+    let plain = post(rig.addr, "/v1/messages", &auth, body).await;
+    assert_eq!(plain.status, StatusCode::OK, "{:?}", plain.body);
+    let m = plain.json();
+    assert_eq!((m["type"].as_str(), m["role"].as_str()), (Some("message"), Some("assistant")), "{m}");
+    assert_eq!(m["model"], "meta/llama-3.1-8b-instruct");
+    assert_eq!(m["content"][0]["type"], "text", "{m}");
+    assert!(!m["content"][0]["text"].as_str().unwrap().is_empty(), "{m}");
+    assert_eq!(m["stop_reason"], "end_turn", "{m}");
+    assert!(m["usage"]["input_tokens"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"), "{m}");
+    assert_eq!(rig.sim.stats().total_requests, 1);
+
+    let streamed = body.replacen("\"max_tokens\":64", "\"max_tokens\":64,\"stream\":true", 1);
+    let s = post(rig.addr, "/v1/messages", &auth, &streamed).await;
+    assert_eq!(s.status, StatusCode::OK);
+    assert!(s.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let names = event_names(&s.body);
+    assert_eq!(names[..3], ["message_start", "ping", "content_block_start"], "{names:?}");
+    assert!(names.iter().filter(|n| *n == "content_block_delta").count() >= 1, "{names:?}");
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"],
+        "{names:?}"
+    );
+    let text = std::str::from_utf8(&s.body).unwrap();
+    assert!(text.contains(r#""stop_reason":"end_turn""#), "{text}");
+    assert!(
+        !text.contains("[DONE]") && !text.contains("chat.completion"),
+        "nothing of OpenAI's shape: {text}"
+    );
+
+    // count_tokens: a local estimate, no upstream request.
+    let before = rig.sim.stats().total_requests;
+    let count = post(rig.addr, "/v1/messages/count_tokens", &auth, body).await;
+    assert_eq!(count.status, StatusCode::OK);
+    assert!(count.json()["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(rig.sim.stats().total_requests, before);
+
+    // Errors in Anthropic's shape.
+    let shape = |r: &Reply, status: u16, kind: &str| {
+        assert_eq!(r.status.as_u16(), status, "{:?}", r.body);
+        let e = r.json();
+        assert_eq!((e["type"].as_str(), e["error"]["type"].as_str()), (Some("error"), Some(kind)), "{e}");
+        assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+    };
+    shape(&post(rig.addr, "/v1/messages", &[], body).await, 401, "authentication_error");
+    shape(
+        &post(rig.addr, "/v1/messages", &[("x-api-key", "pp-wrong")], body).await,
+        401,
+        "authentication_error",
+    );
+    let bearer = format!("Bearer {TOKEN}");
+    shape(
+        &post(rig.addr, "/v1/messages", &[("authorization", &bearer)], "{").await,
+        400,
+        "invalid_request_error",
+    );
+    let no_messages = r#"{"model":"m","max_tokens":5}"#;
+    shape(&post(rig.addr, "/v1/messages", &auth, no_messages).await, 400, "invalid_request_error");
+
+    // Broken mid-stream: the events so far, then an `error` event.
+    rig.sim.push_fault(Fault::BreakMidStream { after_chunks: 2 }, FaultTarget::Any);
+    let cut = post_lossy(rig.addr, "/v1/messages", &auth, &streamed).await;
+    let names = event_names(cut.as_bytes());
+    assert_eq!(names.first().map(String::as_str), Some("message_start"), "{cut}");
+    assert_eq!(names.last().map(String::as_str), Some("error"), "{cut}");
+    assert!(!names.contains(&"message_stop".to_owned()), "{cut}");
+
+    // The pool's 429 (the only key rate limited upstream): rate_limit_error with retry-after.
+    rig.sim.push_fault(
+        fault(429, "application/json", r#"{"status":429,"title":"Too Many Requests"}"#),
+        FaultTarget::Any,
+    );
+    let limited = post(rig.addr, "/v1/messages", &auth, body).await;
+    shape(&limited, 429, "rate_limit_error");
+    let retry: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry > 0, "{:?}", limited.headers);
+}
+
+/// A POST whose body may break off: what arrived, as text.
+async fn post_lossy(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::post(format!("http://{addr}{path}")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client.request(req.body(Full::from(body.to_owned())).unwrap()).await.unwrap();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}

@@ -1,0 +1,442 @@
+//! Anthropic's Messages API in front of the chat pipeline: `POST
+//! /v1/messages` and `POST /v1/messages/count_tokens`.
+//!
+//! A Messages request is translated into a chat completion request
+//! (`proxypal-anthropic`) and served by the same pipeline as an OpenAI
+//! client's (`failover::forward`): the same client tokens and quotas,
+//! routing (glob aliases catch Claude Code's model names), failover, ledger
+//! and response cache. The answer is translated back: a plain message, or
+//! Anthropic's events produced chunk by chunk as the upstream's arrive. An
+//! error is answered in Anthropic's shape, with `retry-after` kept; an error
+//! after a stream started is an `error` event that ends it.
+//!
+//! The client's token comes as `x-api-key` (Anthropic's SDKs) or
+//! `Authorization: Bearer`; `anthropic-version` and `anthropic-beta` are
+//! accepted and never sent upstream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use proxypal_anthropic::{
+    ApiError, ErrorKind, MessagesRequest, Options, StreamTranslator, TokenCount, TranslateError,
+};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::failover::Shared;
+use crate::route::Route;
+
+/// `POST /v1/messages`.
+pub(crate) const MESSAGES: &str = "/v1/messages";
+/// `POST /v1/messages/count_tokens`.
+pub(crate) const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
+
+/// The most of a plain upstream answer read to translate it.
+const MAX_ANSWER: usize = 64 << 20;
+/// The most of an upstream error answer read to translate it.
+const MAX_ERROR: usize = 64 << 10;
+
+/// Whether `path` is served here.
+pub(crate) fn is_messages(path: &str) -> bool {
+    path == MESSAGES || path == COUNT_TOKENS
+}
+
+/// Serves one Messages API request.
+pub(crate) async fn serve<B>(gw: Shared<'_>, req: Request<B>) -> Response<ProxyBody>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (head, body) = req.into_parts();
+    if let Some(refused) = refusal(gw, &head) {
+        return refused;
+    }
+    let max = gw.settings.load().max_body_bytes;
+    let body = match read(body, max).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let (upstream, model, stream) = match plan(gw, head, &body) {
+        Plan::Answer(resp) => return resp,
+        Plan::Forward { upstream, model, stream } => (upstream, model, stream),
+    };
+    let resp = crate::failover::forward(gw, upstream).await;
+    answer(resp, model, stream).await
+}
+
+/// The answer when the request's method or token will not do.
+fn refusal(gw: Shared<'_>, head: &http::request::Parts) -> Option<Response<ProxyBody>> {
+    if head.method != Method::POST {
+        return Some(error(
+            ApiError::new(ErrorKind::NotFound, format!("{} takes POST", head.uri.path())),
+            405,
+        ));
+    }
+    let settings = gw.settings.load();
+    let mut headers = head.headers.clone();
+    take_api_key(&mut headers);
+    if settings.tokens.authenticate(&headers).is_none() {
+        return Some(error(
+            ApiError::new(
+                ErrorKind::Authentication,
+                "missing or invalid client token: send x-api-key: <token> or Authorization: Bearer <token> (your ProxyPal token, not an upstream key)",
+            ),
+            401,
+        ));
+    }
+    None
+}
+
+/// What to do with a request whose body was read.
+enum Plan {
+    /// Answered here (an error, or `count_tokens`).
+    Answer(Response<ProxyBody>),
+    /// Sent through the chat pipeline, then translated back.
+    Forward { upstream: Request<Full<Bytes>>, model: String, stream: bool },
+}
+
+/// Reads and translates the request (or answers `count_tokens`).
+fn plan(gw: Shared<'_>, mut head: http::request::Parts, body: &[u8]) -> Plan {
+    let request = match MessagesRequest::from_slice(body) {
+        Ok(request) => request,
+        Err(e) => return Plan::Answer(translate_error(&e)),
+    };
+    if head.uri.path() == COUNT_TOKENS {
+        let count = TokenCount { input_tokens: proxypal_anthropic::estimate_tokens(&request) };
+        return Plan::Answer(json_response(StatusCode::OK, serde_json::to_vec(&count).unwrap_or_default()));
+    }
+    let model = request.model.clone();
+    let stream = request.is_stream();
+    let settings = gw.settings.load();
+    let options = options_for(gw, &settings, &model);
+    let translation = match proxypal_anthropic::to_chat(request, &options) {
+        Ok(t) => t,
+        Err(e) => return Plan::Answer(translate_error(&e)),
+    };
+    if !translation.dropped.is_empty() {
+        let dropped: Vec<String> = translation.dropped.iter().map(ToString::to_string).collect();
+        tracing::debug!(?dropped, "messages: fields the upstream does not take");
+    }
+    let chat = match serde_json::to_vec(&translation.chat) {
+        Ok(chat) => Bytes::from(chat),
+        Err(e) => {
+            return Plan::Answer(error(
+                ApiError::new(ErrorKind::Api, format!("translating the request: {e}")),
+                500,
+            ));
+        }
+    };
+    take_api_key(&mut head.headers);
+    head.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    head.headers.insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
+    head.uri = http::Uri::from_static("/v1/chat/completions");
+    Plan::Forward { upstream: Request::from_parts(head, Full::new(chat)), model, stream }
+}
+
+/// The pipeline's answer in Anthropic's terms.
+async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Response<ProxyBody> {
+    if resp.status() != StatusCode::OK {
+        return upstream_error(resp).await;
+    }
+    let sse =
+        resp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if stream && sse {
+        let (mut parts, body) = resp.into_parts();
+        keep_headers(&mut parts.headers);
+        parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        parts.headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let events = Events::new(body, StreamTranslator::new(&model));
+        return Response::from_parts(parts, events.boxed());
+    }
+    let (mut parts, body) = resp.into_parts();
+    let answer = match collect(body, MAX_ANSWER).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return error(
+                ApiError::new(ErrorKind::Api, format!("the upstream's answer broke off: {e}")),
+                502,
+            );
+        }
+    };
+    keep_headers(&mut parts.headers);
+    if sse {
+        // Asked for a plain answer, sent a stream: not translated.
+        return error(
+            ApiError::new(ErrorKind::Api, "the upstream streamed an answer to a plain request"),
+            502,
+        );
+    }
+    let mut resp = if stream {
+        // Asked for a stream, answered whole (an upstream that ignores
+        // `stream`): the answer as one chunk through the translator.
+        let mut out = Vec::new();
+        let mut translator = StreamTranslator::new(&model);
+        let pushed = chunk_of(&answer).map(|chunk| translator.push_into(&chunk, &mut out));
+        if !matches!(pushed, Some(Ok(()))) {
+            return error(ApiError::new(ErrorKind::Api, "the upstream's answer could not be read"), 502);
+        }
+        translator.finish_into(&mut out);
+        let mut resp = Response::new(crate::body::full(out));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        resp
+    } else {
+        let message = proxypal_anthropic::from_chat(&answer, &model).and_then(|m| {
+            serde_json::to_vec(&m).map_err(|e| TranslateError::InvalidResponse { reason: e.to_string() })
+        });
+        match message {
+            Ok(json) => json_response(StatusCode::OK, json),
+            Err(e) => {
+                return error(
+                    ApiError::new(ErrorKind::Api, format!("the upstream's answer could not be read: {e}")),
+                    502,
+                );
+            }
+        }
+    };
+    for (name, value) in &parts.headers {
+        resp.headers_mut().insert(name, value.clone());
+    }
+    resp
+}
+
+/// A whole chat completion as one streamed chunk: `choices[0].message` as
+/// its `delta` (tool calls numbered), with the finish reason and usage.
+fn chunk_of(answer: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(answer).ok()?;
+    let choice = value.get_mut("choices")?.get_mut(0)?;
+    let mut message = choice.get_mut("message")?.take();
+    if let Some(calls) = message.get_mut("tool_calls").and_then(serde_json::Value::as_array_mut) {
+        for (i, call) in calls.iter_mut().enumerate() {
+            if let Some(call) = call.as_object_mut() {
+                call.insert("index".into(), i.into());
+            }
+        }
+    }
+    let choice = choice.as_object_mut()?;
+    choice.remove("message");
+    choice.insert("delta".into(), message);
+    serde_json::to_vec(&value).ok()
+}
+
+/// What the request's targets accept: usage in streams only where every
+/// provider the route may use takes `stream_options` (`stream_usage`).
+fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) -> Options {
+    let providers = &settings.providers[..];
+    let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
+    let route = settings.routes.resolve(Some(model), providers, &listed);
+    let targets = match &route {
+        Route::Alias(alias) => &alias.targets[..],
+        Route::Direct(target) => std::slice::from_ref(target),
+    };
+    let stream_usage = targets.iter().all(|t| providers.get(t.provider).is_some_and(|p| p.stream_usage));
+    Options::new().with_stream_usage(stream_usage).with_top_k(true)
+}
+
+/// `x-api-key` becomes the bearer token the pipeline reads (unless one was
+/// sent); Anthropic's own headers are not forwarded.
+fn take_api_key(headers: &mut HeaderMap) {
+    if let Some(key) = headers.remove("x-api-key") {
+        if !headers.contains_key(AUTHORIZATION) {
+            let mut bearer = Vec::with_capacity(key.len() + 7);
+            bearer.extend_from_slice(b"Bearer ");
+            bearer.extend_from_slice(key.as_bytes());
+            if let Ok(mut value) = HeaderValue::from_bytes(&bearer) {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
+    }
+    headers.remove("anthropic-version");
+    headers.remove("anthropic-beta");
+    headers.remove(CONTENT_LENGTH);
+}
+
+/// Keeps what an Anthropic client may use of the pipeline's headers (rate
+/// limits, `retry-after`, ProxyPal's own); drops the body's length and type.
+fn keep_headers(headers: &mut HeaderMap) {
+    headers.remove(CONTENT_LENGTH);
+    headers.remove(CONTENT_TYPE);
+    headers.remove(http::header::CONTENT_ENCODING);
+    headers.remove(http::header::TRANSFER_ENCODING);
+}
+
+/// A pipeline answer's body, at most `max` bytes. Not `Limited`: its
+/// `Into<BoxError>` bound over the boxed body's `dyn Error` makes the
+/// handler's future fail rustc's higher-ranked `Send` check.
+async fn collect(mut body: ProxyBody, max: usize) -> Result<Bytes, BoxError> {
+    let mut out = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if out.len() + data.len() > max {
+                return Err(format!("an answer larger than {max} bytes").into());
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The client's body, at most `max` bytes.
+async fn read<B>(body: B, max: usize) -> Result<Bytes, Response<ProxyBody>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(error(
+            ApiError::new(ErrorKind::InvalidRequest, format!("request body larger than {max} bytes")),
+            413,
+        )),
+        Err(_) => {
+            Err(error(ApiError::new(ErrorKind::InvalidRequest, "the request body could not be read"), 400))
+        }
+    }
+}
+
+/// An error from the pipeline (OpenAI-shaped, or an upstream's), in
+/// Anthropic's shape with its status and headers (`retry-after`, rate
+/// limits) kept.
+async fn upstream_error(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = collect(body, MAX_ERROR).await.unwrap_or_default();
+    let api = ApiError::from_openai_body(parts.status.as_u16(), &bytes);
+    keep_headers(&mut parts.headers);
+    parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, crate::body::full(api.to_json()))
+}
+
+/// A translation error as the client's error (400 for its request, 502 for
+/// an upstream's answer).
+fn translate_error(e: &TranslateError) -> Response<ProxyBody> {
+    let api = e.to_api_error();
+    let status = api.kind.status();
+    error(api, status)
+}
+
+/// `api` as a response with `status`.
+fn error(api: ApiError, status: u16) -> Response<ProxyBody> {
+    let mut resp = json_response(StatusCode::OK, api.to_json().to_vec());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp
+}
+
+fn json_response(status: StatusCode, json: Vec<u8>) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::body::full(json));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The payload of an SSE `data:` line (without the field name and one
+/// leading space, and without a trailing `\r`).
+fn data_of(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let rest = line.strip_prefix(b"data:")?;
+    Some(rest.strip_prefix(b" ").unwrap_or(rest))
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream chat stream as Anthropic's events, translated as each
+    /// chunk arrives (lines split across frames are joined first).
+    struct Events {
+        #[pin]
+        inner: ProxyBody,
+        translator: StreamTranslator,
+        // Bytes of an unfinished line.
+        partial: BytesMut,
+        done: bool,
+    }
+}
+
+impl Events {
+    fn new(inner: ProxyBody, translator: StreamTranslator) -> Self {
+        Self { inner, translator, partial: BytesMut::new(), done: false }
+    }
+}
+
+impl Body for Events {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let this = self.as_mut().project();
+            if *this.done {
+                return Poll::Ready(None);
+            }
+            match this.inner.poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    this.partial.extend_from_slice(&data);
+                    let mut out = Vec::new();
+                    while let Some(at) = this.partial.iter().position(|&b| b == b'\n') {
+                        let line = this.partial.split_to(at + 1);
+                        let Some(payload) = data_of(&line[..at]) else { continue };
+                        if payload == b"[DONE]" {
+                            this.translator.finish_into(&mut out);
+                            continue;
+                        }
+                        if let Err(e) = this.translator.push_into(payload, &mut out) {
+                            match e {
+                                // The upstream said it failed: say so, and end.
+                                TranslateError::Upstream { .. } => {
+                                    out.extend_from_slice(&e.to_api_error().to_event());
+                                    *this.done = true;
+                                    break;
+                                }
+                                // A chunk that is not JSON: skipped (logged).
+                                _ => tracing::debug!(error = %e, "messages: an upstream chunk skipped"),
+                            }
+                        }
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "messages: the upstream stream broke off");
+                    *this.done = true;
+                    let event = proxypal_anthropic::error_event(
+                        ErrorKind::Api,
+                        "the upstream stream broke off before the answer was complete",
+                    );
+                    return Poll::Ready(Some(Ok(Frame::data(event))));
+                }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    let mut out = Vec::new();
+                    if this.translator.is_finished() {
+                        return Poll::Ready(None);
+                    }
+                    if this.translator.finish_reason().is_some() {
+                        // Ended without `[DONE]` but complete.
+                        this.translator.finish_into(&mut out);
+                    } else {
+                        out.extend_from_slice(&proxypal_anthropic::error_event(
+                            ErrorKind::Api,
+                            "the upstream stream ended before the answer was complete",
+                        ));
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
