@@ -82,10 +82,14 @@ pub struct SimConfig {
     /// Fixed `completion_tokens` reported (and charged) for every chat
     /// completion. `None` (the default): the number of whitespace-separated
     /// words of the answer for a plain completion, the number of content
-    /// chunks ([`stream_chunks`](Self::stream_chunks)) for a stream.
+    /// chunks with non-empty content ([`stream_chunks`](Self::stream_chunks),
+    /// fewer when a stop string cut the text) for a stream; for tool calls,
+    /// plain or streamed, one per call plus one per argument fragment (see
+    /// the crate docs, "Chat completion answers").
     ///
-    /// `prompt_tokens` is always the request body's length in bytes divided
-    /// by 4, rounded down.
+    /// `prompt_tokens` is the request body's length in bytes divided by 4,
+    /// rounded down, except that each `image_url` part counts 85 tokens
+    /// instead of the bytes of its URL.
     pub completion_tokens: Option<u64>,
     /// A token rate limit per account: `(limit, window)`. A `POST` request
     /// is refused with 429 if the tokens charged to its account in the last
@@ -119,9 +123,10 @@ pub struct SimConfig {
     /// If set, rate-limited responses carry `Retry-After: <whole seconds,
     /// rounded up>`. NVIDIA sends none, which is the default.
     pub retry_after: Option<Duration>,
-    /// Number of content chunks in a streamed chat completion (the final
+    /// Number of content chunks in a streamed text answer (the final
     /// `finish_reason: "stop"` chunk, the optional usage chunk and
-    /// `[DONE]` come on top).
+    /// `[DONE]` come on top; a stop string can make them fewer). Tool-call
+    /// streams do not use it.
     pub stream_chunks: usize,
     /// Delay between two streamed content chunks.
     pub chunk_interval: Duration,
@@ -143,6 +148,11 @@ pub struct SimConfig {
     /// Record a copy of the last request's headers (and body) in the stats.
     /// On by default, off in [`SimConfig::fast`].
     pub record_headers: bool,
+    /// Keep the bodies of the last `request_log` requests (every non-empty
+    /// body received, whatever its answer), for
+    /// [`SimHandle::request_log`](crate::SimHandle::request_log). `0` (the
+    /// default, also in [`SimConfig::fast`]) keeps none.
+    pub request_log: usize,
     /// Which provider it plays: how it announces limits and words its 429s.
     pub dialect: SimDialect,
     /// Serve requests that carry no key (a local server without auth), as
@@ -197,6 +207,7 @@ impl Default for SimConfig {
             strict_models: false,
             record_accepts: true,
             record_headers: true,
+            request_log: 0,
             dialect: SimDialect::Nvidia,
             anonymous: false,
         }
@@ -351,6 +362,13 @@ impl SimConfig {
     /// Sets the delay before response headers.
     pub fn with_response_delay(mut self, delay: Duration) -> Self {
         self.response_delay = delay;
+        self
+    }
+
+    /// Keeps the bodies of the last `n` requests (see
+    /// [`request_log`](Self::request_log)).
+    pub fn with_request_log(mut self, n: usize) -> Self {
+        self.request_log = n;
         self
     }
 

@@ -15,7 +15,8 @@
 //!   `"stream": true` an SSE stream (each event its own body frame, spaced by
 //!   [`SimConfig::chunk_interval`]); `stream_options.include_usage` adds the
 //!   usage chunk. The assistant content names the serving key in masked form
-//!   (see [`mask_key`]).
+//!   (see [`mask_key`]); tools, tool results, stop strings and images change
+//!   the answer as described in [Chat completion answers](#chat-completion-answers).
 //! - `POST /v1/embeddings`: small deterministic unit vectors, one per input.
 //!
 //! Order of checks for a request: the whole body is read, then an injected
@@ -30,7 +31,96 @@
 //! key is its own account). A request counts against the request limits when
 //! it passes them all (whatever its answer); its tokens
 //! (`usage.total_tokens`: `prompt_tokens` = body bytes / 4, rounded down,
-//! plus the completion tokens) are charged when its answer is produced.
+//! image parts aside, plus the completion tokens) are charged when its answer is produced.
+//!
+//! # Chat completion answers
+//!
+//! Exact rules tests can rely on. Requests without `tools`, `stop`, image
+//! parts or a final `tool` message get the same answers as before these
+//! rules existed.
+//!
+//! **Text.** The *answer text* is, by default, the greeting
+//! `Hello from the simulated NIM (key …abcd)` (the serving key masked by
+//! [`mask_key`]); when the last message has role `tool`, it is instead
+//! `Tool result: <content>`, where `<content>` is that message's `content`
+//! string, or the `text` of each of its parts concatenated without
+//! separator (`""` when it has none). When any message (any role) has
+//! `image_url` parts in a `content` array, ` [1 image]` or ` [N images]`
+//! (N the count over all messages) is appended. A plain answer's
+//! `message.content` is the answer text, `finish_reason: "stop"`. A
+//! streamed answer's text is the answer text followed by the filler words
+//! ` [1]`, ` [2]`, … until it has [`SimConfig::stream_chunks`] words
+//! (words are split at single spaces), sent as that many content chunks:
+//! one word each (every word after the first with its leading space), the
+//! last chunk holding all remaining words, the first chunk also carrying
+//! `"role": "assistant"`. So with the default 8 chunks the greeting streams
+//! as `Hello`, ` from`, ` the`, ` simulated`, ` NIM`, ` (key`, ` …abcd)`,
+//! ` [1]`; with `stream_chunks` no larger than the answer text's word count
+//! the streamed text equals the plain one. Then a chunk with an empty
+//! `delta` and `finish_reason: "stop"`.
+//!
+//! **Content parts.** A message `content` may be a string or an array of
+//! parts (`{"type":"text","text":…}`, `{"type":"image_url","image_url":
+//! {"url":…}}`, anything else ignored). For `prompt_tokens` (body bytes / 4)
+//! each `image_url` part counts 85 tokens instead of the bytes of its URL.
+//!
+//! **Stop strings.** `stop` may be absent, `null`, a string or an array of
+//! strings (anything else: 400); empty strings are ignored. If the text an
+//! answer would send (the plain answer text, or the whole streamed text
+//! including fillers) contains a stop string, it is cut right before the
+//! earliest match (at equal positions the one listed first wins), the
+//! choice keeps `finish_reason: "stop"` and gains `"stop_reason": "<the
+//! matched string>"` (vLLM / NVIDIA NIM style; in a stream, on the finish
+//! chunk). A stream then sends only the chunks (or part of the chunk) before
+//! the cut; when nothing is left, one first chunk with `"content": ""`. E.g.
+//! `"stop": "simulated"` answers `Hello from the ` plain and streamed. Stop
+//! strings do not apply to tool calls.
+//!
+//! **Tool calls.** The sim answers with tool calls instead of text when
+//! `tools` is a non-empty array, `tool_choice` is not `"none"` and the last
+//! message has role `user`. Every `tools` item must have a string
+//! `function.name` (else 400); `tool_choice` `{"type":"function",
+//! "function":{"name":N}}` picks the tool named `N` (400 if there is none),
+//! any other value (`"auto"`, `"required"`, absent) the first tool.
+//! - Number of calls: one, to the picked tool; two if the last user
+//!   message's text (string, or its text parts concatenated) contains the
+//!   word `parallel` (case-insensitive, a whole run of alphanumerics) and
+//!   `parallel_tool_calls` is not `false`: then the first two tools (the
+//!   first one twice if there is only one; the named tool twice when
+//!   `tool_choice` names one).
+//! - Arguments: a JSON object with, for each name in the tool's
+//!   `parameters.required` (or, if it has none, the alphabetically first
+//!   key of `parameters.properties`; none: `{}`), a value from the
+//!   property's schema: its first `enum` value if any, else by `type` (the
+//!   first non-`null` type of a list): `string` (or missing/unknown type)
+//!   → `"<name> value"`, `integer`/`number` → `1`, `boolean` → `true`,
+//!   `array` → `[]`, `object` → `{}`. Keys in alphabetical order, compact:
+//!   `{"path":"path value"}`.
+//! - Ids: `call_<n>_<i>` where `chatcmpl-sim-<n>` is the response id and
+//!   `<i>` the call's index (0, 1).
+//! - Plain: `choices[0].message` is `{"role":"assistant","content":null,
+//!   "tool_calls":[{"id","type":"function","function":{"name",
+//!   "arguments":"<json string>"}}]}`, `finish_reason: "tool_calls"`.
+//! - Streamed (independent of [`SimConfig::stream_chunks`]): a role chunk
+//!   `delta: {"role":"assistant","content":""}`; then one header chunk per
+//!   call, `delta: {"tool_calls":[{"index":i,"id":…,"type":"function",
+//!   "function":{"name":…,"arguments":""}}]}`, all headers first; then the
+//!   arguments of each call in 3 pieces (cut at char counts `⌊len·k/3⌋`,
+//!   empty pieces skipped), `delta: {"tool_calls":[{"index":i,"function":
+//!   {"arguments":"<piece>"}}]}`, interleaved by round: call 0's first
+//!   piece, call 1's first piece, call 0's second, … Then a chunk with an
+//!   empty `delta` and `finish_reason: "tool_calls"`, the usage chunk if
+//!   asked for, and `data: [DONE]`. Chunks are spaced like text chunks
+//!   ([`SimConfig::first_chunk_delay`] before the first,
+//!   [`SimConfig::chunk_interval`] between the next ones).
+//! - `completion_tokens` (unless [`SimConfig::completion_tokens`] fixes
+//!   it): one per call plus one per argument piece, plain or streamed (the
+//!   number of chunks between the role chunk and the finish chunk).
+//!
+//! **What the sim received.** [`SimHandle::last_request_body`] returns the
+//! last body (recorded with [`SimConfig::record_headers`], on by default);
+//! [`SimConfig::with_request_log`] keeps the last N bodies for
+//! [`SimHandle::request_log`].
 //!
 //! ```no_run
 //! use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimServer, generate_test_keys};
@@ -49,6 +139,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod chat;
 mod config;
 mod fault;
 mod server;

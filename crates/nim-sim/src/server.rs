@@ -201,13 +201,31 @@ impl SimHandle {
         self.shared.snapshot()
     }
 
+    /// The last request body received, parsed as JSON (a body that is not
+    /// JSON comes back as a JSON string of its text, invalid UTF-8
+    /// replaced). Recorded when [`SimConfig::record_headers`] is on (the
+    /// default, off in [`SimConfig::fast`]) or
+    /// [`SimConfig::request_log`] is not zero; `None` before any request
+    /// with a body, or after [`reset_stats`](Self::reset_stats).
+    pub fn last_request_body(&self) -> Option<serde_json::Value> {
+        self.shared.last_body().map(|b| body_json(&b))
+    }
+
+    /// The bodies of the last [`SimConfig::request_log`] requests with a
+    /// body, oldest first, parsed as [`last_request_body`](Self::last_request_body)
+    /// does. Empty unless [`SimConfig::with_request_log`] turned it on;
+    /// cleared by [`reset_stats`](Self::reset_stats).
+    pub fn request_log(&self) -> Vec<serde_json::Value> {
+        self.shared.request_log().iter().map(|b| body_json(b)).collect()
+    }
+
     /// The counters of one key (all zero if never seen).
     pub fn key_stats(&self, key: &str) -> KeyCounters {
         self.stats().key(key)
     }
 
-    /// Resets the request counters, accept logs, account counters and
-    /// recorded headers (not the limiters, token windows, faults, or the
+    /// Resets the request counters, accept logs, account counters, recorded
+    /// headers and bodies (not the limiters, token windows, faults, or the
     /// connection/stream/in-flight gauges; each maximum of requests in
     /// flight restarts from the current value).
     pub fn reset_stats(&self) {
@@ -307,4 +325,10 @@ impl SimHandle {
             let _ = task.await;
         }
     }
+}
+
+/// A request body as JSON, or as a JSON string of its text.
+fn body_json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
 }

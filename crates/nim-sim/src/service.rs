@@ -13,6 +13,7 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::chat::{Answer, Plan, ToolCall, argument_pieces, cut_pieces, text_pieces};
 use crate::fault::{
     FORBIDDEN_BODY, Fault, RATE_LIMITED_BODY, UNAUTHORIZED_BODY, not_found_detail, problem_json,
 };
@@ -104,11 +105,15 @@ pub(crate) async fn handle(
         Some(Fault::Garbage) => return abort_connection(&ctl, ConnAction::Garbage).await,
         Some(Fault::StallMidStream { after_chunks }) => {
             let model = request_model(&body);
-            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Stall, None).0;
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let content = StreamContent::Text { pieces: content_pieces(key, after_chunks), stop: None };
+            return stream_response(&shared, id, &model, 0, content, StreamEnd::Stall, None).0;
         }
         Some(Fault::BreakMidStream { after_chunks }) => {
             let model = request_model(&body);
-            return stream_response(&shared, key, &model, 0, after_chunks, StreamEnd::Break, None).0;
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let content = StreamContent::Text { pieces: content_pieces(key, after_chunks), stop: None };
+            return stream_response(&shared, id, &model, 0, content, StreamEnd::Break, None).0;
         }
     }
 
@@ -469,7 +474,8 @@ fn greeting(key: Option<&str>) -> String {
 
 /// Answers a chat completion; returns the response and the tokens it used
 /// (`usage.total_tokens`). A stream takes `slot` along, to release it when
-/// its body ends.
+/// its body ends. What it answers: see the crate docs, "Chat completion
+/// answers".
 fn chat(
     shared: &Arc<Shared>,
     key: &str,
@@ -481,36 +487,74 @@ fn chat(
     if !req.get("messages").is_some_and(Value::is_array) {
         return Err(Problem::bad_request("field 'messages' is required and must be an array"));
     }
-    let prompt_tokens = prompt_tokens(body);
+    let plan = Plan::from_request(&req).map_err(Problem::bad_request)?;
+    let prompt_tokens = plan.prompt_tokens(body.len());
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let answer = plan.answer(id, greeting(Some(key)));
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage =
             req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool)
                 == Some(true);
+        let content = match answer {
+            Answer::ToolCalls(calls) => StreamContent::ToolCalls(calls),
+            Answer::Text(text) => {
+                let pieces = text_pieces(&text, shared.config.stream_chunks);
+                let streamed = pieces.concat();
+                match plan.stop_match(&streamed) {
+                    Some((at, stop)) => {
+                        StreamContent::Text { pieces: cut_pieces(pieces, at), stop: Some(stop) }
+                    }
+                    None => StreamContent::Text { pieces, stop: None },
+                }
+            }
+        };
         return Ok(stream_response(
             shared,
-            Some(key),
+            id,
             &model,
             prompt_tokens,
-            shared.config.stream_chunks,
+            content,
             StreamEnd::Done { include_usage },
             slot.take(),
         ));
     }
-    let content = greeting(Some(key));
-    let completion_tokens =
-        shared.config.completion_tokens.unwrap_or_else(|| content.split_whitespace().count() as u64);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (message, finish, stop, completion_tokens) = match answer {
+        Answer::ToolCalls(calls) => {
+            let tool_calls: Vec<Value> = calls
+                .iter()
+                .map(|c| {
+                    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                })
+                .collect();
+            let tokens = calls.iter().map(|c| 1 + argument_pieces(&c.arguments).len() as u64).sum();
+            let message = json!({"role": "assistant", "content": null, "tool_calls": tool_calls});
+            (message, "tool_calls", None, tokens)
+        }
+        Answer::Text(mut text) => {
+            let stop = plan.stop_match(&text).map(|(at, stop)| {
+                text.truncate(at);
+                stop
+            });
+            let tokens = text.split_whitespace().count() as u64;
+            (json!({"role": "assistant", "content": text}), "stop", stop, tokens)
+        }
+    };
+    let completion_tokens = shared.config.completion_tokens.unwrap_or(completion_tokens);
+    let mut choice = json!({
+        "index": 0,
+        "message": message,
+        "logprobs": null,
+        "finish_reason": finish,
+    });
+    if let Some(stop) = stop {
+        choice["stop_reason"] = Value::String(stop);
+    }
     let body = json!({
         "id": format!("chatcmpl-sim-{id}"),
         "object": "chat.completion",
         "created": unix_now(),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "logprobs": null,
-            "finish_reason": "stop",
-        }],
+        "choices": [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     });
     Ok((json_response(StatusCode::OK, body.to_string()), prompt_tokens + completion_tokens))
@@ -520,32 +564,19 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// The simulated `prompt_tokens` of a chat request: its body's length in
-/// bytes divided by 4, rounded down.
-fn prompt_tokens(body: &[u8]) -> u64 {
-    body.len() as u64 / 4
+/// The greeting followed by filler words, in `n` pieces.
+fn content_pieces(key: Option<&str>, n: usize) -> Vec<String> {
+    text_pieces(&greeting(key), n)
 }
 
-/// Splits the streamed content into `n` pieces whose concatenation is the
-/// greeting followed by filler words.
-fn content_pieces(key: Option<&str>, n: usize) -> Vec<String> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let greeting = greeting(key);
-    let mut words: Vec<String> = greeting
-        .split(' ')
-        .enumerate()
-        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
-        .collect();
-    let mut i = 1;
-    while words.len() < n {
-        words.push(format!(" [{i}]"));
-        i += 1;
-    }
-    let tail: String = words.split_off(n - 1).concat();
-    words.push(tail);
-    words
+/// What a stream carries before its end.
+enum StreamContent {
+    /// Content pieces, one per chunk (the first with the role), and the stop
+    /// string that cut them, if one did.
+    Text { pieces: Vec<String>, stop: Option<String> },
+    /// Tool calls, streamed as a role chunk, then every call's header, then
+    /// the argument fragments, interleaved.
+    ToolCalls(Vec<ToolCall>),
 }
 
 /// One step of a simulated stream.
@@ -586,19 +617,19 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-/// A streamed chat completion and the tokens it uses (prompt +
-/// completion, whether or not the usage chunk is sent).
+/// A streamed chat completion `chatcmpl-sim-<id>` and the tokens it uses
+/// (prompt + completion, whether or not the usage chunk is sent).
 fn stream_response(
     shared: &Arc<Shared>,
-    key: Option<&str>,
+    id: u64,
     model: &str,
     prompt_tokens: u64,
-    chunks: usize,
+    content: StreamContent,
     end: StreamEnd,
     slot: Option<Slot>,
 ) -> (Response<SimBody>, u64) {
     let cfg = &shared.config;
-    let id = format!("chatcmpl-sim-{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = format!("chatcmpl-sim-{id}");
     let created = unix_now();
     let chunk = |delta: Value, finish: Value| {
         json!({
@@ -607,19 +638,57 @@ fn stream_response(
         })
     };
 
-    let pieces = content_pieces(key, chunks);
-    let completion_tokens = cfg.completion_tokens.unwrap_or(pieces.len() as u64);
-    let mut steps = Vec::with_capacity(pieces.len() + 3);
-    for (i, piece) in pieces.into_iter().enumerate() {
-        let delta =
-            if i == 0 { json!({"role": "assistant", "content": piece}) } else { json!({"content": piece}) };
+    let mut deltas = Vec::new();
+    let (finish, stop) = match content {
+        StreamContent::Text { pieces, stop } => {
+            for (i, piece) in pieces.into_iter().enumerate() {
+                deltas.push(if i == 0 {
+                    json!({"role": "assistant", "content": piece})
+                } else {
+                    json!({"content": piece})
+                });
+            }
+            ("stop", stop)
+        }
+        StreamContent::ToolCalls(calls) => {
+            deltas.push(json!({"role": "assistant", "content": ""}));
+            for (i, c) in calls.iter().enumerate() {
+                deltas.push(json!({"tool_calls": [{
+                    "index": i, "id": c.id, "type": "function",
+                    "function": {"name": c.name, "arguments": ""},
+                }]}));
+            }
+            let fragments: Vec<Vec<&str>> = calls.iter().map(|c| argument_pieces(&c.arguments)).collect();
+            let rounds = fragments.iter().map(Vec::len).max().unwrap_or(0);
+            for round in 0..rounds {
+                for (i, f) in fragments.iter().enumerate() {
+                    if let Some(piece) = f.get(round) {
+                        deltas.push(json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}));
+                    }
+                }
+            }
+            ("tool_calls", None)
+        }
+    };
+    // Text: the chunks with content; tool calls: every chunk after the role.
+    let produced = match finish {
+        "stop" => deltas.iter().filter(|d| d["content"].as_str().is_some_and(|c| !c.is_empty())).count(),
+        _ => deltas.len().saturating_sub(1),
+    };
+    let completion_tokens = cfg.completion_tokens.unwrap_or(produced as u64);
+    let mut steps = Vec::with_capacity(deltas.len() + 3);
+    for (i, delta) in deltas.into_iter().enumerate() {
         let delay = if i == 0 { cfg.first_chunk_delay } else { cfg.chunk_interval };
         steps.push(Step::Emit { delay, data: sse(&chunk(delta, Value::Null)) });
     }
     match end {
         StreamEnd::Done { include_usage } => {
             let delay = if steps.is_empty() { cfg.first_chunk_delay } else { Duration::ZERO };
-            steps.push(Step::Emit { delay, data: sse(&chunk(json!({}), json!("stop"))) });
+            let mut last = chunk(json!({}), json!(finish));
+            if let Some(stop) = stop {
+                last["choices"][0]["stop_reason"] = Value::String(stop);
+            }
+            steps.push(Step::Emit { delay, data: sse(&last) });
             if include_usage {
                 let u = json!({
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -793,9 +862,10 @@ mod tests {
 
     #[test]
     fn prompt_tokens_are_a_quarter_of_the_body_bytes() {
-        assert_eq!(prompt_tokens(b""), 0);
-        assert_eq!(prompt_tokens(b"abc"), 0);
-        assert_eq!(prompt_tokens(&[b'x'; 403]), 100);
+        let plan = Plan::from_request(&serde_json::Map::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plan.prompt_tokens(0), 0);
+        assert_eq!(plan.prompt_tokens(3), 0);
+        assert_eq!(plan.prompt_tokens(403), 100);
     }
 
     #[test]

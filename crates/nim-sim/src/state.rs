@@ -32,6 +32,8 @@ struct State {
     total_requests: u64,
     last_request_headers: Option<http::HeaderMap>,
     last_request_body: Option<bytes::Bytes>,
+    /// The last [`SimConfig::request_log`] bodies, oldest first.
+    request_log: VecDeque<bytes::Bytes>,
     models: std::collections::BTreeMap<String, u64>,
     faults: VecDeque<(Fault, FaultTarget)>,
     sticky: Option<Fault>,
@@ -163,6 +165,26 @@ impl Shared {
         if self.config.record_headers {
             st.last_request_body = Some(body.clone());
         }
+        let keep = self.config.request_log;
+        if keep > 0 {
+            while st.request_log.len() >= keep {
+                st.request_log.pop_front();
+            }
+            st.request_log.push_back(body.clone());
+        }
+    }
+
+    /// The recorded request bodies (see [`SimConfig::request_log`]), oldest
+    /// first.
+    pub(crate) fn request_log(&self) -> Vec<bytes::Bytes> {
+        self.lock().request_log.iter().cloned().collect()
+    }
+
+    /// The last request body recorded, by the request log or with the
+    /// headers.
+    pub(crate) fn last_body(&self) -> Option<bytes::Bytes> {
+        let st = self.lock();
+        st.request_log.back().or(st.last_request_body.as_ref()).cloned()
     }
 
     /// Counts the outcome of a request that carried `key`.
@@ -319,6 +341,7 @@ impl Shared {
         st.total_requests = 0;
         st.last_request_headers = None;
         st.last_request_body = None;
+        st.request_log.clear();
         st.models.clear();
         st.max_in_flight = st.in_flight;
         for ks in st.per_key.values_mut() {
