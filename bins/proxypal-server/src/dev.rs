@@ -129,8 +129,21 @@ fn two_providers(config: &mut Config) {
             ],
         },
     );
+    // Claude Code's model names (claude-sonnet-4-5-…, claude-haiku-4-5): the same pools.
+    config.models.insert(
+        DEV_CLAUDE_ALIAS.to_owned(),
+        AliasEntry {
+            targets: vec![
+                target("groq", "llama-3.3-70b-versatile", 1),
+                target("nvidia", "meta/llama-3.3-70b-instruct", 2),
+            ],
+        },
+    );
     config.routing.default_provider = Some("nvidia".to_owned());
 }
+
+/// `--dev`'s glob alias for Anthropic clients' model names.
+pub const DEV_CLAUDE_ALIAS: &str = "claude-*";
 
 /// The simulator's per-key minute limit when the config sets none.
 const DEV_FALLBACK_RPM: u64 = 600;
@@ -182,6 +195,22 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, simulated: &Simulat
     } else {
         String::new()
     };
+    let anthropic_key = match config.auth.tokens.first() {
+        Some(_) => "<token>",
+        None => "anything",
+    };
+    let claude_model = if config.models.contains_key(DEV_CLAUDE_ALIAS) {
+        "claude-sonnet-4-5"
+    } else {
+        "meta/llama-3.1-8b-instruct"
+    };
+    let anthropic = format!(
+        "  Anthropic clients (Claude Code, the Anthropic SDKs) use the same pools through /v1/messages:\n\n    \
+         ANTHROPIC_BASE_URL=http://{listen} ANTHROPIC_API_KEY={anthropic_key} claude\n\n    \
+         curl -s http://{listen}/v1/messages -H 'x-api-key: {anthropic_key}' -H 'anthropic-version: 2023-06-01' \\\n      \
+         -H 'Content-Type: application/json' \\\n      \
+         -d '{{\"model\":\"{claude_model}\",\"max_tokens\":256,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n"
+    );
     format!(
         "\n  ProxyPal DEV MODE — simulated upstreams with generated keys (no real account involved):{upstreams}\n{routing}\n  \
          Try it:\n\n    \
@@ -193,7 +222,7 @@ pub fn banner(config: &Config, listen: std::net::SocketAddr, simulated: &Simulat
          print(c.chat.completions.create(model=\"meta/llama-3.1-8b-instruct\", messages=[{{\"role\":\"user\",\"content\":\"Hello\"}}]).choices[0].message.content)'\n\n    \
          curl -s {base}/models {auth_header}\n    \
          curl -s http://{listen}/stats {auth_header}\n\n\
-         {cache}  \
+         {anthropic}{cache}  \
          Dashboard: http://{listen}/dashboard\n\n  Ctrl-C stops it.\n",
     )
 }

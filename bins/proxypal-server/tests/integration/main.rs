@@ -19,6 +19,7 @@
 mod common;
 mod hardening_support;
 
+mod anthropic;
 mod cache;
 mod clients;
 mod config;
