@@ -5,6 +5,7 @@
 #   BASELINE_BIN=/path/to/older/proxypal-server bash benches/profile.sh
 #   ALIAS=0 bash benches/profile.sh    # skip the alias measurement
 #   LEDGER=0 bash benches/profile.sh   # skip the ledger-on measurement
+#   CACHE=1 bash benches/profile.sh    # also a response-cache hit (off by default)
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
@@ -159,6 +160,16 @@ if [[ ${LEDGER:-1} == 1 ]]; then
     measure ledger "$PROXY_PORT" "$BIN" --config "$OUT/ledger.yaml"
     awk -v l="${PER_REQ[ledger]}" -v p="${PER_REQ[proxypal]}" \
         'BEGIN{printf "instructions per request: ledger on / off = %.3f\n", l / p}' | tee -a "$OUT/summary.txt"
+fi
+
+if [[ ${CACHE:-0} == 1 ]]; then
+    # The same request answered from the response cache: the warm-up stores
+    # it, every measured request is a hit (no key, no upstream).
+    cp "$OUT/proxy.yaml" "$OUT/cache.yaml"
+    printf 'cache:\n  enabled: true\n' >>"$OUT/cache.yaml"
+    measure cache "$PROXY_PORT" "$BIN" --config "$OUT/cache.yaml"
+    awk -v c="${PER_REQ[cache]}" -v p="${PER_REQ[proxypal]}" \
+        'BEGIN{printf "instructions per request: cache hit / proxied = %.3f\n", c / p}' | tee -a "$OUT/summary.txt"
 fi
 
 if [[ -n ${BASELINE_BIN:-} ]]; then

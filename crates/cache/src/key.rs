@@ -1,7 +1,7 @@
 //! What a cached answer is filed under: the endpoint, the public model, the
 //! client and the canonical request body, hashed.
 
-use ring::digest::{Context, SHA256};
+use ring::digest::SHA256;
 use std::io::Write;
 
 use serde_json::{Map, Number, Value};
@@ -126,7 +126,7 @@ impl CacheKey {
         owner: Owner<'_>,
         body: &Map<String, Value>,
     ) -> Self {
-        let mut hasher = Hasher(Context::new(&SHA256));
+        let mut hasher = Hasher(Vec::with_capacity(256));
         hasher.raw(VERSION_TAG);
         hasher.raw(&[endpoint.tag()]);
         hasher.prefixed(public_model.as_bytes());
@@ -139,7 +139,7 @@ impl CacheKey {
             Owner::Anonymous => hasher.raw(&[2]),
         }
         write_object(&mut hasher, body);
-        let digest = hasher.0.finish();
+        let digest = ring::digest::digest(&SHA256, &hasher.0);
         let mut out = [0u8; 32];
         out.copy_from_slice(digest.as_ref());
         Self(out)
@@ -176,26 +176,28 @@ impl std::fmt::Debug for CacheKey {
     }
 }
 
-/// SHA-256 fed as bytes are written, so the canonical JSON is never
-/// materialised.
-struct Hasher(Context);
+/// The bytes to hash, gathered first and hashed in one call: the canonical
+/// writer emits many pieces of a few bytes, and feeding each to SHA-256's
+/// context cost more than the hashing itself (callgrind: 6.9k instructions
+/// per small request).
+struct Hasher(Vec<u8>);
 
 impl Hasher {
     fn raw(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        self.0.extend_from_slice(bytes);
     }
 
     /// `bytes` after their length (u64, little endian).
     fn prefixed(&mut self, bytes: &[u8]) {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        self.0.update(&len.to_le_bytes());
-        self.0.update(bytes);
+        self.0.extend_from_slice(&len.to_le_bytes());
+        self.0.extend_from_slice(bytes);
     }
 }
 
 impl std::io::Write for Hasher {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
+        self.0.extend_from_slice(buf);
         Ok(buf.len())
     }
 
