@@ -335,6 +335,19 @@ async fn repeated_requests_are_answered_from_the_cache() {
     let fresh = post(rig.addr, "/v1/chat/completions", &[("cache-control", "no-store")], plain).await;
     assert_eq!(fresh.headers["x-proxypal-cache"], "bypass");
     assert_eq!(upstream(), before + 1, "no-store goes upstream");
+    // no-store stores nothing: a new request with it, then without, is a miss.
+    let unseen = r#"{"model":"meta/llama-3.1-8b-instruct","temperature":0,"messages":[{"role":"user","content":"never stored"}]}"#;
+    post(rig.addr, "/v1/chat/completions", &[("cache-control", "no-store")], unseen).await;
+    assert_eq!(post(rig.addr, "/v1/chat/completions", &[], unseen).await.headers["x-proxypal-cache"], "miss");
+    // no-cache: not looked up (upstream again), and the fresh answer is stored.
+    let before = upstream();
+    let refreshed = post(rig.addr, "/v1/chat/completions", &[("cache-control", "no-cache")], plain).await;
+    assert_eq!(refreshed.status, StatusCode::OK);
+    assert_eq!(upstream(), before + 1, "no-cache goes upstream");
+    let after = post(rig.addr, "/v1/chat/completions", &[], plain).await;
+    assert_eq!(after.headers["x-proxypal-cache"], "hit");
+    assert_eq!(after.body, refreshed.body, "the refreshed answer replaced the stored one");
+    assert_eq!(upstream(), before + 1);
 
     // Ten identical requests at once: one goes upstream, nine wait for it.
     let before = upstream();
