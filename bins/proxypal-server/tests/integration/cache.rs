@@ -307,3 +307,27 @@ async fn memory_stays_under_max_bytes_and_keeps_the_hot_entry() {
     })
     .await;
 }
+
+/// `shared_between_clients: true`: what alice's request stored, bob's
+/// identical one is answered from (by default each client has its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_between_clients_serves_one_clients_entry_to_another() {
+    bounded(async {
+        let rig = Rig::start(
+            1,
+            |s| s,
+            |c| {
+                cached(c, Duration::from_secs(60));
+                c.cache.shared_between_clients = true;
+            },
+        )
+        .await;
+        let first = send(&rig.http, chat(&rig, ALICE, MODEL, "shared")).await;
+        assert_eq!(label(&first), "miss");
+        let bob = send(&rig.http, chat(&rig, BOB, MODEL, "shared")).await;
+        assert_eq!(label(&bob), "hit");
+        assert_eq!(bob.body, first.body);
+        assert_eq!(rig.sim.stats().total_requests, 1);
+    })
+    .await;
+}
