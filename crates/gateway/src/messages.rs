@@ -232,8 +232,12 @@ fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) 
         Route::Alias(alias) => &alias.targets[..],
         Route::Direct(target) => std::slice::from_ref(target),
     };
-    let stream_usage = targets.iter().all(|t| providers.get(t.provider).is_some_and(|p| p.stream_usage));
-    Options::new().with_stream_usage(stream_usage).with_top_k(true)
+    let all = |f: &dyn Fn(&crate::provider::Provider) -> bool| {
+        targets.iter().all(|t| providers.get(t.provider).is_some_and(|p| f(p)))
+    };
+    // `top_k`: NVIDIA's NIM (vLLM) takes it; other chat APIs reject or ignore it.
+    let top_k = all(&|p| p.dialect == crate::dialect::Dialect::Nvidia);
+    Options::new().with_stream_usage(all(&|p| p.stream_usage)).with_top_k(top_k)
 }
 
 /// `x-api-key` becomes the bearer token the pipeline reads (unless one was
