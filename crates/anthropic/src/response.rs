@@ -88,7 +88,7 @@ pub struct Usage {
 /// response for `model_shown`, the model name the client asked for.
 ///
 /// - `id`: `msg_` and the upstream id's letters, digits, `-` and `_`
-///   (`chatcmpl-abc` → `msg_abc`; `msg_proxypal` when it has none).
+///   (`chatcmpl-abc` → `msg_abc`; a unique `msg_proxypal…` when it has none).
 /// - `content`: one text block when the message has text other than
 ///   whitespace (a list of text parts is joined; a `refusal` stands in for
 ///   empty content), then one

@@ -127,7 +127,9 @@ pub(crate) fn stop_reason(finish: Option<&str>, matched: Option<&str>, has_tool_
 
 /// An Anthropic-style message id from the upstream's: `msg_` and its
 /// letters, digits, `-` and `_` (without OpenAI's `chatcmpl-`), or
-/// `msg_proxypal` when it has none.
+/// `msg_proxypal<unique hex>` when it has none (unique in this process and,
+/// through the start time in it, across restarts: clients such as Claude
+/// Code track tool results by ids derived from it).
 pub(crate) fn message_id(upstream: Option<&str>) -> String {
     let raw = upstream.unwrap_or("");
     let raw = raw.strip_prefix("chatcmpl-").unwrap_or(raw);
@@ -135,9 +137,23 @@ pub(crate) fn message_id(upstream: Option<&str>) -> String {
     id.push_str("msg_");
     id.extend(raw.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_'));
     if id.len() == 4 {
-        id.push_str("proxypal");
+        id.push_str(&format!("proxypal{:x}", unique()));
     }
     id
+}
+
+/// A number no earlier call in this process returned, starting from the
+/// process's first use in nanoseconds since the epoch.
+fn unique() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    });
+    base.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The id for a tool call the upstream sent without one.
@@ -203,8 +219,9 @@ mod tests {
     fn ids() {
         assert_eq!(message_id(Some("chatcmpl-abc123")), "msg_abc123");
         assert_eq!(message_id(Some("cmpl/9 x")), "msg_cmpl9x");
-        assert_eq!(message_id(None), "msg_proxypal");
-        assert_eq!(message_id(Some("chatcmpl-")), "msg_proxypal");
+        let (a, b) = (message_id(None), message_id(Some("chatcmpl-")));
+        assert!(a.starts_with("msg_proxypal") && b.starts_with("msg_proxypal"), "{a} {b}");
+        assert_ne!(a, b, "no two answers without an upstream id share one");
         assert_eq!(tool_use_id("msg_abc", 1), "toolu_abc_1");
     }
 }

@@ -60,23 +60,31 @@ where
         Ok(body) => body,
         Err(resp) => return resp,
     };
-    let (upstream, model, stream) = match plan(gw, head, &body) {
+    let (upstream, reply) = match plan(gw, head, &body) {
         Plan::Answer(resp) => return resp,
-        Plan::Forward { upstream, model, stream } => (upstream, model, stream),
+        Plan::Forward { upstream, reply } => (upstream, reply),
     };
     let resp = crate::failover::forward(gw, upstream).await;
-    answer(resp, model, stream).await
+    answer(resp, reply).await
 }
 
 /// The answer when the request's method or token will not do.
 fn refusal(gw: Shared<'_>, head: &http::request::Parts) -> Option<Response<ProxyBody>> {
     if head.method != Method::POST {
-        return Some(error(
-            ApiError::new(ErrorKind::NotFound, format!("{} takes POST", head.uri.path())),
-            405,
-        ));
+        let mut resp =
+            error(ApiError::new(ErrorKind::InvalidRequest, format!("{} takes POST", head.uri.path())), 405);
+        resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+        return Some(resp);
     }
     let settings = gw.settings.load();
+    let declared = head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > settings.max_body_bytes as u64) {
+        let max = settings.max_body_bytes;
+        return Some(error(
+            ApiError::new(ErrorKind::InvalidRequest, format!("request body larger than {max} bytes")),
+            413,
+        ));
+    }
     let mut headers = head.headers.clone();
     take_api_key(&mut headers);
     if settings.tokens.authenticate(&headers).is_none() {
@@ -96,7 +104,19 @@ enum Plan {
     /// Answered here (an error, or `count_tokens`).
     Answer(Response<ProxyBody>),
     /// Sent through the chat pipeline, then translated back.
-    Forward { upstream: Request<Full<Bytes>>, model: String, stream: bool },
+    Forward { upstream: Request<Full<Bytes>>, reply: Reply },
+}
+
+/// What the answer is translated with.
+struct Reply {
+    /// The model the client asked for (the answer's `model`).
+    model: String,
+    /// The client asked for a stream.
+    stream: bool,
+    /// The request's estimated input tokens: `message_start`'s usage when
+    /// the upstream reports none in the stream (Claude Code sizes its
+    /// context from it).
+    input_tokens: u64,
 }
 
 /// Reads and translates the request (or answers `count_tokens`).
@@ -111,6 +131,7 @@ fn plan(gw: Shared<'_>, mut head: http::request::Parts, body: &[u8]) -> Plan {
     }
     let model = request.model.clone();
     let stream = request.is_stream();
+    let input_tokens = proxypal_anthropic::estimate_tokens(&request);
     let settings = gw.settings.load();
     let options = options_for(gw, &settings, &model);
     let translation = match proxypal_anthropic::to_chat(request, &options) {
@@ -134,11 +155,17 @@ fn plan(gw: Shared<'_>, mut head: http::request::Parts, body: &[u8]) -> Plan {
     head.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     head.headers.insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
     head.uri = http::Uri::from_static("/v1/chat/completions");
-    Plan::Forward { upstream: Request::from_parts(head, Full::new(chat)), model, stream }
+    // The answer is translated, so it must arrive as bytes ProxyPal can read.
+    head.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    Plan::Forward {
+        upstream: Request::from_parts(head, Full::new(chat)),
+        reply: Reply { model, stream, input_tokens },
+    }
 }
 
 /// The pipeline's answer in Anthropic's terms.
-async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Response<ProxyBody> {
+async fn answer(resp: Response<ProxyBody>, reply: Reply) -> Response<ProxyBody> {
+    let Reply { model, stream, input_tokens } = reply;
     if resp.status() != StatusCode::OK {
         return upstream_error(resp).await;
     }
@@ -149,7 +176,7 @@ async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Respo
         keep_headers(&mut parts.headers);
         parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         parts.headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let events = Events::new(body, StreamTranslator::new(&model));
+        let events = Events::new(body, StreamTranslator::new(&model).with_input_tokens(input_tokens));
         return Response::from_parts(parts, events.boxed());
     }
     let (mut parts, body) = resp.into_parts();
@@ -174,7 +201,7 @@ async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Respo
         // Asked for a stream, answered whole (an upstream that ignores
         // `stream`): the answer as one chunk through the translator.
         let mut out = Vec::new();
-        let mut translator = StreamTranslator::new(&model);
+        let mut translator = StreamTranslator::new(&model).with_input_tokens(input_tokens);
         let pushed = chunk_of(&answer).map(|chunk| translator.push_into(&chunk, &mut out));
         if !matches!(pushed, Some(Ok(()))) {
             return error(ApiError::new(ErrorKind::Api, "the upstream's answer could not be read"), 502);
@@ -189,6 +216,8 @@ async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Respo
         });
         match message {
             Ok(json) => json_response(StatusCode::OK, json),
+            // An `error` object in a 200 (some upstreams): its own kind and status.
+            Err(e @ TranslateError::Upstream { .. }) => return translate_error(&e),
             Err(e) => {
                 return error(
                     ApiError::new(ErrorKind::Api, format!("the upstream's answer could not be read: {e}")),
@@ -198,7 +227,7 @@ async fn answer(resp: Response<ProxyBody>, model: String, stream: bool) -> Respo
         }
     };
     for (name, value) in &parts.headers {
-        resp.headers_mut().insert(name, value.clone());
+        resp.headers_mut().append(name, value.clone());
     }
     resp
 }
@@ -262,10 +291,19 @@ fn take_api_key(headers: &mut HeaderMap) {
 /// Keeps what an Anthropic client may use of the pipeline's headers (rate
 /// limits, `retry-after`, ProxyPal's own); drops the body's length and type.
 fn keep_headers(headers: &mut HeaderMap) {
-    headers.remove(CONTENT_LENGTH);
-    headers.remove(CONTENT_TYPE);
-    headers.remove(http::header::CONTENT_ENCODING);
-    headers.remove(http::header::TRANSFER_ENCODING);
+    for name in [
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "content-encoding",
+        "content-range",
+        "etag",
+        "content-md5",
+        "digest",
+        "content-digest",
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// A pipeline answer's body, at most `max` bytes. Not `Limited`: its
@@ -363,6 +401,53 @@ impl Events {
     }
 }
 
+impl Events {
+    /// Translates one SSE line (without its `\n`) into `out`; `false` when
+    /// the stream is to end (the upstream reported an error).
+    fn line(translator: &mut StreamTranslator, line: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(payload) = data_of(line) else { return true };
+        if payload == b"[DONE]" {
+            translator.finish_into(out);
+            return true;
+        }
+        match translator.push_into(payload, out) {
+            Ok(()) => true,
+            // The upstream said it failed: say so, and end.
+            Err(e @ TranslateError::Upstream { .. }) => {
+                out.extend_from_slice(&e.to_api_error().to_event());
+                false
+            }
+            // A chunk that is not JSON: skipped (logged).
+            Err(e) => {
+                tracing::debug!(error = %e, "messages: an upstream chunk skipped");
+                true
+            }
+        }
+    }
+
+    /// How the stream ends when the upstream's does (or breaks off): the
+    /// closing events if the answer was complete, else an `error` event.
+    fn end(translator: &mut StreamTranslator, out: &mut Vec<u8>, broke: bool) {
+        if translator.is_finished() {
+            return;
+        }
+        if translator.finish_reason().is_some() {
+            // Complete, without `[DONE]` (or broken off after the last chunk).
+            translator.finish_into(out);
+            return;
+        }
+        let why = if broke {
+            "the upstream stream broke off before the answer was complete"
+        } else {
+            "the upstream stream ended before the answer was complete"
+        };
+        out.extend_from_slice(&proxypal_anthropic::error_event(ErrorKind::Api, why));
+    }
+}
+
+/// The longest SSE line kept while waiting for its end.
+const MAX_LINE: usize = 16 << 20;
+
 impl Body for Events {
     type Data = Bytes;
     type Error = BoxError;
@@ -376,62 +461,52 @@ impl Body for Events {
             if *this.done {
                 return Poll::Ready(None);
             }
+            let mut out = Vec::new();
             match this.inner.poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else { continue };
+                    // Only the new bytes can hold the line's end.
+                    let mut from = this.partial.len();
                     this.partial.extend_from_slice(&data);
-                    let mut out = Vec::new();
-                    while let Some(at) = this.partial.iter().position(|&b| b == b'\n') {
+                    while let Some(at) =
+                        this.partial[from..].iter().position(|&b| b == b'\n').map(|i| from + i)
+                    {
                         let line = this.partial.split_to(at + 1);
-                        let Some(payload) = data_of(&line[..at]) else { continue };
-                        if payload == b"[DONE]" {
-                            this.translator.finish_into(&mut out);
-                            continue;
-                        }
-                        if let Err(e) = this.translator.push_into(payload, &mut out) {
-                            match e {
-                                // The upstream said it failed: say so, and end.
-                                TranslateError::Upstream { .. } => {
-                                    out.extend_from_slice(&e.to_api_error().to_event());
-                                    *this.done = true;
-                                    break;
-                                }
-                                // A chunk that is not JSON: skipped (logged).
-                                _ => tracing::debug!(error = %e, "messages: an upstream chunk skipped"),
-                            }
+                        from = 0;
+                        if !Self::line(this.translator, &line[..at], &mut out) {
+                            *this.done = true;
+                            break;
                         }
                     }
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    if this.partial.len() > MAX_LINE {
+                        tracing::warn!(
+                            bytes = this.partial.len(),
+                            "messages: an upstream line too long; stream ended"
+                        );
+                        out.extend_from_slice(&proxypal_anthropic::error_event(
+                            ErrorKind::Api,
+                            "the upstream sent a line too long to translate",
+                        ));
+                        *this.done = true;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "messages: the upstream stream broke off");
                     *this.done = true;
-                    let event = proxypal_anthropic::error_event(
-                        ErrorKind::Api,
-                        "the upstream stream broke off before the answer was complete",
-                    );
-                    return Poll::Ready(Some(Ok(Frame::data(event))));
+                    Self::end(this.translator, &mut out, true);
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    let mut out = Vec::new();
-                    if this.translator.is_finished() {
-                        return Poll::Ready(None);
+                    // A last line without its newline.
+                    let rest = std::mem::take(this.partial);
+                    if rest.is_empty() || Self::line(this.translator, &rest, &mut out) {
+                        Self::end(this.translator, &mut out, false);
                     }
-                    if this.translator.finish_reason().is_some() {
-                        // Ended without `[DONE]` but complete.
-                        this.translator.finish_into(&mut out);
-                    } else {
-                        out.extend_from_slice(&proxypal_anthropic::error_event(
-                            ErrorKind::Api,
-                            "the upstream stream ended before the answer was complete",
-                        ));
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                 }
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
             }
         }
     }
@@ -442,5 +517,65 @@ impl Body for Events {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+    const FINISH: &str = r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+
+    /// The event names `Events` makes of upstream `frames`, then `Err` when `broken`.
+    async fn events(frames: &[&str], broken: bool) -> Vec<String> {
+        let mut items: Vec<Result<Frame<Bytes>, BoxError>> =
+            frames.iter().map(|f| Ok(Frame::data(Bytes::from(f.to_string())))).collect();
+        if broken {
+            items.push(Err("reset".into()));
+        }
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(items)).boxed();
+        let out = Events::new(body, StreamTranslator::new("m")).collect().await.unwrap().to_bytes();
+        std::str::from_utf8(&out)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lines_split_across_frames_and_a_last_line_without_newline_are_translated() {
+        let first = format!("data: {TEXT}\n\nda");
+        let rest = format!("ta: {FINISH}");
+        let got = events(&[&first, &rest], false).await;
+        assert_eq!(got.last().map(String::as_str), Some("message_stop"), "{got:?}");
+        assert!(!got.contains(&"error".to_owned()), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_break_after_the_answer_is_complete_is_no_error() {
+        let got = events(&[&format!("data: {TEXT}\n\ndata: {FINISH}\n\n")], true).await;
+        assert_eq!(got.last().map(String::as_str), Some("message_stop"), "{got:?}");
+        let got = events(&[&format!("data: {TEXT}\n\ndata: {FINISH}\n\ndata: [DONE]\n\n")], true).await;
+        assert_eq!(got.iter().filter(|e| *e == "message_stop").count(), 1, "{got:?}");
+        assert!(!got.contains(&"error".to_owned()), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_break_before_the_end_is_an_error_event_and_no_message_stop() {
+        let got = events(&[&format!("data: {TEXT}\n\n")], true).await;
+        assert_eq!(got.last().map(String::as_str), Some("error"), "{got:?}");
+        assert!(!got.contains(&"message_stop".to_owned()));
+        let got = events(&[&format!("data: {TEXT}\n\n")], false).await;
+        assert_eq!(got.last().map(String::as_str), Some("error"), "ended early: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn an_error_chunk_from_the_upstream_ends_the_stream_with_its_kind() {
+        let error = r#"data: {"error":{"message":"slow down","type":"rate_limit_error","code":429}}"#;
+        let got = events(&[&format!("data: {TEXT}\n\n{error}\n\ndata: {FINISH}\n\n")], false).await;
+        assert_eq!(got.last().map(String::as_str), Some("error"), "{got:?}");
+        assert!(!got.contains(&"message_stop".to_owned()), "nothing after the error: {got:?}");
     }
 }

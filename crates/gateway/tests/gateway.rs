@@ -396,9 +396,15 @@ async fn messages_are_served_through_the_chat_pipeline_in_anthropics_shape() {
     assert!(m["usage"]["input_tokens"].as_u64().unwrap() > 0, "{m}");
     assert!(m["id"].as_str().unwrap().starts_with("msg_"), "{m}");
     assert_eq!(rig.sim.stats().total_requests, 1);
+    // Upstream: a chat request, uncompressed (it is translated), and nothing of the client's.
+    let seen = rig.sim.stats().last_request_headers.unwrap();
+    assert_eq!(seen["accept-encoding"], "identity", "{seen:?}");
+    assert!(seen.get("anthropic-version").is_none() && seen.get("x-api-key").is_none(), "{seen:?}");
+    assert!(!format!("{seen:?}").contains(TOKEN), "the client token never goes upstream");
 
     let streamed = body.replacen("\"max_tokens\":64", "\"max_tokens\":64,\"stream\":true", 1);
-    let s = post(rig.addr, "/v1/messages", &auth, &streamed).await;
+    let gzip = [auth[0], auth[1], ("accept-encoding", "gzip, deflate")];
+    let s = post(rig.addr, "/v1/messages", &gzip, &streamed).await;
     assert_eq!(s.status, StatusCode::OK);
     assert!(s.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let names = event_names(&s.body);
@@ -411,6 +417,10 @@ async fn messages_are_served_through_the_chat_pipeline_in_anthropics_shape() {
     );
     let text = std::str::from_utf8(&s.body).unwrap();
     assert!(text.contains(r#""stop_reason":"end_turn""#), "{text}");
+    // No usage in this stream (stream_usage is off): message_start has the estimate.
+    let start: Value =
+        serde_json::from_str(text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert!(start["message"]["usage"]["input_tokens"].as_u64().unwrap() > 0, "{start}");
     assert!(
         !text.contains("[DONE]") && !text.contains("chat.completion"),
         "nothing of OpenAI's shape: {text}"

@@ -188,6 +188,7 @@ async fn stats_cache_is_null_while_the_cache_is_off() {
     .await;
 }
 
+#[cfg(feature = "dev")] // `--dev` and its simulators are left out of a production build
 #[tokio::test]
 async fn dev_turns_the_memory_cache_on_and_says_so() {
     use proxypal_server::config::CacheBackend;
@@ -201,6 +202,13 @@ async fn dev_turns_the_memory_cache_on_and_says_so() {
     let banner = dev::banner(&config, listen, &simulated);
     assert!(banner.contains("Response cache: on (memory, entries live 1h)"), "{banner}");
     assert!(banner.contains("dashboard's hit rate"), "{banner}");
+    // Anthropic clients: where to point them, and a model name the dev alias routes.
+    assert!(banner.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:8080 "), "{banner}");
+    assert!(
+        banner.contains("http://127.0.0.1:8080/v1/messages") && banner.contains("claude-sonnet-4-5"),
+        "{banner}"
+    );
+    assert!(config.models.contains_key(dev::DEV_CLAUDE_ALIAS));
     // The routing demo repeats one request: it goes past the cache.
     assert!(banner.contains("-H 'Cache-Control: no-store' -H 'Content-Type: application/json'"), "{banner}");
     drop(simulated);

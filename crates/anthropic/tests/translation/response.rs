@@ -168,7 +168,8 @@ fn response_translation_table() {
 #[test]
 fn usage_and_ids() {
     let got = from_chat(br#"{"choices":[{"message":{"content":"x"},"finish_reason":"stop"}]}"#, "m").unwrap();
-    assert_eq!((got.id.as_str(), got.usage.input_tokens, got.usage.output_tokens), ("msg_proxypal", 0, 0));
+    assert!(got.id.starts_with("msg_proxypal"), "{}", got.id);
+    assert_eq!((got.usage.input_tokens, got.usage.output_tokens), (0, 0));
     let got = from_chat(
         br#"{"id":"cmpl-1","choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":3,"completion_tokens":null}}"#,
         "m",
