@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use proxypal_anthropic::{
@@ -51,7 +51,8 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (head, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
+    take_api_key(&mut head.headers);
     if let Some(refused) = refusal(gw, &head) {
         return refused;
     }
@@ -85,9 +86,7 @@ fn refusal(gw: Shared<'_>, head: &http::request::Parts) -> Option<Response<Proxy
             413,
         ));
     }
-    let mut headers = head.headers.clone();
-    take_api_key(&mut headers);
-    if settings.tokens.authenticate(&headers).is_none() {
+    if settings.tokens.authenticate(&head.headers).is_none() {
         return Some(error(
             ApiError::new(
                 ErrorKind::Authentication,
@@ -151,7 +150,6 @@ fn plan(gw: Shared<'_>, mut head: http::request::Parts, body: &[u8]) -> Plan {
             ));
         }
     };
-    take_api_key(&mut head.headers);
     head.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     head.headers.insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
     head.uri = http::Uri::from_static("/v1/chat/completions");
@@ -272,7 +270,7 @@ fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) 
 /// `x-api-key` becomes the bearer token the pipeline reads (unless one was
 /// sent); Anthropic's own headers are not forwarded.
 fn take_api_key(headers: &mut HeaderMap) {
-    if let Some(key) = headers.remove("x-api-key") {
+    if let Some(key) = headers.remove(X_API_KEY) {
         if !headers.contains_key(AUTHORIZATION) {
             let mut bearer = Vec::with_capacity(key.len() + 7);
             bearer.extend_from_slice(b"Bearer ");
@@ -283,28 +281,35 @@ fn take_api_key(headers: &mut HeaderMap) {
             }
         }
     }
-    headers.remove("anthropic-version");
-    headers.remove("anthropic-beta");
+    headers.remove(ANTHROPIC_VERSION);
+    headers.remove(ANTHROPIC_BETA);
     headers.remove(CONTENT_LENGTH);
 }
 
 /// Keeps what an Anthropic client may use of the pipeline's headers (rate
 /// limits, `retry-after`, ProxyPal's own); drops the body's length and type.
 fn keep_headers(headers: &mut HeaderMap) {
-    for name in [
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "content-encoding",
-        "content-range",
-        "etag",
-        "content-md5",
-        "digest",
-        "content-digest",
-    ] {
+    for name in BODY_HEADERS {
         headers.remove(name);
     }
 }
+
+/// What describes the upstream's body, not the translated one.
+const BODY_HEADERS: [HeaderName; 9] = [
+    CONTENT_LENGTH,
+    CONTENT_TYPE,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::header::ETAG,
+    HeaderName::from_static("content-md5"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("content-digest"),
+];
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 
 /// A pipeline answer's body, at most `max` bytes. Not `Limited`: its
 /// `Into<BoxError>` bound over the boxed body's `dyn Error` makes the
