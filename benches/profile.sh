@@ -6,6 +6,8 @@
 #   ALIAS=0 bash benches/profile.sh    # skip the alias measurement
 #   LEDGER=0 bash benches/profile.sh   # skip the ledger-on measurement
 #   CACHE=1 bash benches/profile.sh    # also a response-cache hit (off by default)
+#   ANTHROPIC=1 bash benches/profile.sh  # also /v1/messages, plain and streamed, beside
+#                                        # /v1/chat/completions streamed (off by default)
 #
 # Builds proxypal-server with symbols in a `profiling` profile (release settings,
 # not stripped; output target/profiling/, the release binary is left alone),
@@ -102,10 +104,10 @@ measure() {
     ((ready)) || { log "$name under valgrind not ready"; exit 1; }
     # warm the connection pool, then collect
     BENCH_CLIENT_KEY=$KEY timeout 30 wrk -t1 -c"$CONC" -d2s -s "$ROOT/benches/peers/lua/post.lua" \
-        "http://127.0.0.1:$port/v1/chat/completions" >/dev/null 2>&1 || true
+        "http://127.0.0.1:$port${BENCH_PATH:-/v1/chat/completions}" >/dev/null 2>&1 || true
     callgrind_control -i on "$pid" >/dev/null
     BENCH_MODEL=${BENCH_MODEL:-meta/llama-3.1-8b-instruct} BENCH_CLIENT_KEY=$KEY timeout $((REQS_SECS + 20)) wrk -t1 -c"$CONC" -d"${REQS_SECS}s" --timeout 10s \
-        -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >"$OUT/$name.wrk.txt" 2>&1 || true
+        -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$port${BENCH_PATH:-/v1/chat/completions}" >"$OUT/$name.wrk.txt" 2>&1 || true
     callgrind_control -i off "$pid" >/dev/null
     local reqs total
     reqs=$(sed -n 's/^WRKJSON //p' "$OUT/$name.wrk.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
@@ -170,6 +172,17 @@ if [[ ${CACHE:-0} == 1 ]]; then
     measure cache "$PROXY_PORT" "$BIN" --config "$OUT/cache.yaml"
     awk -v c="${PER_REQ[cache]}" -v p="${PER_REQ[proxypal]}" \
         'BEGIN{printf "instructions per request: cache hit / proxied = %.3f\n", c / p}' | tee -a "$OUT/summary.txt"
+fi
+
+if [[ ${ANTHROPIC:-0} == 1 ]]; then
+    # The same upstream answers through Anthropic's Messages API: the request
+    # translated to a chat completion, the answer (or each streamed chunk) back.
+    BENCH_API=messages BENCH_PATH=/v1/messages measure messages "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
+    BENCH_STREAM=1 measure stream "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
+    BENCH_STREAM=1 BENCH_API=messages BENCH_PATH=/v1/messages measure messages_stream "$PROXY_PORT" "$BIN" --config "$OUT/proxy.yaml"
+    awk -v m="${PER_REQ[messages]}" -v p="${PER_REQ[proxypal]}" -v s="${PER_REQ[stream]}" -v ms="${PER_REQ[messages_stream]}" \
+        'BEGIN{printf "instructions per request: messages / chat = %.3f (+%d); streamed: %.3f (+%d)\n", m / p, m - p, ms / s, ms - s}' \
+        | tee -a "$OUT/summary.txt"
 fi
 
 if [[ -n ${BASELINE_BIN:-} ]]; then
