@@ -2,10 +2,10 @@
 
 Called by bins/proxypal-server/tests/integration/anthropic.rs:
 
-    python scenario.py <name>
+    python scenario.py <name>...
 
 with ANTHROPIC_BASE_URL (the proxy, no /v1) and ANTHROPIC_API_KEY (a client
-token) set. Prints one JSON object: what the SDK saw. The Rust test asserts
+token) set. Prints one JSON object per scenario, one per line: what the SDK saw. The Rust test asserts
 on it (and on what the simulated upstream received).
 """
 
@@ -155,4 +155,6 @@ def count_tokens():
 
 
 if __name__ == "__main__":
-    print(json.dumps(globals()[sys.argv[1]]()))
+    # One JSON line per scenario named, in order (one interpreter start for several).
+    for name in sys.argv[1:]:
+        print(json.dumps(globals()[name]()), flush=True)
