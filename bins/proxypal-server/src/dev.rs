@@ -122,8 +122,10 @@ fn two_providers(config: &mut Config) {
     };
     // The alias, and Claude Code's model names (claude-sonnet-4-5-…, claude-haiku-4-5) on the same pools.
     for name in [DEV_ALIAS, DEV_CLAUDE_ALIAS] {
-        let targets =
-            vec![target("groq", "llama-3.3-70b-versatile", 1), target("nvidia", "meta/llama-3.3-70b-instruct", 2)];
+        let targets = vec![
+            target("groq", "llama-3.3-70b-versatile", 1),
+            target("nvidia", "meta/llama-3.3-70b-instruct", 2),
+        ];
         config.models.insert(name.to_owned(), AliasEntry { targets });
     }
     config.routing.default_provider = Some("nvidia".to_owned());
