@@ -52,8 +52,8 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut head, body) = req.into_parts();
-    take_api_key(&mut head.headers);
-    if let Some(refused) = refusal(gw, &head) {
+    let spare = take_api_key(&mut head.headers);
+    if let Some(refused) = refusal(gw, &mut head, spare) {
         return refused;
     }
     let max = gw.settings.load().max_body_bytes;
@@ -70,7 +70,13 @@ where
 }
 
 /// The answer when the request's method or token will not do.
-fn refusal(gw: Shared<'_>, head: &http::request::Parts) -> Option<Response<ProxyBody>> {
+/// `spare`: an `x-api-key` sent beside an `Authorization` header, tried when
+/// that one does not authenticate.
+fn refusal(
+    gw: Shared<'_>,
+    head: &mut http::request::Parts,
+    spare: Option<HeaderValue>,
+) -> Option<Response<ProxyBody>> {
     if head.method != Method::POST {
         let mut resp =
             error(ApiError::new(ErrorKind::InvalidRequest, format!("{} takes POST", head.uri.path())), 405);
@@ -86,7 +92,12 @@ fn refusal(gw: Shared<'_>, head: &http::request::Parts) -> Option<Response<Proxy
             413,
         ));
     }
-    if settings.tokens.authenticate(&head.headers).is_none() {
+    let mut known = settings.tokens.authenticate(&head.headers).is_some();
+    if let (false, Some(bearer)) = (known, spare) {
+        head.headers.insert(AUTHORIZATION, bearer);
+        known = settings.tokens.authenticate(&head.headers).is_some();
+    }
+    if !known {
         return Some(error(
             ApiError::new(
                 ErrorKind::Authentication,
@@ -267,23 +278,24 @@ fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) 
     Options::new().with_stream_usage(all(&|p| p.stream_usage)).with_top_k(top_k)
 }
 
-/// `x-api-key` becomes the bearer token the pipeline reads (unless one was
-/// sent); Anthropic's own headers are not forwarded.
-fn take_api_key(headers: &mut HeaderMap) {
-    if let Some(key) = headers.remove(X_API_KEY) {
-        if !headers.contains_key(AUTHORIZATION) {
-            let mut bearer = Vec::with_capacity(key.len() + 7);
-            bearer.extend_from_slice(b"Bearer ");
-            bearer.extend_from_slice(key.as_bytes());
-            if let Ok(mut value) = HeaderValue::from_bytes(&bearer) {
-                value.set_sensitive(true);
-                headers.insert(AUTHORIZATION, value);
-            }
-        }
-    }
+/// `x-api-key` becomes the bearer token the pipeline reads; when an
+/// `Authorization` header came too, that one stays and the key's bearer is
+/// returned, to try if it does not authenticate. Anthropic's own headers are
+/// not forwarded.
+fn take_api_key(headers: &mut HeaderMap) -> Option<HeaderValue> {
     headers.remove(ANTHROPIC_VERSION);
     headers.remove(ANTHROPIC_BETA);
-    headers.remove(CONTENT_LENGTH);
+    let key = headers.remove(X_API_KEY)?;
+    let mut bearer = Vec::with_capacity(key.len() + 7);
+    bearer.extend_from_slice(b"Bearer ");
+    bearer.extend_from_slice(key.as_bytes());
+    let mut value = HeaderValue::from_bytes(&bearer).ok()?;
+    value.set_sensitive(true);
+    if headers.contains_key(AUTHORIZATION) {
+        return Some(value);
+    }
+    headers.insert(AUTHORIZATION, value);
+    None
 }
 
 /// Keeps what an Anthropic client may use of the pipeline's headers (rate

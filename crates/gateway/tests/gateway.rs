@@ -446,6 +446,14 @@ async fn messages_are_served_through_the_chat_pipeline_in_anthropics_shape() {
         401,
         "authentication_error",
     );
+    // An Authorization header that is not ours (an Anthropic OAuth bearer, say) beside
+    // our token in x-api-key: the x-api-key one counts.
+    let other = [("authorization", "Bearer sk-ant-oat01-not-ours"), ("x-api-key", TOKEN)];
+    assert_eq!(post(rig.addr, "/v1/messages", &other, body).await.status, StatusCode::OK);
+    // A declared body over the limit is refused before it is read.
+    let huge = [auth[0], ("content-length", "999999999")];
+    let refused = post_lossy(rig.addr, "/v1/messages", &huge, body).await;
+    assert!(refused.contains("invalid_request_error") && refused.contains("larger than"), "{refused}");
     let bearer = format!("Bearer {TOKEN}");
     shape(
         &post(rig.addr, "/v1/messages", &[("authorization", &bearer)], "{").await,
