@@ -152,7 +152,8 @@ pub struct ProviderConfig {
     pub strip: Vec<String>,
     /// Ask for `usage` in streams (`stream_options.include_usage`) when the
     /// ledger or a token window needs it and the client did not ask; the
-    /// extra usage chunk is taken out before the client sees it. Off by
+    /// extra usage chunk is taken out before the client sees it (a Messages
+    /// API stream always asks, and its translator reads the chunk). Off by
     /// default: some upstreams reject the field or hang on it (NVIDIA, per
     /// model), so turn it on only where it is known to work.
     pub stream_usage: bool,

@@ -257,6 +257,13 @@ impl From<Failure> for GiveUp {
     }
 }
 
+/// A request extension: ask a streaming answer for usage wherever the
+/// serving provider takes `stream_options` (`stream_usage`), and pass the
+/// usage chunk on rather than take it out. The Messages API sets it: its
+/// translator reads the chunk, the client never sees it as such.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepUsage;
+
 /// What the attempt loop uses of the gateway's shared state (and the
 /// worker's upstream client), borrowed for one request.
 #[derive(Debug, Clone, Copy)]
@@ -617,6 +624,7 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut head, body) = req.into_parts();
+    let keep_usage = head.extensions.get::<KeepUsage>().is_some();
     // The client's token is never forwarded: the upstream client sets Authorization to the key.
     let Some(client) = settings.tokens.authenticate(&head.headers) else {
         return reply::unauthorized(
@@ -774,12 +782,13 @@ where
         let upstream = clients.get(provider);
         let mut sent = body_for(&body, model_at.as_ref(), target, provider, &mut rewritten, lease.target);
         // Usage for a stream whose client did not ask for it, where the
-        // provider is known to take the field (the extra chunk is taken out).
+        // provider is known to take the field: the extra chunk is taken out,
+        // unless the caller keeps it (a translated stream reads it).
         let mut asked_usage = false;
-        if reads_usage && provider.stream_usage {
+        if (reads_usage || keep_usage) && provider.stream_usage {
             if let Some(with) = crate::json::with_stream_usage(&sent) {
                 sent = with;
-                asked_usage = true;
+                asked_usage = !keep_usage;
             }
         }
         let answer = upstream.send(&parts, sent, &lease.auth).await;

@@ -166,6 +166,7 @@ fn plan(gw: Shared<'_>, mut head: http::request::Parts, body: &[u8]) -> Plan {
     head.uri = http::Uri::from_static("/v1/chat/completions");
     // The answer is translated, so it must arrive as bytes ProxyPal can read.
     head.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    head.extensions.insert(crate::failover::KeepUsage);
     Plan::Forward {
         upstream: Request::from_parts(head, Full::new(chat)),
         reply: Reply { model, stream, input_tokens },
@@ -260,8 +261,8 @@ fn chunk_of(answer: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&value).ok()
 }
 
-/// What the request's targets accept: usage in streams only where every
-/// provider the route may use takes `stream_options` (`stream_usage`).
+/// What the request's targets accept (`top_k` only where every provider the
+/// route may use speaks NVIDIA's dialect).
 fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) -> Options {
     let providers = &settings.providers[..];
     let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
@@ -275,7 +276,10 @@ fn options_for(gw: Shared<'_>, settings: &crate::config::Settings, model: &str) 
     };
     // `top_k`: NVIDIA's NIM (vLLM) takes it; other chat APIs reject or ignore it.
     let top_k = all(&|p| p.dialect == crate::dialect::Dialect::Nvidia);
-    Options::new().with_stream_usage(all(&|p| p.stream_usage)).with_top_k(top_k)
+    // Usage in streams is asked for per provider by the pipeline (KeepUsage), so
+    // a route mixing providers that take `stream_options` with ones that do not
+    // gets it from the former.
+    Options::new().with_top_k(top_k)
 }
 
 /// `x-api-key` becomes the bearer token the pipeline reads; when an

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxypal_gateway::keypool::{KeySpec, Secret};
 
-use proxypal_gateway::{Gateway, GatewayConfig, Handle};
+use proxypal_gateway::{AliasConfig, Gateway, GatewayConfig, Handle, TargetConfig};
 use proxypal_nim_sim::{Fault, FaultTarget, SimConfig, SimHandle, SimServer, generate_test_keys};
 use serde_json::Value;
 
@@ -499,4 +499,49 @@ async fn post_lossy(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body
         }
     }
     String::from_utf8(out).unwrap()
+}
+
+/// With `stream_usage` on, a Messages stream carries the upstream's token
+/// counts (the usage chunk the pipeline asked for is passed to the
+/// translator, not taken out), and an OpenAI client's stream still never
+/// sees a chunk it did not ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messages_stream_carries_the_upstreams_usage_where_the_provider_reports_it() {
+    const TOKEN: &str = "pp-test-token-messages-2";
+    // An alias over a provider that takes `stream_options` (tier 1) and one that may not.
+    let rig = rig(1, |c| {
+        c.client_tokens = vec![Secret::new(TOKEN)];
+        c.providers[0].stream_usage = true;
+        let mut other = c.providers[0].clone();
+        other.name = "other".into();
+        other.stream_usage = false;
+        c.providers.push(other);
+        let model = "meta/llama-3.1-8b-instruct";
+        let targets =
+            [TargetConfig::new("default", model).tier(1), TargetConfig::new("other", model).tier(2)];
+        c.models.insert("claude-*".into(), AliasConfig::new(targets));
+    })
+    .await;
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let s = post(rig.addr, "/v1/messages", &[("x-api-key", TOKEN)], body).await;
+    assert_eq!(s.status, StatusCode::OK);
+    let sent = rig.sim.stats().last_request_body.unwrap();
+    assert!(std::str::from_utf8(&sent).unwrap().contains(r#""include_usage":true"#), "asked upstream");
+    let text = std::str::from_utf8(&s.body).unwrap();
+    let delta =
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).find(|d| d.contains("message_delta")).unwrap();
+    let delta: Value = serde_json::from_str(delta).unwrap();
+    // The upstream's own counts: input tokens appear only when it reported usage.
+    assert!(delta["usage"]["input_tokens"].as_u64().unwrap() > 0, "{delta}");
+    assert!(delta["usage"]["output_tokens"].as_u64().unwrap() > 0, "{delta}");
+
+    let chat =
+        r#"{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let plain =
+        post(rig.addr, "/v1/chat/completions", &[("authorization", &format!("Bearer {TOKEN}"))], chat).await;
+    let text = std::str::from_utf8(&plain.body).unwrap();
+    assert!(
+        !text.contains(r#""choices":[]"#),
+        "the usage chunk ProxyPal asked for is not an OpenAI client's: {text}"
+    );
 }
