@@ -36,7 +36,9 @@ impl Sim {
     }
 
     fn yaml(&self, name: &str) -> String {
-        let keys: Vec<String> = self.keys.iter().map(|k| format!("\"{k}\"")).collect();
+        let keys: Vec<String> = (self.keys.iter().enumerate())
+            .map(|(i, k)| format!("{{ key: \"{k}\", name: {name}{i} }}"))
+            .collect();
         format!("  {name}:\n    base_url: {}\n    keys: [{}]\n", self.handle.base_url(), keys.join(", "))
     }
 
@@ -227,6 +229,11 @@ async fn the_anthropic_sdk_works_through_the_proxy_with_tools_streams_errors_and
         assert_eq!(raw["route"], "b/b-llama", "{raw}");
         assert_eq!(raw["message"]["stop_reason"], "end_turn");
         a.handle.set_fault_always(None);
+        // a's keys now rest (2 s, doubling): an operator reset makes a the
+        // first choice again, whatever the time Python takes to start.
+        for key in ["a0", "a1"] {
+            assert!(server.app().gateway().reset_key(key), "{key}");
+        }
 
         // An upstream failure mid-stream: the SDK sees an error, no message_stop.
         a.handle.push_fault(Fault::BreakMidStream { after_chunks: 2 }, FaultTarget::Any);
