@@ -94,7 +94,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// The row's columns, in [`bind_row`]'s order.
+/// The row's columns, in [`Bound::row`]'s order.
 const COLUMNS: &str = "at_ms, client_id, model_id, provider_id, upstream_model_id, key_id, status, attempts, \
     ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error_id, cache_hit";
 /// Values per row.
@@ -197,18 +197,18 @@ impl SqliteStore {
         {
             let mut spans = Spans::default();
             let mut rows = batch.records.iter().zip(&lookup.rows);
-            let mut many = tx.prepare_cached(&self.insert_many)?;
+            let mut many = Bound::new(tx.prepare_cached(&self.insert_many)?, ROWS_PER_INSERT);
             for chunk in batch.records.chunks_exact(ROWS_PER_INSERT) {
                 for (n, (record, ids)) in rows.by_ref().take(ROWS_PER_INSERT).enumerate() {
-                    bind_row(&mut many, n * VALUES, record, ids)?;
+                    many.row(n, record, ids)?;
                 }
-                many.raw_execute()?;
+                many.statement.raw_execute()?;
                 spans.add(chunk, tx.last_insert_rowid());
             }
-            let mut one = tx.prepare_cached(&self.insert_one)?;
+            let mut one = Bound::new(tx.prepare_cached(&self.insert_one)?, 1);
             for (record, ids) in rows {
-                bind_row(&mut one, 0, record, ids)?;
-                one.raw_execute()?;
+                one.row(0, record, ids)?;
+                one.statement.raw_execute()?;
                 spans.add(std::slice::from_ref(record), tx.last_insert_rowid());
             }
             let mut add = tx.prepare_cached(ADD_SPAN)?;
@@ -246,33 +246,63 @@ impl Spans {
     }
 }
 
-/// Binds one row's values from parameter `offset + 1` on, in [`COLUMNS`] order.
-fn bind_row(
-    statement: &mut CachedStatement<'_>,
-    offset: usize,
-    r: &Record,
-    ids: &RowIds,
-) -> rusqlite::Result<()> {
-    let [client, model, provider, upstream_model, key, error] = *ids;
-    statement.raw_bind_parameter(offset + 1, r.at_ms)?;
-    statement.raw_bind_parameter(offset + 2, client)?;
-    statement.raw_bind_parameter(offset + 3, model)?;
-    statement.raw_bind_parameter(offset + 4, provider)?;
-    statement.raw_bind_parameter(offset + 5, upstream_model)?;
-    statement.raw_bind_parameter(offset + 6, key)?;
-    statement.raw_bind_parameter(offset + 7, r.status)?;
-    statement.raw_bind_parameter(offset + 8, r.attempts)?;
-    statement.raw_bind_parameter(offset + 9, r.ttfb_ms)?;
-    statement.raw_bind_parameter(offset + 10, r.total_ms)?;
-    statement.raw_bind_parameter(offset + 11, r.stream)?;
-    statement.raw_bind_parameter(offset + 12, r.prompt_tokens.map(clamp))?;
-    statement.raw_bind_parameter(offset + 13, r.completion_tokens.map(clamp))?;
-    statement.raw_bind_parameter(offset + 14, r.total_tokens.map(clamp))?;
-    statement.raw_bind_parameter(offset + 15, (error != 0).then_some(error))?;
-    statement.raw_bind_parameter(offset + 16, r.cache_hit)
+/// A prepared INSERT and what each of its parameters holds now.
+///
+/// SQLite keeps a statement's bindings across executions, and most of a
+/// row's values repeat from one execution to the next in the same slot
+/// (the client, model, provider, status, attempts, flags; often the token
+/// counts): a parameter already holding the value is not bound again.
+/// Binding was a fifth of the writer's instructions per row (`rusqlite`'s
+/// conversion, then `sqlite3_bind_int64` releasing the old value). The
+/// record starts empty (rusqlite clears a cached statement's bindings when
+/// it goes back to the cache), so nothing is assumed about a statement it
+/// did not bind.
+struct Bound<'conn> {
+    statement: CachedStatement<'conn>,
+    /// Per parameter (0-based): `None` until bound here, then the value
+    /// (`Some(None)` is SQL `NULL`).
+    held: Vec<Option<Option<i64>>>,
 }
 
-/// Token counts beyond `i64::MAX` cannot happen; saturate rather than fail a batch.
+impl<'conn> Bound<'conn> {
+    fn new(statement: CachedStatement<'conn>, rows: usize) -> Self {
+        Self { statement, held: vec![None; rows * VALUES] }
+    }
+
+    /// Binds `r` as row `n` of the statement (0-based), in [`COLUMNS`] order.
+    fn row(&mut self, n: usize, r: &Record, ids: &RowIds) -> rusqlite::Result<()> {
+        let [client, model, provider, upstream_model, key, error] = *ids;
+        let values: [Option<i64>; VALUES] = [
+            Some(r.at_ms),
+            Some(client),
+            Some(model),
+            Some(provider),
+            Some(upstream_model),
+            Some(key),
+            Some(i64::from(r.status)),
+            Some(i64::from(r.attempts)),
+            r.ttfb_ms.map(i64::from),
+            Some(i64::from(r.total_ms)),
+            Some(i64::from(r.stream)),
+            r.prompt_tokens.map(clamp),
+            r.completion_tokens.map(clamp),
+            r.total_tokens.map(clamp),
+            (error != 0).then_some(error),
+            Some(i64::from(r.cache_hit)),
+        ];
+        let offset = n * VALUES;
+        for (i, value) in values.into_iter().enumerate() {
+            let slot = &mut self.held[offset + i];
+            if *slot != Some(value) {
+                // Parameters are 1-based.
+                self.statement.raw_bind_parameter(offset + i + 1, value)?;
+                *slot = Some(value);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
