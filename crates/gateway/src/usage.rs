@@ -369,6 +369,17 @@ impl<B> Tap<B> {
         }
     }
 
+    /// [`finish`](Self::finish) for a JSON answer whose only frame is `data`.
+    fn finish_single(self: Pin<&mut Self>, data: &Bytes) {
+        let this = self.project();
+        if this.first_byte.is_none() {
+            *this.first_byte = this.settle.record.as_ref().map(|(_, _, started)| started.elapsed());
+        }
+        let usage = if data.len() <= MAX_USAGE_BODY { usage_of(data) } else { None };
+        *this.usage = usage;
+        this.settle.done(usage, *this.first_byte, true);
+    }
+
     fn finish(self: Pin<&mut Self>) {
         let this = self.project();
         let usage = match (*this.sse, this.chunks.as_slice()) {
@@ -477,13 +488,23 @@ where
         let polled = self.as_mut().project().inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.as_mut().take(data);
-                }
                 // hyper stops polling a body that says it has ended (a known
                 // length fully sent): settle now, not at drop.
-                if self.inner.is_end_stream() {
-                    self.as_mut().finish();
+                let end = self.inner.is_end_stream();
+                match frame.data_ref() {
+                    // A whole JSON answer in one frame (the usual case): read
+                    // where it is, without keeping a copy of the handle.
+                    Some(data) if end && !self.sse && self.chunks.is_empty() => {
+                        self.as_mut().finish_single(data);
+                    }
+                    Some(data) => {
+                        self.as_mut().take(data);
+                        if end {
+                            self.as_mut().finish();
+                        }
+                    }
+                    None if end => self.as_mut().finish(),
+                    None => {}
                 }
             }
             Poll::Ready(None) => self.as_mut().finish(),
@@ -595,6 +616,30 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].usage.unwrap().total_tokens, Some(42));
         assert!(got[0].complete);
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_in_one_or_several_frames_is_recorded_once_with_its_usage() {
+        let json = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let (head, tail) = json.split_at(30);
+        let sink = Arc::new(Collect::default());
+        // One frame of a body that knows its end (hyper's `Full`, a known
+        // length), then the same answer split over a stream's frames.
+        let whole = http_body_util::Full::new(Bytes::from_static(json.as_bytes()));
+        let out = Tap::new(whole, false, settle(&sink)).collect().await.unwrap().to_bytes();
+        assert_eq!(out, json.as_bytes());
+        let out = Tap::new(frames(&[head, tail]), false, settle(&sink)).collect().await.unwrap().to_bytes();
+        assert_eq!(out, json.as_bytes());
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 2, "each recorded once, not again at drop");
+        for finished in got.iter() {
+            let usage = finished.usage.unwrap();
+            assert_eq!(
+                (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+                (Some(3), Some(4), Some(7))
+            );
+            assert!(finished.complete && finished.first_byte.is_some());
+        }
     }
 
     #[tokio::test]
