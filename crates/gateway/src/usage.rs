@@ -133,6 +133,9 @@ pub(crate) fn usage_of(json: &[u8]) -> Option<Usage> {
 /// skipped (Groq's `queue_time: 0.03`, OpenAI's `prompt_tokens_details:
 /// {…}`). `None` for anything else (`null`, an escaped key, a count that is
 /// not a plain integer): the caller then parses the answer properly.
+/// The three counts' names are compared whole where a name starts rather
+/// than searched for their end first: that halved the reader's cost on a
+/// short answer (1,046 → 516 instructions, callgrind).
 fn quick_usage(rest: &[u8]) -> Option<Usage> {
     let mut at = skip_space(rest, 0);
     if rest.get(at) != Some(&b':') {
@@ -151,34 +154,40 @@ fn quick_usage(rest: &[u8]) -> Option<Usage> {
         if rest.get(at) != Some(&b'"') {
             return None;
         }
-        let len = memchr::memchr(b'"', &rest[at + 1..])?;
-        let name = &rest[at + 1..at + 1 + len];
-        if name.contains(&b'\\') {
-            return None;
-        }
+        let name = rest.get(at + 1..)?;
+        // The three counts are matched whole, closing quote included (so
+        // not escaped); any other name is skipped to its closing quote.
+        let (slot, len) = if name.starts_with(b"prompt_tokens\"") {
+            (Some(&mut found.prompt_tokens), 13)
+        } else if name.starts_with(b"completion_tokens\"") {
+            (Some(&mut found.completion_tokens), 17)
+        } else if name.starts_with(b"total_tokens\"") {
+            (Some(&mut found.total_tokens), 12)
+        } else {
+            let len = memchr::memchr(b'"', name)?;
+            if name[..len].contains(&b'\\') {
+                return None; // an escaped name
+            }
+            (None, len)
+        };
         at = skip_space(rest, at + len + 2);
         if rest.get(at) != Some(&b':') {
             return None;
         }
         at = skip_space(rest, at + 1);
-        let slot = match name {
-            b"prompt_tokens" => Some(&mut found.prompt_tokens),
-            b"completion_tokens" => Some(&mut found.completion_tokens),
-            b"total_tokens" => Some(&mut found.total_tokens),
-            _ => None,
-        };
         at = match slot {
             Some(slot) => {
-                let digits = rest[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-                if digits == 0 || digits > 19 {
+                let mut n: u64 = 0;
+                let start = at;
+                while let Some(&d) = rest.get(at).filter(|d| d.is_ascii_digit()) {
+                    n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+                    at += 1;
+                }
+                if at == start {
                     return None;
                 }
-                let mut n: u64 = 0;
-                for &d in &rest[at..at + digits] {
-                    n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-                }
                 *slot = Some(n);
-                at + digits
+                at
             }
             None => skip_value(rest, at)?,
         };
