@@ -10,7 +10,11 @@
 # when it does not answer). Each round runs them in alternation (off,
 # sqlite, postgres, off, …: every mode sees the same machine) with wrk at
 # concurrency 32 (requests per second) and 1 (latency). Limits are far above
-# the load. Prints one line per run, the medians, ratios to `off`, and how
+# the load. Prints one line per run, the medians, ratios to `off` (of the
+# medians, and the median of each round's own ratio), the proxy process's
+# CPU per request at c=32 (writer thread included; steadier than req/s on a
+# VM whose speed drifts; PostgreSQL's server CPU too), the hypervisor's
+# steal, and how
 # many rows each ledger holds afterwards (every request recorded); output in
 # $BENCH_LOCAL/ledger/<time>/.
 set -euo pipefail
@@ -68,6 +72,12 @@ YAML
     esac
 }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
+steal_ticks() { awk 'NR == 1 {print $9}' /proc/stat; }
+# Every PostgreSQL server process's CPU (the backend, WAL writer, checkpointer, …).
+pg_ticks() { local p t=0; for p in $(pgrep -x postgres || true); do t=$(( t + $(cpu_ticks "$p" 2>/dev/null || echo 0) )); done; echo "$t"; }
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
 run() {   # run MODE ROUND
     local mode=$1 round=$2 pid
     config "$mode" >"$OUT/$mode.yaml"
@@ -77,11 +87,19 @@ run() {   # run MODE ROUND
     pid=$!
     for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$PROXY_PORT/health" && break; sleep 0.05; done
     for c in 32 1; do
+        # CPU the proxy process (writer thread included) and the machine's
+        # hypervisor steal spent during the c=32 run: steadier than req/s.
+        local before steal pg
+        before=$(cpu_ticks "$pid") steal=$(steal_ticks) pg=$(pg_ticks)
         BENCH_CLIENT_KEY=$CLIENT_KEY wrk -t$(( c > 1 ? 2 : 1 )) -c$c -d"${SECS}s" --latency \
             -s "$ROOT/benches/peers/lua/post.lua" "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" \
             >"$OUT/$mode-$round-c$c.txt" 2>&1
         printf '%s round %s c=%s %s\n' "$mode" "$round" "$c" "$(sed -n 's/^WRKJSON //p' "$OUT/$mode-$round-c$c.txt")" \
             | tee -a "$OUT/summary.txt"
+        if [[ $c == 32 ]]; then
+            printf 'cpu %s %s %s %s %s\n' "$mode" "$round" $(( $(cpu_ticks "$pid") - before )) \
+                $(( $(steal_ticks) - steal )) $(( $(pg_ticks) - pg )) >>"$OUT/summary.txt"
+        fi
     done
     # A clean stop writes what is buffered.
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
@@ -90,19 +108,34 @@ run() {   # run MODE ROUND
 for round in $(seq 1 "$ROUNDS"); do
     for mode in "${MODES[@]}"; do run "$mode" "$round"; done
 done
-python3 - "$OUT/summary.txt" "${MODES[@]}" <<'PY' | tee -a "$OUT/summary.txt"
+python3 - "$OUT/summary.txt" "$TICK_US" "${MODES[@]}" <<'PY' | tee -a "$OUT/summary.txt"
 import json, statistics, sys
-runs = {}
+runs, cpu = {}, {}
 for line in open(sys.argv[1]):
-    if "{" not in line:
-        continue
-    mode, _, _, c = line.split()[:4]
-    runs.setdefault((mode, c), []).append(json.loads(line[line.index("{"):]))
-med = lambda mode, c, f: statistics.median(r[f] for r in runs[(mode, c)])
-base = med("off", "c=32", "rps")
-for mode in sys.argv[2:]:
-    rps = med(mode, "c=32", "rps")
-    print(f"{mode}: c=32 {rps:.0f} req/s ({rps / base:.3f}x off), c=1 p50 {med(mode, 'c=1', 'p50_us'):.0f} us, p99 {med(mode, 'c=1', 'p99_us'):.0f} us")
+    if line.startswith("cpu "):
+        _, mode, rnd, ticks, steal, pg = line.split()
+        cpu[(mode, rnd)] = (int(ticks), int(steal), int(pg))
+    elif "{" in line:
+        mode, _, rnd, c = line.split()[:4]
+        runs.setdefault((mode, c), []).append((rnd, json.loads(line[line.index("{"):])))
+tick_us = int(sys.argv[2])
+med = lambda mode, c, f: statistics.median(r[f] for _, r in runs[(mode, c)])
+rps = lambda mode: {rnd: r["rps"] for rnd, r in runs[(mode, "c=32")]}
+# The proxy's CPU (all its threads) per request at c=32.
+cpu_us = lambda mode, i=0: statistics.median(
+    cpu[(mode, rnd)][i] * tick_us / r["requests"] for rnd, r in runs[(mode, "c=32")] if (mode, rnd) in cpu)
+base, base_cpu = med("off", "c=32", "rps"), cpu_us("off")
+for mode in sys.argv[3:]:
+    r = med(mode, "c=32", "rps")
+    # Each round's ratio to `off` in the same round: the machine's drift
+    # between rounds cancels out.
+    paired = statistics.median(rps(mode)[k] / v for k, v in rps("off").items() if k in rps(mode))
+    steal = statistics.median(s for (m, _), (_, s, _) in cpu.items() if m == mode) * tick_us / 1e6
+    # PostgreSQL's server shares this machine: its CPU per request too.
+    db = f", PostgreSQL server CPU {cpu_us(mode, 2):.1f} us/request" if mode == "postgres" else ""
+    print(f"{mode}: c=32 {r:.0f} req/s ({r / base:.3f}x off; paired by round {paired:.3f}x), "
+          f"proxy CPU {cpu_us(mode):.1f} us/request ({cpu_us(mode) / base_cpu:.3f}x){db}, steal {steal:.2f} s/run, "
+          f"c=1 p50 {med(mode, 'c=1', 'p50_us'):.0f} us, p99 {med(mode, 'c=1', 'p99_us'):.0f} us")
 PY
 if command -v sqlite3 >/dev/null; then
     echo "sqlite rows: $(sqlite3 "$OUT/ledger.db" 'SELECT COUNT(*) FROM proxypal_ledger')" | tee -a "$OUT/summary.txt"

@@ -4,7 +4,8 @@
 #   bash benches/profile.sh            # REQS_SECS=10 CONC=8 NGINX=1
 #   BASELINE_BIN=/path/to/older/proxypal-server bash benches/profile.sh
 #   ALIAS=0 bash benches/profile.sh    # skip the alias measurement
-#   LEDGER=0 bash benches/profile.sh   # skip the ledger-on measurement
+#   LEDGER=0 bash benches/profile.sh   # skip the ledger-on measurements (SQLite, and
+#                                      # PostgreSQL at PG_URL when it answers)
 #   CACHE=1 bash benches/profile.sh    # also a response-cache hit (off by default)
 #   ANTHROPIC=1 bash benches/profile.sh  # also /v1/messages, plain and streamed, beside
 #                                        # /v1/chat/completions streamed (off by default)
@@ -162,6 +163,20 @@ if [[ ${LEDGER:-1} == 1 ]]; then
     measure ledger "$PROXY_PORT" "$BIN" --config "$OUT/ledger.yaml"
     awk -v l="${PER_REQ[ledger]}" -v p="${PER_REQ[proxypal]}" \
         'BEGIN{printf "instructions per request: ledger on / off = %.3f\n", l / p}' | tee -a "$OUT/summary.txt"
+    # And with the PostgreSQL ledger (PG_URL; DROPS the ledger's tables
+    # there first), when it answers: the proxy's side only — the server's
+    # CPU is another process (benches/ledger.sh measures it).
+    PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+    if command -v psql >/dev/null && psql "$PG_URL" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+        psql "$PG_URL" -qc 'DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, proxypal_ledger_migrations, proxypal_ledger_names CASCADE' >/dev/null 2>&1
+        sed -e '/^state:/,$d' "$OUT/proxy.yaml" >"$OUT/ledger-pg.yaml"
+        printf 'state:\n  path: "%s/state-pg.db"\nledger:\n  backend: postgres\n  url: "%s"\n' "$OUT" "$PG_URL" >>"$OUT/ledger-pg.yaml"
+        measure ledger-pg "$PROXY_PORT" "$BIN" --config "$OUT/ledger-pg.yaml"
+        awk -v l="${PER_REQ[ledger-pg]}" -v p="${PER_REQ[proxypal]}" \
+            'BEGIN{printf "instructions per request: PostgreSQL ledger on / off = %.3f\n", l / p}' | tee -a "$OUT/summary.txt"
+    else
+        log "PostgreSQL ledger left out: $PG_URL does not answer (set PG_URL)"
+    fi
 fi
 
 if [[ ${CACHE:-0} == 1 ]]; then
