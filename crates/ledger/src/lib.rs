@@ -9,8 +9,9 @@
 //!   once per 10 s).
 //! - **One writer** takes up to [`LedgerConfig::batch`] records per
 //!   transaction, whenever a batch fills up and every
-//!   [`LedgerConfig::flush_every`]: a dedicated thread owning the SQLite
-//!   connection, or a tokio task for PostgreSQL.
+//!   [`LedgerConfig::flush_every`], on a dedicated thread with its own
+//!   runtime that owns the connection (SQLite's or PostgreSQL's): the
+//!   database's work never occupies a thread that serves requests.
 //! - **The database may go away.** Records stay buffered, the writer retries
 //!   with backoff (100 ms doubling to 5 s) and reconnects, logging one
 //!   warning per outage and one line when it is back. A batch being written
@@ -280,8 +281,10 @@ impl Ledger {
     /// reached now; the server decides whether that is fatal. Later outages
     /// are not errors: records are buffered and the writer reconnects.
     ///
-    /// Must be called within a tokio runtime (the PostgreSQL writer is a task
-    /// on it; the SQLite writer runs on its own thread).
+    /// The writer runs on a thread of its own (with its own single-threaded
+    /// runtime), for either backend: SQLite's calls block only it, and
+    /// encoding and sending PostgreSQL's batches never occupies a thread
+    /// that serves requests.
     pub async fn start(config: LedgerConfig) -> Result<Self, LedgerError> {
         config.validate()?;
         let backend = config.backend.name();
@@ -290,44 +293,23 @@ impl Ledger {
         let settings =
             Settings { batch: config.batch, flush_every: config.flush_every, retention: config.retention };
         let (commands, receiver) = mpsc::unbounded_channel();
-        match config.backend {
+        let writer_shared = Arc::clone(&shared);
+        let started = match config.backend {
             Backend::Sqlite { path } => {
-                let (ready, started) = oneshot::channel();
-                let writer_shared = Arc::clone(&shared);
-                let spawn_error = |source| LedgerError::Spawn { backend, source };
-                std::thread::Builder::new()
-                    .name("proxypal-ledger".into())
-                    .spawn(move || {
-                        // Its own runtime: SQLite calls block this thread only.
-                        let runtime =
-                            match tokio::runtime::Builder::new_current_thread().enable_time().build() {
-                                Ok(runtime) => runtime,
-                                Err(e) => {
-                                    let _ = ready.send(Err(spawn_error(e)));
-                                    return;
-                                }
-                            };
-                        runtime.block_on(async move {
-                            match sqlite::SqliteStore::open(&path) {
-                                Ok(store) => {
-                                    let _ = ready.send(Ok(()));
-                                    Writer::new(store, writer_shared, settings).run(receiver).await;
-                                }
-                                Err(e) => {
-                                    let _ = ready.send(Err(e));
-                                }
-                            }
-                        });
-                    })
-                    .map_err(spawn_error)?;
-                started.await.map_err(|_| LedgerError::Closed { backend })??;
+                spawn_writer(backend, writer_shared, settings, receiver, || async move {
+                    sqlite::SqliteStore::open(&path)
+                })?
             }
             Backend::Postgres { url } => {
-                let mut store = postgres::PgStore::new(&url)?;
-                writer::Store::connect(&mut store).await.map_err(|e| e.error)?;
-                tokio::spawn(Writer::new(store, Arc::clone(&shared), settings).run(receiver));
+                let store = postgres::PgStore::new(&url)?;
+                spawn_writer(backend, writer_shared, settings, receiver, || async move {
+                    let mut store = store;
+                    writer::Store::connect(&mut store).await.map_err(|e| e.error)?;
+                    Ok(store)
+                })?
             }
-        }
+        };
+        started.await.map_err(|_| LedgerError::Closed { backend })??;
         tracing::info!(backend, %target, "ledger: started");
         Ok(Self { inner: Arc::new(Inner { shared, commands, target }) })
     }
@@ -383,6 +365,50 @@ impl Ledger {
     pub fn stats(&self) -> LedgerStats {
         self.inner.shared.stats()
     }
+}
+
+/// Starts the writer thread: `open` makes the store there (a store opened
+/// or connected on that thread, its connection task on that runtime), then
+/// the [`Writer`] runs until shutdown. The receiver answers once the store
+/// is open, or with why it could not be.
+fn spawn_writer<S, F, Fut>(
+    backend: &'static str,
+    shared: Arc<Shared>,
+    settings: Settings,
+    receiver: mpsc::UnboundedReceiver<Command>,
+    open: F,
+) -> Result<oneshot::Receiver<Result<(), LedgerError>>, LedgerError>
+where
+    S: writer::Store + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<S, LedgerError>>,
+{
+    let (ready, started) = oneshot::channel();
+    let spawn_error = move |source| LedgerError::Spawn { backend, source };
+    std::thread::Builder::new()
+        .name("proxypal-ledger".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready.send(Err(spawn_error(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match open().await {
+                    Ok(store) => {
+                        let _ = ready.send(Ok(()));
+                        Writer::new(store, shared, settings).run(receiver).await;
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(spawn_error)?;
+    Ok(started)
 }
 
 /// # Reading and housekeeping
