@@ -5,7 +5,8 @@
 //! `std::sync::Mutex` (held for a push or for taking one batch out, never
 //! across an `.await`) and atomic counters. [`Writer`] is generic over a
 //! [`Store`], so SQLite and PostgreSQL (each on a dedicated thread with its
-//! own current-thread runtime, owning the connection) share the batching, backoff, outage logging, flush and shutdown logic.
+//! own current-thread runtime, owning the connection) share the batching,
+//! backoff, outage logging, flush and shutdown logic.
 //!
 //! A batch taken from the buffer stays in [`Writer::inflight`] until a
 //! store reports it committed, so a connection lost mid-write loses nothing;
