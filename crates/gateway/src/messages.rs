@@ -405,44 +405,114 @@ fn data_of(line: &[u8]) -> Option<&[u8]> {
 
 pin_project_lite::pin_project! {
     /// An upstream chat stream as Anthropic's events, translated as each
-    /// chunk arrives (lines split across frames are joined first).
+    /// chunk arrives (lines split across frames are joined first, then an
+    /// event's `data:` lines, as SSE defines).
     struct Events {
         #[pin]
         inner: ProxyBody,
         translator: StreamTranslator,
         // Bytes of an unfinished line.
         partial: BytesMut,
+        // The current event's `data:` lines, joined by `\n`.
+        data: Data,
         done: bool,
     }
 }
 
+/// What one payload did.
+enum Step {
+    /// Translated (or nothing to translate): go on.
+    Go,
+    /// The upstream reported an error (sent on as an `error` event): end.
+    End,
+    /// Not a chunk; nothing was written.
+    NotAChunk(TranslateError),
+}
+
+/// The `data:` lines of the SSE event being read.
+#[derive(Default)]
+struct Data {
+    joined: Vec<u8>,
+    lines: usize,
+}
+
 impl Events {
     fn new(inner: ProxyBody, translator: StreamTranslator) -> Self {
-        Self { inner, translator, partial: BytesMut::new(), done: false }
+        Self { inner, translator, partial: BytesMut::new(), data: Data::default(), done: false }
     }
 }
 
 impl Events {
-    /// Translates one SSE line (without its `\n`) into `out`; `false` when
-    /// the stream is to end (the upstream reported an error).
-    fn line(translator: &mut StreamTranslator, line: &[u8], out: &mut Vec<u8>) -> bool {
-        let Some(payload) = data_of(line) else { return true };
-        if payload == b"[DONE]" {
-            translator.finish_into(out);
-            return true;
+    /// Reads one SSE line (without its `\n`): a `data:` line joins the
+    /// event, a blank line ends it and translates it into `out`, other
+    /// fields (`event:`, `id:`, comments) are ignored. `false` when the
+    /// stream is to end (the upstream reported an error).
+    fn line(translator: &mut StreamTranslator, data: &mut Data, line: &[u8], out: &mut Vec<u8>) -> bool {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Self::dispatch(translator, data, out);
         }
-        match translator.push_into(payload, out) {
-            Ok(()) => true,
-            // The upstream said it failed: say so, and end.
-            Err(e @ TranslateError::Upstream { .. }) => {
-                out.extend_from_slice(&e.to_api_error().to_event());
-                false
-            }
-            // A chunk that is not JSON: skipped (logged).
-            Err(e) => {
+        let Some(payload) = data_of(line) else { return true };
+        if data.lines > 0 {
+            data.joined.push(b'\n');
+        }
+        data.joined.extend_from_slice(payload);
+        data.lines += 1;
+        true
+    }
+
+    /// Translates the event read so far, if any. An event of several
+    /// `data:` lines is one payload (SSE joins them with `\n`: JSON
+    /// pretty-printed over lines); if that payload is not a chunk, each
+    /// line is tried on its own (an upstream that leaves out the blank
+    /// line between events). `false` when the stream is to end.
+    fn dispatch(translator: &mut StreamTranslator, data: &mut Data, out: &mut Vec<u8>) -> bool {
+        let lines = std::mem::take(&mut data.lines);
+        let joined = &data.joined;
+        let go_on = match lines {
+            0 => true,
+            1 => Self::chunk(translator, joined, out),
+            _ => match Self::payload(translator, joined, out) {
+                Step::Go => true,
+                Step::End => false,
+                Step::NotAChunk(_) => {
+                    joined.split(|&b| b == b'\n').all(|line| Self::chunk(translator, line, out))
+                }
+            },
+        };
+        // The buffer is kept for the next event (no allocation per event).
+        data.joined.clear();
+        go_on
+    }
+
+    /// [`payload`](Self::payload), a payload that is not a chunk skipped
+    /// (logged); `false` when the stream is to end.
+    fn chunk(translator: &mut StreamTranslator, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        match Self::payload(translator, payload, out) {
+            Step::Go => true,
+            Step::End => false,
+            Step::NotAChunk(e) => {
                 tracing::debug!(error = %e, "messages: an upstream chunk skipped");
                 true
             }
+        }
+    }
+
+    /// Translates one event's payload into `out`.
+    fn payload(translator: &mut StreamTranslator, payload: &[u8], out: &mut Vec<u8>) -> Step {
+        if payload == b"[DONE]" {
+            translator.finish_into(out);
+            return Step::Go;
+        }
+        match translator.push_into(payload, out) {
+            Ok(()) => Step::Go,
+            // The upstream said it failed: say so, and end.
+            Err(e @ TranslateError::Upstream { .. }) => {
+                out.extend_from_slice(&e.to_api_error().to_event());
+                Step::End
+            }
+            // Nothing was written and the translator is unchanged.
+            Err(e) => Step::NotAChunk(e),
         }
     }
 
@@ -495,7 +565,7 @@ impl Body for Events {
                     {
                         let line = this.partial.split_to(at + 1);
                         from = 0;
-                        if !Self::line(this.translator, &line[..at], &mut out) {
+                        if !Self::line(this.translator, this.data, &line[..at], &mut out) {
                             *this.done = true;
                             break;
                         }
@@ -515,13 +585,18 @@ impl Body for Events {
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "messages: the upstream stream broke off");
                     *this.done = true;
-                    Self::end(this.translator, &mut out, true);
+                    // What arrived whole before the break still counts.
+                    if Self::dispatch(this.translator, this.data, &mut out) {
+                        Self::end(this.translator, &mut out, true);
+                    }
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    // A last line without its newline.
+                    // A last line without its newline, a last event without its blank line.
                     let rest = std::mem::take(this.partial);
-                    if rest.is_empty() || Self::line(this.translator, &rest, &mut out) {
+                    if (rest.is_empty() || Self::line(this.translator, this.data, &rest, &mut out))
+                        && Self::dispatch(this.translator, this.data, &mut out)
+                    {
                         Self::end(this.translator, &mut out, false);
                     }
                 }
@@ -548,8 +623,8 @@ mod tests {
     const TEXT: &str = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
     const FINISH: &str = r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
 
-    /// The event names `Events` makes of upstream `frames`, then `Err` when `broken`.
-    async fn events(frames: &[&str], broken: bool) -> Vec<String> {
+    /// What `Events` makes of upstream `frames`, then `Err` when `broken`.
+    async fn output(frames: &[&str], broken: bool) -> String {
         let mut items: Vec<Result<Frame<Bytes>, BoxError>> =
             frames.iter().map(|f| Ok(Frame::data(Bytes::from(f.to_string())))).collect();
         if broken {
@@ -557,12 +632,57 @@ mod tests {
         }
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(items)).boxed();
         let out = Events::new(body, StreamTranslator::new("m")).collect().await.unwrap().to_bytes();
-        std::str::from_utf8(&out)
-            .unwrap()
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    /// The event names of [`output`].
+    async fn events(frames: &[&str], broken: bool) -> Vec<String> {
+        output(frames, broken)
+            .await
             .lines()
             .filter_map(|l| l.strip_prefix("event: "))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The text of every `text_delta` in `out`, in order.
+    fn text_of(out: &str) -> String {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+            .filter(|e| e["delta"]["type"] == "text_delta")
+            .map(|e| e["delta"]["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_events_data_lines_are_joined_and_its_other_fields_ignored() {
+        // One chunk pretty-printed over three `data:` lines with CRLF, beside a
+        // comment, an `event:` and an `id:` field; split mid-line across frames.
+        let first = ": keep-alive\r\nevent: chunk\r\nid: 7\r\ndata: {\"id\":\"c\",\r\ndata:  \"choi";
+        let rest = "ces\":[{\"index\":0,\r\ndata: \"delta\":{\"content\":\"joined\"}}]}\r\n\r\n";
+        let out = output(&[first, rest, &format!("data: {FINISH}\n\n")], false).await;
+        assert_eq!(text_of(&out), "joined", "{out}");
+        assert!(out.trim_end().ends_with(r#"{"type":"message_stop"}"#), "{out}");
+        assert!(!out.contains("event: error"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn events_without_a_blank_line_between_them_are_each_translated() {
+        let out =
+            output(&[&format!("data: {TEXT}\ndata: {TEXT}\ndata: {FINISH}\ndata: [DONE]\n\n")], false).await;
+        assert_eq!(text_of(&out), "hihi", "{out}");
+        assert_eq!(out.matches("event: message_stop").count(), 1, "{out}");
+        assert!(!out.contains("event: error"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_over_several_data_lines_ends_the_stream_once() {
+        let error = "data: {\"error\":{\"message\":\"slow down\",\ndata: \"type\":\"rate_limit_error\",\"code\":429}}\n\n";
+        let out = output(&[&format!("data: {TEXT}\n\n{error}data: {FINISH}\n\n")], false).await;
+        assert_eq!(out.matches("event: error").count(), 1, "{out}");
+        assert!(out.contains("rate_limit_error"), "{out}");
+        assert!(!out.contains("message_stop"), "nothing after the error: {out}");
     }
 
     #[tokio::test]
