@@ -421,7 +421,9 @@ impl StreamTranslator {
     /// The call a piece belongs to, made (and queued) when new. A piece
     /// belongs to the last call with its `index`, unless it brings another id
     /// and a name (servers that reuse index 0 for every call); a piece
-    /// without an `index` to the call with its id, else the last call.
+    /// without an `index` to the call with its id, else the last call —
+    /// unless it names a function while the last call has its name and
+    /// whole arguments already (a server that sends neither: a new call).
     fn find_call(&mut self, key: Option<u64>, id: Option<&str>, has_name: bool) -> usize {
         let found = match key {
             Some(key) => self.calls.iter().rposition(|c| c.key == key).filter(|&i| {
@@ -430,7 +432,10 @@ impl StreamTranslator {
             }),
             None => match id {
                 Some(id) => self.calls.iter().rposition(|c| c.id == id),
-                None => self.calls.len().checked_sub(1),
+                None => self.calls.len().checked_sub(1).filter(|&i| {
+                    let last = &self.calls[i];
+                    !(has_name && last.name.is_some() && last.scan.complete())
+                }),
             },
         };
         if let Some(found) = found {

@@ -518,6 +518,39 @@ fn a_server_that_reuses_index_0_for_every_call() {
     );
 }
 
+#[test]
+fn calls_with_neither_index_nor_id_are_told_apart_by_a_new_name_after_whole_arguments() {
+    let piece = |name: Option<&str>, args: &str| {
+        let mut function = json!({"arguments": args});
+        if let Some(name) = name {
+            function["name"] = json!(name);
+        }
+        delta(json!({"tool_calls": [{"function": function}]}))
+    };
+    let mut t = StreamTranslator::new("m");
+    let got = run(
+        &mut t,
+        &[
+            piece(Some("a"), "{\"x\":"),
+            // The name again before the arguments are whole: the same call.
+            piece(Some("a"), "1}"),
+            // A name after whole arguments: the next call.
+            piece(Some("b"), "{}"),
+            finish("tool_calls"),
+        ],
+    );
+    assert_eq!(
+        got[2..7],
+        lines(&[
+            "start 0 tool_use toolu_s1_0 a",
+            r#"delta 0 json "{\"x\":""#,
+            r#"delta 0 json "1}""#,
+            "stop 0",
+            "start 1 tool_use toolu_s1_1 b",
+        ])[..]
+    );
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
