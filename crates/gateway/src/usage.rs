@@ -307,6 +307,8 @@ pin_project_lite::pin_project! {
         strip: bool,
         // The inner body ended; what was held back has gone out.
         ended: bool,
+        // Settled (the answer ended): a later poll changes nothing.
+        settled: bool,
     }
 
     impl<B> PinnedDrop for Tap<B> {
@@ -331,6 +333,7 @@ impl<B> Tap<B> {
             settle,
             strip: false,
             ended: false,
+            settled: false,
         }
     }
 
@@ -381,6 +384,9 @@ impl<B> Tap<B> {
     /// [`finish`](Self::finish) for a JSON answer whose only frame is `data`.
     fn finish_single(self: Pin<&mut Self>, data: &Bytes) {
         let this = self.project();
+        if std::mem::replace(this.settled, true) {
+            return;
+        }
         if this.first_byte.is_none() {
             *this.first_byte = this.settle.record.as_ref().map(|(_, _, started)| started.elapsed());
         }
@@ -391,6 +397,9 @@ impl<B> Tap<B> {
 
     fn finish(self: Pin<&mut Self>) {
         let this = self.project();
+        if std::mem::replace(this.settled, true) {
+            return;
+        }
         let usage = match (*this.sse, this.chunks.as_slice()) {
             (true, _) => *this.usage,
             (false, [one]) => usage_of(one),
@@ -627,6 +636,67 @@ mod tests {
         assert!(got[0].complete);
     }
 
+    /// Frames from a queue, saying the body ended once it is empty (a known
+    /// length, as hyper's bodies do): the tap settles on the last frame.
+    struct Queued(std::collections::VecDeque<Bytes>);
+
+    impl Body for Queued {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn queued(parts: &[&[u8]]) -> Queued {
+        Queued(parts.iter().map(|p| Bytes::copy_from_slice(p)).collect())
+    }
+
+    #[tokio::test]
+    async fn a_body_that_knows_its_end_is_read_whole_whatever_its_frames() {
+        let json: &[u8] =
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        // SSE whose last `"usage"` is a later event's `null`: only a reader
+        // of events keeps the real one.
+        let sse: &[u8] = br#"data: {"choices":[],"usage":{"total_tokens":9}}
+
+data: {"choices":[{"delta":{}}],"usage":null}
+
+data: [DONE]
+
+"#;
+        let sink = Arc::new(Collect::default());
+        // JSON over two frames (the usage in neither alone), SSE in one.
+        let _ = Tap::new(queued(&[&json[..40], &json[40..]]), false, settle(&sink)).collect().await;
+        let _ = Tap::new(queued(&[sse]), true, settle(&sink)).collect().await;
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 2, "each recorded once");
+        assert_eq!(got[0].usage.and_then(|u| u.total_tokens), Some(7));
+        assert_eq!(got[1].usage.and_then(|u| u.total_tokens), Some(9));
+        assert!(got.iter().all(|f| f.complete));
+    }
+
+    #[tokio::test]
+    async fn a_one_frame_answer_over_the_cap_is_complete_without_usage() {
+        let mut json = br#"{"choices":[{"message":{"content":""#.to_vec();
+        json.resize(MAX_USAGE_BODY + 1, b'x');
+        json.extend_from_slice(br#""}}],"usage":{"total_tokens":5}}"#);
+        let sink = Arc::new(Collect::default());
+        let whole = http_body_util::Full::new(Bytes::from(json));
+        let _ = Tap::new(whole, false, settle(&sink)).collect().await;
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].complete && got[0].usage.is_none(), "not read past the cap");
+    }
+
     #[tokio::test]
     async fn a_json_answer_in_one_or_several_frames_is_recorded_once_with_its_usage() {
         let json = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
@@ -702,6 +772,9 @@ mod tests {
             // Not a plain integer: the full parse decides (serde reads 1e3 as no u64).
             br#"{"usage":{"prompt_tokens":5,"completion_tokens":2.0}}"#,
             br#"{"choices":[{"text":"\"usage\": {\"total_tokens\": 1}"}],"usage":{"total_tokens":3}}"#,
+            // Escaped member names: the full parse reads them.
+            br#"{"usage":{"prompt\u005ftokens":5,"completion_tokens":1}}"#,
+            br#"{"usage":{"a\"b":1,"total_tokens":2}}"#,
         ];
         for json in cases {
             let text = std::str::from_utf8(json).unwrap();
