@@ -43,6 +43,8 @@ use crate::writer::{Batch, Failure, Store, StoreError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any one operation (connect and migrate, a batch, a prune chunk, a query).
 const OP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long shutdown waits for the connection to close cleanly.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The advisory lock migrations hold ("proxyldg"): replicas starting at
 /// once migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x7072_6f78_796c_6467;
@@ -141,6 +143,9 @@ pub(crate) struct PgStore {
 
 struct Connected {
     client: Client,
+    /// The connection's task: it sends `Terminate` and ends once `client`
+    /// is dropped.
+    task: tokio::task::JoinHandle<()>,
     claim: Statement,
     add_names: Statement,
     name_ids: Statement,
@@ -174,7 +179,7 @@ impl PgStore {
         let err = |operation| move |e| LedgerError::postgres(target, operation, e);
         let (mut client, connection) = self.config.connect(NoTls).await.map_err(err("connect"))?;
         let task_target = self.target.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(target = %task_target, error = %crate::error::chain(&e), "ledger: PostgreSQL connection ended");
             }
@@ -185,7 +190,7 @@ impl PgStore {
         let add_names = prepare(ADD_NAMES).await?;
         let name_ids = prepare(NAME_IDS).await?;
         let copy = prepare(COPY).await?;
-        Ok(Connected { client, claim, add_names, name_ids, copy })
+        Ok(Connected { client, task, claim, add_names, name_ids, copy })
     }
 
     /// A failed operation on the connection: data errors keep it, anything
@@ -272,14 +277,20 @@ async fn write_batch(conn: &mut Connected, names: &mut NameIds, batch: &Batch) -
         Some(&id) => Ok(i64::from(id)),
         None => Err(Error::Missing(name.to_owned())),
     })?;
-    let mut rows = BytesMut::with_capacity(COPY_HEADER.len() + records.len() * COPY_ROW_BYTES + 2);
+    let sink = tx.copy_in::<_, Bytes>(&conn.copy).await?;
+    let mut sink = pin!(sink);
+    let size = COPY_HEADER.len() + records.len() * COPY_ROW_BYTES + 2;
+    let mut rows = BytesMut::with_capacity(size.min(COPY_CHUNK + COPY_ROW_BYTES));
     rows.put_slice(COPY_HEADER);
     for (r, ids) in records.iter().zip(&lookup.rows) {
         copy_row(&mut rows, r, ids);
+        if rows.len() >= COPY_CHUNK {
+            // A message each: a huge `batch` stays far below PostgreSQL's
+            // 1 GB message limit.
+            sink.send(rows.split().freeze()).await?;
+        }
     }
     rows.put_i16(-1); // the trailer
-    let sink = tx.copy_in::<_, Bytes>(&conn.copy).await?;
-    let mut sink = pin!(sink);
     sink.send(rows.freeze()).await?;
     sink.as_mut().finish().await?;
     tx.commit().await?;
@@ -290,6 +301,8 @@ async fn write_batch(conn: &mut Connected, names: &mut NameIds, batch: &Batch) -
 /// The start of a binary COPY stream: the signature, no flags, no header
 /// extension (PostgreSQL's "COPY" page, "Binary Format").
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The COPY data sent per message (batches of the default 512 rows go in one).
+const COPY_CHUNK: usize = 1 << 20;
 /// The most one [`copy_row`] writes: the field count, a length per field,
 /// six 8-byte and eight 4-byte values and two booleans.
 const COPY_ROW_BYTES: usize = 2 + 16 * 4 + 6 * 8 + 8 * 4 + 2;
@@ -361,6 +374,15 @@ impl From<tokio_postgres::Error> for Error {
 impl Store for PgStore {
     const BACKEND: &'static str = "postgres";
     const DISPLAY: &'static str = "PostgreSQL";
+
+    async fn close(mut self) {
+        if let Some(Connected { client, task, .. }) = self.conn.take() {
+            drop(client);
+            // `Terminate` is one small message: a server that stopped
+            // answering does not hold up shutdown for longer than this.
+            let _ = timeout(CLOSE_TIMEOUT, task).await;
+        }
+    }
 
     fn is_connected(&self) -> bool {
         self.conn.as_ref().is_some_and(|conn| !conn.client.is_closed())

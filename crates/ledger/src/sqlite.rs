@@ -303,6 +303,7 @@ impl<'conn> Bound<'conn> {
     }
 }
 
+/// Token counts beyond `i64::MAX` cannot happen; saturate rather than fail a batch.
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

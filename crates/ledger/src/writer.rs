@@ -241,6 +241,14 @@ pub(crate) trait Store {
     async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<u64, LedgerError>;
     /// Runs the aggregation.
     async fn usage(&mut self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError>;
+    /// Closes the connection, done when it is closed (the writer's runtime
+    /// ends right after: a connection task left behind would never run).
+    async fn close(self)
+    where
+        Self: Sized,
+    {
+        drop(self);
+    }
 }
 
 /// What the handles ask of the writer.
@@ -364,7 +372,7 @@ impl<S: Store> Writer<S> {
             }
         };
         let result = self.finish().await;
-        drop(self.store); // closes the connection before the caller hears back
+        self.store.close().await; // before the caller hears back
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

@@ -139,6 +139,26 @@ async fn postgres_rows_hold_name_ids_and_read_back_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_larger_than_one_copy_message_reads_back_exactly() {
+    let Some(pg) = Postgres::new("postgres_big_batch") else { return };
+    bounded(LIMIT, async {
+        // 9,000 rows of up to 148 bytes: sent as two COPY messages of one batch.
+        let records = varied(base_hour(), 9_000);
+        // No timed flush: the 9,000th record fills the batch.
+        let config = LedgerConfig { batch: 9_000, flush_every: Duration::from_secs(60), ..fast(&pg) };
+        let ledger = Ledger::start(config).await.unwrap();
+        for r in &records {
+            ledger.record(r.clone());
+        }
+        ledger.flush().await.unwrap();
+        assert_eq!(ledger.stats().batches, 1, "one batch, one transaction");
+        assert_eq!(read_back(&pg).await, as_stored(&records));
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_ledgers_adding_the_same_new_names_at_once_agree_on_their_ids() {
     let Some(pg) = Postgres::new("postgres_name_race") else { return };
     bounded(LIMIT, async {
