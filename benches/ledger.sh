@@ -37,7 +37,7 @@ trap cleanup EXIT
 
 MODES=(off sqlite)
 if command -v psql >/dev/null && psql "$PG_URL" -qtAc 'SELECT 1' >/dev/null 2>&1; then
-    psql "$PG_URL" -qc 'DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, proxypal_ledger_migrations, proxypal_ledger_names CASCADE' >/dev/null
+    psql "$PG_URL" -q -f "$ROOT/benches/ledger-reset.sql" >/dev/null
     MODES+=(postgres)
 else
     log "postgres mode left out: $PG_URL does not answer (set PG_URL)"
@@ -138,10 +138,10 @@ for mode in sys.argv[3:]:
           f"c=1 p50 {med(mode, 'c=1', 'p50_us'):.0f} us, p99 {med(mode, 'c=1', 'p99_us'):.0f} us")
 PY
 if command -v sqlite3 >/dev/null; then
-    echo "sqlite rows: $(sqlite3 "$OUT/ledger.db" 'SELECT COUNT(*) FROM proxypal_ledger')" | tee -a "$OUT/summary.txt"
+    echo "sqlite rows: $(sqlite3 "$OUT/ledger.db" 'SELECT COALESCE(SUM(rows), 0) FROM proxypal_ledger_pages')" | tee -a "$OUT/summary.txt"
 fi
 if [[ " ${MODES[*]} " == *" postgres "* ]]; then
-    echo "postgres rows: $(psql "$PG_URL" -qtAc 'SELECT COUNT(*) FROM proxypal_ledger')" | tee -a "$OUT/summary.txt"
+    echo "postgres rows: $(psql "$PG_URL" -qtAc 'SELECT COALESCE(SUM(rows), 0) FROM proxypal_ledger_pages')" | tee -a "$OUT/summary.txt"
 fi
 grep -h "requests" "$OUT"/*-c*.txt | awk '/requests in/ {n += $1} END {print "requests sent in all runs: " n}' | tee -a "$OUT/summary.txt"
 log "output in $OUT"

@@ -168,7 +168,7 @@ if [[ ${LEDGER:-1} == 1 ]]; then
     # CPU is another process (benches/ledger.sh measures it).
     PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/test}
     if command -v psql >/dev/null && psql "$PG_URL" -qtAc 'SELECT 1' >/dev/null 2>&1; then
-        psql "$PG_URL" -qc 'DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, proxypal_ledger_migrations, proxypal_ledger_names CASCADE' >/dev/null 2>&1
+        psql "$PG_URL" -q -f "$ROOT/benches/ledger-reset.sql" >/dev/null 2>&1
         sed -e '/^state:/,$d' "$OUT/proxy.yaml" >"$OUT/ledger-pg.yaml"
         printf 'state:\n  path: "%s/state-pg.db"\nledger:\n  backend: postgres\n  url: "%s"\n' "$OUT" "$PG_URL" >>"$OUT/ledger-pg.yaml"
         measure ledger-pg "$PROXY_PORT" "$BIN" --config "$OUT/ledger-pg.yaml"

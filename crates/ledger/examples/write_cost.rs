@@ -130,10 +130,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let (client, connection) = tokio_postgres::connect(target, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
             client
-                .batch_execute(
-                    "DROP TABLE IF EXISTS proxypal_ledger, proxypal_ledger_batches, \
-                     proxypal_ledger_migrations, proxypal_ledger_names CASCADE; CHECKPOINT",
-                )
+                .batch_execute(concat!(include_str!("../../../benches/ledger-reset.sql"), "; CHECKPOINT"))
                 .await?;
             LedgerConfig::postgres(target.as_str())
         }

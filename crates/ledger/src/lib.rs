@@ -20,8 +20,14 @@
 //! - **Rows hold integers.** Names (client, model, provider, upstream
 //!   model, key, error) are stored once in `proxypal_ledger_names` and rows
 //!   hold their ids; the writer remembers the ids it has seen, and
-//!   `/usage` joins the names back. The view `proxypal_ledger_named` shows
-//!   rows with their names, for people and tools reading the database.
+//!   `/usage` joins the names back.
+//! - **A batch is one database row.** Its records are packed into one page
+//!   of `proxypal_ledger_pages` (a JSON array of integer arrays, with the
+//!   page's time span), so the database's work per request is a few
+//!   dozen bytes, not a row with 16 values. The view `proxypal_ledger`
+//!   unpacks the pages into one row per record, and `proxypal_ledger_named`
+//!   shows those rows with their names, for people and tools reading the
+//!   database with plain SQL.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -53,6 +59,7 @@
 
 mod error;
 mod names;
+mod pages;
 mod postgres;
 mod query;
 mod redact;

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use serde::Serialize;
 
 use crate::error::ParseError;
+use crate::pages;
 
 /// Milliseconds in an hour.
 pub(crate) const HOUR_MS: i64 = 3_600_000;
@@ -235,20 +236,32 @@ impl Dialect {
         }
     }
 
-    /// A condition (ending in `AND`) that narrows the scan to the rows
-    /// that can fall in `[from, to)`, before `at_ms` is checked: SQLite has
-    /// no time index, only the row ids of each hour (see `sqlite.rs`); the
-    /// hours are widened by one each way, so rounding can never lose a row.
-    fn rows_of(self, from: &str, to: &str) -> String {
-        match self {
-            Self::Sqlite => {
-                let hours = format!(
-                    "FROM proxypal_ledger_spans WHERE hour >= {from} / {HOUR_MS} - 1 AND hour <= {to} / {HOUR_MS} + 1"
-                );
-                format!("id BETWEEN (SELECT MIN(first_id) {hours}) AND (SELECT MAX(last_id) {hours}) AND ")
+    /// The records whose page can hold a time in `[from, to)`, unpacked
+    /// (see `pages.rs`), as a subquery with [`USAGE_FIELDS`] for columns;
+    /// `at_ms` is checked by the caller. The pages are found by their time
+    /// range (`last_ms` is indexed).
+    fn records(self, from: &str, to: &str) -> String {
+        let (pages, value) = match self {
+            Self::Sqlite => ("proxypal_ledger_pages p, json_each(p.data) r", "r.value ->> "),
+            Self::Postgres => {
+                ("proxypal_ledger_pages p CROSS JOIN LATERAL json_array_elements(p.data::json) r", "r ->> ")
             }
-            Self::Postgres => String::new(),
-        }
+        };
+        let columns: Vec<String> = USAGE_FIELDS
+            .iter()
+            .map(|field| {
+                // Every field of USAGE_FIELDS is one of pages::FIELDS.
+                let index = pages::position(field).unwrap_or(usize::MAX);
+                match self {
+                    Self::Sqlite => format!("{value}{index} AS {field}"),
+                    Self::Postgres => format!("CAST({value}{index} AS BIGINT) AS {field}"),
+                }
+            })
+            .collect();
+        format!(
+            "(SELECT {} FROM {pages} WHERE p.last_ms >= {from} AND p.first_ms < {to}) l",
+            columns.join(", ")
+        )
     }
 
     /// Byte order for text, so both backends sort rows alike.
@@ -259,6 +272,19 @@ impl Dialect {
         }
     }
 }
+
+/// The fields of a record the aggregation reads.
+const USAGE_FIELDS: [&str; 9] = [
+    "at_ms",
+    "client_id",
+    "model_id",
+    "provider_id",
+    "key_id",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+];
 
 /// The grouped name columns in output order: (id column, selected).
 fn name_columns(group: GroupBy) -> [(&'static str, bool); 4] {
@@ -299,9 +325,9 @@ pub(crate) fn usage_sql(query: &UsageQuery, dialect: Dialect) -> String {
     .map(|(name, sum)| format!("CAST(COALESCE({sum}, 0) AS BIGINT) AS {name}"));
     let (from, to) = (dialect.placeholder(1), dialect.placeholder(2));
     let mut aggregate = format!(
-        "SELECT {} FROM proxypal_ledger WHERE {}at_ms >= {from} AND at_ms < {to}",
+        "SELECT {} FROM {} WHERE at_ms >= {from} AND at_ms < {to}",
         keys.iter().map(String::as_str).chain(sums.iter().map(String::as_str)).collect::<Vec<_>>().join(", "),
-        dialect.rows_of(&from, &to),
+        dialect.records(&from, &to),
     );
     if query.client.is_some() {
         // No such name: no id, no rows.
@@ -474,18 +500,24 @@ mod tests {
             "{pg}"
         );
         assert!(pg.ends_with("ORDER BY g.bucket, n0.name COLLATE \"C\", n1.name COLLATE \"C\""), "{pg}");
+        assert!(
+            pg.contains(
+                "FROM (SELECT CAST(r ->> 0 AS BIGINT) AS at_ms, CAST(r ->> 1 AS BIGINT) AS client_id, "
+            ) && pg.contains(
+                "CAST(r ->> 13 AS BIGINT) AS total_tokens FROM proxypal_ledger_pages p CROSS JOIN LATERAL \
+                 json_array_elements(p.data::json) r WHERE p.last_ms >= $1 AND p.first_ms < $2) l WHERE "
+            ),
+            "records are unpacked from the pages that can hold the range: {pg}"
+        );
         let total =
             UsageQuery { group_by: GroupBy::NONE, bucket: Bucket::None, client: None, ..query.clone() };
         let lite = usage_sql(&total, Dialect::Sqlite);
         assert!(
             lite.ends_with(
-                "WHERE id BETWEEN (SELECT MIN(first_id) FROM proxypal_ledger_spans \
-                 WHERE hour >= ?1 / 3600000 - 1 AND hour <= ?2 / 3600000 + 1) \
-                 AND (SELECT MAX(last_id) FROM proxypal_ledger_spans \
-                 WHERE hour >= ?1 / 3600000 - 1 AND hour <= ?2 / 3600000 + 1) \
-                 AND at_ms >= ?1 AND at_ms < ?2"
+                "r.value ->> 13 AS total_tokens FROM proxypal_ledger_pages p, json_each(p.data) r \
+                 WHERE p.last_ms >= ?1 AND p.first_ms < ?2) l WHERE at_ms >= ?1 AND at_ms < ?2"
             ),
-            "SQLite narrows by the hours' row ids: {lite}"
+            "SQLite unpacks the pages that can hold the range: {lite}"
         );
         let hourly = UsageQuery { group_by: GroupBy::NONE, client: None, ..query };
         let lite = usage_sql(&hourly, Dialect::Sqlite);

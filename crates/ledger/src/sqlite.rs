@@ -1,32 +1,23 @@
 //! The embedded backend: one SQLite file in WAL mode, owned by the writer's
 //! thread. Each batch is one `BEGIN IMMEDIATE` transaction: the names the
 //! writer has not seen yet go into the dictionary first (see `names.rs`),
-//! then the rows, [`ROWS_PER_INSERT`] to a cached prepared statement, every
-//! value bound directly (integers only). A failed commit rolls back, so a
-//! retried batch is never written twice (short of an I/O error that leaves
-//! the outcome unknown).
+//! then the batch's records as one page (see `pages.rs`). A failed commit
+//! rolls back, so a retried batch is never written twice (short of an I/O
+//! error that leaves the outcome unknown).
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{CachedStatement, Connection, ErrorCode, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 
-use crate::Record;
 use crate::error::LedgerError;
-use crate::names::{NameIds, RowIds};
-use crate::query::{Dialect, HOUR_MS, UsageQuery, UsageRow, usage_row, usage_sql};
-use crate::writer::{Batch, Failure, Store, StoreError};
+use crate::names::NameIds;
+use crate::pages::{self, Page};
+use crate::query::{Dialect, UsageQuery, UsageRow, usage_row, usage_sql};
+use crate::writer::{Batch, Failure, Pruned, Store, StoreError};
 
 /// How long a statement waits for another process holding the file's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Rows per INSERT statement. SQLite's fixed cost per statement (opening
-/// the table and index cursors, finding the last rowid, halting) was most
-/// of a row's cost with one row per statement: the writer's instructions
-/// per row were 11.8k with one, 8.5k with 32, 8.4k with 64 or 128
-/// (`examples/write_cost.rs` under callgrind). 64 × 16 parameters stays far
-/// below SQLite's limit (32,766).
-const ROWS_PER_INSERT: usize = 64;
 
 /// Schema versions, applied in order, each once.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -92,36 +83,67 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ON CONFLICT (hour) DO NOTHING;
 ",
     ),
+    (
+        3,
+        "-- Records packed into pages, one row per batch (see pages.rs): a
+    -- page is one insert, where a row per record cost SQLite ~5k
+    -- instructions each (16 values through the VDBE and the B-tree). The
+    -- view proxypal_ledger unpacks them, with the columns of the table it
+    -- replaces.
+    CREATE TABLE proxypal_ledger_pages (
+        id INTEGER PRIMARY KEY,
+        first_ms BIGINT NOT NULL,     -- the least and greatest at_ms of
+        last_ms BIGINT NOT NULL,      -- the page's records
+        rows INTEGER NOT NULL,        -- how many records
+        data TEXT NOT NULL            -- a JSON array of records, each an array of
+                                      -- the view's columns in order (null: none)
+    );
+    CREATE INDEX proxypal_ledger_pages_last ON proxypal_ledger_pages (last_ms);
+    INSERT INTO proxypal_ledger_pages (first_ms, last_ms, rows, data)
+    SELECT MIN(at_ms), MAX(at_ms), COUNT(*), json_group_array(json_array(at_ms, client_id, model_id,
+        provider_id, upstream_model_id, key_id, status, attempts, ttfb_ms, total_ms, stream,
+        prompt_tokens, completion_tokens, total_tokens, error_id, cache_hit))
+    FROM proxypal_ledger GROUP BY (id - 1) / 512 ORDER BY MIN(id);
+    DROP VIEW proxypal_ledger_named;
+    DROP TABLE proxypal_ledger;
+    DROP TABLE proxypal_ledger_spans;
+    CREATE VIEW proxypal_ledger AS
+    SELECT r.value ->> 0 AS at_ms, r.value ->> 1 AS client_id, r.value ->> 2 AS model_id,
+        r.value ->> 3 AS provider_id, r.value ->> 4 AS upstream_model_id, r.value ->> 5 AS key_id,
+        r.value ->> 6 AS status, r.value ->> 7 AS attempts, r.value ->> 8 AS ttfb_ms,
+        r.value ->> 9 AS total_ms, r.value ->> 10 AS stream, r.value ->> 11 AS prompt_tokens,
+        r.value ->> 12 AS completion_tokens, r.value ->> 13 AS total_tokens,
+        r.value ->> 14 AS error_id, r.value ->> 15 AS cache_hit
+    FROM proxypal_ledger_pages p, json_each(p.data) r;
+    CREATE VIEW proxypal_ledger_named AS
+    SELECT l.at_ms, c.name AS client, m.name AS model, p.name AS provider,
+        u.name AS upstream_model, k.name AS key_label, l.status, l.attempts, l.ttfb_ms,
+        l.total_ms, l.stream, l.prompt_tokens, l.completion_tokens, l.total_tokens,
+        e.name AS error, l.cache_hit
+    FROM proxypal_ledger l
+    JOIN proxypal_ledger_names c ON c.id = l.client_id
+    JOIN proxypal_ledger_names m ON m.id = l.model_id
+    JOIN proxypal_ledger_names p ON p.id = l.provider_id
+    JOIN proxypal_ledger_names u ON u.id = l.upstream_model_id
+    JOIN proxypal_ledger_names k ON k.id = l.key_id
+    LEFT JOIN proxypal_ledger_names e ON e.id = l.error_id;
+",
+    ),
 ];
-
-/// The row's columns, in [`Bound::row`]'s order.
-const COLUMNS: &str = "at_ms, client_id, model_id, provider_id, upstream_model_id, key_id, status, attempts, \
-    ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error_id, cache_hit";
-/// Values per row.
-const VALUES: usize = 16;
-
-/// An INSERT of `rows` rows (anonymous `?`s are numbered left to right).
-fn insert_sql(rows: usize) -> String {
-    let row = format!("({})", vec!["?"; VALUES].join(", "));
-    format!("INSERT INTO proxypal_ledger ({COLUMNS}) VALUES {}", vec![row; rows].join(", "))
-}
 
 /// Adds a name to the dictionary unless it is there.
 const INSERT_NAME: &str =
     "INSERT INTO proxypal_ledger_names (name) VALUES (?1) ON CONFLICT (name) DO NOTHING";
 const NAME_ID: &str = "SELECT id FROM proxypal_ledger_names WHERE name = ?1";
-/// Widens an hour's span of row ids to cover a batch's rows of that hour.
-const ADD_SPAN: &str = "INSERT INTO proxypal_ledger_spans (hour, first_id, last_id) VALUES (?1, ?2, ?3) \
-    ON CONFLICT (hour) DO UPDATE SET first_id = MIN(first_id, excluded.first_id), \
-    last_id = MAX(last_id, excluded.last_id)";
+const INSERT_PAGE: &str =
+    "INSERT INTO proxypal_ledger_pages (first_ms, last_ms, rows, data) VALUES (?1, ?2, ?3, ?4)";
 
 pub(crate) struct SqliteStore {
     conn: Connection,
     path: String,
     names: NameIds,
-    /// [`insert_sql`] for one row and for [`ROWS_PER_INSERT`] rows.
-    insert_one: String,
-    insert_many: String,
+    /// The batch being written (its buffer reused).
+    page: Page,
 }
 
 impl SqliteStore {
@@ -138,13 +160,8 @@ impl SqliteStore {
             conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(err("enable WAL"))?;
         // NORMAL in WAL: a power cut can lose the last transactions, never corrupt.
         conn.execute_batch("PRAGMA synchronous = NORMAL").map_err(err("set synchronous"))?;
-        let mut store = Self {
-            conn,
-            path: shown.to_owned(),
-            names: NameIds::default(),
-            insert_one: insert_sql(1),
-            insert_many: insert_sql(ROWS_PER_INSERT),
-        };
+        let mut store =
+            Self { conn, path: shown.to_owned(), names: NameIds::default(), page: Page::default() };
         store.migrate()?;
         Ok(store)
     }
@@ -182,6 +199,9 @@ impl SqliteStore {
     }
 
     fn write_batch(&mut self, batch: &Batch) -> rusqlite::Result<()> {
+        if batch.records.is_empty() {
+            return Ok(());
+        }
         let mut lookup = self.names.lookup(&batch.records);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let new_ids = if lookup.unknown.is_empty() {
@@ -194,118 +214,18 @@ impl SqliteStore {
                 select.query_row([name], |row| row.get::<_, i64>(0))
             })?
         };
-        {
-            let mut spans = Spans::default();
-            let mut rows = batch.records.iter().zip(&lookup.rows);
-            let mut many = Bound::new(tx.prepare_cached(&self.insert_many)?, ROWS_PER_INSERT);
-            for chunk in batch.records.chunks_exact(ROWS_PER_INSERT) {
-                for (n, (record, ids)) in rows.by_ref().take(ROWS_PER_INSERT).enumerate() {
-                    many.row(n, record, ids)?;
-                }
-                many.statement.raw_execute()?;
-                spans.add(chunk, tx.last_insert_rowid());
-            }
-            let mut one = Bound::new(tx.prepare_cached(&self.insert_one)?, 1);
-            for (record, ids) in rows {
-                one.row(0, record, ids)?;
-                one.statement.raw_execute()?;
-                spans.add(std::slice::from_ref(record), tx.last_insert_rowid());
-            }
-            let mut add = tx.prepare_cached(ADD_SPAN)?;
-            for &(hour, first, last) in &spans.0 {
-                add.execute(params![hour, first, last])?;
-            }
-        }
+        self.page.fill(&batch.records, &lookup.rows);
+        let page = &self.page;
+        tx.prepare_cached(INSERT_PAGE)?.execute(params![
+            page.first_ms,
+            page.last_ms,
+            page.rows,
+            page.text()
+        ])?;
         tx.commit()?;
         self.names.learn(&lookup.unknown, &new_ids);
         Ok(())
     }
-}
-
-/// A batch's rows by hour: `(hour, first id, last id)`, usually one entry.
-#[derive(Default)]
-struct Spans(Vec<(i64, i64, i64)>);
-
-impl Spans {
-    /// Adds `rows`, just inserted by one statement whose last row got
-    /// `last_id`. One statement's rows get consecutive ids: a new row's id
-    /// is one more than the table's largest (SQLite's rule while that is
-    /// below `i64::MAX`), and the writer holds the write lock.
-    fn add(&mut self, rows: &[Record], last_id: i64) {
-        let first_id = last_id - (rows.len() as i64 - 1);
-        for (record, id) in rows.iter().zip(first_id..) {
-            let hour = record.at_ms / HOUR_MS;
-            match self.0.iter_mut().find(|(h, _, _)| *h == hour) {
-                Some((_, first, last)) => {
-                    *first = (*first).min(id);
-                    *last = (*last).max(id);
-                }
-                None => self.0.push((hour, id, id)),
-            }
-        }
-    }
-}
-
-/// A prepared INSERT and what each of its parameters holds now.
-///
-/// SQLite keeps a statement's bindings across executions, and most of a
-/// row's values repeat from one execution to the next in the same slot
-/// (the client, model, provider, status, attempts, flags; often the token
-/// counts): a parameter already holding the value is not bound again.
-/// Binding was a fifth of the writer's instructions per row (`rusqlite`'s
-/// conversion, then `sqlite3_bind_int64` releasing the old value). The
-/// record starts empty (rusqlite clears a cached statement's bindings when
-/// it goes back to the cache), so nothing is assumed about a statement it
-/// did not bind.
-struct Bound<'conn> {
-    statement: CachedStatement<'conn>,
-    /// Per parameter (0-based): `None` until bound here, then the value
-    /// (`Some(None)` is SQL `NULL`).
-    held: Vec<Option<Option<i64>>>,
-}
-
-impl<'conn> Bound<'conn> {
-    fn new(statement: CachedStatement<'conn>, rows: usize) -> Self {
-        Self { statement, held: vec![None; rows * VALUES] }
-    }
-
-    /// Binds `r` as row `n` of the statement (0-based), in [`COLUMNS`] order.
-    fn row(&mut self, n: usize, r: &Record, ids: &RowIds) -> rusqlite::Result<()> {
-        let [client, model, provider, upstream_model, key, error] = *ids;
-        let values: [Option<i64>; VALUES] = [
-            Some(r.at_ms),
-            Some(client),
-            Some(model),
-            Some(provider),
-            Some(upstream_model),
-            Some(key),
-            Some(i64::from(r.status)),
-            Some(i64::from(r.attempts)),
-            r.ttfb_ms.map(i64::from),
-            Some(i64::from(r.total_ms)),
-            Some(i64::from(r.stream)),
-            r.prompt_tokens.map(clamp),
-            r.completion_tokens.map(clamp),
-            r.total_tokens.map(clamp),
-            (error != 0).then_some(error),
-            Some(i64::from(r.cache_hit)),
-        ];
-        let offset = n * VALUES;
-        for (i, value) in values.into_iter().enumerate() {
-            let slot = &mut self.held[offset + i];
-            if *slot != Some(value) {
-                // Parameters are 1-based.
-                self.statement.raw_bind_parameter(offset + i + 1, value)?;
-                *slot = Some(value);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Token counts beyond `i64::MAX` cannot happen; saturate rather than fail a batch.
-fn clamp(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Data errors cannot succeed on retry; everything else (busy, I/O, full
@@ -339,27 +259,56 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<u64, LedgerError> {
-        // Whole hours: the rows of every hour that ended by the cutoff, found
-        // by their spans' ids (the first ids come first in a rowid scan).
-        let hour = cutoff_ms.div_euclid(HOUR_MS);
-        let err = |e| LedgerError::sqlite(&self.path, "delete records past retention", e);
-        let deleted = self
-            .conn
-            .execute(
-                "DELETE FROM proxypal_ledger WHERE id IN (SELECT id FROM proxypal_ledger \
-                 WHERE id <= (SELECT MAX(last_id) FROM proxypal_ledger_spans WHERE hour < ?1) \
-                 AND at_ms < ?1 * 3600000 LIMIT ?2)",
-                params![hour, limit],
-            )
-            .map_err(err)?;
-        if deleted < limit as usize {
-            // Those hours hold no row now.
-            self.conn
-                .execute("DELETE FROM proxypal_ledger_spans WHERE hour < ?1", params![hour])
+    async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<Pruned, LedgerError> {
+        let path = self.path.clone();
+        let path = path.as_str();
+        let err = |e| LedgerError::sqlite(path, "delete records past retention", e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let mut pruned = Pruned::default();
+        {
+            // Whole pages first, oldest first.
+            let mut whole = tx
+                .prepare_cached(
+                    "DELETE FROM proxypal_ledger_pages WHERE id IN (SELECT id FROM proxypal_ledger_pages \
+                     WHERE last_ms < ?1 ORDER BY id LIMIT ?2) RETURNING rows",
+                )
                 .map_err(err)?;
+            let mut rows = whole.query(params![cutoff_ms, limit]).map_err(err)?;
+            while let Some(row) = rows.next().map_err(err)? {
+                pruned.records += row.get::<_, u64>(0).map_err(err)?;
+                pruned.pages += 1;
+            }
         }
-        Ok(deleted as u64)
+        if pruned.pages < limit {
+            // Then the pages holding records from both sides of the cutoff
+            // (usually none or one): rewritten without the old ones.
+            let straddling: Vec<(i64, String)> = tx
+                .prepare_cached(
+                    "SELECT id, data FROM proxypal_ledger_pages WHERE first_ms < ?1 AND last_ms >= ?1",
+                )
+                .and_then(|mut select| {
+                    select.query_map([cutoff_ms], |row| Ok((row.get(0)?, row.get(1)?)))?.collect()
+                })
+                .map_err(err)?;
+            for (id, data) in straddling {
+                let trimmed = pages::trim(&data, cutoff_ms).map_err(|e| LedgerError::Inconsistent {
+                    backend: Self::BACKEND,
+                    target: self.path.clone(),
+                    operation: "delete records past retention",
+                    detail: format!("page {id} of proxypal_ledger_pages does not hold records: {e}"),
+                })?;
+                let page = &trimmed.page;
+                tx.execute(
+                    "UPDATE proxypal_ledger_pages SET first_ms = ?2, last_ms = ?3, rows = ?4, data = ?5 \
+                     WHERE id = ?1",
+                    params![id, page.first_ms, page.last_ms, page.rows, page.text()],
+                )
+                .map_err(err)?;
+                pruned.records += trimmed.removed;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(pruned)
     }
 
     async fn usage(&mut self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
@@ -374,5 +323,114 @@ impl Store for SqliteStore {
         }
         .map_err(err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ledger written by schema version 2 (one SQL row per record) reads
+    /// the same after version 3 packs it into pages.
+    #[test]
+    fn version_3_packs_the_rows_of_version_2_without_losing_one() {
+        let dir = std::env::temp_dir().join(format!("proxypal-ledger-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ledger.db");
+        let named = "SELECT at_ms, client, model, provider, upstream_model, key_label, status, attempts, \
+            ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, total_tokens, error, cache_hit \
+            FROM proxypal_ledger_named ORDER BY at_ms";
+        type Row = (i64, String, String, String, String, String, i64, i64, Option<i64>, i64, bool);
+        type Rest = (Option<i64>, Option<i64>, Option<i64>, Option<String>, bool);
+        let read = |conn: &Connection| -> Vec<(Row, Rest)> {
+            conn.prepare(named)
+                .unwrap()
+                .query_map([], |r| {
+                    Ok((
+                        (
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                            r.get(9)?,
+                            r.get(10)?,
+                        ),
+                        (r.get(11)?, r.get(12)?, r.get(13)?, r.get(14)?, r.get(15)?),
+                    ))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let before = {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE proxypal_ledger_migrations (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL);
+                 INSERT INTO proxypal_ledger_migrations VALUES (1, 0), (2, 0);",
+            )
+            .unwrap();
+            for (_, sql) in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO proxypal_ledger_names (id, name) VALUES (1, 'alice'), (2, 'bob'), (3, 'llama'),
+                     (4, 'nvidia'), (5, 'meta/llama'), (6, 'k0'), (7, 'upstream_429');",
+            )
+            .unwrap();
+            // 1,100 rows: two full pages of 512 and a part one; NULLs,
+            // errors and both booleans among them.
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO proxypal_ledger (at_ms, client_id, model_id, provider_id, upstream_model_id, \
+                     key_id, status, attempts, ttfb_ms, total_ms, stream, prompt_tokens, completion_tokens, \
+                     total_tokens, error_id, cache_hit) VALUES (?1, ?2, 3, 4, 5, 6, ?3, 1, ?4, ?5, ?6, ?7, ?8, \
+                     ?9, ?10, ?11)",
+                )
+                .unwrap();
+            for i in 0..1_100i64 {
+                let failed = i % 7 == 0;
+                insert
+                    .execute(params![
+                        1_796_130_000_000 + i * 997,
+                        1 + i % 2,
+                        if failed { 429 } else { 200 },
+                        (i % 3 != 0).then_some(i),
+                        i + 5,
+                        i % 2 == 0,
+                        (!failed).then_some(i * 3),
+                        (!failed).then_some(i),
+                        (!failed).then_some(i * 4),
+                        failed.then_some(7),
+                        i % 5 == 0,
+                    ])
+                    .unwrap();
+            }
+            drop(insert);
+            read(&conn)
+        };
+        assert_eq!(before.len(), 1_100);
+
+        let store = SqliteStore::open(&path).unwrap();
+        let pages: (i64, i64) = store
+            .conn
+            .query_row("SELECT COUNT(*), SUM(rows) FROM proxypal_ledger_pages", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(pages, (3, 1_100));
+        assert_eq!(read(&store.conn), before);
+        let version: i64 = store
+            .conn
+            .query_row("SELECT MAX(version) FROM proxypal_ledger_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

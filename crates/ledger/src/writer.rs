@@ -36,10 +36,10 @@ pub(crate) const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// After a failed retention pass (the database is down), try again this soon.
 const PRUNE_RETRY: Duration = Duration::from_secs(60);
-/// Rows one retention statement deletes, so no statement holds locks for
-/// long; a pass that fills a chunk runs the next one right after the
-/// pending writes.
-pub(crate) const PRUNE_CHUNK: u32 = 10_000;
+/// Pages (batches) one retention statement deletes, so no statement holds
+/// locks for long; a pass that fills a chunk runs the next one right after
+/// the pending writes.
+pub(crate) const PRUNE_CHUNK: u32 = 1_000;
 /// Shortest interval between two "buffer full" warnings.
 const DROP_WARN_EVERY_MS: u64 = 10_000;
 /// "Never warned yet" for [`Shared::last_drop_warn_ms`].
@@ -200,6 +200,15 @@ pub(crate) struct Batch {
     pub(crate) records: Vec<Record>,
 }
 
+/// What one [`Store::prune`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Pruned {
+    /// Records deleted.
+    pub(crate) records: u64,
+    /// Whole pages deleted: as many as asked for means more may be left.
+    pub(crate) pages: u32,
+}
+
 /// Whether retrying can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -237,8 +246,10 @@ pub(crate) trait Store {
     async fn connect(&mut self) -> Result<(), StoreError>;
     /// Writes `batch` in one transaction.
     async fn write(&mut self, batch: &Batch) -> Result<(), StoreError>;
-    /// Deletes up to `limit` records older than `cutoff_ms`; how many went.
-    async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<u64, LedgerError>;
+    /// Deletes records older than `cutoff_ms`: up to `limit` whole pages
+    /// (see `pages.rs`), then, unless that many went, the old records of
+    /// the pages that straddle the cutoff.
+    async fn prune(&mut self, cutoff_ms: i64, limit: u32) -> Result<Pruned, LedgerError>;
     /// Runs the aggregation.
     async fn usage(&mut self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError>;
     /// Closes the connection, done when it is closed (the writer's runtime
@@ -529,11 +540,11 @@ impl<S: Store> Writer<S> {
         };
         self.next_prune = Instant::now()
             + match result {
-                Ok(n) if n >= u64::from(PRUNE_CHUNK) => Duration::ZERO,
+                Ok(n) if n.pages >= PRUNE_CHUNK => Duration::ZERO,
                 Ok(n) => {
                     debug!(
                         backend = S::BACKEND,
-                        deleted = n,
+                        deleted = n.records,
                         cutoff_ms = cutoff,
                         "ledger: retention pass done"
                     );
@@ -555,8 +566,8 @@ impl<S: Store> Writer<S> {
         let mut total = 0;
         loop {
             let n = self.store.prune(cutoff, PRUNE_CHUNK).await?;
-            total += n;
-            if n < u64::from(PRUNE_CHUNK) {
+            total += n.records;
+            if n.pages < PRUNE_CHUNK {
                 self.next_prune = Instant::now() + PRUNE_EVERY;
                 return Ok(total);
             }

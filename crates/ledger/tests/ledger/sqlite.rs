@@ -249,7 +249,7 @@ async fn sqlite_reopen_keeps_rows_and_migrates_once() {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
     })
     .await;
 }
@@ -289,10 +289,10 @@ async fn sqlite_an_unopenable_file_is_an_error_at_start() {
     .await;
 }
 
-/// SQLite has no time index: a time range is read from the row ids of its
-/// hours (`proxypal_ledger_spans`). Rows written far out of time order,
-/// across hour boundaries and batches, must all still be found, and none
-/// outside the range.
+/// A time range is read from the pages whose time span meets it
+/// (`proxypal_ledger_pages.first_ms` and `last_ms`). Records written far
+/// out of time order, across hour boundaries and batches, must all still be
+/// found, and none outside the range.
 #[tokio::test]
 async fn sqlite_time_ranges_find_rows_written_out_of_time_order() {
     bounded(LIMIT, async {

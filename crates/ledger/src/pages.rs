@@ -1,0 +1,376 @@
+//! Records packed into pages: one database row per batch.
+//!
+//! A batch's records are stored as one row of `proxypal_ledger_pages`: the
+//! least and greatest `at_ms` of its records, how many there are, and the
+//! records themselves as one JSON array (`data`), each record an array of
+//! the 16 values of [`FIELDS`] (integers, `null` for none; booleans as 0 or
+//! 1). The view `proxypal_ledger` unpacks them into one row per record with
+//! the columns of the same names (`json_each` in SQLite,
+//! `json_array_elements` in PostgreSQL), and `proxypal_ledger_named` joins
+//! the names: the ledger still reads as one row per request with plain
+//! SQL.
+//!
+//! Why: with one SQL row per record, the database's own work per row (16
+//! values through SQLite's VDBE and B-tree, or PostgreSQL's COPY parser,
+//! heap, WAL and index) was most of the ledger's cost, which on the proxy's
+//! own machine came straight out of requests per second: SQLite's writer
+//! spent ~5.0k instructions per record and PostgreSQL's server 3.7–4.2 µs
+//! (docs/performance.md, "Fourth round"). A page costs the database one
+//! row per batch; writing a record is appending ~60 bytes of text here.
+//!
+//! What it costs: ad-hoc SQL over the view unpacks JSON (the page's time
+//! range is indexed, a record's fields are not), and retention trims the
+//! one page that straddles the cutoff by rewriting it ([`trim`]).
+
+use std::fmt;
+
+use crate::Record;
+use crate::names::RowIds;
+
+/// The stored values of a record, in order: the columns of the view
+/// `proxypal_ledger`.
+pub(crate) const FIELDS: [&str; 16] = [
+    "at_ms",
+    "client_id",
+    "model_id",
+    "provider_id",
+    "upstream_model_id",
+    "key_id",
+    "status",
+    "attempts",
+    "ttfb_ms",
+    "total_ms",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "error_id",
+    "cache_hit",
+];
+
+/// One record's stored values, in [`FIELDS`] order (`None` is `null`).
+pub(crate) type Values = [Option<i64>; FIELDS.len()];
+
+/// The position of a field in [`FIELDS`] (a JSON array index).
+pub(crate) fn position(field: &str) -> Option<usize> {
+    FIELDS.iter().position(|f| *f == field)
+}
+
+/// `r`'s values, its names given as `ids` (0: none, stored as `null`).
+pub(crate) fn values(r: &Record, ids: &RowIds) -> Values {
+    let [client, model, provider, upstream_model, key, error] = *ids;
+    [
+        Some(r.at_ms),
+        Some(client),
+        Some(model),
+        Some(provider),
+        Some(upstream_model),
+        Some(key),
+        Some(i64::from(r.status)),
+        Some(i64::from(r.attempts)),
+        r.ttfb_ms.map(i64::from),
+        Some(i64::from(r.total_ms)),
+        Some(i64::from(r.stream)),
+        r.prompt_tokens.map(clamp),
+        r.completion_tokens.map(clamp),
+        r.total_tokens.map(clamp),
+        (error != 0).then_some(error),
+        Some(i64::from(r.cache_hit)),
+    ]
+}
+
+/// Token counts beyond `i64::MAX` cannot happen; saturate rather than fail a batch.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// One page being built or read: a row of `proxypal_ledger_pages`.
+///
+/// The writer keeps one and refills it per batch, so its buffers are
+/// allocated once.
+pub(crate) struct Page {
+    /// The least `at_ms` of its records.
+    pub(crate) first_ms: i64,
+    /// The greatest `at_ms` of its records.
+    pub(crate) last_ms: i64,
+    /// How many records.
+    pub(crate) rows: i64,
+    /// The records: a JSON array of [`Values`] arrays once finished; ASCII.
+    data: Vec<u8>,
+    /// Whether `data` ends with the array's closing `]`.
+    closed: bool,
+    /// Where one record's text is put together.
+    scratch: [u8; ROW_BYTES],
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        let mut page = Self {
+            first_ms: i64::MAX,
+            last_ms: i64::MIN,
+            rows: 0,
+            data: Vec::new(),
+            closed: false,
+            scratch: [0; ROW_BYTES],
+        };
+        page.clear();
+        page
+    }
+}
+
+impl fmt::Debug for Page {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Page")
+            .field("first_ms", &self.first_ms)
+            .field("last_ms", &self.last_ms)
+            .field("rows", &self.rows)
+            .field("data_bytes", &self.data.len())
+            .finish()
+    }
+}
+
+/// The most one record's text takes: 16 values of at most 20 characters
+/// (`-9223372036854775808`), 15 commas and the brackets.
+const ROW_BYTES: usize = 16 * 20 + 15 + 2;
+
+/// `"00"` to `"99"`: integers are written two digits at a time.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+impl Page {
+    /// Empties the page (keeping its buffer).
+    pub(crate) fn clear(&mut self) {
+        self.first_ms = i64::MAX;
+        self.last_ms = i64::MIN;
+        self.rows = 0;
+        self.data.clear();
+        self.data.push(b'[');
+        self.closed = false;
+    }
+
+    /// Appends one record's values.
+    pub(crate) fn push(&mut self, values: &Values) {
+        if self.closed {
+            self.data.pop(); // the closing `]`
+            self.closed = false;
+        }
+        // The record is put together in `scratch`, then appended with one
+        // copy: a `push_str` per value (a capacity check and a `memcpy`
+        // call each) made this ~900 instructions per record.
+        let row = &mut self.scratch;
+        let mut at = 0;
+        if self.rows > 0 {
+            row[at] = b',';
+            at += 1;
+        }
+        row[at] = b'[';
+        at += 1;
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                row[at] = b',';
+                at += 1;
+            }
+            at = match value {
+                Some(v) => write_int(row, at, *v),
+                None => {
+                    row[at..at + 4].copy_from_slice(b"null");
+                    at + 4
+                }
+            };
+        }
+        row[at] = b']';
+        self.data.extend_from_slice(&row[..=at]);
+        let at_ms = values[0].unwrap_or_default();
+        self.first_ms = self.first_ms.min(at_ms);
+        self.last_ms = self.last_ms.max(at_ms);
+        self.rows += 1;
+    }
+
+    /// The page's `data`, closed: a JSON array until the next
+    /// [`Page::push`] or [`Page::clear`].
+    pub(crate) fn finish(&mut self) -> &str {
+        if !self.closed {
+            self.data.push(b']');
+            self.closed = true;
+        }
+        self.text()
+    }
+
+    /// The text so far (see [`Page::finish`]).
+    #[allow(clippy::expect_used)] // the invariant below
+    pub(crate) fn text(&self) -> &str {
+        // Invariant: `data` only ever receives the ASCII bytes written
+        // above (brackets, commas, digits, `-`, `null`), so this cannot
+        // fail; one check per page costs a fraction of an instruction per
+        // byte.
+        std::str::from_utf8(&self.data).expect("a page's text is ASCII")
+    }
+
+    /// The page of `records`, whose names have the ids `ids`.
+    pub(crate) fn fill(&mut self, records: &[Record], ids: &[RowIds]) -> &str {
+        self.clear();
+        for (r, ids) in records.iter().zip(ids) {
+            self.push(&values(r, ids));
+        }
+        self.finish()
+    }
+}
+
+/// Writes `v` in decimal at `row[at..]`; returns the index after it.
+fn write_int(row: &mut [u8; ROW_BYTES], at: usize, v: i64) -> usize {
+    let mut at = at;
+    if v < 0 {
+        row[at] = b'-';
+        at += 1;
+    }
+    let mut n = v.unsigned_abs();
+    let len = n.checked_ilog10().map_or(1, |log| log as usize + 1);
+    let end = at + len;
+    let mut i = end;
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        row[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        row[i - 2..i].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
+        row[i - 1] = b'0' + n as u8;
+    }
+    end
+}
+
+/// A stored page's `data` read back.
+///
+/// # Errors
+/// Text that is not a JSON array of 16-value arrays of integers or `null`
+/// (someone edited the table by hand).
+pub(crate) fn decode(data: &str) -> Result<Vec<Values>, serde_json::Error> {
+    serde_json::from_str(data)
+}
+
+/// What retention leaves of a page that holds records from before a cutoff.
+#[derive(Debug)]
+pub(crate) struct Trimmed {
+    /// The records kept.
+    pub(crate) page: Page,
+    /// How many records were before the cutoff.
+    pub(crate) removed: u64,
+}
+
+/// The page `data` without its records from before `cutoff_ms`.
+///
+/// # Errors
+/// As [`decode`].
+pub(crate) fn trim(data: &str, cutoff_ms: i64) -> Result<Trimmed, serde_json::Error> {
+    let mut page = Page::default();
+    page.clear();
+    let mut removed = 0;
+    for values in decode(data)? {
+        if values[0].is_some_and(|at| at < cutoff_ms) {
+            removed += 1;
+        } else {
+            page.push(&values);
+        }
+    }
+    page.finish();
+    Ok(Trimmed { page, removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn record(at_ms: i64) -> Record {
+        Record {
+            at_ms,
+            client: Arc::from("alice"),
+            status: 429,
+            attempts: 3,
+            ttfb_ms: None,
+            total_ms: 12,
+            stream: true,
+            prompt_tokens: Some(7),
+            completion_tokens: None,
+            total_tokens: Some(u64::MAX),
+            cache_hit: false,
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn a_page_is_json_that_reads_back_to_the_values() {
+        let records = [record(5), record(-3), record(9)];
+        let ids = [[1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]];
+        let mut page = Page::default();
+        let data = page.fill(&records, &ids).to_owned();
+        assert_eq!(
+            &data[..data.find("],").unwrap() + 1],
+            "[[5,1,2,3,4,5,429,3,null,12,1,7,null,9223372036854775807,null,0]"
+        );
+        let _: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!((page.first_ms, page.last_ms, page.rows), (-3, 9, 3));
+        let back = decode(&data).unwrap();
+        let expected: Vec<Values> = records.iter().zip(&ids).map(|(r, ids)| values(r, ids)).collect();
+        assert_eq!(back, expected);
+        assert_eq!(back[1][14], Some(6), "an error's id");
+
+        // Refilled: nothing of the previous batch is left.
+        let data = page.fill(&records[..1], &ids[..1]).to_owned();
+        assert_eq!(decode(&data).unwrap(), expected[..1]);
+        assert_eq!((page.first_ms, page.last_ms, page.rows), (5, 5, 1));
+        assert_eq!(page.fill(&[], &[]), "[]");
+        assert_eq!(page.rows, 0);
+    }
+
+    #[test]
+    fn finish_is_idempotent() {
+        let mut page = Page::default();
+        page.push(&values(&record(1), &[1; 6]));
+        let once = page.finish().to_owned();
+        assert_eq!(page.finish(), once);
+        assert_eq!(decode(&once).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn trim_keeps_the_records_from_the_cutoff_on() {
+        let records: Vec<Record> = [40, 10, 30, 20].map(record).to_vec();
+        let ids = [[1, 1, 1, 1, 1, 0]; 4];
+        let mut page = Page::default();
+        let data = page.fill(&records, &ids).to_owned();
+        let trimmed = trim(&data, 25).unwrap();
+        assert_eq!(trimmed.removed, 2);
+        let kept = &trimmed.page;
+        assert_eq!((kept.first_ms, kept.last_ms, kept.rows), (30, 40, 2));
+        let at: Vec<Option<i64>> = decode(kept.text()).unwrap().iter().map(|v| v[0]).collect();
+        assert_eq!(at, [Some(40), Some(30)]);
+
+        let all = trim(&data, 41).unwrap();
+        assert_eq!((all.removed, all.page.rows), (4, 0));
+        assert_eq!(all.page.text(), "[]");
+        assert_eq!(trim(&data, 10).unwrap().removed, 0);
+        assert!(trim("[[1,2]", 0).is_err());
+        assert!(trim("[[1,2]]", 0).is_err(), "16 values per record");
+    }
+
+    #[test]
+    fn integers_are_written_like_serde_json_writes_them() {
+        let mut row = [0u8; ROW_BYTES];
+        for v in [0, 1, 9, 10, 99, 429, -1, -10, 1_796_130_000_000, i64::MAX, i64::MIN, i64::MIN + 1] {
+            let end = write_int(&mut row, 3, v);
+            assert_eq!(std::str::from_utf8(&row[3..end]).unwrap(), v.to_string());
+        }
+        // The longest record fits.
+        let mut page = Page::default();
+        page.push(&[Some(i64::MIN); 16]);
+        assert_eq!(decode(page.finish()).unwrap(), vec![[Some(i64::MIN); 16]]);
+    }
+}
