@@ -29,7 +29,7 @@ use tracing::debug;
 use crate::error::LedgerError;
 use crate::names::NameIds;
 use crate::pages::{self, Page};
-use crate::query::{Dialect, UsageQuery, UsageRow, usage_row, usage_sql};
+use crate::query::{Aggregation, Clients, UsageQuery, UsageRow};
 use crate::redact::redact;
 use crate::writer::{Batch, Failure, Pruned, Store, StoreError};
 
@@ -367,6 +367,54 @@ async fn write_batch(
     Ok(())
 }
 
+/// Pages fetched per round trip by [`usage`]: at most a few MB in memory
+/// (a page of 512 records is ~33 KB), however long the range.
+const PAGES_PER_FETCH: i32 = 64;
+
+/// Reads the pages that can hold `query`'s range through a portal, a
+/// chunk at a time, and aggregates them (see [`Aggregation`]).
+async fn usage(client: &mut Client, query: &UsageQuery) -> Result<Vec<UsageRow>, Error> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    let clients = match &query.client {
+        None => Clients::All,
+        Some(name) => {
+            match tx.query_opt("SELECT id FROM proxypal_ledger_names WHERE name = $1", &[&text(name)]).await?
+            {
+                Some(row) => Clients::Id(i64::from(row.try_get::<_, i32>(0)?)),
+                None => Clients::Nobody,
+            }
+        }
+    };
+    let mut aggregation = Aggregation::new(query, clients);
+    if clients != Clients::Nobody {
+        let portal = tx
+            .bind(
+                "SELECT batch, data FROM proxypal_ledger_pages WHERE last_ms >= $1 AND first_ms < $2",
+                &[&query.from_ms, &query.to_ms],
+            )
+            .await?;
+        loop {
+            let pages = tx.query_portal(&portal, PAGES_PER_FETCH).await?;
+            for page in &pages {
+                let data: &str = page.try_get(1)?;
+                if let Err(e) = aggregation.add_page(data) {
+                    return Err(Error::Page(page.try_get(0)?, e));
+                }
+            }
+            if pages.len() < PAGES_PER_FETCH as usize {
+                break;
+            }
+        }
+    }
+    let ids: Vec<i32> = aggregation.ids().into_iter().filter_map(|id| i32::try_from(id).ok()).collect();
+    let mut names = HashMap::new();
+    for row in tx.query("SELECT id, name FROM proxypal_ledger_names WHERE id = ANY($1)", &[&ids]).await? {
+        names.insert(i64::from(row.try_get::<_, i32>(0)?), row.try_get(1)?);
+    }
+    tx.commit().await?;
+    Ok(aggregation.rows(&names))
+}
+
 /// Deletes up to `limit` whole pages older than `cutoff_ms`, then (unless
 /// that many went) rewrites the pages straddling it without their old
 /// records; one transaction.
@@ -419,7 +467,7 @@ enum Error {
     /// answered something impossible; the batch cannot be written.
     Missing(String),
     /// A stored page (its batch id) that does not hold records.
-    Page(String, serde_json::Error),
+    Page(String, pages::BadPage),
 }
 
 impl From<tokio_postgres::Error> for Error {
@@ -495,31 +543,17 @@ impl Store for PgStore {
 
     async fn usage(&mut self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
         self.connect().await.map_err(|e| e.error)?;
-        let Some(conn) = self.conn.as_ref() else {
+        let Some(conn) = self.conn.as_mut() else {
             return Err(self.timeout("connect"));
         };
-        let sql = usage_sql(query, Dialect::Postgres);
-        let result = match &query.client {
-            Some(client) => {
-                timeout(OP_TIMEOUT, conn.client.query(&sql, &[&query.from_ms, &query.to_ms, client])).await
-            }
-            None => timeout(OP_TIMEOUT, conn.client.query(&sql, &[&query.from_ms, &query.to_ms])).await,
-        };
-        let rows = match result {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                self.classify(&e);
-                return Err(LedgerError::postgres(&self.target, "aggregate usage", e));
-            }
+        match timeout(OP_TIMEOUT, usage(&mut conn.client, query)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(self.failed(e, "aggregate usage").error),
             Err(_) => {
                 self.conn = None;
-                return Err(self.timeout("aggregate usage"));
+                Err(self.timeout("aggregate usage"))
             }
-        };
-        rows.iter()
-            .map(|row| usage_row(query, |i| row.try_get::<_, i64>(i), |i| row.try_get::<_, String>(i)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LedgerError::postgres(&self.target, "read usage rows", e))
+        }
     }
 }
 

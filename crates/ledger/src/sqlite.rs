@@ -5,15 +5,16 @@
 //! rolls back, so a retried batch is never written twice (short of an I/O
 //! error that leaves the outcome unknown).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::LedgerError;
 use crate::names::NameIds;
 use crate::pages::{self, Page};
-use crate::query::{Dialect, UsageQuery, UsageRow, usage_row, usage_sql};
+use crate::query::{Aggregation, Clients, UsageQuery, UsageRow};
 use crate::writer::{Batch, Failure, Pruned, Store, StoreError};
 
 /// How long a statement waits for another process holding the file's lock.
@@ -135,6 +136,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
 const INSERT_NAME: &str =
     "INSERT INTO proxypal_ledger_names (name) VALUES (?1) ON CONFLICT (name) DO NOTHING";
 const NAME_ID: &str = "SELECT id FROM proxypal_ledger_names WHERE name = ?1";
+const NAME_OF: &str = "SELECT name FROM proxypal_ledger_names WHERE id = ?1";
+/// The pages that can hold a record in `[?1, ?2)` (`last_ms` is indexed).
+const PAGES_IN: &str = "SELECT id, data FROM proxypal_ledger_pages WHERE last_ms >= ?1 AND first_ms < ?2";
 const INSERT_PAGE: &str =
     "INSERT INTO proxypal_ledger_pages (first_ms, last_ms, rows, data) VALUES (?1, ?2, ?3, ?4)";
 
@@ -312,17 +316,45 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&mut self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
-        let sql = usage_sql(query, Dialect::Sqlite);
-        let err = |e| LedgerError::sqlite(&self.path, "aggregate usage", e);
-        let mut statement = self.conn.prepare(&sql).map_err(err)?;
-        let to_row =
-            |row: &rusqlite::Row<'_>| usage_row(query, |i| row.get::<_, i64>(i), |i| row.get::<_, String>(i));
-        let rows = match &query.client {
-            Some(client) => statement.query_map(params![query.from_ms, query.to_ms, client], to_row),
-            None => statement.query_map(params![query.from_ms, query.to_ms], to_row),
+        let path = self.path.as_str();
+        let err = |e| LedgerError::sqlite(path, "aggregate usage", e);
+        let clients = match &query.client {
+            None => Clients::All,
+            Some(name) => match self
+                .conn
+                .prepare_cached(NAME_ID)
+                .and_then(|mut select| select.query_row([name], |row| row.get::<_, i64>(0)).optional())
+            {
+                Ok(Some(id)) => Clients::Id(id),
+                Ok(None) => Clients::Nobody,
+                Err(e) => return Err(err(e)),
+            },
+        };
+        let mut aggregation = Aggregation::new(query, clients);
+        if clients != Clients::Nobody {
+            let mut select = self.conn.prepare_cached(PAGES_IN).map_err(err)?;
+            let mut rows = select.query(params![query.from_ms, query.to_ms]).map_err(err)?;
+            while let Some(row) = rows.next().map_err(err)? {
+                let id: i64 = row.get(0).map_err(err)?;
+                let data = row.get_ref(1).and_then(|data| Ok(data.as_str()?)).map_err(err)?;
+                aggregation.add_page(data).map_err(|e| LedgerError::Inconsistent {
+                    backend: Self::BACKEND,
+                    target: self.path.clone(),
+                    operation: "aggregate usage",
+                    detail: format!("page {id} of proxypal_ledger_pages: {e}"),
+                })?;
+            }
         }
-        .map_err(err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(err)
+        let mut names = HashMap::new();
+        let mut select = self.conn.prepare_cached(NAME_OF).map_err(err)?;
+        for id in aggregation.ids() {
+            if let Some(name) =
+                select.query_row([id], |row| row.get::<_, String>(0)).optional().map_err(err)?
+            {
+                names.insert(id, name);
+            }
+        }
+        Ok(aggregation.rows(&names))
     }
 }
 

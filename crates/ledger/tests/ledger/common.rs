@@ -211,6 +211,11 @@ pub async fn check_aggregation(ledger: &Ledger, base: i64) {
     let total = ledger.usage(&bob_total).await.unwrap();
     assert_eq!(total, reference(&records, &bob_total));
     assert_eq!((total[0].requests, total[0].errors, total[0].total_tokens), (4, 2, 321));
+    // A client without records (no name id at all): nothing, or one zero total.
+    let ghost = UsageQuery { client: Some("ghost".into()), ..by_hour.clone() };
+    assert_eq!(ledger.usage(&ghost).await.unwrap(), vec![]);
+    let ghost_total = UsageQuery { client: Some("ghost".into()), ..bob_total.clone() };
+    assert_eq!(ledger.usage(&ghost_total).await.unwrap(), vec![UsageRow::default()]);
 
     // Other groupings and buckets.
     for (group, bucket) in
