@@ -2,6 +2,7 @@
 -- whatever its schema version (in version 3 `proxypal_ledger` is a view,
 -- before it a table): benches/ledger.sh, benches/profile.sh and
 -- crates/ledger/examples/write_cost.rs start from an empty ledger.
+SET client_min_messages = warning;
 DO $$
 DECLARE
     r record;

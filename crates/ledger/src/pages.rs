@@ -102,6 +102,8 @@ pub(crate) struct Page {
     closed: bool,
     /// Where one record's text is put together.
     scratch: [u8; ROW_BYTES],
+    /// The digits of the last record's time but its last three.
+    time: TimeDigits,
 }
 
 impl Default for Page {
@@ -113,6 +115,7 @@ impl Default for Page {
             data: Vec::new(),
             closed: false,
             scratch: [0; ROW_BYTES],
+            time: TimeDigits::default(),
         };
         page.clear();
         page
@@ -175,8 +178,17 @@ impl Page {
                 row[at] = b',';
                 at += 1;
             }
-            at = match value {
-                Some(v) => write_int(row, at, *v),
+            at = match *value {
+                // Most values (ids, status, attempts, flags, milliseconds,
+                // token counts) are below 1000: four bytes from a table.
+                Some(v @ 0..SMALL_LIMIT) => {
+                    let text = &SMALL[v as usize];
+                    row[at..at + 4].copy_from_slice(text);
+                    at + usize::from(text[3])
+                }
+                // The time: its leading digits repeat from record to record.
+                Some(v) if i == 0 && v >= 0 => self.time.write(row, at, v),
+                Some(v) => write_int(row, at, v),
                 None => {
                     row[at..at + 4].copy_from_slice(b"null");
                     at + 4
@@ -218,6 +230,74 @@ impl Page {
             self.push(&values(r, ids));
         }
         self.finish()
+    }
+}
+
+/// Values below this are written from [`SMALL`].
+const SMALL_LIMIT: i64 = 1000;
+
+/// `0` to `999` in decimal, each padded to four bytes with its length in
+/// the last byte (a value is copied as four bytes, then `at` advances by
+/// the length: the next write overwrites the rest). The same table with
+/// every number zero-padded to three digits is [`PADDED`].
+static SMALL: [[u8; 4]; SMALL_LIMIT as usize] = small_table(false);
+/// `000` to `999` (length byte 3): a time's last three digits.
+static PADDED: [[u8; 4]; SMALL_LIMIT as usize] = small_table(true);
+
+const fn small_table(padded: bool) -> [[u8; 4]; SMALL_LIMIT as usize] {
+    let mut table = [[0u8; 4]; SMALL_LIMIT as usize];
+    let mut n = 0;
+    while n < SMALL_LIMIT as usize {
+        let digits = [(n / 100) as u8, (n / 10 % 10) as u8, (n % 10) as u8];
+        let len = if padded || n >= 100 {
+            3
+        } else if n >= 10 {
+            2
+        } else {
+            1
+        };
+        let mut i = 0;
+        while i < len {
+            table[n][i] = b'0' + digits[3 - len + i];
+            i += 1;
+        }
+        table[n][3] = len as u8;
+        n += 1;
+    }
+    table
+}
+
+/// The decimal digits of a time (unix ms) but its last three, kept from
+/// one record to the next: records of a batch are usually within a second
+/// of each other, so only the last three digits are written anew.
+#[derive(Debug, Clone, Copy, Default)]
+struct TimeDigits {
+    /// `at_ms / 1000` of the time the digits are of (none while `len` is 0).
+    seconds: i64,
+    /// Its digits (`len` of them), left-aligned.
+    digits: [u8; 20],
+    len: usize,
+}
+
+impl TimeDigits {
+    /// Writes `ms` (not negative) at `row[at..]`; returns the index after it.
+    fn write(&mut self, row: &mut [u8; ROW_BYTES], at: usize, ms: i64) -> usize {
+        let seconds = ms / 1000;
+        if seconds == 0 {
+            return write_int(row, at, ms);
+        }
+        if seconds != self.seconds || self.len == 0 {
+            let mut scratch = [0u8; ROW_BYTES];
+            let len = write_int(&mut scratch, 0, seconds);
+            self.digits[..len].copy_from_slice(&scratch[..len]);
+            self.len = len;
+            self.seconds = seconds;
+        }
+        // A fixed-size copy (no `memcpy` call); only `len` bytes count.
+        row[at..at + 20].copy_from_slice(&self.digits);
+        let at = at + self.len;
+        row[at..at + 4].copy_from_slice(&PADDED[(ms % 1000) as usize]);
+        at + 3
     }
 }
 
@@ -525,6 +605,33 @@ mod tests {
             let end = write_int(&mut row, 3, v);
             assert_eq!(std::str::from_utf8(&row[3..end]).unwrap(), v.to_string());
         }
+        // The tables and the time's digits write what `to_string` does.
+        let mut page = Page::default();
+        let times =
+            [0, 7, 999, 1_000, 1_001, 59_999, 1_796_130_000_000, 1_796_130_000_999, 1_796_130_001_000];
+        for v in (0..2_000).chain(times).chain(times.map(|t| t + 1)).chain([i64::MAX, i64::MAX - 500]) {
+            let mut values = [Some(v); 16];
+            values[1] = Some(-v);
+            page.clear();
+            page.push(&values);
+            let expected = format!("[[{v},{}{}]]", -v, format!(",{v}").repeat(14));
+            assert_eq!(page.finish(), expected);
+        }
+        // Times out of order and repeated within a page.
+        let at = [
+            1_796_130_000_123,
+            1_796_130_000_124,
+            1_796_129_999_999,
+            1_796_130_000_005,
+            5,
+            1_796_130_000_005,
+        ];
+        page.clear();
+        for t in at {
+            page.push(&[Some(t); 16]);
+        }
+        let back: Vec<Option<i64>> = decode(page.finish()).unwrap().iter().map(|v| v[0]).collect();
+        assert_eq!(back, at.map(Some));
         // The longest record fits.
         let mut page = Page::default();
         page.push(&[Some(i64::MIN); 16]);
