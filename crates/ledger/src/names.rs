@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::Arc;
 
 use crate::Record;
 
@@ -31,18 +32,6 @@ const CAPACITY: usize = 4_096;
 /// record without an error). Dictionary ids start at 1.
 pub(crate) type RowIds = [i64; COLUMNS];
 
-/// A record's names in the order of [`RowIds`].
-fn names(r: &Record) -> [Option<&str>; COLUMNS] {
-    [
-        Some(&r.client),
-        Some(&r.model),
-        Some(&r.provider),
-        Some(&r.upstream_model),
-        Some(&r.key),
-        r.error.as_deref(),
-    ]
-}
-
 /// The writer's memory of name → id, valid for the database it was learned
 /// from: ids are never deleted, so it does not go stale (the PostgreSQL
 /// store still starts over on each new connection, in case the server came
@@ -50,6 +39,40 @@ fn names(r: &Record) -> [Option<&str>; COLUMNS] {
 #[derive(Debug, Default)]
 pub(crate) struct NameIds {
     known: HashMap<Box<str>, i64, Seeded>,
+    /// Known names by their allocation, [`RECENT`] slots per `Arc<str>`
+    /// column (client, model, provider, upstream model, key; empty until
+    /// first used). A record's names are clones of a few shared `Arc`s
+    /// (from the config, the routes, the keys), so a name seen before is
+    /// found by one pointer comparison instead of hashing it: the lookup
+    /// was a fifth of the writer's instructions per record
+    /// (`examples/write_cost`). A slot holds a clone of the `Arc` it stands
+    /// for, so its allocation stays alive and no other string can appear
+    /// at that address.
+    recent: Vec<Option<(Arc<str>, i64)>>,
+}
+
+/// Slots per column in [`NameIds::recent`] (a power of two): room for the
+/// keys of a large pool without two sharing a slot often.
+const RECENT: usize = 512;
+
+/// The columns of [`RowIds`] that are `Arc<str>` (all but the error).
+const SHARED_COLUMNS: usize = 5;
+
+/// `name`'s slot in its column of [`NameIds::recent`].
+fn slot(column: usize, name: &Arc<str>) -> usize {
+    let address = Arc::as_ptr(name).cast::<u8>() as usize as u64;
+    // Fibonacci hashing: the top bits of the product spread the addresses.
+    let index = address.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT.trailing_zeros());
+    column * RECENT + index as usize
+}
+
+/// What [`NameIds::lookup`] gathers.
+#[derive(Default)]
+struct Found<'a> {
+    rows: Vec<RowIds>,
+    unknown: Vec<&'a str>,
+    /// Empty (and not allocated) unless a name is missing.
+    placeholders: HashMap<&'a str, i64, Seeded>,
 }
 
 /// One batch's ids, with the names [`NameIds`] did not know.
@@ -63,39 +86,74 @@ pub(crate) struct Lookup<'a> {
 
 impl NameIds {
     /// The ids of every name in `records`, as far as they are known.
-    pub(crate) fn lookup<'a>(&self, records: &'a [Record]) -> Lookup<'a> {
-        let mut rows = Vec::with_capacity(records.len());
-        let mut unknown = Vec::new();
-        // Empty (and not allocated) unless a name is missing.
-        let mut placeholders: HashMap<&'a str, i64, Seeded> = HashMap::default();
+    pub(crate) fn lookup<'a>(&mut self, records: &'a [Record]) -> Lookup<'a> {
+        if self.recent.is_empty() && !records.is_empty() {
+            self.recent = vec![None; SHARED_COLUMNS * RECENT];
+        }
+        let mut found = Found { rows: Vec::with_capacity(records.len()), ..Found::default() };
         // Consecutive records often share names (one client's burst, one
-        // provider): comparing with the previous record's is cheaper than
-        // hashing.
-        let mut previous: [Option<(&'a str, i64)>; COLUMNS] = [None; COLUMNS];
+        // provider): the same allocation as the previous record's settles
+        // it with one comparison.
+        let mut previous: [Option<(&'a Arc<str>, i64)>; SHARED_COLUMNS] = [None; SHARED_COLUMNS];
+        let mut previous_error: Option<(&'a str, i64)> = None;
         for record in records {
             let mut ids = [0; COLUMNS];
-            for ((slot, name), previous) in ids.iter_mut().zip(names(record)).zip(&mut previous) {
-                let Some(name) = name else { continue };
-                *slot = match *previous {
-                    // Records share their names' allocations (`Arc<str>`): the
-                    // same pointer settles it without comparing bytes.
-                    Some((seen, id)) if std::ptr::eq(seen, name) || seen == name => id,
+            let shared =
+                [&record.client, &record.model, &record.provider, &record.upstream_model, &record.key];
+            for column in 0..SHARED_COLUMNS {
+                let name = shared[column];
+                ids[column] = match previous[column] {
+                    Some((seen, id)) if Arc::ptr_eq(seen, name) => id,
                     _ => {
-                        let id = match self.known.get(name) {
-                            Some(&id) => id,
-                            None => *placeholders.entry(name).or_insert_with(|| {
-                                unknown.push(name);
-                                -(unknown.len() as i64)
-                            }),
-                        };
-                        *previous = Some((name, id));
+                        let id = self.shared_id(column, name, &mut found);
+                        previous[column] = Some((name, id));
                         id
                     }
                 };
             }
-            rows.push(ids);
+            if let Some(error) = record.error.as_deref() {
+                ids[COLUMNS - 1] = match previous_error {
+                    Some((seen, id)) if std::ptr::eq(seen, error) || seen == error => id,
+                    _ => {
+                        let id = self.id(error, &mut found);
+                        previous_error = Some((error, id));
+                        id
+                    }
+                };
+            }
+            found.rows.push(ids);
         }
-        Lookup { rows, unknown }
+        Lookup { rows: found.rows, unknown: found.unknown }
+    }
+
+    /// The id of `name` from `column` of [`SHARED_COLUMNS`]: remembered by
+    /// its allocation, else by its text (then remembered by allocation
+    /// too), else a placeholder.
+    fn shared_id<'a>(&mut self, column: usize, name: &'a Arc<str>, found: &mut Found<'a>) -> i64 {
+        let index = slot(column, name);
+        if let Some(Some((seen, id))) = self.recent.get(index) {
+            if Arc::ptr_eq(seen, name) {
+                return *id;
+            }
+        }
+        let id = self.id(name, found);
+        if id > 0 {
+            if let Some(entry) = self.recent.get_mut(index) {
+                *entry = Some((Arc::clone(name), id));
+            }
+        }
+        id
+    }
+
+    /// The id of `name` if known, else its placeholder in `found`.
+    fn id<'a>(&self, name: &'a str, found: &mut Found<'a>) -> i64 {
+        match self.known.get(name) {
+            Some(&id) => id,
+            None => *found.placeholders.entry(name).or_insert_with(|| {
+                found.unknown.push(name);
+                -(found.unknown.len() as i64)
+            }),
+        }
     }
 
     /// Remembers `unknown[i]` → `ids[i]`, once the transaction that made
@@ -236,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_failed_resolution_is_the_error() {
-        let names = NameIds::default();
+        let mut names = NameIds::default();
         let records = [record("alice", "llama", None)];
         let mut lookup = names.lookup(&records);
         assert_eq!(
@@ -256,5 +314,38 @@ mod tests {
         names.learn(&["one more"], &[9_999]);
         assert_eq!(names.known.len(), 1);
         assert_eq!(names.known.get("one more"), Some(&9_999));
+    }
+
+    /// Names found by their allocation are the same names: a new `Arc`
+    /// with other text is never taken for a remembered one, even when the
+    /// remembered one's text is the same.
+    #[test]
+    fn names_remembered_by_allocation_stay_right() {
+        let mut names = NameIds::default();
+        names.learn(&["alice", "bob", "llama", "nvidia", "k1", "llama-up"], &[1, 2, 3, 4, 5, 6]);
+        let alice: Arc<str> = Arc::from("alice");
+        let records: Vec<Record> =
+            (0..3).map(|_| Record { client: Arc::clone(&alice), ..record("x", "llama", None) }).collect();
+        let lookup = names.lookup(&records);
+        assert!(lookup.unknown.is_empty(), "{:?}", lookup.unknown);
+        assert!(lookup.rows.iter().all(|row| *row == [1, 3, 4, 6, 5, 0]), "{:?}", lookup.rows);
+        // Remembered now by allocation; other allocations, same or other text.
+        for _ in 0..100 {
+            let mixed = [
+                Record { client: Arc::clone(&alice), ..record("x", "llama", None) },
+                record("bob", "llama", None),
+                record("alice", "llama", None),
+                record("carol", "llama", None),
+            ];
+            let lookup = names.lookup(&mixed);
+            assert_eq!(lookup.unknown, ["carol"]);
+            assert_eq!(lookup.rows.iter().map(|row| row[0]).collect::<Vec<_>>(), [1, 2, 1, -1]);
+        }
+        drop(records);
+        drop(alice);
+        // A new allocation that might land where `alice` was (the slot
+        // still holds `alice`'s clone, so it cannot).
+        let dave = record("dave", "llama", None);
+        assert_eq!(names.lookup(std::slice::from_ref(&dave)).unknown, ["dave"]);
     }
 }
