@@ -104,7 +104,7 @@ pub(crate) struct Attempts {
     /// For the usage ledger (filled only when a sink is set): who asked for
     /// which model, the key of the last attempt, why it failed, and whether
     /// the answer's body records it when it ends.
-    ledger: Option<Box<LedgerNotes>>,
+    ledger: Option<LedgerNotes>,
     /// What the response cache said (`x-proxypal-cache`), if it was asked.
     cache_label: Option<&'static str>,
     /// Where a complete 200 answer is to be stored.
@@ -516,7 +516,7 @@ where
     if let (Some(sink), Some(notes)) = (gw.sink, attempts.ledger.take()) {
         if !notes.tapped {
             let status = resp.status();
-            sink.finished(record(&settings, &attempts, *notes, status, started));
+            sink.finished(record(&settings, &attempts, notes, status, started));
         }
     }
     let metrics = gw.metrics;
@@ -634,7 +634,7 @@ where
     head.headers.remove(AUTHORIZATION);
     if gw.sink.is_some() {
         let client = settings.tokens.named(client).map(|n| Arc::clone(&n.name));
-        attempts.ledger = Some(Box::new(LedgerNotes { client, ..LedgerNotes::default() }));
+        attempts.ledger = Some(LedgerNotes { client, ..LedgerNotes::default() });
     }
     if head.method == http::Method::GET && (rest == "/models" || rest.starts_with("/models?")) {
         return Box::pin(gw.catalogs.list(settings, gw.clients)).await;
@@ -647,7 +647,7 @@ where
     let named = crate::json::model_span(&body);
     let listed = |provider: &str, model: &str| gw.catalogs.lists(provider, model);
     if let Some(notes) = attempts.ledger.as_mut() {
-        notes.model = named.as_ref().map(|(_, m)| Arc::from(&**m)).unwrap_or_default();
+        notes.model = named.as_ref().map(|(_, m)| crate::usage::shared_name(m)).unwrap_or_default();
     }
     if let Err(refused) = settings.tokens.check_model(client, named.as_ref().map(|(_, m)| &**m)) {
         attempts.error("model_not_allowed");
@@ -687,8 +687,19 @@ where
     let client_tokens = settings.tokens.quotas().counts_tokens();
     // The answer's `usage` is read (uncompressed) for token windows and the ledger.
     let reads_usage = counts_tokens || client_tokens || gw.sink.is_some();
-    // A stored answer is replayed as it came: uncompressed.
-    if reads_usage || attempts.cache.is_some() {
+    // The answer is read (for `usage`) or stored (replayed as it came):
+    // uncompressed. Token windows and the cache insist on it. For the ledger
+    // alone, only a client that accepts a compressed answer has its
+    // `Accept-Encoding` replaced: a request without one is answered
+    // uncompressed already (RFC 9110 would let a server choose; servers
+    // compress when asked), and leaving the head alone spares rewriting it
+    // and sending a header on every request (~500 instructions per request,
+    // benches/profile.sh). Should an upstream compress unasked, the record
+    // just lacks its token counts.
+    let must_be_plain = counts_tokens || client_tokens || attempts.cache.is_some();
+    let asks_compressed =
+        || head.headers.get(http::header::ACCEPT_ENCODING).is_some_and(|v| v.as_bytes() != b"identity");
+    if must_be_plain || (reads_usage && asks_compressed()) {
         head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     }
     // For the failover log lines: they carry the id themselves, so the per-request span can

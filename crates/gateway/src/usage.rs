@@ -70,6 +70,41 @@ pub struct Finished {
     pub cache_hit: bool,
 }
 
+/// Longest name [`shared_name`] remembers.
+const SHARED_NAME_MAX: usize = 128;
+/// Names remembered per thread.
+const SHARED_NAMES: usize = 8;
+
+thread_local! {
+    /// The public model names this thread recorded last (round robin).
+    static RECENT_NAMES: std::cell::RefCell<(usize, [Option<Arc<str>>; SHARED_NAMES])> =
+        const { std::cell::RefCell::new((0, [const { None }; SHARED_NAMES])) };
+}
+
+/// `name` as an `Arc<str>`, shared with the earlier records of this thread
+/// that named it: a request's model name is copied into a new allocation
+/// only when it is not among the few this thread saw last. A new `Arc` per
+/// request (allocated here, freed on the ledger's writer thread) was
+/// ~250 instructions of the ledger's cost per request; the writer also
+/// finds a shared name by its address (`proxypal-ledger`'s name ids).
+/// Names longer than [`SHARED_NAME_MAX`] bytes are not remembered.
+pub(crate) fn shared_name(name: &str) -> Arc<str> {
+    if name.len() > SHARED_NAME_MAX {
+        return Arc::from(name);
+    }
+    RECENT_NAMES.with(|recent| {
+        let Ok(mut recent) = recent.try_borrow_mut() else { return Arc::from(name) };
+        let (next, names) = &mut *recent;
+        if let Some(seen) = names.iter().flatten().find(|seen| ***seen == *name) {
+            return Arc::clone(seen);
+        }
+        let new: Arc<str> = Arc::from(name);
+        names[*next % SHARED_NAMES] = Some(Arc::clone(&new));
+        *next = next.wrapping_add(1);
+        new
+    })
+}
+
 /// Where finished requests go (the server's usage ledger). Called on the
 /// request's task: it must return at once (buffer, never block or await).
 pub trait UsageSink: Send + Sync + std::fmt::Debug + 'static {
@@ -803,5 +838,21 @@ data: [DONE]
         }
         assert_eq!(skip_value(b"{\"a\":1", 0), None, "an object that does not close");
         assert_eq!(skip_value(b"\"open", 0), None);
+    }
+
+    #[test]
+    fn shared_names_are_the_same_allocation_and_the_same_text() {
+        let a = shared_name("meta/llama-3.1-8b-instruct");
+        let b = shared_name(&String::from("meta/llama-3.1-8b-instruct"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*shared_name("other"), "other");
+        for i in 0..3 * SHARED_NAMES {
+            assert_eq!(&*shared_name(&format!("model-{i}")), format!("model-{i}"));
+        }
+        let c = shared_name("meta/llama-3.1-8b-instruct");
+        assert_eq!(&*c, "meta/llama-3.1-8b-instruct", "forgotten, made anew");
+        let long = "x".repeat(SHARED_NAME_MAX + 1);
+        assert!(!Arc::ptr_eq(&shared_name(&long), &shared_name(&long)), "long names are not kept");
+        assert_eq!(&*shared_name(""), "");
     }
 }

@@ -126,9 +126,22 @@ async fn sqlite_ledger_rows_carry_the_reported_tokens_and_usage_sums_them() {
             },
         )
         .await;
-        let [alice, bob] = traffic(&rig).await;
+        let [alice, mut bob] = traffic(&rig).await;
         assert!(alice.3 > 0 && bob.3 > 0, "the simulator reports usage");
-        let rows = rows_by_client(&rig, 4).await;
+        // The client sent no Accept-Encoding, and none went upstream.
+        let seen = rig.sim.stats().last_request_headers.unwrap();
+        assert!(seen.get("accept-encoding").is_none(), "{seen:?}");
+        // A client that accepts compression (as the OpenAI SDKs do) gets
+        // `identity` upstream, so the answer's usage can be read.
+        let mut gzip = chat(&rig, BOB, false, false);
+        gzip.headers_mut().insert("accept-encoding", http::HeaderValue::from_static("gzip, deflate"));
+        let reply = send(&rig.http, gzip).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let seen = rig.sim.stats().last_request_headers.unwrap();
+        assert_eq!(seen["accept-encoding"], "identity", "{seen:?}");
+        let (p, c, t) = reported(&reply);
+        bob = (bob.0 + 1, bob.1 + p, bob.2 + c, bob.3 + t);
+        let rows = rows_by_client(&rig, 5).await;
         check(&rows, "alice", alice);
         check(&rows, "bob", bob);
 
