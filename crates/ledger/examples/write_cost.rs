@@ -13,7 +13,8 @@
 //! The records look like a busy proxy's: a handful of clients and models,
 //! 100 keys, one failure in twenty, in random order. A fourth argument,
 //! `uniform`, makes them look like `benches/ledger.sh`'s load instead: one
-//! client and one model over 100 keys in turn.
+//! client and one model over 100 keys in turn. `BATCH=n` sets the records
+//! per batch.
 //!
 //! For PostgreSQL the server's CPU is the sum of `utime + stime` over every
 //! `postgres` process in `/proc` (the backend, the WAL writer, the
@@ -139,6 +140,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // Room for every record: this measures writing, not dropping.
     config.buffer = usize::try_from(n)? + 1;
     config.flush_every = Duration::from_millis(50);
+    // Records per batch (one transaction, one page), default LedgerConfig's.
+    if let Ok(batch) = std::env::var("BATCH") {
+        config.batch = batch.parse()?;
+    }
     let ledger = Ledger::start(config).await?;
     let base = jiff::Timestamp::now().as_millisecond() - 3_600_000;
     let names = Names::new();

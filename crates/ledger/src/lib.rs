@@ -182,8 +182,13 @@ pub struct LedgerConfig {
 impl LedgerConfig {
     /// Default [`retention`](Self::retention): 90 days.
     pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
-    /// Default [`batch`](Self::batch).
-    pub const DEFAULT_BATCH: usize = 512;
+    /// Default [`batch`](Self::batch): 2048. A commit costs the database
+    /// about the same whatever its size (PostgreSQL's server spent ~270 µs
+    /// of CPU per commit, flushing its WAL), so at a busy proxy's rate
+    /// bigger batches cost less per record: PostgreSQL's server CPU per
+    /// record was 0.77–0.90 µs with 512, 0.43 µs with 2048
+    /// (`examples/write_cost`). A batch is one page of ~70 bytes a record.
+    pub const DEFAULT_BATCH: usize = 2048;
     /// Default [`buffer`](Self::buffer).
     pub const DEFAULT_BUFFER: usize = 65_536;
     /// Default [`flush_every`](Self::flush_every).
