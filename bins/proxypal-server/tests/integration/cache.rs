@@ -253,8 +253,9 @@ async fn a_stream_cut_mid_way_is_never_stored_and_hits_are_ledger_rows_without_t
                     Ok(db)
                 })
                 .and_then(|db| {
-                    let mut q = db
-                        .prepare("SELECT cache_hit, total_tokens, status FROM proxypal_ledger ORDER BY at_ms")?;
+                    let mut q = db.prepare(
+                        "SELECT cache_hit, total_tokens, status FROM proxypal_ledger ORDER BY at_ms",
+                    )?;
                     q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
                 })
                 .unwrap_or_else(|e| panic!("{e}"));
