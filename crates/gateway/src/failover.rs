@@ -698,7 +698,7 @@ where
     // just lacks its token counts.
     let must_be_plain = counts_tokens || client_tokens || attempts.cache.is_some();
     let asks_compressed =
-        || head.headers.get(http::header::ACCEPT_ENCODING).is_some_and(|v| v.as_bytes() != b"identity");
+        || head.headers.get_all(http::header::ACCEPT_ENCODING).iter().any(|v| v.as_bytes() != b"identity");
     if must_be_plain || (reads_usage && asks_compressed()) {
         head.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     }

@@ -133,9 +133,10 @@ impl fmt::Debug for Page {
     }
 }
 
-/// The most one record's text takes: 16 values of at most 20 characters
-/// (`-9223372036854775808`), 15 commas and the brackets.
-const ROW_BYTES: usize = 16 * 20 + 15 + 2;
+/// The most one record's text takes: the comma before it, 16 values of at
+/// most 20 characters (`-9223372036854775808`), 15 commas and the
+/// brackets.
+const ROW_BYTES: usize = 1 + 16 * 20 + 15 + 2;
 
 /// `"00"` to `"99"`: integers are written two digits at a time.
 const DIGIT_PAIRS: &[u8; 200] = b"\
@@ -197,9 +198,10 @@ impl Page {
         }
         row[at] = b']';
         self.data.extend_from_slice(&row[..=at]);
-        let at_ms = values[0].unwrap_or_default();
-        self.first_ms = self.first_ms.min(at_ms);
-        self.last_ms = self.last_ms.max(at_ms);
+        if let Some(at_ms) = values[0] {
+            self.first_ms = self.first_ms.min(at_ms);
+            self.last_ms = self.last_ms.max(at_ms);
+        }
         self.rows += 1;
     }
 
@@ -470,7 +472,9 @@ pub(crate) fn trim(data: &str, cutoff_ms: i64) -> Result<Trimmed, BadPage> {
     let mut page = Page::default();
     let mut removed = 0;
     read(data, |values| {
-        if values[0].is_some_and(|at| at < cutoff_ms) {
+        // A record without a time (only a hand-edited page has one) is
+        // past any retention.
+        if values[0].is_none_or(|at| at < cutoff_ms) {
             removed += 1;
         } else {
             page.push(values);
@@ -554,6 +558,10 @@ mod tests {
         assert_eq!((all.removed, all.page.rows), (4, 0));
         assert_eq!(all.page.text(), "[]");
         assert_eq!(trim(&data, 10).unwrap().removed, 0);
+        // A record without a time (a hand-edited page) is past any retention.
+        let untimed = format!("[[null{}],{}", ",1".repeat(15), &data[1..]);
+        let trimmed = trim(&untimed, 10).unwrap();
+        assert_eq!((trimmed.removed, trimmed.page.rows, trimmed.page.first_ms), (1, 4, 10));
         assert!(trim("[[1,2]", 0).is_err());
         assert!(trim("[[1,2]]", 0).is_err(), "16 values per record");
     }
@@ -632,9 +640,10 @@ mod tests {
         }
         let back: Vec<Option<i64>> = decode(page.finish()).unwrap().iter().map(|v| v[0]).collect();
         assert_eq!(back, at.map(Some));
-        // The longest record fits.
+        // The longest record fits, also after a first one (its comma).
         let mut page = Page::default();
         page.push(&[Some(i64::MIN); 16]);
-        assert_eq!(decode(page.finish()).unwrap(), vec![[Some(i64::MIN); 16]]);
+        page.push(&[Some(i64::MIN); 16]);
+        assert_eq!(decode(page.finish()).unwrap(), vec![[Some(i64::MIN); 16]; 2]);
     }
 }

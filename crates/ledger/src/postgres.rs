@@ -37,6 +37,11 @@ use crate::writer::{Batch, Failure, Pruned, Store, StoreError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any one operation (connect and migrate, a batch, a prune chunk, a query).
 const OP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Applying migrations: schema version 3 rewrites every stored row, which
+/// on a large ledger takes far longer than [`OP_TIMEOUT`]. Abandoning it
+/// would not stop the server's statement, only make every retry wait
+/// behind it.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long shutdown waits for the connection to close cleanly.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The advisory lock migrations hold ("proxyldg"): replicas starting at
@@ -124,7 +129,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
             data TEXT NOT NULL            -- a JSON array of records, each an array of
                                           -- the view's columns in order (null: none)
         );
-        CREATE INDEX proxypal_ledger_pages_last ON proxypal_ledger_pages (last_ms);
+        -- Replicas of an older version may still be writing rows: they
+        -- wait here, and fail once the table is gone (their batches stay
+        -- buffered and are counted as dropped if they never succeed), so
+        -- no row committed before the copy below is left out of it.
+        LOCK TABLE proxypal_ledger IN EXCLUSIVE MODE;
+        -- /usage: the pages that meet a range; retention: the pages
+        -- that start before the cutoff.
+        CREATE INDEX proxypal_ledger_pages_last ON proxypal_ledger_pages (last_ms, first_ms);
+        CREATE INDEX proxypal_ledger_pages_first ON proxypal_ledger_pages (first_ms);
         -- TOAST's default compression (pglz) cost the server 1.3 us per
         -- record, two thirds of its work (examples/write_cost.rs); lz4
         -- (PostgreSQL 14 and later, when built with it) keeps the same
@@ -218,30 +231,43 @@ impl PgStore {
     }
 
     fn timeout(&self, operation: &'static str) -> LedgerError {
-        LedgerError::Timeout {
-            backend: Self::BACKEND,
-            target: self.target.clone(),
-            operation,
-            after: OP_TIMEOUT,
-        }
+        self.timeout_after(operation, OP_TIMEOUT)
+    }
+
+    fn timeout_after(&self, operation: &'static str, after: Duration) -> LedgerError {
+        LedgerError::Timeout { backend: Self::BACKEND, target: self.target.clone(), operation, after }
     }
 
     /// A new connection, migrated, with the statements prepared.
     async fn open(&self) -> Result<Connected, LedgerError> {
         let target = self.target.as_str();
         let err = |operation| move |e| LedgerError::postgres(target, operation, e);
-        let (mut client, connection) = self.config.connect(NoTls).await.map_err(err("connect"))?;
+        let (mut client, connection) = match timeout(OP_TIMEOUT, self.config.connect(NoTls)).await {
+            Ok(connected) => connected.map_err(err("connect"))?,
+            Err(_) => return Err(self.timeout("connect")),
+        };
         let task_target = self.target.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(target = %task_target, error = %crate::error::chain(&e), "ledger: PostgreSQL connection ended");
             }
         });
-        migrate(&mut client, target).await?;
-        let prepare = async |sql| client.prepare(sql).await.map_err(err("prepare statements"));
-        let insert_page = prepare(INSERT_PAGE).await?;
-        let add_names = prepare(ADD_NAMES).await?;
-        let name_ids = prepare(NAME_IDS).await?;
+        match timeout(MIGRATE_TIMEOUT, migrate(&mut client, target)).await {
+            Ok(migrated) => migrated?,
+            Err(_) => return Err(self.timeout_after("migrate", MIGRATE_TIMEOUT)),
+        }
+        let prepare = async || {
+            let prepare = async |sql| client.prepare(sql).await.map_err(err("prepare statements"));
+            Ok::<_, LedgerError>((
+                prepare(INSERT_PAGE).await?,
+                prepare(ADD_NAMES).await?,
+                prepare(NAME_IDS).await?,
+            ))
+        };
+        let (insert_page, add_names, name_ids) = match timeout(OP_TIMEOUT, prepare()).await {
+            Ok(prepared) => prepared?,
+            Err(_) => return Err(self.timeout("prepare statements")),
+        };
         Ok(Connected { client, task, insert_page, add_names, name_ids })
     }
 
@@ -307,6 +333,7 @@ async fn migrate(client: &mut Client, target: &str) -> Result<(), LedgerError> {
         .and_then(|row| row.try_get(0))
         .map_err(err)?;
     for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
+        tracing::info!(target = %target, version, "ledger: migrating the schema (packing a large ledger takes a while)");
         tx.batch_execute(sql).await.map_err(err)?;
         tx.execute(
             "INSERT INTO proxypal_ledger_migrations (version, applied_at_ms) VALUES ($1, $2)",
@@ -367,9 +394,9 @@ async fn write_batch(
     Ok(())
 }
 
-/// Pages fetched per round trip by [`usage`]: at most a few MB in memory
-/// (a page of 512 records is ~33 KB), however long the range.
-const PAGES_PER_FETCH: i32 = 64;
+/// Pages fetched per round trip by [`usage`]: a few MB in memory at most
+/// (a page of 2048 records is ~140 KB of text), however long the range.
+const PAGES_PER_FETCH: i32 = 16;
 
 /// Reads the pages that can hold `query`'s range through a portal, a
 /// chunk at a time, and aggregates them (see [`Aggregation`]).
@@ -436,8 +463,9 @@ async fn prune(client: &mut Client, cutoff_ms: i64, limit: u32) -> Result<Pruned
         // Locked: two replicas trimming one page take turns.
         let straddling = tx
             .query(
-                "SELECT batch, data FROM proxypal_ledger_pages WHERE first_ms < $1 AND last_ms >= $1 \
-                 FOR UPDATE",
+                // Every page that ended before the cutoff is gone (fewer
+                // than `limit` were left), so these straddle it.
+                "SELECT batch, data FROM proxypal_ledger_pages WHERE first_ms < $1 FOR UPDATE",
                 &[&cutoff_ms],
             )
             .await?;
@@ -498,16 +526,16 @@ impl Store for PgStore {
             return Ok(());
         }
         self.conn = None;
-        match timeout(OP_TIMEOUT, self.open()).await {
-            Ok(Ok(conn)) => {
+        // Each step of `open` is bounded on its own (migrations longer).
+        match self.open().await {
+            Ok(conn) => {
                 self.conn = Some(conn);
                 // The server may have come back from a backup or a reset:
                 // ids are learned afresh from what this one holds.
                 self.names = NameIds::default();
                 Ok(())
             }
-            Ok(Err(e)) => Err(StoreError::transient(e)),
-            Err(_) => Err(StoreError::transient(self.timeout("connect"))),
+            Err(e) => Err(StoreError::transient(e)),
         }
     }
 

@@ -99,7 +99,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         data TEXT NOT NULL            -- a JSON array of records, each an array of
                                       -- the view's columns in order (null: none)
     );
-    CREATE INDEX proxypal_ledger_pages_last ON proxypal_ledger_pages (last_ms);
+    -- /usage: the pages that meet a range; retention: the pages that
+    -- start before the cutoff.
+    CREATE INDEX proxypal_ledger_pages_last ON proxypal_ledger_pages (last_ms, first_ms);
+    CREATE INDEX proxypal_ledger_pages_first ON proxypal_ledger_pages (first_ms);
     INSERT INTO proxypal_ledger_pages (first_ms, last_ms, rows, data)
     SELECT MIN(at_ms), MAX(at_ms), COUNT(*), json_group_array(json_array(at_ms, client_id, model_id,
         provider_id, upstream_model_id, key_id, status, attempts, ttfb_ms, total_ms, stream,
@@ -191,6 +194,7 @@ impl SqliteStore {
             })
             .map_err(err("migrate"))?;
         for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
+            tracing::info!(path = %self.path, version, "ledger: migrating the schema (packing a large ledger takes a while)");
             tx.execute_batch(sql).map_err(err("migrate"))?;
             tx.execute(
                 "INSERT INTO proxypal_ledger_migrations (version, applied_at_ms) VALUES (?1, ?2)",
@@ -274,7 +278,7 @@ impl Store for SqliteStore {
             let mut whole = tx
                 .prepare_cached(
                     "DELETE FROM proxypal_ledger_pages WHERE id IN (SELECT id FROM proxypal_ledger_pages \
-                     WHERE last_ms < ?1 ORDER BY id LIMIT ?2) RETURNING rows",
+                     WHERE last_ms < ?1 ORDER BY last_ms LIMIT ?2) RETURNING rows",
                 )
                 .map_err(err)?;
             let mut rows = whole.query(params![cutoff_ms, limit]).map_err(err)?;
@@ -287,9 +291,9 @@ impl Store for SqliteStore {
             // Then the pages holding records from both sides of the cutoff
             // (usually none or one): rewritten without the old ones.
             let straddling: Vec<(i64, String)> = tx
-                .prepare_cached(
-                    "SELECT id, data FROM proxypal_ledger_pages WHERE first_ms < ?1 AND last_ms >= ?1",
-                )
+                // Every page that ended before the cutoff is gone (fewer
+                // than `limit` were left), so these straddle it.
+                .prepare_cached("SELECT id, data FROM proxypal_ledger_pages WHERE first_ms < ?1")
                 .and_then(|mut select| {
                     select.query_map([cutoff_ms], |row| Ok((row.get(0)?, row.get(1)?)))?.collect()
                 })

@@ -36,10 +36,10 @@ pub(crate) const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// After a failed retention pass (the database is down), try again this soon.
 const PRUNE_RETRY: Duration = Duration::from_secs(60);
-/// Pages (batches) one retention statement deletes, so no statement holds
-/// locks for long; a pass that fills a chunk runs the next one right after
-/// the pending writes.
-pub(crate) const PRUNE_CHUNK: u32 = 1_000;
+/// Pages (batches, up to 2048 records each) one retention transaction
+/// deletes, so none holds locks for long; a pass that fills a chunk runs
+/// the next one right after the pending writes.
+pub(crate) const PRUNE_CHUNK: u32 = 64;
 /// Shortest interval between two "buffer full" warnings.
 const DROP_WARN_EVERY_MS: u64 = 10_000;
 /// "Never warned yet" for [`Shared::last_drop_warn_ms`].

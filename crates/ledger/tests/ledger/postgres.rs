@@ -375,3 +375,35 @@ async fn postgres_shutdown_while_down_reports_the_lost_records() {
     })
     .await;
 }
+
+/// Retention deletes whole pages in chunks (`PRUNE_CHUNK`, 64 pages): a
+/// pass over more old pages than two chunks takes them all, and keeps the
+/// recent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_takes_every_old_page_in_chunks() {
+    let Some(pg) = Postgres::new("postgres_retention_chunks") else { return };
+    bounded(LIMIT, async {
+        let config = LedgerConfig { retention: Duration::from_secs(24 * 3600), batch: 1, ..fast(&pg) };
+        let ledger = Ledger::start(config).await.unwrap();
+        assert_eq!(ledger.prune_now().await.unwrap(), 0);
+        let now = jiff::Timestamp::now().as_millisecond();
+        for i in 0..150 {
+            ledger.record(record(now - 2 * 86_400_000 + i, "alice", "gpt-4o", 200, None));
+        }
+        ledger.record(record(now - 1_000, "alice", "gpt-4o", 200, None));
+        ledger.flush().await.unwrap();
+        let pages = async || -> i64 {
+            connect(&pg)
+                .await
+                .query_one("SELECT COUNT(*) FROM proxypal_ledger_pages", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+        assert_eq!(pages().await, 151);
+        assert_eq!(ledger.prune_now().await.unwrap(), 150);
+        assert_eq!((pages().await, count(&pg).await), (1, 1));
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}

@@ -370,3 +370,33 @@ async fn sqlite_full_batches_that_fill_while_writing_are_written_without_a_tick(
     })
     .await;
 }
+
+/// Retention deletes whole pages in chunks (`PRUNE_CHUNK`, 64 pages): a
+/// pass over more old pages than two chunks takes them all, and keeps the
+/// recent one.
+#[tokio::test]
+async fn sqlite_retention_takes_every_old_page_in_chunks() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("retention-chunks");
+        let path = dir.file("ledger.db");
+        let config = LedgerConfig { retention: Duration::from_secs(24 * 3600), ..manual(&path, 1) };
+        let ledger = Ledger::start(config).await.unwrap();
+        assert_eq!(ledger.prune_now().await.unwrap(), 0);
+        let now = jiff::Timestamp::now().as_millisecond();
+        // A page per record (batches of one): 150 old ones, then a recent one.
+        for i in 0..150 {
+            ledger.record(record(now - 2 * 24 * HOUR_MS + i, "alice", "gpt-4o", 200, None));
+        }
+        ledger.record(record(now - 1_000, "alice", "gpt-4o", 200, None));
+        ledger.flush().await.unwrap();
+        let pages = |path: &std::path::Path| -> i64 {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.query_row("SELECT COUNT(*) FROM proxypal_ledger_pages", [], |row| row.get(0)).unwrap()
+        };
+        assert_eq!(pages(&path), 151);
+        assert_eq!(ledger.prune_now().await.unwrap(), 150);
+        assert_eq!((pages(&path), count(&path)), (1, 1));
+        ledger.shutdown().await.unwrap();
+    })
+    .await;
+}
