@@ -333,7 +333,9 @@ async fn migrate(client: &mut Client, target: &str) -> Result<(), LedgerError> {
         .and_then(|row| row.try_get(0))
         .map_err(err)?;
     for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-        tracing::info!(target = %target, version, "ledger: migrating the schema (packing a large ledger takes a while)");
+        if *version == 3 {
+            tracing::info!(%target, "ledger: packing stored rows into pages (schema 3; a large ledger takes a while)");
+        }
         tx.batch_execute(sql).await.map_err(err)?;
         tx.execute(
             "INSERT INTO proxypal_ledger_migrations (version, applied_at_ms) VALUES ($1, $2)",

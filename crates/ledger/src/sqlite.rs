@@ -194,7 +194,9 @@ impl SqliteStore {
             })
             .map_err(err("migrate"))?;
         for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
-            tracing::info!(path = %self.path, version, "ledger: migrating the schema (packing a large ledger takes a while)");
+            if *version == 3 {
+                tracing::info!(path = %self.path, "ledger: packing stored rows into pages (schema 3; a large ledger takes a while)");
+            }
             tx.execute_batch(sql).map_err(err("migrate"))?;
             tx.execute(
                 "INSERT INTO proxypal_ledger_migrations (version, applied_at_ms) VALUES (?1, ?2)",
